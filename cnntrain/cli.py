@@ -1,0 +1,59 @@
+"""Console entry points: thin @hydra.main wrappers around train(cfg) and evaluate(cfg).
+
+A bad input ends its job with one line and a non-zero exit code instead of a traceback; in a
+sweep (-m) the failed job is reported and the other jobs still run."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+log = logging.getLogger("cnntrain")
+_failures: list[str] = []
+
+
+def _run(task, cfg: DictConfig):
+    from cnntrain.errors import UserError
+
+    try:
+        return task(cfg)
+    except UserError as e:
+        message = f"error: {e}"
+    except Exception as e:  # a bug: keep the traceback in the log, let the other jobs run
+        log.exception("job failed")
+        message = f"error: {type(e).__name__}: {e}"
+    log.error(message)
+    _failures.append(message)
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def _train(cfg: DictConfig):
+    from cnntrain.train import train
+
+    return _run(train, cfg)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def _evaluate(cfg: DictConfig):
+    from cnntrain.evaluate import evaluate
+
+    return _run(evaluate, cfg)
+
+
+def _exit() -> None:
+    if _failures and ({"-m", "--multirun"} & set(sys.argv[1:])):
+        print(f"{len(_failures)} job(s) failed:", *_failures, sep="\n  ", file=sys.stderr)
+    sys.exit(1 if _failures else 0)
+
+
+def train_cli() -> None:
+    _train()
+    _exit()
+
+
+def eval_cli() -> None:
+    _evaluate()
+    _exit()

@@ -1,0 +1,40 @@
+"""Checks of the composed config that Hydra cannot express: each failure is one UserError
+naming the key and the fix, raised before anything is built or written."""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from cnntrain.errors import UserError
+
+
+def _positive(cfg: DictConfig, key: str, kind=int) -> None:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+            kind is int and not float(value).is_integer()):
+        what = "a positive integer" if kind is int else "a positive number"
+        raise UserError(f"{key} must be {what}, got {value!r} (e.g. {key}={'10' if kind is int else '0.01'})")
+
+
+def validate_train(cfg: DictConfig) -> None:
+    _positive(cfg, "epochs")
+    _positive(cfg, "data.batch_size")
+    _positive(cfg, "optim.lr", float)
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise UserError(f"data={cfg.data.name} needs data.root=/path/to/images "
+                        "(a folder with train/<class>/<image> and optional val/, test/)")
+    split = cfg.data.val_split
+    if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 <= split < 1:
+        raise UserError(f"data.val_split must be in [0, 1), got {split!r} (e.g. data.val_split=0.1)")
+    if cfg.data.num_workers is None or cfg.data.num_workers < 0:
+        raise UserError(f"data.num_workers must be >= 0, got {cfg.data.num_workers!r}")
+    if cfg.data.image_size is not None:
+        _positive(cfg, "data.image_size")
+    validate_runtime(cfg)
+
+
+def validate_runtime(cfg: DictConfig) -> None:
+    device = str(cfg.device)
+    if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if cfg.get("amp_dtype", "auto") not in ("auto", "bf16", "fp16"):
+        raise UserError(f"amp_dtype must be auto, bf16 or fp16, got {cfg.amp_dtype!r}")

@@ -1,0 +1,110 @@
+"""The training step loop and the evaluation loop, shared by training, validation and cnneval.
+
+Metrics are summed on the device and read once per epoch: a `.item()` per batch would make
+the host wait for the GPU at every step."""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+class _Progress:
+    """A tqdm bar over the loader whose postfix (which needs a device sync) refreshes at most
+    once a second."""
+
+    def __init__(self, loader, desc: str, enabled: bool):
+        # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
+        self.bar = tqdm(loader, desc=desc, leave=False, disable=None if enabled else True,
+                        dynamic_ncols=True)
+        self.last = time.monotonic()
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def update(self, loss_sum, correct, n):
+        if self.bar.disable or time.monotonic() - self.last < 1.0:
+            return
+        self.last = time.monotonic()
+        self.bar.set_postfix(loss=f"{loss_sum.item() / n:.4f}", acc=f"{correct.item() / n:.4f}")
+
+    def close(self):
+        self.bar.close()
+
+
+def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: torch.device,
+                    scheduler=None, scaler=None, amp_dtype=None, channels_last: bool = False,
+                    grad_clip: float | None = None, desc: str = "train", progress: bool = True) -> dict:
+    """One pass over `loader`; `scheduler`, if given, is stepped after every batch.
+    Returns {"loss", "acc"} averaged over the samples seen."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    bar = _Progress(loader, desc, progress)
+    for x, y in bar:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            out = model(x)
+            loss = criterion(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+        bar.update(loss_sum, correct, n)
+    bar.close()
+    return {"loss": loss_sum.item() / max(n, 1), "acc": correct.item() / max(n, 1)}
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader, criterion, *, device: torch.device, num_classes: int,
+                    amp_dtype=None, channels_last: bool = False, desc: str = "eval",
+                    progress: bool = True) -> dict:
+    """Loss, top-1, top-5 (None under 5 classes) and the confusion matrix
+    (rows = true class, columns = predicted) over `loader`."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    n = 0
+    bar = _Progress(loader, desc, progress)
+    for x, y in bar:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            out = model(x)
+        loss_sum += criterion(out.float(), y) * len(y)
+        confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes**2)
+        if num_classes >= 5:
+            top5 += (out.topk(5, 1).indices == y[:, None]).any(1).sum()
+        n += len(y)
+    bar.close()
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    n = max(n, 1)
+    return {"loss": loss_sum.item() / n, "acc": confusion.diag().sum().item() / n,
+            "top5": top5.item() / n if num_classes >= 5 else None, "confusion": confusion,
+            "num_samples": int(confusion.sum())}

@@ -1,0 +1,52 @@
+"""Optimizer and LR-schedule factories over the `optim` and `sched` configs (timm style)."""
+from __future__ import annotations
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.optim import Optimizer, lr_scheduler
+
+from cnntrain.errors import UserError
+
+
+def create_optimizer(cfg: DictConfig, model: nn.Module) -> Optimizer:
+    """`cfg` is a `_partial_` optimizer config. Biases and normalization weights (1-D tensors)
+    get no weight decay, as in timm; frozen parameters are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.get("weight_decay", 0):
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        params = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return instantiate(cfg, _convert_="all")(params)
+
+
+def create_scheduler(cfg: DictConfig, optimizer: Optimizer, *, epochs: int, steps_per_epoch: int):
+    """Returns (scheduler, interval) where interval is "step" (call scheduler.step() after every
+    batch) or "epoch". Counts left null in the config are filled from the run's length; an
+    optional linear warmup of `warmup_epochs` is chained in front with SequentialLR."""
+    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    interval = kwargs.pop("interval", "epoch")
+    warmup_epochs = kwargs.pop("warmup_epochs", 0) or 0
+    if interval not in ("step", "epoch"):
+        raise UserError(f"sched.interval must be step or epoch, got {interval!r}")
+    per_epoch = steps_per_epoch if interval == "step" else 1
+    total, warmup = epochs * per_epoch, round(warmup_epochs * per_epoch)
+    if warmup >= total and warmup > 0:
+        raise UserError(f"sched.warmup_epochs={warmup_epochs} leaves nothing of epochs={epochs}; lower it")
+    target = kwargs["_target_"]
+    if target.endswith("OneCycleLR"):
+        if warmup:
+            raise UserError("sched=onecycle has its own warmup (sched.pct_start); "
+                            "set sched.warmup_epochs=0")
+        kwargs["total_steps"] = kwargs.get("total_steps") or total
+        kwargs["max_lr"] = kwargs.get("max_lr") or [g["lr"] for g in optimizer.param_groups]
+    if "T_max" in kwargs and kwargs["T_max"] is None:
+        kwargs["T_max"] = total - warmup
+    if "milestones" in kwargs:  # fractions of the run, or epochs
+        kwargs["milestones"] = [round((m * epochs if m < 1 else m) * per_epoch) - warmup
+                                for m in kwargs["milestones"]]
+    main = instantiate(kwargs)(optimizer)
+    if warmup:
+        warm = lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+        main = lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[warmup])
+    return main, interval

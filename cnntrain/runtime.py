@@ -1,0 +1,60 @@
+"""Device, mixed precision, seeding and determinism: the settings around the model."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+from cnntrain.errors import UserError
+
+log = logging.getLogger("cnntrain")
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU; an explicit cuda without a GPU is an error
+    rather than a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is available; use device=cpu or device=auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={name} but MPS is not available; use device=cpu or device=auto")
+    return device
+
+
+def amp_dtype(enabled: bool, device: torch.device, choice: str = "auto") -> torch.dtype | None:
+    """None (full fp32) unless `amp`. bf16 needs no loss scaling and is preferred where the
+    hardware has it; fp16 (with a GradScaler) otherwise. On the CPU only bf16 autocast exists."""
+    if not enabled:
+        return None
+    if choice == "fp16":
+        if device.type == "cpu":
+            raise UserError("amp_dtype=fp16 needs a GPU; on the CPU use amp_dtype=bf16 (or auto)")
+        return torch.float16
+    if choice == "bf16" or device.type == "cpu":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def grad_scaler(dtype: torch.dtype | None, device: torch.device):
+    if dtype == torch.float16 and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
+        torch.use_deterministic_algorithms(True)
+    # benchmark mode picks the fastest conv algorithm per input shape, which is not reproducible
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic

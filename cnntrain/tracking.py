@@ -1,0 +1,77 @@
+"""Per-epoch records of a run: the log line, metrics.csv, TensorBoard scalars and curves.png."""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+log = logging.getLogger("cnntrain")
+
+COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time")
+
+
+def format_row(row: dict, epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}"]
+    for key in COLUMNS[1:]:
+        value = row.get(key)
+        if value is None:
+            continue
+        parts.append(f"{key} {value:.4g}" if key == "lr" else
+                     f"{key} {value:.1f}s" if key == "time" else f"{key} {value:.4f}")
+    return " ".join(parts)
+
+
+class RunTracker:
+    """`history` is every epoch's row so far (restored on resume), so the CSV and the plot are
+    always rewritten whole and a resumed run's files match an uninterrupted one's."""
+
+    def __init__(self, run_dir: Path, epochs: int, history: list[dict] | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir, self.epochs = Path(run_dir), epochs
+        self.history = list(history or [])
+        self.tb = SummaryWriter(str(self.run_dir / "tb"))
+
+    def log_epoch(self, row: dict) -> None:
+        self.history.append(row)
+        log.info(format_row(row, self.epochs))
+        self._write_csv()
+        for key in COLUMNS[1:]:
+            if row.get(key) is not None:
+                split, _, name = key.partition("_")
+                self.tb.add_scalar(f"{name}/{split}" if name else key, row[key], row["epoch"])
+        self.tb.flush()
+        self._plot()
+
+    def _write_csv(self) -> None:
+        path = self.run_dir / "metrics.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.history)
+        tmp.replace(path)
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in self.history]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, metric in zip(axes, ("loss", "acc")):
+            for split in ("train", "val"):
+                values = [r.get(f"{split}_{metric}") for r in self.history]
+                if any(v is not None for v in values):
+                    ax.plot(epochs, values, marker="o", label=split)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("accuracy" if metric == "acc" else "loss")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "curves.png", dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        self.tb.close()

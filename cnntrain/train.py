@@ -1,0 +1,180 @@
+"""`train(cfg)`: data -> model -> optimizer/schedule -> epochs of train + validate -> checkpoints
+-> the test score of the best checkpoint."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, save_checkpoint,
+                                 set_rng_state)
+from cnntrain.config import validate_train
+from cnntrain.data import Data, build_data
+from cnntrain.engine import evaluate_loader, train_one_epoch
+from cnntrain.errors import UserError
+from cnntrain.optim import create_optimizer, create_scheduler
+from cnntrain.runtime import amp_dtype, grad_scaler, select_device, seed_everything
+from cnntrain.tracking import RunTracker
+
+log = logging.getLogger("cnntrain")
+
+
+def run_dir_from_hydra() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def build_model(model_cfg: DictConfig, data: Data, device: torch.device) -> nn.Module:
+    """The model for this data, checked with one tiny forward pass so that an input it cannot
+    take fails here, in one line, rather than mid-epoch."""
+    model = instantiate(model_cfg)(in_channels=data.in_channels, num_classes=len(data.classes),
+                                   image_size=data.image_size)
+    probe = torch.zeros(2, data.in_channels, data.image_size, data.image_size)
+    try:
+        with torch.no_grad():
+            model.eval()(probe)
+    except RuntimeError as e:
+        raise UserError(f"model {model_cfg.name} cannot take {data.in_channels}x{data.image_size}x"
+                        f"{data.image_size} input ({str(e).splitlines()[0]}); set data.image_size= "
+                        "or choose another model") from None
+    return model.to(device)
+
+
+def stored_config(cfg: DictConfig, data: Data) -> dict:
+    """The resolved config as plain containers, with what the data decided filled in, so that a
+    checkpoint alone rebuilds the same model and data."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["data"]["root"] = str(Path(config["data"]["root"]).expanduser().resolve())
+    config["data"].update(image_size=data.image_size, mean=data.mean, std=data.std)
+    return config
+
+
+def _resume_state(cfg: DictConfig, ckpt_dir: Path) -> dict | None:
+    """The last.pt to continue from (None: a fresh run). Its best.pt comes along into this run's
+    checkpoint folder, so the final test still uses the best epoch of the whole run."""
+    resume = cfg.resume
+    if resume == "auto":
+        resume = ckpt_dir / "last.pt" if (ckpt_dir / "last.pt").exists() else None
+    elif resume is None and (ckpt_dir / "last.pt").exists():
+        raise UserError(f"{ckpt_dir} already holds checkpoints; pass resume={ckpt_dir / 'last.pt'} "
+                        "(or resume=auto) to continue that run, or choose another hydra.run.dir=")
+    if resume is None:
+        return None
+    state = load_checkpoint(resume)
+    if "optimizer" not in state:
+        raise UserError(f"{resume} has no optimizer state (best.pt keeps weights only); "
+                        "resume from last.pt")
+    old = state["config"]
+    for key in ("model.name", "data.name"):
+        was, now = OmegaConf.select(OmegaConf.create(old), key), OmegaConf.select(cfg, key)
+        if was != now:
+            raise UserError(f"cannot resume {resume}: it was trained with {key}={was}, not {now}")
+    best = Path(resume).parent / "best.pt"
+    if best.exists() and best.resolve() != (ckpt_dir / "best.pt").resolve():
+        save_checkpoint(load_checkpoint(best), ckpt_dir / "best.pt")
+    log.info("resuming from %s (epoch %d)", resume, state["epoch"])
+    return state
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    validate_train(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
+    ckpt_dir = run_dir / "checkpoints"
+    resumed = _resume_state(cfg, ckpt_dir)
+    device = select_device(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    dtype = amp_dtype(cfg.amp, device, cfg.amp_dtype)
+
+    data = build_data(cfg.data, cfg.aug, device=device, seed=cfg.seed)
+    if resumed is not None and resumed["classes"] != data.classes:
+        raise UserError(f"cannot resume: the checkpoint's classes {resumed['classes']} differ from "
+                        f"the data's {data.classes}")
+    train_loader, val_loader = data.loaders["train"], data.loaders.get("val")
+    model = build_model(cfg.model, data, device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(cfg.optim, model)
+    scheduler, interval = create_scheduler(cfg.sched, optimizer, epochs=cfg.epochs,
+                                           steps_per_epoch=len(train_loader))
+    scaler = grad_scaler(dtype, device)
+    start, history, best = 1, [], None
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        if scaler is not None and resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
+        set_rng_state(resumed["rng"])
+        start, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best_metric"]
+
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("%s on %s: %s classes, input %dx%dx%d, %d train / %d val images; %s params "
+             "(%s trainable); device %s%s", cfg.model.name, cfg.data.name, len(data.classes),
+             data.in_channels, data.image_size, data.image_size, train_loader.num_samples,
+             val_loader.num_samples if val_loader else 0, f"{params:,}", f"{trainable:,}",
+             device, f", amp {dtype}".replace("torch.", "") if dtype else "")
+    log.info("run dir: %s", run_dir)
+
+    step_model = torch.compile(model) if cfg.compile else model
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    eval_criterion = nn.CrossEntropyLoss()
+    common = dict(device=device, amp_dtype=dtype, channels_last=cfg.channels_last)
+    config = stored_config(cfg, data)
+    tracker = RunTracker(run_dir, cfg.epochs, history)
+    saver = CheckpointSaver(ckpt_dir, best)
+    if val_loader is None:
+        log.info("no validation data (data.val_split=0): best.pt is chosen by train accuracy")
+    started = time.perf_counter()
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loader.set_epoch(epoch)
+        tr = train_one_epoch(step_model, train_loader, criterion, optimizer, grad_clip=cfg.grad_clip,
+                             scheduler=scheduler if interval == "step" else None, scaler=scaler,
+                             desc=f"epoch {epoch}/{cfg.epochs}", **common)
+        if interval == "epoch":
+            scheduler.step()
+        va = evaluate_loader(step_model, val_loader, eval_criterion, num_classes=len(data.classes),
+                             desc="val", **common) if val_loader else {"loss": None, "acc": None}
+        row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
+               "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr,
+               "time": time.perf_counter() - t0}
+        tracker.log_epoch(row)
+        core = {"model": model.state_dict(), "config": config, "classes": data.classes,
+                "epoch": epoch, "metrics": row}
+        resume_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
+                        "history": tracker.history}
+        saver.save(core, resume_state, va["acc"] if va["acc"] is not None else tr["acc"])
+    tracker.close()
+    results = _final_test(model, data, saver, eval_criterion, common)
+    results.update(model=cfg.model.name, dataset=cfg.data.name, epochs=cfg.epochs,
+                   train_time_s=round(time.perf_counter() - started, 2), params=params,
+                   run_dir=str(run_dir))
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _final_test(model, data: Data, saver: CheckpointSaver, criterion, common) -> dict:
+    best = load_checkpoint(saver.best)
+    out = {"best_epoch": best["epoch"], "best_val_acc": best["metrics"]["val_acc"],
+           "checkpoint": str(saver.best), "test_acc": None, "test_top5": None, "test_loss": None}
+    test_loader = data.loaders.get("test")
+    if test_loader is None:
+        log.info("no test split; the final test score is skipped")
+        return out
+    model.load_state_dict(best["model"])
+    te = evaluate_loader(model, test_loader, criterion, num_classes=len(data.classes), desc="test",
+                         **common)
+    out.update(test_acc=te["acc"], test_top5=te["top5"], test_loss=te["loss"])
+    log.info("test accuracy of best.pt (epoch %d): %.4f (loss %.4f, %d images)", best["epoch"],
+             te["acc"], te["loss"], te["num_samples"])
+    return out

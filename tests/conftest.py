@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fakedata import write_cifar, write_image_folder, write_mnist
+
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """One folder with every built-in dataset in its real format, as torchvision lays them out."""
+    root = tmp_path_factory.mktemp("data")
+    write_mnist(root, "MNIST")
+    write_mnist(root, "FashionMNIST")
+    write_cifar(root, 10)
+    write_cifar(root, 100, n_train=600, n_test=200)
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder_root(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+def run_cli(*args, cwd=None, check=True, timeout=600) -> subprocess.CompletedProcess:
+    """Run a console script (cnntrain/cnneval) as a user would, from `cwd`."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([*args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc

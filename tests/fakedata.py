@@ -1,0 +1,93 @@
+"""Tiny datasets written in the real on-disk formats (IDX, CIFAR python pickles, PNG/JPEG image
+folders), read back by the same torchvision code as the real ones. Each class has its own
+bright square plus noise, so a small CNN learns them in an epoch or two."""
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_images(n: int, num_classes: int, size: int, channels: int, seed: int):
+    """uint8 (n, size, size, channels) images and int labels (every class equally often)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, (n, size, size, channels), dtype=np.uint8)
+    cell = max(2, size // 6)
+    for i, c in enumerate(labels):
+        r, col = divmod(int(c) % 16, 4)  # one of 16 positions in a 4x4 grid
+        y, x = size // 8 + r * (size // 5), size // 8 + col * (size // 5)
+        images[i, y:y + cell, x:x + cell, :] = 140 + (int(c) // 16) * 18
+    return images, labels.astype(np.int64)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    # IDX: zero bytes, type code 0x08 (ubyte), number of dims, big-endian dims, raw bytes
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 400, n_test: int = 200) -> Path:
+    """root/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (folder MNIST or FashionMNIST)."""
+    raw = Path(root) / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = make_images(n, 10, 28, 1, seed)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[..., 0])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return Path(root)
+
+
+def _pickle(path: Path, obj) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_cifar(root: Path, num_classes: int = 10, n_train: int = 500, n_test: int = 200) -> Path:
+    """CIFAR-10 (5 data batches + test_batch + batches.meta) or CIFAR-100 (train, test, meta)."""
+    def rows(images):  # CIFAR stores each image as 1024 R, then 1024 G, then 1024 B bytes
+        return images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+
+    train = make_images(n_train, num_classes, 32, 3, 0)
+    test = make_images(n_test, num_classes, 32, 3, 1)
+    if num_classes == 10:
+        base = Path(root) / "cifar-10-batches-py"
+        base.mkdir(parents=True, exist_ok=True)
+        for b, idx in enumerate(np.array_split(np.arange(n_train), 5), 1):
+            _pickle(base / f"data_batch_{b}", {"data": rows(train[0][idx]), "labels": train[1][idx].tolist()})
+        _pickle(base / "test_batch", {"data": rows(test[0]), "labels": test[1].tolist()})
+        _pickle(base / "batches.meta", {"label_names": CIFAR10_CLASSES})
+    else:
+        base = Path(root) / "cifar-100-python"
+        base.mkdir(parents=True, exist_ok=True)
+        for name, (images, labels) in (("train", train), ("test", test)):
+            _pickle(base / name, {"data": rows(images), "fine_labels": labels.tolist(),
+                                  "coarse_labels": (labels // 5).tolist()})
+        _pickle(base / "meta", {"fine_label_names": [f"class{i:02d}" for i in range(num_classes)]})
+    return Path(root)
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: dict | None = None,
+                       size: int = 48) -> Path:
+    """root/{train,val,test}/<class>/*.png|jpg (mixed formats, sizes and modes, as real folders are)."""
+    from PIL import Image
+
+    per_class = per_class or {"train": 30, "val": 8, "test": 10}
+    for s, (split, n) in enumerate(per_class.items()):
+        images, labels = make_images(n * len(classes), len(classes), size, 3, seed=10 + s)
+        for i, (img, c) in enumerate(zip(images, labels)):
+            folder = Path(root) / split / classes[c]
+            folder.mkdir(parents=True, exist_ok=True)
+            pic = Image.fromarray(img)
+            if i % 3 == 0:
+                pic.resize((size + 16, size + 8)).save(folder / f"{i:04d}.jpg", quality=95)
+            elif i % 3 == 1:
+                pic.convert("L").save(folder / f"{i:04d}.png")
+            else:
+                pic.save(folder / f"{i:04d}.png")
+    return Path(root)
