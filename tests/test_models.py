@@ -1,0 +1,98 @@
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from cnntrain.errors import UserError
+from cnntrain.models import create_model, list_models
+
+MODEL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize(
+    ("in_channels", "image_size", "num_classes"),
+    [(1, 28, 10), (3, 32, 10), (3, 64, 7)],
+    ids=["1x28", "3x32", "3x64"],
+)
+def test_forward_backward_step(name, in_channels, image_size, num_classes):
+    torch.manual_seed(0)
+    model = create_model(
+        name, in_channels=in_channels, num_classes=num_classes, image_size=image_size
+    )
+    model.train()
+    x = torch.randn(2, in_channels, image_size, image_size)
+    out = model(x)
+    assert isinstance(out, torch.Tensor)
+    assert out.shape == (2, num_classes)
+
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in params)
+    before = [p.detach().clone() for p in params]
+    torch.optim.SGD(params, lr=0.1).step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+
+
+def test_unknown_model_suggests_close_match():
+    with pytest.raises(UserError, match=r"unknown model 'resnet81'; did you mean resnet18\b"):
+        create_model("resnet81", in_channels=3, num_classes=10, image_size=32)
+
+
+def test_unknown_stem():
+    with pytest.raises(UserError, match="stem"):
+        create_model("lenet5", in_channels=3, num_classes=10, image_size=32, stem="tiny")
+
+
+def test_unsupported_option_is_user_error():
+    with pytest.raises(UserError, match="resnet18"):
+        create_model("resnet18", in_channels=3, num_classes=10, image_size=32, dropout=0.3)
+    model = create_model("alexnet", in_channels=3, num_classes=10, image_size=32, dropout=0.3)
+    assert model.classifier[0].p == 0.3
+
+
+def test_every_registered_model_has_a_config():
+    assert {p.stem for p in MODEL_CONFIGS} == set(list_models())
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+def test_config_instantiates(path):
+    cfg = OmegaConf.load(path)
+    assert cfg.name == path.stem
+    model = instantiate(cfg)(in_channels=1, num_classes=10, image_size=28)
+    assert isinstance(model, torch.nn.Module)
+
+
+@pytest.mark.parametrize(
+    ("name", "millions"),
+    [
+        ("alexnet", 61.10),
+        ("vgg16", 138.36),
+        ("resnet18", 11.69),
+        ("resnet50", 25.56),
+        ("googlenet", 6.62),
+    ],
+)
+def test_imagenet_param_count(name, millions):
+    model = create_model(name, in_channels=3, num_classes=1000, image_size=224, stem="auto")
+    n = sum(p.numel() for p in model.parameters())
+    assert n / 1e6 == pytest.approx(millions, rel=0.01)
+
+
+def test_imagenet_stem_forward():
+    model = create_model("resnet18", in_channels=1, num_classes=5, image_size=96).eval()
+    assert model.conv1.kernel_size == (7, 7)
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 96, 96)).shape == (1, 5)
+
+
+def test_auto_stem_is_small_up_to_64px():
+    def stem_kernel(**kw):
+        return create_model("resnet18", in_channels=3, num_classes=10, **kw).conv1.kernel_size
+
+    assert stem_kernel(image_size=64) == (3, 3)
+    assert stem_kernel(image_size=65) == (7, 7)
+    assert stem_kernel(image_size=32, stem="imagenet") == (7, 7)
+    assert stem_kernel(image_size=224, stem="small") == (3, 3)
