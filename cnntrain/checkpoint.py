@@ -7,7 +7,6 @@ import os
 import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +47,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                         "cnntrain, e.g. outputs/<date>/<time>/checkpoints/best.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # pickled Python objects: never retried unsafely
+    except Exception as e:  # garbage makes the unpickler fail in many ways
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            # pickled Python objects: refused, never retried with weights_only=False
             raise UserError(f"checkpoint {path} holds Python objects that need unsafe loading and "
                             "was refused; only weights-only checkpoints are read") from None
-        raise UserError(f"checkpoint {path} is corrupt or not a PyTorch file ({e}); "
-                        "use another checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"checkpoint {path} is truncated or not a PyTorch file "
                         f"({type(e).__name__}); use another checkpoint") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):

@@ -29,11 +29,18 @@ def _run(task, cfg: DictConfig):
     return None
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def _train(cfg: DictConfig):
+def _train_task(cfg: DictConfig):
+    from cnntrain.config import validate_train
+
+    validate_train(cfg)  # a bad value fails before torch is imported (seconds sooner)
     from cnntrain.train import train
 
-    return _run(train, cfg)
+    return train(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def _train(cfg: DictConfig):
+    return _run(_train_task, cfg)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

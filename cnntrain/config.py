@@ -19,7 +19,7 @@ def validate_train(cfg: DictConfig) -> None:
     _positive(cfg, "epochs")
     _positive(cfg, "data.batch_size")
     _positive(cfg, "optim.lr", float)
-    if OmegaConf.is_missing(cfg.data, "root"):
+    if cfg.data.root is None:
         raise UserError(f"data={cfg.data.name} needs data.root=/path/to/images "
                         "(a folder with train/<class>/<image> and optional val/, test/)")
     split = cfg.data.val_split

@@ -45,7 +45,7 @@ def create_scheduler(cfg: DictConfig, optimizer: Optimizer, *, epochs: int, step
     if "milestones" in kwargs:  # fractions of the run, or epochs
         kwargs["milestones"] = [round((m * epochs if m < 1 else m) * per_epoch) - warmup
                                 for m in kwargs["milestones"]]
-    main = instantiate(kwargs)(optimizer)
+    main = instantiate(kwargs, _convert_="all")(optimizer)
     if warmup:
         warm = lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
         main = lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[warmup])

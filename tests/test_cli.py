@@ -1,0 +1,142 @@
+"""The console scripts end to end, as a user runs them: files written, cnneval agreeing with
+training, resume, sweeps and every bad input."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+PNG = b"\x89PNG\r\n\x1a\n"
+DATASETS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"]
+
+
+def train_args(dataset, data_root, folder_root, run_dir, *extra):
+    root = folder_root if dataset == "imagefolder" else data_root
+    args = ["cnntrain", f"data={dataset}", f"data.root={root}", "data.download=false", "epochs=2",
+            f"hydra.run.dir={run_dir}", "optim.lr=0.02", "data.batch_size=32"]
+    if dataset == "imagefolder":
+        args += ["data.image_size=32", "data.num_workers=0"]
+    return [*args, *extra]
+
+
+@pytest.fixture(scope="module", params=DATASETS)
+def trained(request, data_root, folder_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp(f"run_{request.param}")
+    proc = run_cli(*train_args(request.param, data_root, folder_root, run_dir), cwd=run_dir.parent)
+    return request.param, run_dir, proc
+
+
+def test_run_writes_every_file(trained):
+    dataset, run_dir, proc = trained
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.csv", "curves.png",
+                 "results.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "curves.png").read_bytes()[:8] == PNG
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time"]
+    assert all(0 <= float(r["val_acc"]) <= 1 and float(r["train_loss"]) > 0 for r in rows)
+    log = (run_dir / "train.log").read_text()
+    assert "epoch 2/2 train_loss" in log and "val_acc" in log and "lr" in log
+    assert "epoch 1/2 train_loss" in proc.stdout
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 0 <= results["test_acc"] <= 1 and results["dataset"] == dataset
+    assert f"test accuracy of best.pt (epoch {results['best_epoch']}): {results['test_acc']:.4f}" in proc.stdout
+
+
+def test_checkpoints_are_plain_weights_only_dicts(trained):
+    dataset, run_dir, _ = trained
+    last = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    best = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
+    for key in ("model", "config", "classes", "epoch", "metrics"):
+        assert key in last and key in best
+    for key in ("optimizer", "scheduler", "scaler", "rng"):
+        assert key in last and key not in best
+    assert last["epoch"] == 2 and isinstance(last["config"], dict)
+    assert last["config"]["data"]["name"] == dataset and Path(last["config"]["data"]["root"]).is_absolute()
+    assert len(last["classes"]) == (100 if dataset == "cifar100" else 3 if dataset == "imagefolder" else 10)
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_cnneval_reports_what_training_printed(trained, tmp_path):
+    dataset, run_dir, _ = trained
+    results = json.loads((run_dir / "results.json").read_text())
+    proc = run_cli("cnneval", f"ckpt={run_dir}/checkpoints/best.pt", f"hydra.run.dir={tmp_path}",
+                   cwd=tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["top1"] == pytest.approx(results["test_acc"], abs=1e-12)
+    assert report["split"] == "test" and report["dataset"] == dataset and report["model"] == "lenet5"
+    k = len(report["classes"])
+    assert len(report["per_class"]) == k and len(report["confusion_matrix"]) == k
+    assert sum(map(sum, report["confusion_matrix"])) == report["num_samples"]
+    assert sum(c["support"] for c in report["per_class"]) == report["num_samples"]
+    assert set(report["per_class"][0]) == {"name", "support", "accuracy", "precision", "recall", "f1"}
+    assert (report["top5"] is None) == (k < 5)
+    assert (tmp_path / "report.md").read_text().startswith("# Evaluation")
+    assert f"top1 {report['top1']:.4f}" in proc.stdout and "precision" in proc.stdout
+
+
+def test_cnneval_val_split_and_overrides(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(*train_args("mnist", data_root, None, run_dir, "epochs=1"), cwd=tmp_path)
+    copy = tmp_path / "moved"
+    shutil.copytree(data_root / "MNIST", copy / "MNIST")
+    run_cli("cnneval", f"ckpt={run_dir}/checkpoints/best.pt", "split=val", f"data.root={copy}",
+            "data.batch_size=7", "device=cpu", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["split"] == "val" and report["num_samples"] == 40
+    best = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
+    assert report["top1"] == pytest.approx(best["metrics"]["val_acc"], abs=1e-12)
+
+
+def test_resume_continues_to_the_same_result(data_root, tmp_path):
+    # sched=step does not depend on `epochs`, so a 1-epoch run resumed to 3 epochs must match
+    # an uninterrupted 3-epoch run bit for bit on the CPU
+    common = ["model=lenet5", "deterministic=true", "device=cpu", "sched=step", "sched.step_size=2"]
+    full, part, resumed = tmp_path / "full", tmp_path / "part", tmp_path / "resumed"
+    run_cli(*train_args("mnist", data_root, None, full, "epochs=3", *common), cwd=tmp_path)
+    run_cli(*train_args("mnist", data_root, None, part, "epochs=1", *common), cwd=tmp_path)
+    proc = run_cli(*train_args("mnist", data_root, None, resumed, "epochs=3", *common,
+                               f"resume={part}/checkpoints/last.pt"), cwd=tmp_path)
+    assert "resuming from" in proc.stdout and "epoch 1/3" not in proc.stdout
+    a = torch.load(full / "checkpoints/last.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints/last.pt", weights_only=True)
+    assert b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    strip = lambda path: [{k: v for k, v in r.items() if k != "time"} for r in csv.DictReader(open(path))]
+    assert strip(full / "metrics.csv") == strip(resumed / "metrics.csv")
+    assert (resumed / "checkpoints/best.pt").is_file()
+
+
+def test_rerun_into_a_run_dir_with_checkpoints_is_refused(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(*train_args("mnist", data_root, None, run_dir, "epochs=1"), cwd=tmp_path)
+    before = (run_dir / "checkpoints/last.pt").read_bytes()
+    proc = run_cli(*train_args("mnist", data_root, None, run_dir, "epochs=1"), cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "resume=" in proc.stdout
+    assert (run_dir / "checkpoints/last.pt").read_bytes() == before
+
+
+def test_multirun_two_jobs(data_root, tmp_path):
+    proc = run_cli("cnntrain", "-m", "model=lenet5,resnet18", f"data.root={data_root}", "data.download=false",
+                   "epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    for job, model in (("0", "lenet5"), ("1", "resnet18")):
+        results = json.loads((tmp_path / "sweep" / job / "results.json").read_text())
+        assert results["model"] == model and (tmp_path / "sweep" / job / "checkpoints/best.pt").is_file()
+    assert "#1 : model=resnet18" in proc.stdout + proc.stderr
+
+
+def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
+    proc = run_cli("cnntrain", "-m", "optim.lr=-1,0.05", f"data.root={data_root}", "data.download=false",
+                   "epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "1 job(s) failed" in proc.stderr and "optim.lr must be a positive number" in proc.stderr
+    assert not (tmp_path / "sweep" / "0" / "results.json").exists()
+    assert json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())["test_acc"] is not None
+    assert "Traceback" not in proc.stdout + proc.stderr

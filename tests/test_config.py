@@ -1,0 +1,89 @@
+"""Config composition: every option of every group composes, and bad values are refused."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from cnntrain.config import validate_train
+from cnntrain.errors import UserError
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+GROUPS = ("model", "data", "optim", "sched", "aug")
+
+
+def options(group):
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def make_cfg(*overrides):
+    with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_contract_options_exist():
+    assert set(options("model")) >= {"lenet5", "alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "vgg16_bn",
+                                     "googlenet", "resnet18", "resnet34", "resnet50"}
+    assert options("data") == ["cifar10", "cifar100", "fashion_mnist", "imagefolder", "mnist"]
+    assert options("optim") == ["adam", "adamw", "sgd"]
+    assert options("sched") == ["cosine", "multistep", "none", "onecycle", "step"]
+    assert options("aug") == ["basic", "none", "strong"]
+
+
+def test_defaults():
+    cfg = make_cfg()
+    assert cfg.model.name == "lenet5" and cfg.data.name == "mnist"
+    for key in ("epochs", "seed", "device", "amp", "channels_last", "resume"):
+        assert key in cfg
+    assert cfg.device == "auto" and cfg.resume is None and cfg.amp is False
+    for key in ("root", "download", "batch_size", "num_workers", "val_split"):
+        assert key in cfg.data
+    assert cfg.optim._partial_ and cfg.sched._partial_
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("data", "imagefolder"):
+        overrides.append("data.root=/somewhere")
+    cfg = make_cfg(*overrides)
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert OmegaConf.missing_keys(cfg) == set()
+    node = cfg[group]
+    if group in ("model", "data", "aug"):
+        assert node.name == option
+    if group in ("optim", "sched"):
+        assert node._target_.startswith("torch.optim")
+    validate_train(cfg)
+
+
+def test_sgd_has_momentum_and_nesterov():
+    cfg = make_cfg("optim=sgd")
+    assert cfg.optim.momentum > 0 and cfg.optim.nesterov is True
+    assert make_cfg("sched=step").sched.step_size == 7 and make_cfg("sched=step").sched.gamma == 0.1
+
+
+def test_unknown_option_lists_the_available_ones():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="resnet18"):
+        make_cfg("model=resnet81")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("epochs=0", "epochs"), ("epochs=-3", "epochs"), ("epochs=1.5", "epochs"),
+    ("data.batch_size=0", "data.batch_size"), ("data.batch_size=-1", "data.batch_size"),
+    ("optim.lr=0", "optim.lr"), ("optim.lr=-0.1", "optim.lr"),
+    ("data.val_split=1", "data.val_split"), ("data.val_split=-0.1", "data.val_split"),
+    ("data.val_split=1.5", "data.val_split"), ("data.num_workers=-1", "data.num_workers"),
+    ("device=gpu", "device"), ("amp_dtype=fp8", "amp_dtype"),
+])
+def test_bad_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")) as info:
+        validate_train(make_cfg(override))
+    assert "\n" not in str(info.value)
+
+
+def test_imagefolder_needs_a_root():
+    with pytest.raises(UserError, match="data.root"):
+        validate_train(make_cfg("data=imagefolder"))

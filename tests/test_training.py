@@ -1,0 +1,91 @@
+"""train(cfg) in-process: the GPU-era options that also run on the CPU (bf16 autocast,
+channels_last, torch.compile) and the optimizer/schedule factories."""
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from cnntrain.errors import UserError
+from cnntrain.optim import create_optimizer, create_scheduler
+from cnntrain.runtime import amp_dtype
+from cnntrain.train import train
+
+
+def make_cfg(*overrides):
+    with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def run(data_root, tmp_path, *overrides):
+    cfg = make_cfg(f"data.root={data_root}", "data.download=false", "epochs=1", "device=cpu", *overrides)
+    return train(cfg, run_dir=tmp_path)
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(data_root, tmp_path):
+    assert amp_dtype(True, torch.device("cpu")) == torch.bfloat16
+    results = run(data_root, tmp_path, "amp=true", "channels_last=true", "data=cifar10", "model=resnet18")
+    assert 0 <= results["test_acc"] <= 1
+    assert json.loads((tmp_path / "results.json").read_text())["model"] == "resnet18"
+
+
+def test_amp_dtype_choices():
+    assert amp_dtype(False, torch.device("cuda")) is None
+    assert amp_dtype(True, torch.device("cuda"), "fp16") == torch.float16
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        amp_dtype(True, torch.device("cpu"), "fp16")
+
+
+def test_torch_compile_on_cpu(data_root, tmp_path):
+    pytest.importorskip("torch._dynamo")
+    results = run(data_root, tmp_path, "compile=true", "data.val_split=0")
+    assert 0 <= results["test_acc"] <= 1
+    state = torch.load(tmp_path / "checkpoints/best.pt", weights_only=True)["model"]
+    assert not any(k.startswith("_orig_mod") for k in state)  # plain keys, loadable without compile
+
+
+def test_training_learns_the_toy_data(data_root, tmp_path):
+    results = run(data_root, tmp_path, "epochs=4", "optim=adam", "aug=none")
+    assert results["test_acc"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_optimizer_leaves_biases_and_norms_without_weight_decay():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    opt = create_optimizer(make_cfg("optim=sgd").optim, model)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert [p.ndim for p in decay["params"]] == [4] and len(no_decay["params"]) == 3
+    assert opt.defaults["nesterov"] is True
+
+
+def lrs(sched_overrides, epochs=4, steps=10):
+    model = torch.nn.Linear(2, 2)
+    cfg = make_cfg("optim=sgd", "optim.lr=1.0", "optim.weight_decay=0", *sched_overrides)
+    opt = create_optimizer(cfg.optim, model)
+    sched, interval = create_scheduler(cfg.sched, opt, epochs=epochs, steps_per_epoch=steps)
+    out = []
+    for _ in range(epochs * (steps if interval == "step" else 1)):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out, interval
+
+
+def test_step_and_multistep_schedules():
+    values, interval = lrs(["sched=step", "sched.step_size=2"])
+    assert interval == "epoch" and values == pytest.approx([1, 1, 0.1, 0.1])
+    values, _ = lrs(["sched=multistep"], epochs=8)  # milestones 0.5, 0.75 of 8 epochs
+    assert values == pytest.approx([1] * 4 + [0.1] * 2 + [0.01] * 2)
+
+
+def test_cosine_with_warmup_and_onecycle():
+    values, interval = lrs(["sched=cosine", "sched.warmup_epochs=1"])
+    assert interval == "step" and len(values) == 40
+    assert values[0] == pytest.approx(0.01) and values[10] == pytest.approx(1.0)
+    assert values[:10] == sorted(values[:10]) and values[10:] == sorted(values[10:], reverse=True)
+    values, _ = lrs(["sched=onecycle"])
+    assert max(values) == pytest.approx(1.0, rel=1e-3) and values[0] < 0.1 and values[-1] < 1e-3
+    with pytest.raises(UserError, match="warmup"):
+        lrs(["sched=onecycle", "sched.warmup_epochs=1"])
+    values, _ = lrs(["sched=none", "sched.warmup_epochs=2"])
+    assert values[0] == pytest.approx(0.01) and values[2:] == [1.0, 1.0]
