@@ -1,0 +1,59 @@
+"""A non-editable install (the wheel) works from an unrelated directory: the Hydra configs ship
+inside the package."""
+import json
+import subprocess
+import sys
+import sysconfig
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+PROJECT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(out), str(PROJECT)], check=True, capture_output=True)
+    return next(out.glob("cnntrain-*.whl"))
+
+
+def test_wheel_contains_the_configs(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    for name in ("cnntrain/configs/train.yaml", "cnntrain/configs/eval.yaml",
+                 "cnntrain/configs/model/lenet5.yaml", "cnntrain/configs/data/imagefolder.yaml",
+                 "cnntrain/configs/hydra/default.yaml", "cnntrain/configs/sched/onecycle.yaml"):
+        assert name in names, name
+
+
+def test_wheel_in_a_fresh_venv_runs_from_another_directory(wheel, data_root, tmp_path):
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    site = Path(subprocess.check_output(
+        [env_dir / "bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        text=True).strip())
+    # torch & co. come from this environment (a fresh download of torch is gigabytes); cnntrain
+    # itself only from the wheel: a plain path entry does not run this environment's .pth files,
+    # so an editable install here stays invisible there
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([env_dir / "bin/python", "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True)
+    where = subprocess.check_output([env_dir / "bin/python", "-c", "import cnntrain; print(cnntrain.__file__)"],
+                                    text=True, cwd=tmp_path)
+    assert where.startswith(str(site))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli(str(env_dir / "bin/cnntrain"), "--help", cwd=elsewhere)
+    assert "model: " in proc.stdout and "lenet5" in proc.stdout
+    run_cli(str(env_dir / "bin/cnntrain"), f"data.root={data_root}", "data.download=false", "epochs=1",
+            cwd=elsewhere)
+    run_dir = next((elsewhere / "outputs").glob("*/*"))
+    results = json.loads((run_dir / "results.json").read_text())
+    run_cli(str(env_dir / "bin/cnneval"), f"ckpt={run_dir}/checkpoints/best.pt", cwd=elsewhere)
+    report = json.loads(next((elsewhere / "outputs" / "eval").glob("*/*/report.json")).read_text())
+    assert report["top1"] == results["test_acc"]
