@@ -19,17 +19,21 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 class _Progress:
-    """A tqdm bar over the loader whose postfix (which needs a device sync) refreshes at most
-    once a second."""
+    """The batches of `loader` (in channels_last layout if asked) under a tqdm bar whose
+    postfix (which needs a device sync) refreshes at most once a second."""
 
-    def __init__(self, loader, desc: str, enabled: bool):
+    def __init__(self, loader, desc: str, enabled: bool, channels_last: bool):
         # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
         self.bar = tqdm(loader, desc=desc, leave=False, disable=None if enabled else True,
                         dynamic_ncols=True)
+        self.channels_last = channels_last
         self.last = time.monotonic()
 
     def __iter__(self):
-        return iter(self.bar)
+        for x, y in self.bar:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y
 
     def update(self, loss_sum, correct, n):
         if self.bar.disable or time.monotonic() - self.last < 1.0:
@@ -50,10 +54,8 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
-    bar = _Progress(loader, desc, progress)
+    bar = _Progress(loader, desc, progress, channels_last)
     for x, y in bar:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
             out = model(x)
             loss = criterion(out, y)
@@ -91,10 +93,8 @@ def evaluate_loader(model: nn.Module, loader, criterion, *, device: torch.device
     top5 = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     n = 0
-    bar = _Progress(loader, desc, progress)
+    bar = _Progress(loader, desc, progress, channels_last)
     for x, y in bar:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
             out = model(x)
         loss_sum += criterion(out.float(), y) * len(y)

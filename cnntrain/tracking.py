@@ -31,6 +31,9 @@ class RunTracker:
         self.run_dir, self.epochs = Path(run_dir), epochs
         self.history = list(history or [])
         self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        if self.history:  # resumed into a new folder: carry the earlier epochs over
+            self._write_csv()
+            self._plot()
 
     def log_epoch(self, row: dict) -> None:
         self.history.append(row)

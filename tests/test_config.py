@@ -87,3 +87,10 @@ def test_bad_values_are_refused_naming_the_key(override, key):
 def test_imagefolder_needs_a_root():
     with pytest.raises(UserError, match="data.root"):
         validate_train(make_cfg("data=imagefolder"))
+
+
+def test_experiment_config_sets_several_groups():
+    cfg = make_cfg("experiment=cifar10_resnet18")
+    assert (cfg.model.name, cfg.data.name, cfg.epochs, cfg.optim.lr, cfg.data.batch_size) == (
+        "resnet18", "cifar10", 200, 0.1, 128)
+    assert make_cfg("experiment=cifar10_resnet18", "epochs=3").epochs == 3

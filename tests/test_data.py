@@ -197,3 +197,12 @@ def test_imagefolder_errors(tmp_path):
     (tmp_path / "other" / "val" / "fox").rename(tmp_path / "other" / "val" / "wolf")
     with pytest.raises(UserError, match="wolf"):
         build_data(data_cfg("imagefolder", tmp_path / "other"), None, device=CPU, seed=0)
+
+
+def test_imagefolder_with_only_test_images_can_be_evaluated(tmp_path):
+    write_image_folder(tmp_path, per_class={"test": 5})
+    cfg = data_cfg("imagefolder", tmp_path, mean=[0.5] * 3, std=[0.2] * 3)
+    data = build_data(cfg, None, device=CPU, seed=0, splits=("test",))
+    assert data.classes == ["cat", "dog", "fox"] and data.loaders["test"].num_samples == 15
+    with pytest.raises(UserError, match="train"):
+        build_data(cfg, None, device=CPU, seed=0, splits=("val",))

@@ -22,11 +22,12 @@ STEMS = ("auto", "small", "imagenet")
 SMALL_STEM_MAX_SIZE = 64
 
 
-def register_model(fn: ModelFactory) -> ModelFactory:
-    """Register ``fn`` under its ``__name__`` (decorator)."""
-    if fn.__name__ in _REGISTRY:
-        raise ValueError(f"model {fn.__name__!r} is registered twice")
-    _REGISTRY[fn.__name__] = fn
+def register_model(fn: ModelFactory, name: str | None = None) -> ModelFactory:
+    """Register ``fn`` under ``name`` (default: its ``__name__``); usable as a decorator."""
+    name = name or fn.__name__
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is registered twice")
+    _REGISTRY[name] = fn
     return fn
 
 

@@ -7,6 +7,7 @@ stride-1 conv without max-pool (kuangliu/pytorch-cifar): 32 -> 32 -> 16 -> 8 -> 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 from torch import nn
@@ -34,26 +35,7 @@ def _resnet(
     return model
 
 
-@register_model
-def resnet18(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _resnet(tvm.resnet18, in_channels, num_classes, small, **kwargs)
 
-
-@register_model
-def resnet34(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _resnet(tvm.resnet34, in_channels, num_classes, small, **kwargs)
-
-
-@register_model
-def resnet50(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _resnet(tvm.resnet50, in_channels, num_classes, small, **kwargs)
-
-
-@register_model
-def resnet101(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _resnet(tvm.resnet101, in_channels, num_classes, small, **kwargs)
-
-
-@register_model
-def resnet152(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _resnet(tvm.resnet152, in_channels, num_classes, small, **kwargs)
+# One registry entry per torchvision variant; each takes (in_channels=, num_classes=, small=, **kwargs).
+for _name in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'):
+    register_model(partial(_resnet, getattr(tvm, _name)), name=_name)

@@ -8,6 +8,7 @@ dropout + linear head of kuangliu/pytorch-cifar.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -50,41 +51,7 @@ def _vgg(
     return model
 
 
-@register_model
-def vgg11(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _vgg(tvm.vgg11, in_channels, num_classes, small, **kwargs)
 
-
-@register_model
-def vgg13(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _vgg(tvm.vgg13, in_channels, num_classes, small, **kwargs)
-
-
-@register_model
-def vgg16(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _vgg(tvm.vgg16, in_channels, num_classes, small, **kwargs)
-
-
-@register_model
-def vgg19(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _vgg(tvm.vgg19, in_channels, num_classes, small, **kwargs)
-
-
-@register_model
-def vgg11_bn(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _vgg(tvm.vgg11_bn, in_channels, num_classes, small, **kwargs)
-
-
-@register_model
-def vgg13_bn(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _vgg(tvm.vgg13_bn, in_channels, num_classes, small, **kwargs)
-
-
-@register_model
-def vgg16_bn(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _vgg(tvm.vgg16_bn, in_channels, num_classes, small, **kwargs)
-
-
-@register_model
-def vgg19_bn(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
-    return _vgg(tvm.vgg19_bn, in_channels, num_classes, small, **kwargs)
+# One registry entry per torchvision variant; each takes (in_channels=, num_classes=, small=, **kwargs).
+for _name in ('vgg11', 'vgg13', 'vgg16', 'vgg19', 'vgg11_bn', 'vgg13_bn', 'vgg16_bn', 'vgg19_bn'):
+    register_model(partial(_vgg, getattr(tvm, _name)), name=_name)

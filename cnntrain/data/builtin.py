@@ -1,0 +1,80 @@
+"""MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100, read from their real on-disk formats by
+torchvision's dataset classes and returned as whole uint8 tensors (N, C, H, W)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+
+import torch
+from torchvision import datasets
+
+from cnntrain.errors import UserError
+
+
+class _CIFAR10(datasets.CIFAR10):
+    # torchvision checks the md5 of every batch file, which rejects re-packed subsets and test
+    # fixtures in the same format; None keeps the existence check. A download is still verified
+    # through the archive's md5 (tgz_md5), and unreadable pickles are reported when loading.
+    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+    meta = {**datasets.CIFAR10.meta, "md5": None}
+
+
+class _CIFAR100(datasets.CIFAR100):
+    train_list = [[name, None] for name, _ in datasets.CIFAR100.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR100.test_list]
+    meta = {**datasets.CIFAR100.meta, "md5": None}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    title: str
+    cls: type
+    folder: str  # where the files live under root
+    files: tuple[str, ...]
+
+
+BUILTIN = {
+    "mnist": _Spec("MNIST", datasets.MNIST, "MNIST/raw",
+                   ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
+    "fashion_mnist": _Spec("Fashion-MNIST", datasets.FashionMNIST, "FashionMNIST/raw",
+                           ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
+    "cifar10": _Spec("CIFAR-10", _CIFAR10, "cifar-10-batches-py",
+                     ("data_batch_1", "...", "data_batch_5", "test_batch", "batches.meta")),
+    "cifar100": _Spec("CIFAR-100", _CIFAR100, "cifar-100-python", ("train", "test", "meta")),
+}
+
+
+def load_builtin(name: str, root: str, train: bool, download: bool):
+    """Return (images uint8 (N,C,H,W), labels int64 (N,), class names) of one split."""
+    spec = BUILTIN[name]
+    where = os.path.join(os.path.abspath(root), spec.folder)
+    expected = f"expected {', '.join(spec.files)} in {where}"
+    try:
+        ds = spec.cls(root, train=train, download=False)
+    except Exception as e:
+        if "not found" not in str(e):  # truncated/garbled files fail inside torchvision's readers
+            raise UserError(f"{spec.title} files in {where} could not be read ({type(e).__name__}: "
+                            f"{e}); delete them and download again") from None
+        if not download:
+            raise UserError(f"{spec.title} not found: {expected} "
+                            "(set data.root=, or data.download=true to fetch it)") from None
+        ds = _download(spec, root, train, expected)
+    images = torch.as_tensor(ds.data)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    return images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+
+
+def _download(spec: _Spec, root: str, train: bool, expected: str):
+    log = io.StringIO()  # torchvision prints every failed mirror; keep that out of the console
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return spec.cls(root, train=train, download=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not download {spec.title} ({reason}): {expected} "
+                        "(torchvision's layout), or set data.root= to where they are") from None
