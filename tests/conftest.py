@@ -26,8 +26,12 @@ def folder_root(tmp_path_factory) -> Path:
 
 
 def run_cli(*args, cwd=None, check=True, timeout=600) -> subprocess.CompletedProcess:
-    """Run a console script (cnntrain/cnneval) as a user would, from `cwd`."""
+    """Run a console script (cnntrain/cnneval) as a user would, from `cwd`. The scripts of the
+    environment running the tests are used, whether or not it is activated."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    script = Path(sys.executable).parent / args[0]
+    if script.is_file():
+        args = (str(script), *args[1:])
     proc = subprocess.run([*args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
