@@ -54,7 +54,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
-        torch.use_deterministic_algorithms(True)
+        # warn_only: a few CUDA backward kernels (e.g. adaptive average pooling) have no
+        # deterministic version; warn about those instead of refusing to train
+        torch.use_deterministic_algorithms(True, warn_only=True)
     # benchmark mode picks the fastest conv algorithm per input shape, which is not reproducible
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
