@@ -19,6 +19,10 @@ def validate_train(cfg: DictConfig) -> None:
     _positive(cfg, "epochs")
     _positive(cfg, "data.batch_size")
     _positive(cfg, "optim.lr", float)
+    if OmegaConf.is_missing(cfg.model, "name"):
+        source = cfg.model.get("source", "torchvision")
+        raise UserError(f"model={'tv' if source == 'torchvision' else source} needs "
+                        f"model.name=<any {source} model>, e.g. model.name=resnet18")
     if cfg.data.root is None:
         raise UserError(f"data={cfg.data.name} needs data.root=/path/to/images "
                         "(a folder with train/<class>/<image> and optional val/, test/)")

@@ -4,6 +4,7 @@ Metrics are summed on the device and read once per epoch: a `.item()` per batch 
 the host wait for the GPU at every step."""
 from __future__ import annotations
 
+import itertools
 import time
 from contextlib import nullcontext
 
@@ -22,10 +23,11 @@ class _Progress:
     """The batches of `loader` (in channels_last layout if asked) under a tqdm bar whose
     postfix (which needs a device sync) refreshes at most once a second."""
 
-    def __init__(self, loader, desc: str, enabled: bool, channels_last: bool):
+    def __init__(self, loader, desc: str, enabled: bool, channels_last: bool, max_steps=None):
+        total = min(len(loader), max_steps or len(loader))
         # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
-        self.bar = tqdm(loader, desc=desc, leave=False, disable=None if enabled else True,
-                        dynamic_ncols=True)
+        self.bar = tqdm(itertools.islice(loader, total), total=total, desc=desc, leave=False,
+                        disable=None if enabled else True, dynamic_ncols=True)
         self.channels_last = channels_last
         self.last = time.monotonic()
 
@@ -47,14 +49,16 @@ class _Progress:
 
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: torch.device,
                     scheduler=None, scaler=None, amp_dtype=None, channels_last: bool = False,
-                    grad_clip: float | None = None, desc: str = "train", progress: bool = True) -> dict:
-    """One pass over `loader`; `scheduler`, if given, is stepped after every batch.
+                    grad_clip: float | None = None, max_steps: int | None = None, desc: str = "train",
+                    progress: bool = True) -> dict:
+    """One pass over `loader` (or its first `max_steps` batches); `scheduler`, if given, is
+    stepped after every batch.
     Returns {"loss", "acc"} averaged over the samples seen."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
-    bar = _Progress(loader, desc, progress, channels_last)
+    bar = _Progress(loader, desc, progress, channels_last, max_steps)
     for x, y in bar:
         with autocast(device, amp_dtype):
             out = model(x)

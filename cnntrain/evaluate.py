@@ -26,6 +26,8 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
     ckpt = load_checkpoint(cfg.ckpt)
     trained = OmegaConf.create(ckpt["config"])
+    if "pretrained" in trained.model:
+        trained.model.pretrained = None  # the weights come from the checkpoint
     for key, value in cfg.data.items():
         if value is not None:
             trained.data[key] = value
@@ -39,7 +41,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         raise UserError(f"the data's classes differ from the checkpoint's: checkpoint "
                         f"{ckpt['classes']} ({len(ckpt['classes'])}), data {data.classes} "
                         f"({len(data.classes)}); point data.root= at the dataset it was trained on")
-    model = build_model(trained.model, data, device)
+    model, _ = build_model(trained.model, data.in_channels, len(data.classes), data.image_size, device)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

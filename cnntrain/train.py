@@ -18,8 +18,10 @@ from cnntrain.config import validate_train
 from cnntrain.data import Data, build_data
 from cnntrain.engine import evaluate_loader, train_one_epoch
 from cnntrain.errors import UserError
+from cnntrain.models import resolve_stem
 from cnntrain.optim import create_optimizer, create_scheduler
 from cnntrain.runtime import amp_dtype, grad_scaler, select_device, seed_everything
+from cnntrain.summary import format_summary, summarize
 from cnntrain.tracking import RunTracker
 
 log = logging.getLogger("cnntrain")
@@ -31,20 +33,35 @@ def run_dir_from_hydra() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def build_model(model_cfg: DictConfig, data: Data, device: torch.device) -> nn.Module:
-    """The model for this data, checked with one tiny forward pass so that an input it cannot
-    take fails here, in one line, rather than mid-epoch."""
-    model = instantiate(model_cfg)(in_channels=data.in_channels, num_classes=len(data.classes),
-                                   image_size=data.image_size)
-    probe = torch.zeros(2, data.in_channels, data.image_size, data.image_size)
+def build_model(model_cfg: DictConfig, in_channels: int, num_classes: int, image_size: int,
+                device: torch.device) -> tuple[nn.Module, dict]:
+    """The model for this data and its summary; the summary's forward pass doubles as the check
+    that the model can take this input, so that a mismatch fails here, in one line."""
+    model = instantiate(model_cfg)(in_channels=in_channels, num_classes=num_classes,
+                                   image_size=image_size)
     try:
-        with torch.no_grad():
-            model.eval()(probe)
+        info = summarize(model, (in_channels, image_size, image_size))
     except RuntimeError as e:
-        raise UserError(f"model {model_cfg.name} cannot take {data.in_channels}x{data.image_size}x"
-                        f"{data.image_size} input ({str(e).splitlines()[0]}); set data.image_size= "
-                        "or choose another model") from None
-    return model.to(device)
+        raise UserError(f"model {model_cfg.name} cannot take {in_channels}x{image_size}x{image_size} "
+                        f"input ({str(e).splitlines()[0]}); set data.image_size= or choose another "
+                        "model") from None
+    return model.to(device), info
+
+
+def apply_pretrained_input(cfg: DictConfig) -> None:
+    """Named pretrained weights expect the input size (unless data.image_size is set) and the
+    normalization they were trained with; written into cfg so that checkpoints keep them."""
+    from cnntrain.models.transfer import pretrained_input_spec
+
+    spec = pretrained_input_spec(cfg.model)
+    if spec is not None:
+        if cfg.data.image_size is None:
+            cfg.data.image_size = spec["image_size"]
+        gray = cfg.data.get("mean") is not None and len(cfg.data.mean) == 1
+        cfg.data.mean = [sum(spec["mean"]) / 3] if gray else spec["mean"]
+        cfg.data.std = [sum(spec["std"]) / 3] if gray else spec["std"]
+        log.info("pretrained %s: input %s px, normalization mean %s std %s", cfg.model.pretrained,
+                 cfg.data.image_size, cfg.data.mean, cfg.data.std)
 
 
 def stored_config(cfg: DictConfig, data: Data) -> dict:
@@ -83,8 +100,22 @@ def _resume_state(cfg: DictConfig, ckpt_dir: Path) -> dict | None:
     return state
 
 
+def show_summary(cfg: DictConfig) -> dict:
+    """`summary=true`: the model summary for this config, without loading any images."""
+    from cnntrain.data import data_shape
+
+    apply_pretrained_input(cfg)
+    channels, size, classes = data_shape(cfg.data)
+    _, info = build_model(cfg.model, channels, classes, size, torch.device("cpu"))
+    print(format_summary(info, f"{cfg.model.name} on {cfg.data.name}: {classes} classes, "
+                               f"input {channels}x{size}x{size}"), flush=True)
+    return info
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     validate_train(cfg)
+    if cfg.summary:
+        return show_summary(cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
     ckpt_dir = run_dir / "checkpoints"
     resumed = _resume_state(cfg, ckpt_dir)
@@ -92,17 +123,20 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     seed_everything(cfg.seed, cfg.deterministic)
     dtype = amp_dtype(cfg.amp, device, cfg.amp_dtype)
 
+    apply_pretrained_input(cfg)
     data = build_data(cfg.data, cfg.aug, device=device, seed=cfg.seed)
+    if "stem" in cfg.model:  # stored resolved: a checkpoint rebuilds the same network
+        cfg.model.stem = resolve_stem(cfg.model.stem, data.image_size, cfg.model.pretrained)
     if resumed is not None and resumed["classes"] != data.classes:
         raise UserError(f"cannot resume: the checkpoint's classes {resumed['classes']} differ from "
                         f"the data's {data.classes}")
     train_loader, val_loader = data.loaders["train"], data.loaders.get("val")
-    model = build_model(cfg.model, data, device)
+    model, summary = build_model(cfg.model, data.in_channels, len(data.classes), data.image_size, device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(cfg.optim, model)
-    scheduler, interval = create_scheduler(cfg.sched, optimizer, epochs=cfg.epochs,
-                                           steps_per_epoch=len(train_loader))
+    steps = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
+    scheduler, interval = create_scheduler(cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=steps)
     scaler = grad_scaler(dtype, device)
     start, history, best = 1, [], None
     if resumed is not None:
@@ -114,13 +148,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         set_rng_state(resumed["rng"])
         start, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best_metric"]
 
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("%s on %s: %s classes, input %dx%dx%d, %d train / %d val images; %s params "
-             "(%s trainable); device %s%s", cfg.model.name, cfg.data.name, len(data.classes),
-             data.in_channels, data.image_size, data.image_size, train_loader.num_samples,
-             val_loader.num_samples if val_loader else 0, f"{params:,}", f"{trainable:,}",
-             device, f", amp {dtype}".replace("torch.", "") if dtype else "")
+    log.info("%s on %s: %s classes, input %dx%dx%d, %d train / %d val images; device %s%s\n%s",
+             cfg.model.name, cfg.data.name, len(data.classes), data.in_channels, data.image_size,
+             data.image_size, train_loader.num_samples, val_loader.num_samples if val_loader else 0,
+             device, f", amp {dtype}".replace("torch.", "") if dtype else "", format_summary(summary))
     log.info("run dir: %s", run_dir)
 
     step_model = torch.compile(model) if cfg.compile else model
@@ -138,6 +169,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         train_loader.set_epoch(epoch)
         tr = train_one_epoch(step_model, train_loader, criterion, optimizer, grad_clip=cfg.grad_clip,
+                             max_steps=cfg.max_steps_per_epoch,
                              scheduler=scheduler if interval == "step" else None, scaler=scaler,
                              desc=f"epoch {epoch}/{cfg.epochs}", **common)
         if interval == "epoch":
@@ -157,7 +189,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     tracker.close()
     results = _final_test(model, data, saver, eval_criterion, common)
     results.update(model=cfg.model.name, dataset=cfg.data.name, epochs=cfg.epochs,
-                   train_time_s=round(time.perf_counter() - started, 2), params=params,
+                   train_time_s=round(time.perf_counter() - started, 2), params=summary["params"],
+                   trainable_params=summary["trainable"], macs=summary["macs"],
                    run_dir=str(run_dir))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

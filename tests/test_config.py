@@ -46,11 +46,14 @@ def test_every_option_composes(group, option):
     overrides = [f"{group}={option}"]
     if (group, option) == ("data", "imagefolder"):
         overrides.append("data.root=/somewhere")
+    by_name = group == "model" and option in ("tv", "timm")  # any torchvision/timm model by name
+    if by_name:
+        overrides.append("model.name=resnet18")
     cfg = make_cfg(*overrides)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert OmegaConf.missing_keys(cfg) == set()
     node = cfg[group]
-    if group in ("model", "data", "aug"):
+    if group in ("model", "data", "aug") and not by_name:
         assert node.name == option
     if group in ("optim", "sched"):
         assert node._target_.startswith("torch.optim")
@@ -82,6 +85,11 @@ def test_bad_values_are_refused_naming_the_key(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")) as info:
         validate_train(make_cfg(override))
     assert "\n" not in str(info.value)
+
+
+def test_model_by_name_needs_a_name():
+    with pytest.raises(UserError, match="model.name="):
+        validate_train(make_cfg("model=tv"))
 
 
 def test_imagefolder_needs_a_root():

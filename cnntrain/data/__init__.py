@@ -41,6 +41,18 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
     return keep.nonzero().flatten(), held
 
 
+def data_shape(data: DictConfig) -> tuple[int, int, int]:
+    """(in_channels, image_size, num_classes) from the config alone (image folders: the class
+    folders of train/), for the model summary without loading any images."""
+    if data.name == "imagefolder":
+        from cnntrain.data.folder import open_split
+
+        return 3, int(data.image_size), len(open_split(os.path.expanduser(str(data.root)), "train",
+                                                           required=True).classes)
+    channels, size, classes = BUILTIN[data.name].shape
+    return channels, int(data.image_size or size), classes
+
+
 def build_data(data: DictConfig, aug: DictConfig | None, *, device: torch.device, seed: int,
                splits=SPLITS) -> Data:
     """Loaders for the requested splits. `aug` None means no augmentation (evaluation only)."""

@@ -34,18 +34,19 @@ class _Spec:
     cls: type
     folder: str  # where the files live under root
     files: tuple[str, ...]
+    shape: tuple[int, int, int]  # (channels, image size, classes), known without reading the files
 
 
 BUILTIN = {
     "mnist": _Spec("MNIST", datasets.MNIST, "MNIST/raw",
                    ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
+                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), (1, 28, 10)),
     "fashion_mnist": _Spec("Fashion-MNIST", datasets.FashionMNIST, "FashionMNIST/raw",
                            ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
+                            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), (1, 28, 10)),
     "cifar10": _Spec("CIFAR-10", _CIFAR10, "cifar-10-batches-py",
-                     ("data_batch_1", "...", "data_batch_5", "test_batch", "batches.meta")),
-    "cifar100": _Spec("CIFAR-100", _CIFAR100, "cifar-100-python", ("train", "test", "meta")),
+                     ("data_batch_1", "...", "data_batch_5", "test_batch", "batches.meta"), (3, 32, 10)),
+    "cifar100": _Spec("CIFAR-100", _CIFAR100, "cifar-100-python", ("train", "test", "meta"), (3, 32, 100)),
 }
 
 
