@@ -31,8 +31,9 @@ def validate_train(cfg: DictConfig) -> None:
         raise UserError(f"data.val_split must be in [0, 1), got {split!r} (e.g. data.val_split=0.1)")
     if cfg.data.num_workers is None or cfg.data.num_workers < 0:
         raise UserError(f"data.num_workers must be >= 0, got {cfg.data.num_workers!r}")
-    if cfg.data.image_size is not None:
-        _positive(cfg, "data.image_size")
+    for key in ("data.image_size", "max_steps_per_epoch", "max_eval_steps"):
+        if OmegaConf.select(cfg, key) is not None:
+            _positive(cfg, key)
     validate_runtime(cfg)
 
 

@@ -53,11 +53,12 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
                     progress: bool = True) -> dict:
     """One pass over `loader` (or its first `max_steps` batches); `scheduler`, if given, is
     stepped after every batch.
-    Returns {"loss", "acc"} averaged over the samples seen."""
+    Returns {"loss", "acc"} averaged over the samples seen and the training throughput "img_per_s"."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
+    start = time.perf_counter()
     bar = _Progress(loader, desc, progress, channels_last, max_steps)
     for x, y in bar:
         with autocast(device, amp_dtype):
@@ -83,21 +84,22 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
         n += len(y)
         bar.update(loss_sum, correct, n)
     bar.close()
-    return {"loss": loss_sum.item() / max(n, 1), "acc": correct.item() / max(n, 1)}
+    loss, acc = loss_sum.item() / max(n, 1), correct.item() / max(n, 1)  # waits for the device
+    return {"loss": loss, "acc": acc, "img_per_s": n / (time.perf_counter() - start)}
 
 
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader, criterion, *, device: torch.device, num_classes: int,
-                    amp_dtype=None, channels_last: bool = False, desc: str = "eval",
-                    progress: bool = True) -> dict:
+                    amp_dtype=None, channels_last: bool = False, max_steps: int | None = None,
+                    desc: str = "eval", progress: bool = True) -> dict:
     """Loss, top-1, top-5 (None under 5 classes) and the confusion matrix
-    (rows = true class, columns = predicted) over `loader`."""
+    (rows = true class, columns = predicted) over `loader` (or its first `max_steps` batches)."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     n = 0
-    bar = _Progress(loader, desc, progress, channels_last)
+    bar = _Progress(loader, desc, progress, channels_last, max_steps)
     for x, y in bar:
         with autocast(device, amp_dtype):
             out = model(x)

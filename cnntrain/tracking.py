@@ -7,7 +7,7 @@ from pathlib import Path
 
 log = logging.getLogger("cnntrain")
 
-COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time")
+COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time", "img_per_s")
 
 
 def format_row(row: dict, epochs: int) -> str:
@@ -16,8 +16,8 @@ def format_row(row: dict, epochs: int) -> str:
         value = row.get(key)
         if value is None:
             continue
-        parts.append(f"{key} {value:.4g}" if key == "lr" else
-                     f"{key} {value:.1f}s" if key == "time" else f"{key} {value:.4f}")
+        parts.append(f"{key} {value:.4g}" if key == "lr" else f"{key} {value:.1f}s" if key == "time"
+                     else f"{key} {value:.0f}" if key == "img_per_s" else f"{key} {value:.4f}")
     return " ".join(parts)
 
 
@@ -41,8 +41,9 @@ class RunTracker:
         self._write_csv()
         for key in COLUMNS[1:]:
             if row.get(key) is not None:
-                split, _, name = key.partition("_")
-                self.tb.add_scalar(f"{name}/{split}" if name else key, row[key], row["epoch"])
+                split, _, name = key.partition("_")  # train_loss -> loss/train: one chart per metric
+                tag = f"{name}/{split}" if split in ("train", "val") else key
+                self.tb.add_scalar(tag, row[key], row["epoch"])
         self.tb.flush()
         self._plot()
 

@@ -157,7 +157,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     step_model = torch.compile(model) if cfg.compile else model
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     eval_criterion = nn.CrossEntropyLoss()
-    common = dict(device=device, amp_dtype=dtype, channels_last=cfg.channels_last)
+    common = dict(device=device, amp_dtype=dtype, channels_last=cfg.channels_last,
+                  max_steps=cfg.max_eval_steps)
     config = stored_config(cfg, data)
     tracker = RunTracker(run_dir, cfg.epochs, history)
     saver = CheckpointSaver(ckpt_dir, best)
@@ -169,16 +170,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         train_loader.set_epoch(epoch)
         tr = train_one_epoch(step_model, train_loader, criterion, optimizer, grad_clip=cfg.grad_clip,
-                             max_steps=cfg.max_steps_per_epoch,
                              scheduler=scheduler if interval == "step" else None, scaler=scaler,
-                             desc=f"epoch {epoch}/{cfg.epochs}", **common)
+                             desc=f"epoch {epoch}/{cfg.epochs}", device=device, amp_dtype=dtype,
+                             channels_last=cfg.channels_last, max_steps=cfg.max_steps_per_epoch)
         if interval == "epoch":
             scheduler.step()
         va = evaluate_loader(step_model, val_loader, eval_criterion, num_classes=len(data.classes),
                              desc="val", **common) if val_loader else {"loss": None, "acc": None}
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
                "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr,
-               "time": time.perf_counter() - t0}
+               "time": time.perf_counter() - t0, "img_per_s": tr["img_per_s"]}
         tracker.log_epoch(row)
         core = {"model": model.state_dict(), "config": config, "classes": data.classes,
                 "epoch": epoch, "metrics": row}
@@ -207,7 +208,8 @@ def _final_test(model, data: Data, saver: CheckpointSaver, criterion, common) ->
     model.load_state_dict(best["model"])
     te = evaluate_loader(model, test_loader, criterion, num_classes=len(data.classes), desc="test",
                          **common)
-    out.update(test_acc=te["acc"], test_top5=te["top5"], test_loss=te["loss"])
+    out.update(test_acc=te["acc"], test_top5=te["top5"], test_loss=te["loss"],
+               test_images=te["num_samples"])
     log.info("test accuracy of best.pt (epoch %d): %.4f (loss %.4f, %d images)", best["epoch"],
              te["acc"], te["loss"], te["num_samples"])
     return out

@@ -39,7 +39,7 @@ def test_run_writes_every_file(trained):
     assert (run_dir / "curves.png").read_bytes()[:8] == PNG
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time"]
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time", "img_per_s"]
     assert all(0 <= float(r["val_acc"]) <= 1 and float(r["train_loss"]) > 0 for r in rows)
     log = (run_dir / "train.log").read_text()
     assert "epoch 2/2 train_loss" in log and "val_acc" in log and "lr" in log
@@ -109,7 +109,7 @@ def test_resume_continues_to_the_same_result(data_root, tmp_path):
     assert b["epoch"] == 3
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    strip = lambda path: [{k: v for k, v in r.items() if k != "time"} for r in csv.DictReader(open(path))]
+    strip = lambda path: [{k: v for k, v in r.items() if k not in ("time", "img_per_s")} for r in csv.DictReader(open(path))]
     assert strip(full / "metrics.csv") == strip(resumed / "metrics.csv")
     assert (resumed / "checkpoints/best.pt").is_file()
 

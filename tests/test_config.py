@@ -80,6 +80,7 @@ def test_unknown_option_lists_the_available_ones():
     ("data.val_split=1", "data.val_split"), ("data.val_split=-0.1", "data.val_split"),
     ("data.val_split=1.5", "data.val_split"), ("data.num_workers=-1", "data.num_workers"),
     ("device=gpu", "device"), ("amp_dtype=fp8", "amp_dtype"),
+    ("max_steps_per_epoch=0", "max_steps_per_epoch"), ("max_eval_steps=-1", "max_eval_steps"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")) as info:

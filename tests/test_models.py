@@ -8,7 +8,10 @@ from omegaconf import OmegaConf
 from cnntrain.errors import UserError
 from cnntrain.models import create_model, list_models
 
-MODEL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml"))
+# model=tv / model=timm build any torchvision / timm model by name (tests/test_transfer.py)
+BY_NAME = {"tv", "timm"}
+MODEL_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml")
+                       if p.stem not in BY_NAME)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -73,12 +76,58 @@ def test_config_instantiates(path):
         ("resnet18", 11.69),
         ("resnet50", 25.56),
         ("googlenet", 6.62),
+        ("resnext50", 25.03),
+        ("se_resnet18", 11.78),
+        ("se_resnet50", 28.09),
+        ("densenet121", 7.98),
+        ("mobilenet_v2", 3.50),
+        ("mobilenet_v3_small", 2.54),
+        ("mobilenet_v3_large", 5.48),
+        ("shufflenet_v2", 2.28),
+        ("squeezenet", 1.24),
+        ("efficientnet_b0", 5.29),
+        ("convnext_tiny", 28.59),
+        ("mnasnet", 4.38),
     ],
 )
 def test_imagenet_param_count(name, millions):
     model = create_model(name, in_channels=3, num_classes=1000, image_size=224, stem="auto")
     n = sum(p.numel() for p in model.parameters())
     assert n / 1e6 == pytest.approx(millions, rel=0.01)
+
+
+def test_wrn28_10_param_count_at_cifar10():
+    model = create_model("wrn28_10", in_channels=3, num_classes=10, image_size=32)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(36.48, rel=0.001)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_imagenet_size_forward(name):
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=3, num_classes=10, image_size=224).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 10)
+
+
+def test_se_gates_scale_the_residual_branch():
+    torch.manual_seed(0)
+    model = create_model("se_resnet50", in_channels=3, num_classes=10, image_size=32).eval()
+    block = model.layer2[0]  # has a projection shortcut and a stride
+    x = torch.randn(2, 256, 8, 8)
+    with torch.no_grad():
+        branch = torch.rand(2, 512, 4, 4) + 0.5  # away from 0, to divide by it
+        gates = block.se(branch) / branch
+        # One gate in (0, 1) per sample and channel, the same at every position...
+        assert torch.allclose(gates, gates[:, :, :1, :1].expand_as(gates), atol=1e-4)
+        assert ((gates > 0) & (gates < 1)).all()
+        # ...that depends on the input, not just on the channel.
+        assert not torch.allclose(gates[0, :, 0, 0], gates[1, :, 0, 0])
+
+        for fc in (block.se.fc1, block.se.fc2):
+            torch.nn.init.zeros_(fc.weight)
+            torch.nn.init.zeros_(fc.bias)
+        expected = torch.relu(0.5 * block.residual(x) + block.downsample(x))
+        assert torch.allclose(block(x), expected, atol=1e-6)
 
 
 def test_imagenet_stem_forward():

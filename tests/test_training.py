@@ -89,3 +89,12 @@ def test_cosine_with_warmup_and_onecycle():
         lrs(["sched=onecycle", "sched.warmup_epochs=1"])
     values, _ = lrs(["sched=none", "sched.warmup_epochs=2"])
     assert values[0] == pytest.approx(0.01) and values[2:] == [1.0, 1.0]
+
+
+def test_step_caps_limit_training_and_evaluation(data_root, tmp_path):
+    results = run(data_root, tmp_path, "max_steps_per_epoch=2", "max_eval_steps=1", "data.batch_size=16")
+    assert results["test_images"] == 16
+    import csv
+
+    row = next(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert float(row["img_per_s"]) > 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -48,7 +48,64 @@ def replace_conv(
 
 
 def kaiming_fan_out_init(conv: nn.Conv2d) -> None:
-    """The conv init torchvision's VGG and ResNet use."""
+    """The conv init of torchvision's VGG, ResNet, MobileNet, EfficientNet and MnasNet."""
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
+
+
+def adapt_stem(
+    model: nn.Module,
+    conv: str,
+    in_channels: int,
+    small: bool,
+    *,
+    init: Callable[[nn.Conv2d], None] | None = None,
+    pool: str | None = None,
+    unstride_next: bool = False,
+) -> nn.Module:
+    """Fit the first conv of ``model`` (dotted path ``conv``) to ``in_channels`` and, if ``small``,
+    to 28-64 px inputs; returns ``model``.
+
+    The small stem is one 3x3 stride-1 conv with padding 1 (kuangliu/pytorch-cifar) in place of
+    whatever downsampling stem the ImageNet model has, and the max-pool at ``pool`` goes: at
+    32 px, ImageNet stems leave 8 px or less before the first stage and 1 px for the last one.
+    Networks whose stem is a lone strided conv (the mobile families) get ``unstride_next``:
+    their first downsampling block also becomes stride 1, for the same overall stride of 8
+    (32 -> 4 px at the end) as the CIFAR ResNets.
+    """
+    first = model.get_submodule(conv)
+    if not small:
+        model.set_submodule(conv, replace_conv(first, in_channels, init=init))
+        return model
+    stem = replace_conv(first, in_channels, kernel_size=3, stride=1, padding=1, init=init)
+    model.set_submodule(conv, stem)
+    if pool is not None:
+        model.set_submodule(pool, nn.Identity())
+    if unstride_next:
+        # torchvision registers these networks' layers in execution order, so with the stem at
+        # stride 1 the first strided conv left is the depthwise conv of the first block that
+        # halves the resolution. Its padding is k // 2, so at stride 1 it keeps the size.
+        convs = (m for m in model.modules() if isinstance(m, nn.Conv2d))
+        next(c for c in convs if c.stride != (1, 1)).stride = (1, 1)
+    return model
+
+
+def torchvision_factory(
+    builder: Callable[..., nn.Module],
+    conv: str,
+    *,
+    init: Callable[[nn.Conv2d], None] | None = None,
+    pool: str | None = None,
+    unstride_next: bool = False,
+) -> Callable[..., nn.Module]:
+    """A registry factory for torchvision's ``builder``: untrained, ``num_classes`` outputs,
+    options passed on, and the stem adapted by ``adapt_stem`` (see there for the arguments)."""
+
+    def factory(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
+        model = builder(weights=None, num_classes=num_classes, **kwargs)
+        return adapt_stem(
+            model, conv, in_channels, small, init=init, pool=pool, unstride_next=unstride_next
+        )
+
+    return factory

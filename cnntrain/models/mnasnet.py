@@ -1,0 +1,21 @@
+"""MnasNet-A1 1.0 (Tan et al., 2018) on top of torchvision's ``mnasnet1_0``.
+
+Adapted: the first conv takes any number of input channels. For small inputs the overall
+stride of 32 would leave 1 px of a 32 px image, so the 3x3/2 stem conv and the first block
+that halves the resolution (the first 24-channel block) become stride 1: stride 8, 32 -> 4 px.
+"""
+
+from __future__ import annotations
+
+from torchvision import models as tvm
+
+from . import register_model
+from ._utils import kaiming_fan_out_init, torchvision_factory
+
+# kaiming_fan_out_init is torchvision's MNASNet init.
+register_model(
+    torchvision_factory(
+        tvm.mnasnet1_0, "layers.0", init=kaiming_fan_out_init, unstride_next=True
+    ),
+    name="mnasnet",
+)

@@ -1,0 +1,25 @@
+"""MobileNetV2 (Sandler et al., 2018) and MobileNetV3 (Howard et al., 2019) on top of
+torchvision's ``mobilenet_v2`` / ``mobilenet_v3_small`` / ``mobilenet_v3_large``.
+
+Adapted: the first conv takes any number of input channels. For small inputs the overall
+stride of 32 would leave 1 px of a 32 px image, so the 3x3/2 stem conv and the first block
+that halves the resolution (the first 24-channel block in V2 and V3-large, the first block in
+V3-small) become stride 1, as in kuangliu/pytorch-cifar's MobileNetV2: stride 8, 32 -> 4 px.
+Option: ``dropout`` (0.2).
+"""
+
+from __future__ import annotations
+
+from torchvision import models as tvm
+
+from . import register_model
+from ._utils import kaiming_fan_out_init, torchvision_factory
+
+# One registry entry per variant; each takes (in_channels=, num_classes=, small=, **kwargs).
+for _name in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"):
+    # torchvision's mode="fan_out" with the default leaky_relu(0) gain is the ReLU gain, so
+    # kaiming_fan_out_init is the family's own init.
+    _factory = torchvision_factory(
+        getattr(tvm, _name), "features.0.0", init=kaiming_fan_out_init, unstride_next=True
+    )
+    register_model(_factory, name=_name)
