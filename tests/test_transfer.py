@@ -167,3 +167,16 @@ def test_fine_tune_from_a_checkpoint_on_other_classes(data_root, folder_root, tm
     assert results["trainable_params"] == 512 * 3 + 3
     run_cli("cnneval", f"ckpt={dst}/checkpoints/best.pt", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["top1"] == results["test_acc"]
+
+
+def test_input_too_small_for_the_model_fails_before_training():
+    from omegaconf import OmegaConf
+
+    from cnntrain.train import build_model
+
+    cfg = OmegaConf.create({"_target_": "cnntrain.models.create_model", "_partial_": True,
+                            "name": "alexnet", "source": "torchvision"})  # 11x11/4 stem, 3 max-pools
+    with pytest.raises(UserError, match="cannot take 1x28x28 input.*data.image_size="):
+        build_model(cfg, 1, 10, 28, torch.device("cpu"))
+    model, info = build_model(cfg, 1, 10, 96, torch.device("cpu"))
+    assert info["output"] == [10]
