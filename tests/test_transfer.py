@@ -123,8 +123,11 @@ def test_torchvision_and_timm_models_by_name():
 
 def test_timm_pretrained_offline_is_one_line(monkeypatch, tmp_path):
     pytest.importorskip("timm")
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the hub reads HF_HUB_OFFLINE at import; without it this machine retries DNS for ~45 s first
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError) as info:
         create_model("resnet10t", source="timm", in_channels=3, num_classes=7, image_size=64, pretrained=True)
     assert "\n" not in str(info.value) and "resnet10t" in str(info.value)

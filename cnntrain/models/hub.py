@@ -4,6 +4,7 @@ and classes."""
 from __future__ import annotations
 
 import difflib
+import logging
 
 from torch import nn
 
@@ -48,6 +49,9 @@ def timm_model(name: str, *, in_channels: int, num_classes: int, pretrained: boo
     names = timm.list_models()
     if name not in names:
         raise _unknown("timm", name, names)
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its per-retry warnings would bury the one error line below
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
                                  in_chans=in_channels, **kwargs)
@@ -55,6 +59,8 @@ def timm_model(name: str, *, in_channels: int, num_classes: int, pretrained: boo
         raise UserError(f"could not create timm model {name} with pretrained weights "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); set model.pretrained=null "
                         "or a local state_dict path") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def timm_input_spec(name: str) -> dict:
