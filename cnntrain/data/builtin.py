@@ -54,7 +54,7 @@ def load_builtin(name: str, root: str, train: bool, download: bool):
     """Return (images uint8 (N,C,H,W), labels int64 (N,), class names) of one split."""
     spec = BUILTIN[name]
     where = os.path.join(os.path.abspath(root), spec.folder)
-    expected = f"expected {', '.join(spec.files)} in {where}"
+    files = ", ".join(spec.files)
     try:
         ds = spec.cls(root, train=train, download=False)
     except Exception as e:
@@ -62,20 +62,20 @@ def load_builtin(name: str, root: str, train: bool, download: bool):
             raise UserError(f"{spec.title} files in {where} could not be read ({type(e).__name__}: "
                             f"{e}); delete them and download again") from None
         if not download:
-            raise UserError(f"{spec.title} not found: {expected} "
+            raise UserError(f"{spec.title} not found: expected {files} in {where} "
                             "(set data.root=, or data.download=true to fetch it)") from None
-        ds = _download(spec, root, train, expected)
+        ds = _download(spec, root, train, f"put {files} into {where}")
     images = torch.as_tensor(ds.data)
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
     return images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
 
 
-def _download(spec: _Spec, root: str, train: bool, expected: str):
+def _download(spec: _Spec, root: str, train: bool, fix: str):
     log = io.StringIO()  # torchvision prints every failed mirror; keep that out of the console
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             return spec.cls(root, train=train, download=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not download {spec.title} ({reason}): {expected} "
-                        "(torchvision's layout), or set data.root= to where they are") from None
+        raise UserError(f"could not download {spec.title} ({reason}): {fix} (torchvision's "
+                        "layout), or set data.root= to where they are") from None
