@@ -130,6 +130,11 @@ def test_multirun_two_jobs(data_root, tmp_path):
         results = json.loads((tmp_path / "sweep" / job / "results.json").read_text())
         assert results["model"] == model and (tmp_path / "sweep" / job / "checkpoints/best.pt").is_file()
     assert "#1 : model=resnet18" in proc.stdout + proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
+    assert sorted(r["job"] for r in rows) == ["0", "1"] and all(r["status"] == "ok" for r in rows)
+    accs = [float(r["test_acc"]) for r in rows]
+    assert accs == sorted(accs, reverse=True)
+    assert "| model=lenet5 | ok |" in proc.stdout and (tmp_path / "sweep" / "summary.md").is_file()
 
 
 def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
@@ -140,3 +145,6 @@ def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
     assert not (tmp_path / "sweep" / "0" / "results.json").exists()
     assert json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())["test_acc"] is not None
     assert "Traceback" not in proc.stdout + proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
+    assert [(r["job"], r["status"]) for r in rows] == [("1", "ok"), ("0", "failed")]
+    assert rows[1]["error"].startswith("optim.lr must be a positive number")

@@ -1,0 +1,72 @@
+"""Hydra callbacks. SweepSummary: at the end of a multirun, one table of all jobs."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+COLUMNS = ("job", "overrides", "status", "test_acc", "best_val_acc", "best_epoch", "epochs",
+           "params", "train_time_s", "run_dir", "error")
+
+
+def _job_row(job_dir: Path) -> dict:
+    overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
+    row = {"job": job_dir.name, "overrides": " ".join(overrides), "run_dir": str(job_dir)}
+    results = job_dir / "results.json"
+    if results.is_file():
+        data = json.loads(results.read_text())
+        row.update({k: data.get(k) for k in COLUMNS if k in data}, status="ok")
+        return row
+    errors = [line.split("error: ", 1)[1] for log in job_dir.glob("*.log")
+              for line in log.read_text(errors="replace").splitlines() if "error: " in line]
+    row.update(status="failed", error=errors[-1] if errors else "no results.json (interrupted?)")
+    return row
+
+
+def summarize_sweep(sweep_dir: Path) -> list[dict]:
+    """Rows of every job folder under sweep_dir, best test accuracy first, failed jobs last."""
+    jobs = [d for d in Path(sweep_dir).iterdir() if (d / ".hydra" / "overrides.yaml").is_file()]
+    rows = [_job_row(d) for d in jobs]
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if rows else set()
+    for r in rows:  # what this job changed, without the overrides every job shares
+        r["swept"] = " ".join(o for o in r["overrides"].split() if o not in common)
+    rows.sort(key=lambda r: (r["status"] != "ok", -(r.get("test_acc") or 0), int(r["job"]) if r["job"].isdigit() else 0))
+    return rows
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ("job", "swept", "status", "test_acc", "best_val_acc", "epochs", "params", "train_time_s", "error")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
+    with open(Path(sweep_dir) / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (Path(sweep_dir) / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n{format_table(rows)}\n")
+
+
+class SweepSummary(Callback):
+    """Writes summary.csv and summary.md into the sweep folder and prints the table."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        rows = summarize_sweep(sweep_dir)
+        if not rows:
+            return
+        write_summary(sweep_dir, rows)
+        print(f"\nsweep summary ({sweep_dir / 'summary.md'}):\n{format_table(rows)}", flush=True)
