@@ -91,19 +91,24 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader, criterion, *, device: torch.device, num_classes: int,
                     amp_dtype=None, channels_last: bool = False, max_steps: int | None = None,
-                    desc: str = "eval", progress: bool = True) -> dict:
+                    keep_predictions: bool = False, desc: str = "eval", progress: bool = True) -> dict:
     """Loss, top-1, top-5 (None under 5 classes) and the confusion matrix
-    (rows = true class, columns = predicted) over `loader` (or its first `max_steps` batches)."""
+    (rows = true class, columns = predicted) over `loader` (or its first `max_steps` batches);
+    with keep_predictions also each sample's "predicted" class, its "confidence" and "target"."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     n = 0
+    kept = []
     bar = _Progress(loader, desc, progress, channels_last, max_steps)
     for x, y in bar:
         with autocast(device, amp_dtype):
             out = model(x)
         loss_sum += criterion(out.float(), y) * len(y)
+        if keep_predictions:
+            confidence, predicted = out.float().softmax(1).max(1)
+            kept.append((confidence, predicted, y))
         confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes**2)
         if num_classes >= 5:
             top5 += (out.topk(5, 1).indices == y[:, None]).any(1).sum()
@@ -111,6 +116,10 @@ def evaluate_loader(model: nn.Module, loader, criterion, *, device: torch.device
     bar.close()
     confusion = confusion.view(num_classes, num_classes).cpu()
     n = max(n, 1)
-    return {"loss": loss_sum.item() / n, "acc": confusion.diag().sum().item() / n,
-            "top5": top5.item() / n if num_classes >= 5 else None, "confusion": confusion,
-            "num_samples": int(confusion.sum())}
+    result = {"loss": loss_sum.item() / n, "acc": confusion.diag().sum().item() / n,
+              "top5": top5.item() / n if num_classes >= 5 else None, "confusion": confusion,
+              "num_samples": int(confusion.sum())}
+    if keep_predictions:
+        for i, key in enumerate(("confidence", "predicted", "target")):
+            result[key] = torch.cat([k[i] for k in kept]).cpu()
+    return result

@@ -12,7 +12,7 @@ from cnntrain.config import validate_runtime
 from cnntrain.data import build_data
 from cnntrain.engine import evaluate_loader
 from cnntrain.errors import UserError
-from cnntrain.report import build_report, format_report, write_report
+from cnntrain.report import build_report, format_report, write_figures, write_predictions, write_report
 from cnntrain.runtime import amp_dtype, select_device
 from cnntrain.train import build_model, run_dir_from_hydra
 
@@ -49,10 +49,14 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                         f"({str(e).splitlines()[0]})") from None
     result = evaluate_loader(model, loader, nn.CrossEntropyLoss(), device=device,
                              num_classes=len(data.classes), desc=cfg.split,
-                             amp_dtype=amp_dtype(cfg.amp, device), channels_last=False)
+                             amp_dtype=amp_dtype(cfg.amp, device), channels_last=False,
+                             keep_predictions=True)
     report = build_report(result, classes=data.classes, split=cfg.split, dataset=trained.data.name,
                           model=trained.model.name, checkpoint=Path(cfg.ckpt).resolve())
     print(format_report(report), flush=True)
     write_report(report, run_dir)
+    write_figures(report, result, loader, run_dir)
+    if cfg.predictions:
+        write_predictions(result, loader, data.classes, run_dir)
     log.info("report written to %s", run_dir / "report.json")
     return report

@@ -65,3 +65,77 @@ def write_report(report: dict, folder: Path) -> None:
     for name, row in zip(report["classes"], report["confusion_matrix"]):
         md.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     (folder / "report.md").write_text("\n".join(md) + "\n")
+
+
+def write_predictions(result: dict, loader, classes, folder: Path) -> None:
+    """predictions.csv: sample (file path, or index in the split), true, predicted, confidence."""
+    import csv
+
+    with open(Path(folder) / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sample", "true", "predicted", "confidence"])
+        for i, (t, p, c) in enumerate(zip(result["target"].tolist(), result["predicted"].tolist(),
+                                          result["confidence"].tolist())):
+            writer.writerow([loader.sample_name(i), classes[t], classes[p], f"{c:.4f}"])
+
+
+def write_figures(report: dict, result: dict, loader, folder: Path, max_mistakes: int = 16) -> None:
+    """confusion_matrix.png (row-normalized), per_class.png and misclassified.png (the most
+    confident mistakes, with true and predicted labels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder, classes = Path(folder), report["classes"]
+    k = len(classes)
+    confusion = result["confusion"].double()
+    normalized = confusion / confusion.sum(1, keepdim=True).clamp_min(1)
+    size = min(4 + 0.45 * k, 20)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(normalized.numpy(), cmap="Blues", vmin=0, vmax=1)
+    labels = k <= 40  # beyond that the names are unreadable anyway
+    ax.set_xticks(range(k), classes if labels else [], rotation=90)
+    ax.set_yticks(range(k), classes if labels else [])
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                v = normalized[i, j].item()
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{report['model']} on {report['dataset']} ({report['split']}): top-1 {report['top1']:.4f}")
+    fig.colorbar(im, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(folder / "confusion_matrix.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * k), 4))
+    ax.bar(range(k), [c["accuracy"] for c in report["per_class"]])
+    ax.set_xticks(range(k), classes if labels else [], rotation=90)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy per class")
+    fig.tight_layout()
+    fig.savefig(folder / "per_class.png", dpi=100)
+    plt.close(fig)
+
+    wrong = (result["predicted"] != result["target"]).nonzero().flatten()
+    wrong = wrong[result["confidence"][wrong].argsort(descending=True)][:max_mistakes].tolist()
+    cols = 4
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        image = loader.sample(i)
+        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray")
+        ax.set_title(f"true: {classes[result['target'][i]]}\npred: {classes[result['predicted'][i]]} "
+                     f"({result['confidence'][i]:.2f})", fontsize=8)
+    if not wrong:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle("most confident mistakes")
+    fig.tight_layout()
+    fig.savefig(folder / "misclassified.png", dpi=100)
+    plt.close(fig)

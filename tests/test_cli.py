@@ -79,6 +79,17 @@ def test_cnneval_reports_what_training_printed(trained, tmp_path):
     assert (report["top5"] is None) == (k < 5)
     assert (tmp_path / "report.md").read_text().startswith("# Evaluation")
     assert f"top1 {report['top1']:.4f}" in proc.stdout and "precision" in proc.stdout
+    for name in ("confusion_matrix.png", "per_class.png", "misclassified.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG, name
+    predictions = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert len(predictions) == report["num_samples"]
+    correct = sum(p["true"] == p["predicted"] for p in predictions)
+    assert correct / len(predictions) == pytest.approx(report["top1"])
+    assert all(0 < float(p["confidence"]) <= 1 for p in predictions)
+    if dataset == "imagefolder":
+        assert Path(predictions[0]["sample"]).is_file()
+    else:
+        assert [p["sample"] for p in predictions[:3]] == ["0", "1", "2"]
 
 
 def test_cnneval_val_split_and_overrides(data_root, tmp_path):

@@ -27,6 +27,14 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def sample_name(self, index: int) -> str:
+        """How reports name sample `index` (of the unshuffled order): its index in the split."""
+        return str(index)
+
+    def sample(self, index: int):
+        """uint8 HxWxC pixels of sample `index` (unshuffled order), for reports."""
+        return self.images[index].permute(1, 2, 0).cpu().numpy()
+
     def __len__(self) -> int:
         n, b = len(self.labels), self.batch_size
         return n // b if self.drop_last else -(-n // b)
@@ -63,6 +71,21 @@ class FolderLoader:
     @property
     def num_samples(self) -> int:
         return len(self.loader.dataset)
+
+    def sample_name(self, index: int) -> str:
+        """How reports name sample `index` (of the unshuffled order): its file."""
+        ds = self.loader.dataset
+        if hasattr(ds, "indices"):  # a Subset of an ImageFolder
+            ds, index = ds.dataset, ds.indices[index]
+        return ds.samples[index][0]
+
+    def sample(self, index: int):
+        """uint8 HxWxC pixels of sample `index` (unshuffled order), for reports."""
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(self.sample_name(index)) as img:
+            return np.asarray(img.convert("RGB"))
 
     def set_epoch(self, epoch: int) -> None:
         # The shuffle order and the workers' seeds are drawn from this generator.
