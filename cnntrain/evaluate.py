@@ -12,19 +12,53 @@ from cnntrain.config import validate_runtime
 from cnntrain.data import build_data
 from cnntrain.engine import evaluate_loader
 from cnntrain.errors import UserError
-from cnntrain.report import build_report, format_report, write_figures, write_predictions, write_report
+from cnntrain.report import (build_report, format_report, write_comparison, write_figures,
+                             write_predictions, write_report)
 from cnntrain.runtime import amp_dtype, select_device
 from cnntrain.train import build_model, run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
 
 
-def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+def checkpoint_paths(ckpt) -> list[Path]:
+    """`ckpt` is a checkpoint file, a run or multirun folder (every checkpoints/best.pt under
+    it), or a list of those."""
+    items = [ckpt] if isinstance(ckpt, (str, Path)) else list(ckpt)
+    paths = []
+    for item in items:
+        path = Path(str(item)).expanduser()
+        if path.is_dir():
+            found = sorted(path.rglob("checkpoints/best.pt"))
+            if not found:
+                raise UserError(f"no checkpoints/best.pt under {path}; pass ckpt= a .pt file or a run folder")
+            paths += found
+        else:
+            paths.append(path)
+    return paths
+
+
+def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict | list[dict]:
+    """One checkpoint: its report. Several: a report per checkpoint in numbered sub-folders, plus
+    comparison.csv / comparison.md with one row each."""
     validate_runtime(cfg)
     if cfg.split not in ("test", "val"):
         raise UserError(f"split must be test or val, got {cfg.split!r}")
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
-    ckpt = load_checkpoint(cfg.ckpt)
+    paths = checkpoint_paths(cfg.ckpt)
+    if len(paths) == 1:
+        return evaluate_checkpoint(cfg, paths[0], run_dir, verbose=True)
+    reports = []
+    for i, path in enumerate(paths):
+        folder = run_dir / f"{i}_{path.parent.parent.name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        reports.append(evaluate_checkpoint(cfg, path, folder, verbose=False))
+    table = write_comparison(reports, run_dir)
+    print(table, flush=True)
+    return reports
+
+
+def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: bool) -> dict:
+    ckpt = load_checkpoint(path)
     trained = OmegaConf.create(ckpt["config"])
     if "pretrained" in trained.model:
         trained.model.pretrained = None  # the weights come from the checkpoint
@@ -45,15 +79,16 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise UserError(f"{cfg.ckpt}: weights do not fit model {trained.model.name} "
+        raise UserError(f"{path}: weights do not fit model {trained.model.name} "
                         f"({str(e).splitlines()[0]})") from None
     result = evaluate_loader(model, loader, nn.CrossEntropyLoss(), device=device,
                              num_classes=len(data.classes), desc=cfg.split,
                              amp_dtype=amp_dtype(cfg.amp, device), channels_last=False,
                              keep_predictions=True)
     report = build_report(result, classes=data.classes, split=cfg.split, dataset=trained.data.name,
-                          model=trained.model.name, checkpoint=Path(cfg.ckpt).resolve())
-    print(format_report(report), flush=True)
+                          model=trained.model.name, checkpoint=path.resolve())
+    if verbose:
+        print(format_report(report), flush=True)
     write_report(report, run_dir)
     write_figures(report, result, loader, run_dir)
     if cfg.predictions:

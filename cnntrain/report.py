@@ -79,63 +79,99 @@ def write_predictions(result: dict, loader, classes, folder: Path) -> None:
             writer.writerow([loader.sample_name(i), classes[t], classes[p], f"{c:.4f}"])
 
 
-def write_figures(report: dict, result: dict, loader, folder: Path, max_mistakes: int = 16) -> None:
-    """confusion_matrix.png (row-normalized), per_class.png and misclassified.png (the most
-    confident mistakes, with true and predicted labels)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder, classes = Path(folder), report["classes"]
+    return plt
+
+
+def confusion_figure(confusion: torch.Tensor, classes: list[str], title: str):
+    """Row-normalized confusion matrix (rows = true class), class names on the axes."""
+    plt = _pyplot()
     k = len(classes)
-    confusion = result["confusion"].double()
-    normalized = confusion / confusion.sum(1, keepdim=True).clamp_min(1)
+    normalized = confusion.double() / confusion.double().sum(1, keepdim=True).clamp_min(1)
     size = min(4 + 0.45 * k, 20)
     fig, ax = plt.subplots(figsize=(size, size))
     im = ax.imshow(normalized.numpy(), cmap="Blues", vmin=0, vmax=1)
-    labels = k <= 40  # beyond that the names are unreadable anyway
-    ax.set_xticks(range(k), classes if labels else [], rotation=90)
-    ax.set_yticks(range(k), classes if labels else [])
+    labels = classes if k <= 40 else []  # beyond that the names are unreadable anyway
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(labels)), labels)
     if k <= 20:
         for i in range(k):
             for j in range(k):
                 v = normalized[i, j].item()
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{report['model']} on {report['dataset']} ({report['split']}): top-1 {report['top1']:.4f}")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(im, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(folder / "confusion_matrix.png", dpi=100)
-    plt.close(fig)
+    return fig
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * k), 4))
-    ax.bar(range(k), [c["accuracy"] for c in report["per_class"]])
-    ax.set_xticks(range(k), classes if labels else [], rotation=90)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title("accuracy per class")
-    fig.tight_layout()
-    fig.savefig(folder / "per_class.png", dpi=100)
-    plt.close(fig)
 
-    wrong = (result["predicted"] != result["target"]).nonzero().flatten()
-    wrong = wrong[result["confidence"][wrong].argsort(descending=True)][:max_mistakes].tolist()
-    cols = 4
-    rows = max(1, -(-len(wrong) // cols))
+def samples_figure(loader, indices: list[int], titles: list[str], title: str, cols: int = 4):
+    """A grid of the loader's samples (original pixels) with a caption each."""
+    plt = _pyplot()
+    rows = max(1, -(-len(indices) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
+    for ax, i, caption in zip(axes.flat, indices, titles):
         image = loader.sample(i)
         ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray")
-        ax.set_title(f"true: {classes[result['target'][i]]}\npred: {classes[result['predicted'][i]]} "
-                     f"({result['confidence'][i]:.2f})", fontsize=8)
-    if not wrong:
-        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
-    fig.suptitle("most confident mistakes")
+        ax.set_title(caption, fontsize=8)
+    if not indices:
+        axes.flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(folder / "misclassified.png", dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def prediction_captions(result: dict, classes: list[str], indices: list[int]) -> list[str]:
+    return [f"true: {classes[result['target'][i]]}\npred: {classes[result['predicted'][i]]} "
+            f"({result['confidence'][i]:.2f})" for i in indices]
+
+
+def write_figures(report: dict, result: dict, loader, folder: Path, max_mistakes: int = 16) -> None:
+    """confusion_matrix.png, per_class.png and misclassified.png (the most confident mistakes,
+    with true and predicted labels)."""
+    plt = _pyplot()
+    folder, classes = Path(folder), report["classes"]
+    title = f"{report['model']} on {report['dataset']} ({report['split']}): top-1 {report['top1']:.4f}"
+    figures = {"confusion_matrix.png": confusion_figure(result["confusion"], classes, title)}
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(classes)), 4))
+    ax.bar(range(len(classes)), [c["accuracy"] for c in report["per_class"]])
+    labels = classes if len(classes) <= 40 else []
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set(ylim=(0, 1), ylabel="accuracy", title="accuracy per class")
+    fig.tight_layout()
+    figures["per_class.png"] = fig
+
+    wrong = (result["predicted"] != result["target"]).nonzero().flatten()
+    wrong = wrong[result["confidence"][wrong].argsort(descending=True)][:max_mistakes].tolist()
+    figures["misclassified.png"] = samples_figure(loader, wrong, prediction_captions(result, classes, wrong),
+                                                  "most confident mistakes")
+    for name, fig in figures.items():
+        fig.savefig(folder / name, dpi=100)
+        plt.close(fig)
+
+
+def write_comparison(reports: list[dict], folder: Path) -> str:
+    """comparison.csv / comparison.md: one row per evaluated checkpoint, best top-1 first.
+    Returns the markdown table."""
+    import csv
+
+    cols = ("model", "dataset", "split", "top1", "top5", "loss", "num_samples", "checkpoint")
+    rows = sorted(reports, key=lambda r: -r["top1"])
+    with open(Path(folder) / "comparison.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
+    table = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                      + ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows])
+    (Path(folder) / "comparison.md").write_text(f"# Checkpoint comparison\n\n{table}\n")
+    return table

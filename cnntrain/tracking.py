@@ -63,19 +63,42 @@ class RunTracker:
         import matplotlib.pyplot as plt
 
         epochs = [r["epoch"] for r in self.history]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
         for ax, metric in zip(axes, ("loss", "acc")):
             for split in ("train", "val"):
                 values = [r.get(f"{split}_{metric}") for r in self.history]
                 if any(v is not None for v in values):
                     ax.plot(epochs, values, marker="o", label=split)
-            ax.set_xlabel("epoch")
             ax.set_ylabel("accuracy" if metric == "acc" else "loss")
-            ax.grid(alpha=0.3)
             ax.legend()
+        axes[2].plot(epochs, [r["lr"] for r in self.history], marker="o", color="tab:green")
+        axes[2].set_ylabel("learning rate (start of epoch)")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(self.run_dir / "curves.png", dpi=100)
         plt.close(fig)
+
+    def log_predictions(self, loader, result: dict, classes: list[str], epoch: int, count: int = 8) -> None:
+        """TensorBoard: the first validation images with their predicted and true labels."""
+        from cnntrain.report import prediction_captions, samples_figure
+
+        indices = list(range(min(count, len(result["predicted"]))))
+        fig = samples_figure(loader, indices, prediction_captions(result, classes, indices),
+                             f"validation, epoch {epoch}")
+        self.tb.add_figure("val/predictions", fig, epoch)  # closes the figure
+
+    def log_final(self, hparams: dict, results: dict, confusion=None, classes=None) -> None:
+        """TensorBoard: the test confusion matrix and the run's hyper-parameters with its final
+        metrics (the HParams tab then compares the runs of a sweep)."""
+        if confusion is not None:
+            from cnntrain.report import confusion_figure
+
+            self.tb.add_figure("test/confusion_matrix", confusion_figure(confusion, classes, "test"))
+        metrics = {f"hparam/{k}": results[k] for k in ("test_acc", "best_val_acc")
+                   if results.get(k) is not None}
+        self.tb.add_hparams(hparams, metrics, run_name=".")
 
     def close(self) -> None:
         self.tb.close()

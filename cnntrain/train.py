@@ -176,25 +176,36 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         if interval == "epoch":
             scheduler.step()
         va = evaluate_loader(step_model, val_loader, eval_criterion, num_classes=len(data.classes),
-                             desc="val", **common) if val_loader else {"loss": None, "acc": None}
+                             keep_predictions=True, desc="val", **common) if val_loader else {"loss": None, "acc": None}
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
                "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr,
                "time": time.perf_counter() - t0, "img_per_s": tr["img_per_s"]}
         tracker.log_epoch(row)
+        if val_loader:
+            tracker.log_predictions(val_loader, va, data.classes, epoch)
         core = {"model": model.state_dict(), "config": config, "classes": data.classes,
                 "epoch": epoch, "metrics": row}
         resume_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
                         "history": tracker.history}
         saver.save(core, resume_state, va["acc"] if va["acc"] is not None else tr["acc"])
-    tracker.close()
-    results = _final_test(model, data, saver, eval_criterion, common)
+    results, confusion = _final_test(model, data, saver, eval_criterion, common)
     results.update(model=cfg.model.name, dataset=cfg.data.name, epochs=cfg.epochs,
                    train_time_s=round(time.perf_counter() - started, 2), params=summary["params"],
                    trainable_params=summary["trainable"], macs=summary["macs"],
                    run_dir=str(run_dir))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    tracker.log_final(hparams(cfg), results, confusion, data.classes)
+    tracker.close()
     return results
+
+
+def hparams(cfg: DictConfig) -> dict:
+    """The settings a sweep usually varies, as TensorBoard hparams (scalars and strings only)."""
+    keys = ("model.name", "data.name", "data.batch_size", "optim._target_", "optim.lr",
+            "optim.weight_decay", "sched._target_", "aug.name", "epochs", "seed", "amp")
+    values = {key: OmegaConf.select(cfg, key) for key in keys}
+    return {k: v.rpartition(".")[2] if isinstance(v, str) else v for k, v in values.items() if v is not None}
 
 
 def _final_test(model, data: Data, saver: CheckpointSaver, criterion, common) -> dict:
@@ -204,7 +215,7 @@ def _final_test(model, data: Data, saver: CheckpointSaver, criterion, common) ->
     test_loader = data.loaders.get("test")
     if test_loader is None:
         log.info("no test split; the final test score is skipped")
-        return out
+        return out, None
     model.load_state_dict(best["model"])
     te = evaluate_loader(model, test_loader, criterion, num_classes=len(data.classes), desc="test",
                          **common)
@@ -212,4 +223,4 @@ def _final_test(model, data: Data, saver: CheckpointSaver, criterion, common) ->
                test_images=te["num_samples"])
     log.info("test accuracy of best.pt (epoch %d): %.4f (loss %.4f, %d images)", best["epoch"],
              te["acc"], te["loss"], te["num_samples"])
-    return out
+    return out, te["confusion"]

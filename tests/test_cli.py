@@ -35,7 +35,14 @@ def test_run_writes_every_file(trained):
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.csv", "curves.png",
                  "results.json", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run_dir / name).is_file(), name
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss/train", "acc/val", "lr", "hparam/test_acc"} <= set(tags["scalars"])
+    assert {"val/predictions", "test/confusion_matrix"} <= set(tags["images"])
+    assert len(events.Scalars("loss/train")) == 2
     assert (run_dir / "curves.png").read_bytes()[:8] == PNG
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -146,6 +153,13 @@ def test_multirun_two_jobs(data_root, tmp_path):
     accs = [float(r["test_acc"]) for r in rows]
     assert accs == sorted(accs, reverse=True)
     assert "| model=lenet5 | ok |" in proc.stdout and (tmp_path / "sweep" / "summary.md").is_file()
+    # cnneval on the sweep folder compares every job's best.pt in one table
+    run_cli("cnneval", f"ckpt={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'cmp'}", cwd=tmp_path)
+    compared = list(csv.DictReader(open(tmp_path / "cmp" / "comparison.csv")))
+    assert sorted(r["model"] for r in compared) == ["lenet5", "resnet18"]
+    for r in compared:
+        job = Path(r["checkpoint"]).parents[1]
+        assert float(r["top1"]) == pytest.approx(json.loads((job / "results.json").read_text())["test_acc"])
 
 
 def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
