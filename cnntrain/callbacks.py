@@ -37,16 +37,16 @@ def summarize_sweep(sweep_dir: Path) -> list[dict]:
     return rows
 
 
-def _cell(value) -> str:
+def _cell(value, column: str) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.1f}" if column == "train_time_s" else f"{value:.4f}"
     return "" if value is None else str(value)
 
 
 def format_table(rows: list[dict]) -> str:
     cols = ("job", "swept", "status", "test_acc", "best_val_acc", "epochs", "params", "train_time_s", "error")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c), c) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
