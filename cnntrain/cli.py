@@ -1,9 +1,11 @@
-"""Console entry points: thin @hydra.main wrappers around train(cfg) and evaluate(cfg).
+"""Console entry points: thin @hydra.main wrappers around train(cfg), evaluate(cfg), predict(cfg)
+and visualize(cfg).
 
 A bad input ends its job with one line and a non-zero exit code instead of a traceback; in a
 sweep (-m) the failed job is reported and the other jobs still run."""
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -43,11 +45,26 @@ def _train(cfg: DictConfig):
     return _run(_train_task, cfg)
 
 
+def _lazy(module: str, function: str):
+    """The task `module.function`, imported when it runs: --help and config errors stay fast."""
+    def task(cfg: DictConfig):
+        return getattr(importlib.import_module(module), function)(cfg)
+    return task
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def _evaluate(cfg: DictConfig):
-    from cnntrain.evaluate import evaluate
+    return _run(_lazy("cnntrain.evaluate", "evaluate"), cfg)
 
-    return _run(evaluate, cfg)
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="predict")
+def _predict(cfg: DictConfig):
+    return _run(_lazy("cnntrain.predict", "predict"), cfg)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="viz")
+def _viz(cfg: DictConfig):
+    return _run(_lazy("cnntrain.viz", "visualize"), cfg)
 
 
 def _exit() -> None:
@@ -63,4 +80,14 @@ def train_cli() -> None:
 
 def eval_cli() -> None:
     _evaluate()
+    _exit()
+
+
+def predict_cli() -> None:
+    _predict()
+    _exit()
+
+
+def viz_cli() -> None:
+    _viz()
     _exit()

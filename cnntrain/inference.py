@@ -1,0 +1,100 @@
+"""What cnnpredict and cnnviz share: a checkpoint's model rebuilt for inference, the image files
+an `inputs=` names, and any image turned into the input the checkpoint's model was trained on."""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cnntrain.checkpoint import load_checkpoint
+from cnntrain.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def load_trained_model(ckpt_path, device: torch.device) -> tuple[nn.Module, DictConfig, list[str]]:
+    """(model in eval mode on `device` with the checkpoint's weights, the training config, the
+    class names). The data settings the model needs (image_size, mean/std, whose length is the
+    number of input channels) are read from the config stored in the checkpoint."""
+    from cnntrain.train import build_model  # imports the model zoo: only when a model is needed
+
+    path = Path(str(ckpt_path)).expanduser()
+    ckpt = load_checkpoint(path)
+    trained = OmegaConf.create(ckpt["config"])
+    data = trained.get("data") or {}
+    if data.get("image_size") is None or not data.get("mean") or not data.get("std"):
+        raise UserError(f"{path}: its config lacks data.image_size/mean/std; it was not written by "
+                        "this version of cnntrain")
+    if "pretrained" in trained.model:
+        trained.model.pretrained = None  # the weights come from the checkpoint
+    classes = list(ckpt["classes"])
+    model, _ = build_model(trained.model, len(data.mean), len(classes), int(data.image_size), device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit model {trained.model.name} "
+                        f"({str(e).splitlines()[0]})") from None
+    return model.eval(), trained, classes
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_images(inputs) -> list[Path]:
+    """`inputs`: an image file, a folder (its images, recursively), a glob (`**` recursive), or a
+    list of those. A file named explicitly is taken whatever its extension: the user chose it."""
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    files: list[Path] = []
+    for item in items:
+        path = Path(str(item)).expanduser()
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if _is_image(p))
+        elif path.is_file():
+            files.append(path)
+        else:
+            files += sorted(p for p in map(Path, glob.glob(os.path.expanduser(str(item)), recursive=True))
+                            if _is_image(p))
+    if not files:
+        raise UserError(f"no images found for inputs={', '.join(map(str, items))} (give an image "
+                        "file, a folder or a quoted glob like 'dir/**/*.png'; "
+                        f"extensions {' '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+class Preprocess:
+    """Any image file (any size, any mode) -> the input the checkpoint's model was trained on:
+    gray or RGB as its data, shorter side resized to image_size and center-cropped (as the
+    evaluation preset of image folders), then normalized with the checkpoint's mean/std."""
+
+    def __init__(self, data: DictConfig, device: torch.device):
+        from torchvision.transforms import v2
+
+        from cnntrain.data.augment import Normalize
+
+        size = int(data.image_size)
+        self.mode = "L" if len(data.mean) == 1 else "RGB"
+        self.resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+        self.normalize = Normalize(list(data.mean), list(data.std), device)
+        self.device = device
+
+    def pixels(self, path: Path) -> torch.Tensor:
+        """uint8 (C, S, S) pixels of one file; an unreadable file is a UserError naming it."""
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as TF
+
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.mode)  # decodes here, so truncated files fail inside the try
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"cannot read image {path}: {reason}") from None
+        return self.resize(TF.pil_to_tensor(img))
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, S, S) -> normalized float on the device."""
+        return self.normalize(pixels.to(self.device))
