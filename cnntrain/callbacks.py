@@ -44,7 +44,8 @@ def _cell(value, column: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ("job", "swept", "status", "test_acc", "best_val_acc", "epochs", "params", "train_time_s", "error")
+    cols = ("job", "swept", "status", "test_acc", "best_val_acc", "epochs", "params", "train_time_s",
+            "run_dir", "error")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c), c) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
