@@ -73,21 +73,15 @@ def _exit() -> None:
     sys.exit(1 if _failures else 0)
 
 
-def train_cli() -> None:
-    _train()
-    _exit()
+def _console_script(hydra_main):
+    """A console-script entry: the Hydra app, then exit code 1 if any job failed."""
+    def run() -> None:
+        hydra_main()
+        _exit()
+    return run
 
 
-def eval_cli() -> None:
-    _evaluate()
-    _exit()
-
-
-def predict_cli() -> None:
-    _predict()
-    _exit()
-
-
-def viz_cli() -> None:
-    _viz()
-    _exit()
+train_cli = _console_script(_train)
+eval_cli = _console_script(_evaluate)
+predict_cli = _console_script(_predict)
+viz_cli = _console_script(_viz)
