@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from cnntrain.checkpoint import load_checkpoint
@@ -12,10 +12,11 @@ from cnntrain.config import validate_runtime
 from cnntrain.data import build_data
 from cnntrain.engine import evaluate_loader
 from cnntrain.errors import UserError
+from cnntrain.inference import model_from_checkpoint, trained_config
 from cnntrain.report import (build_report, format_report, write_comparison, write_figures,
                              write_predictions, write_report)
 from cnntrain.runtime import amp_dtype, select_device
-from cnntrain.train import build_model, run_dir_from_hydra
+from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
 
@@ -59,9 +60,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict | list[
 
 def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: bool) -> dict:
     ckpt = load_checkpoint(path)
-    trained = OmegaConf.create(ckpt["config"])
-    if "pretrained" in trained.model:
-        trained.model.pretrained = None  # the weights come from the checkpoint
+    trained = trained_config(ckpt, path)
     for key, value in cfg.data.items():
         if value is not None:
             trained.data[key] = value
@@ -75,12 +74,7 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
         raise UserError(f"the data's classes differ from the checkpoint's: checkpoint "
                         f"{ckpt['classes']} ({len(ckpt['classes'])}), data {data.classes} "
                         f"({len(data.classes)}); point data.root= at the dataset it was trained on")
-    model, _ = build_model(trained.model, data.in_channels, len(data.classes), data.image_size, device)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit model {trained.model.name} "
-                        f"({str(e).splitlines()[0]})") from None
+    model = model_from_checkpoint(ckpt, trained, path, device)
     result = evaluate_loader(model, loader, nn.CrossEntropyLoss(), device=device,
                              num_classes=len(data.classes), desc=cfg.split,
                              amp_dtype=amp_dtype(cfg.amp, device), channels_last=False,

@@ -18,27 +18,39 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 
 def load_trained_model(ckpt_path, device: torch.device) -> tuple[nn.Module, DictConfig, list[str]]:
     """(model in eval mode on `device` with the checkpoint's weights, the training config, the
-    class names). The data settings the model needs (image_size, mean/std, whose length is the
-    number of input channels) are read from the config stored in the checkpoint."""
-    from cnntrain.train import build_model  # imports the model zoo: only when a model is needed
-
+    class names)."""
     path = Path(str(ckpt_path)).expanduser()
     ckpt = load_checkpoint(path)
+    trained = trained_config(ckpt, path)
+    return model_from_checkpoint(ckpt, trained, path, device), trained, list(ckpt["classes"])
+
+
+def trained_config(ckpt: dict, path: Path) -> DictConfig:
+    """The training config stored in a checkpoint, ready to rebuild its model: the data settings
+    the model needs (image_size, mean/std, whose length is the number of input channels) are
+    checked, and pretrained weights are not fetched again (they come from the checkpoint)."""
     trained = OmegaConf.create(ckpt["config"])
     data = trained.get("data") or {}
     if data.get("image_size") is None or not data.get("mean") or not data.get("std"):
         raise UserError(f"{path}: its config lacks data.image_size/mean/std; it was not written by "
                         "this version of cnntrain")
     if "pretrained" in trained.model:
-        trained.model.pretrained = None  # the weights come from the checkpoint
-    classes = list(ckpt["classes"])
-    model, _ = build_model(trained.model, len(data.mean), len(classes), int(data.image_size), device)
+        trained.model.pretrained = None
+    return trained
+
+
+def model_from_checkpoint(ckpt: dict, trained: DictConfig, path: Path, device: torch.device) -> nn.Module:
+    """The model of `trained` with the checkpoint's weights, in eval mode on `device`."""
+    from cnntrain.train import build_model  # imports the model zoo: only when a model is needed
+
+    data = trained.data
+    model, _ = build_model(trained.model, len(data.mean), len(ckpt["classes"]), int(data.image_size), device)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit model {trained.model.name} "
                         f"({str(e).splitlines()[0]})") from None
-    return model.eval(), trained, classes
+    return model.eval()
 
 
 def _is_image(path: Path) -> bool:
