@@ -3,9 +3,11 @@ them, written atomically (a temp file in the same folder, fsync, os.replace): a 
 leaves the previous file intact, never a truncated one under the final name."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -17,11 +19,36 @@ from cnntrain.errors import UserError
 REQUIRED_KEYS = ("model", "config", "classes", "epoch", "metrics")
 
 
+# A temp file left by a writer killed mid-save (kill -9, power loss) is never read: loading and
+# resume=auto look at the final names only. The next successful save of the same file removes
+# such leftovers once they have been idle this long, so a concurrent writer's live temp is safe.
+STALE_TEMP_S = 60.0
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Writes `state` to `path` atomically; a failed write (disk full, no permission) is one
+    UserError naming the path, with the previous file intact and no temp file left."""
     path = Path(path)
+    try:
+        started = _write_atomically(state, path)
+    except Exception as e:
+        error = _os_error(e)
+        if error is None:
+            raise
+        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            why = "disk full; free space or choose another hydra.run.dir="
+        else:
+            why = f"{error.strerror or error}; choose a writable hydra.run.dir="
+        raise UserError(f"cannot write checkpoint {path}: {why}") from None
+    _remove_stale_temps(path, started - STALE_TEMP_S)
+
+
+def _write_atomically(state: dict, path: Path) -> float:
+    """The save proper; returns the start time on the file system's clock (the temp's mtime)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        started = os.fstat(fd).st_mtime
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -31,6 +58,25 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return started
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e`: torch.save reports a failed write as a RuntimeError of its own
+    whose context is the OSError."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _remove_stale_temps(path: Path, before: float) -> None:
+    own = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's pattern, ours
+    for entry in os.scandir(path.parent):
+        try:
+            if own.fullmatch(entry.name) and entry.stat().st_mtime < before:
+                os.unlink(entry.path)
+        except OSError:  # removed meanwhile, or not ours to remove: it is only tidying
+            pass
 
 
 def _umask() -> int:
@@ -47,11 +93,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                         "cnntrain, e.g. outputs/<date>/<time>/checkpoints/best.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # the file is there but cannot be read: the bytes are not to blame
+        raise UserError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
     except Exception as e:  # garbage makes the unpickler fail in many ways
-        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
-            # pickled Python objects: refused, never retried with weights_only=False
-            raise UserError(f"checkpoint {path} holds Python objects that need unsafe loading and "
-                            "was refused; only weights-only checkpoints are read") from None
+        # torch words a refused global in several ways ("Unsupported global: GLOBAL x", "unsupported
+        # GLOBAL x whose module is blocked"); the name tells a pickled model from an attack
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if refused:
+            # never retried with weights_only=False: that would run the file's code
+            raise UserError(f"checkpoint {path} holds Python objects ({refused[1]}) that need unsafe "
+                            "loading and was refused; only weights-only checkpoints are read") from None
         raise UserError(f"checkpoint {path} is truncated or not a PyTorch file "
                         f"({type(e).__name__}); use another checkpoint") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
@@ -84,25 +135,49 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointSaver:
-    """Keeps `last.pt` (everything needed to resume) and `best.pt` (weights and metadata of the
-    epoch with the best monitored metric) in one folder."""
+    """Keeps `last.pt` (everything needed to resume), `best.pt` (weights and metadata of the
+    epoch with the best monitored metric) and, with `keep_top_k`, `epoch_NNN.pt` of the k best
+    epochs, in one folder. Each file is written whole (save_checkpoint) before any file it
+    supersedes is removed, and last.pt comes after best.pt and the top-k files, so a crash at
+    any moment leaves a last.pt whose best and top-k files exist."""
 
-    def __init__(self, folder: str | os.PathLike, best_metric: float | None = None):
+    def __init__(self, folder: str | os.PathLike, best_metric: float | None = None,
+                 keep_top_k: int = 0, top_k=()):
         self.folder = Path(folder)
         self.best_metric = best_metric
+        self.keep_top_k = keep_top_k
+        self.top_k = [list(entry) for entry in top_k]  # [metric, epoch] of the kept epochs, best first
         self.last = self.folder / "last.pt"
         self.best = self.folder / "best.pt"
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.folder / f"epoch_{epoch:03d}.pt"
 
     def is_better(self, metric: float) -> bool:
         return self.best_metric is None or metric > self.best_metric
 
     def save(self, core: dict, resume_state: dict, metric: float) -> bool:
         """`core`: model/config/classes/epoch/metrics; `resume_state`: optimizer, scheduler, ....
-        Writes last.pt, then best.pt if `metric` improved. Returns whether it did."""
+        Writes the epoch's top-k file if it ranks, best.pt if `metric` improved, then last.pt,
+        then removes the epoch files that fell out of the top k. Returns whether it improved."""
         improved = self.is_better(metric)
         if improved:
             self.best_metric = metric
-        save_checkpoint({**core, **resume_state, "best_metric": self.best_metric}, self.last)
+        if self.keep_top_k:
+            entry = [metric, core["epoch"]]
+            # ties: the earlier epoch ranks first, as best.pt keeps the first best epoch
+            self.top_k = sorted([*self.top_k, entry], key=lambda e: (-e[0], e[1]))[:self.keep_top_k]
+            if entry in self.top_k:
+                save_checkpoint(core, self.epoch_path(core["epoch"]))
         if improved:
             save_checkpoint(core, self.best)
+        self.save_last({**core, **resume_state})
+        if self.keep_top_k:  # also clears files left over by a crash between the two steps
+            kept = {self.epoch_path(epoch) for _, epoch in self.top_k}
+            for path in self.folder.glob("epoch_*.pt"):
+                if path not in kept:
+                    path.unlink(missing_ok=True)
         return improved
+
+    def save_last(self, state: dict) -> None:
+        save_checkpoint({**state, "best_metric": self.best_metric, "top_k": self.top_k}, self.last)

@@ -17,10 +17,13 @@ _failures: list[str] = []
 
 
 def _run(task, cfg: DictConfig):
-    from cnntrain.errors import UserError
+    from cnntrain.errors import Interrupted, UserError
 
     try:
         return task(cfg)
+    except Interrupted as e:  # its state is saved; a sweep stops here too, as Ctrl-C would
+        log.warning("%s", e)
+        sys.exit(e.exit_code)
     except UserError as e:
         message = f"error: {e}"
     except Exception as e:  # a bug: keep the traceback in the log, let the other jobs run

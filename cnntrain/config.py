@@ -34,6 +34,11 @@ def validate_train(cfg: DictConfig) -> None:
     for key in ("data.image_size", "max_steps_per_epoch", "max_eval_steps"):
         if OmegaConf.select(cfg, key) is not None:
             _positive(cfg, key)
+    if cfg.on_nan not in ("stop", "skip_batch"):
+        raise UserError(f"on_nan must be stop or skip_batch, got {cfg.on_nan!r}")
+    k = cfg.checkpoint.keep_top_k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise UserError(f"checkpoint.keep_top_k must be an integer >= 0, got {k!r}")
     validate_runtime(cfg)
 
 

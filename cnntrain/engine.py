@@ -5,12 +5,16 @@ the host wait for the GPU at every step."""
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from cnntrain.errors import UserError
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -19,16 +23,35 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-class _Progress:
-    """The batches of `loader` (in channels_last layout if asked) under a tqdm bar whose
-    postfix (which needs a device sync) refreshes at most once a second."""
+@dataclass
+class EpochState:
+    """The running sums of a training epoch (on the device) and how far it got. A mid-epoch
+    checkpoint stores it, so that a resumed epoch continues from the next batch and ends with
+    the numbers an uninterrupted one would have."""
+    step: int = 0  # batches done
+    loss_sum: torch.Tensor | float = 0.0
+    correct: torch.Tensor | int = 0
+    n: int = 0
+    skipped: int = 0  # batches with a non-finite loss, skipped (on_nan=skip_batch)
 
-    def __init__(self, loader, desc: str, enabled: bool, channels_last: bool, max_steps=None):
+    def state_dict(self) -> dict:
+        return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in vars(self).items()}
+
+
+class _Progress:
+    """The batches of `loader` from batch `start` on (in channels_last layout if asked) under a
+    tqdm bar. Reading the device's sums waits for it, so on a GPU the postfix and the
+    non-finite-loss check happen at most once a second; on the CPU the check is free, every step."""
+
+    def __init__(self, loader, desc: str, enabled: bool, channels_last: bool, max_steps=None,
+                 start: int = 0, device: torch.device = torch.device("cpu")):
         total = min(len(loader), max_steps or len(loader))
         # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
-        self.bar = tqdm(itertools.islice(loader, total), total=total, desc=desc, leave=False,
-                        disable=None if enabled else True, dynamic_ncols=True)
-        self.channels_last = channels_last
+        self.bar = tqdm(itertools.islice(loader.iter_from(start), total - start), total=total,
+                        initial=start, desc=desc, leave=False, disable=None if enabled else True,
+                        dynamic_ncols=True)
+        self.total, self.desc, self.channels_last = total, desc, channels_last
+        self.every_step = device.type == "cpu"
         self.last = time.monotonic()
 
     def __iter__(self):
@@ -37,11 +60,22 @@ class _Progress:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
 
-    def update(self, loss_sum, correct, n):
-        if self.bar.disable or time.monotonic() - self.last < 1.0:
+    def check(self, state: EpochState, on_nan: str, final: bool = False) -> None:
+        now = time.monotonic()
+        due = now - self.last >= 1.0
+        if not (final or due or self.every_step):
             return
-        self.last = time.monotonic()
-        self.bar.set_postfix(loss=f"{loss_sum.item() / n:.4f}", acc=f"{correct.item() / n:.4f}")
+        loss = float(state.loss_sum)
+        if not math.isfinite(loss) and on_nan == "stop":
+            where = "step" if self.every_step else "by step"
+            raise UserError(f"training loss became {loss} at {self.desc}, {where} {state.step}; "
+                            "stopped, the checkpoints of the last complete epoch are untouched "
+                            "(lower optim.lr, set grad_clip=, or on_nan=skip_batch)")
+        if due:
+            self.last = now
+            if not self.bar.disable:
+                n = max(state.n, 1)
+                self.bar.set_postfix(loss=f"{loss / n:.4f}", acc=f"{int(state.correct) / n:.4f}")
 
     def close(self):
         self.bar.close()
@@ -50,76 +84,87 @@ class _Progress:
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: torch.device,
                     scheduler=None, scaler=None, amp_dtype=None, channels_last: bool = False,
                     grad_clip: float | None = None, max_steps: int | None = None, desc: str = "train",
-                    progress: bool = True) -> dict:
-    """One pass over `loader` (or its first `max_steps` batches); `scheduler`, if given, is
-    stepped after every batch.
-    Returns {"loss", "acc"} averaged over the samples seen and the training throughput "img_per_s"."""
+                    progress: bool = True, on_nan: str = "stop", state: EpochState | None = None,
+                    stop=None) -> dict:
+    """One pass over `loader` (or its first `max_steps` batches), continuing `state` (a resumed
+    epoch) if given; `scheduler`, if given, is stepped after every batch. `stop()` is asked after
+    every batch whether to end the epoch early (a signal). A non-finite loss stops training
+    (UserError) or, with on_nan="skip_batch", skips that batch's update.
+    Returns {"loss", "acc"} averaged over the samples seen, the throughput "img_per_s", and
+    "state" (its step < "total" if stopped early)."""
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    n = 0
-    start = time.perf_counter()
-    bar = _Progress(loader, desc, progress, channels_last, max_steps)
+    state = state or EpochState()
+    state.loss_sum = torch.as_tensor(state.loss_sum, dtype=torch.float32, device=device)
+    state.correct = torch.as_tensor(state.correct, dtype=torch.long, device=device)
+    first, start = state.n, time.perf_counter()
+    bar = _Progress(loader, desc, progress, channels_last, max_steps, state.step, device)
     for x, y in bar:
         with autocast(device, amp_dtype):
             out = model(x)
             loss = criterion(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+        # skip_batch reads the loss every step (a device sync on a GPU): only when asked for
+        if on_nan == "skip_batch" and not torch.isfinite(loss):
+            state.skipped += 1
         else:
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-        if scheduler is not None:
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
+                scaler.scale(loss).backward()
+                if grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+            state.loss_sum += loss.detach() * len(y)
+            state.correct += (out.argmax(1) == y).sum()
+            state.n += len(y)
+        if scheduler is not None:  # stepped for skipped batches too: the schedule follows the steps
             scheduler.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (out.argmax(1) == y).sum()
-        n += len(y)
-        bar.update(loss_sum, correct, n)
+        state.step += 1
+        bar.check(state, on_nan)
+        if stop is not None and stop():
+            break
     bar.close()
-    loss, acc = loss_sum.item() / max(n, 1), correct.item() / max(n, 1)  # waits for the device
-    return {"loss": loss, "acc": acc, "img_per_s": n / (time.perf_counter() - start)}
+    bar.check(state, on_nan, final=True)  # waits for the device
+    n = max(state.n, 1)
+    return {"loss": float(state.loss_sum) / n, "acc": int(state.correct) / n, "state": state,
+            "total": bar.total, "img_per_s": (state.n - first) / (time.perf_counter() - start)}
 
 
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, loader, criterion, *, device: torch.device, num_classes: int,
+def evaluate_loader(model: nn.Module, loader, *, device: torch.device, num_classes: int,
                     amp_dtype=None, channels_last: bool = False, max_steps: int | None = None,
                     keep_predictions: bool = False, desc: str = "eval", progress: bool = True) -> dict:
-    """Loss, top-1, top-5 (None under 5 classes) and the confusion matrix
+    """Cross-entropy loss, top-1, top-5 (None under 5 classes) and the confusion matrix
     (rows = true class, columns = predicted) over `loader` (or its first `max_steps` batches);
-    with keep_predictions also each sample's "predicted" class, its "confidence" and "target"."""
+    with keep_predictions also each sample's "predicted" class, its "confidence" and "target".
+    Per batch only the top-k classes and the log-sum-exp of the logits are kept (everything
+    above follows from them); the rest is computed once at the end, in a few large ops."""
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    top5 = torch.zeros((), device=device, dtype=torch.long)
-    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
-    n = 0
+    k = min(5, num_classes)
     kept = []
     bar = _Progress(loader, desc, progress, channels_last, max_steps)
     for x, y in bar:
         with autocast(device, amp_dtype):
             out = model(x)
-        loss_sum += criterion(out.float(), y) * len(y)
-        if keep_predictions:
-            confidence, predicted = out.float().softmax(1).max(1)
-            kept.append((confidence, predicted, y))
-        confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes**2)
-        if num_classes >= 5:
-            top5 += (out.topk(5, 1).indices == y[:, None]).any(1).sum()
-        n += len(y)
+        out = out.float()
+        top, lse = out.topk(k, 1), out.logsumexp(1)
+        kept.append((top.indices, top.values[:, 0] - lse, lse - out.gather(1, y[:, None])[:, 0], y))
     bar.close()
+    if not kept:
+        raise UserError(f"{desc}: no batches to evaluate")
+    top, log_confidence, loss, target = (torch.cat(parts) for parts in zip(*kept))
+    predicted = top[:, 0]
+    confusion = torch.bincount(target * num_classes + predicted, minlength=num_classes**2)
     confusion = confusion.view(num_classes, num_classes).cpu()
-    n = max(n, 1)
-    result = {"loss": loss_sum.item() / n, "acc": confusion.diag().sum().item() / n,
-              "top5": top5.item() / n if num_classes >= 5 else None, "confusion": confusion,
-              "num_samples": int(confusion.sum())}
+    n = len(target)
+    result = {"loss": loss.sum().item() / n, "acc": confusion.diag().sum().item() / n,
+              "top5": (top == target[:, None]).any(1).sum().item() / n if num_classes >= 5 else None,
+              "confusion": confusion, "num_samples": n}
     if keep_predictions:
-        for i, key in enumerate(("confidence", "predicted", "target")):
-            result[key] = torch.cat([k[i] for k in kept]).cpu()
+        result.update(confidence=log_confidence.exp().cpu(), predicted=predicted.cpu(), target=target.cpu())
     return result

@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
-from torch import nn
 
 from cnntrain.checkpoint import load_checkpoint
 from cnntrain.config import validate_runtime
@@ -75,7 +74,7 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
                         f"{ckpt['classes']} ({len(ckpt['classes'])}), data {data.classes} "
                         f"({len(data.classes)}); point data.root= at the dataset it was trained on")
     model = model_from_checkpoint(ckpt, trained, path, device)
-    result = evaluate_loader(model, loader, nn.CrossEntropyLoss(), device=device,
+    result = evaluate_loader(model, loader, device=device,
                              num_classes=len(data.classes), desc=cfg.split,
                              amp_dtype=amp_dtype(cfg.amp, device), channels_last=False,
                              keep_predictions=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -60,3 +62,36 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     # benchmark mode picks the fastest conv algorithm per input shape, which is not reproducible
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
+
+
+class StopSignals:
+    """While active, SIGINT, SIGTERM and SIGUSR1 (Ctrl-C, `kill`, SLURM's preemption and time
+    limit warnings, submitit's requeue) only set `requested`, which the training loop reads
+    after every batch to checkpoint and exit; a second Ctrl-C interrupts at once. Outside the
+    main thread (where Python cannot install handlers) it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            log.warning("received %s: saving a checkpoint and stopping after this batch",
+                        signal.Signals(signum).name)
+            self.signum = signum
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

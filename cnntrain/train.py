@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -16,11 +17,11 @@ from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, sa
                                  set_rng_state)
 from cnntrain.config import validate_train
 from cnntrain.data import Data, build_data
-from cnntrain.engine import evaluate_loader, train_one_epoch
-from cnntrain.errors import UserError
+from cnntrain.engine import EpochState, evaluate_loader, train_one_epoch
+from cnntrain.errors import Interrupted, UserError
 from cnntrain.models import resolve_stem
 from cnntrain.optim import create_optimizer, create_scheduler
-from cnntrain.runtime import amp_dtype, grad_scaler, select_device, seed_everything
+from cnntrain.runtime import StopSignals, amp_dtype, grad_scaler, select_device, seed_everything
 from cnntrain.summary import format_summary, summarize
 from cnntrain.tracking import RunTracker
 
@@ -74,8 +75,8 @@ def stored_config(cfg: DictConfig, data: Data) -> dict:
 
 
 def _resume_state(cfg: DictConfig, ckpt_dir: Path) -> dict | None:
-    """The last.pt to continue from (None: a fresh run). Its best.pt comes along into this run's
-    checkpoint folder, so the final test still uses the best epoch of the whole run."""
+    """The last.pt to continue from (None: a fresh run). Its best.pt (and top-k files) come along
+    into this run's checkpoint folder, so the final test still uses the best epoch of the whole run."""
     resume = cfg.resume
     if resume == "auto":
         resume = ckpt_dir / "last.pt" if (ckpt_dir / "last.pt").exists() else None
@@ -88,16 +89,57 @@ def _resume_state(cfg: DictConfig, ckpt_dir: Path) -> dict | None:
     if "optimizer" not in state:
         raise UserError(f"{resume} has no optimizer state (best.pt keeps weights only); "
                         "resume from last.pt")
-    old = state["config"]
-    for key in ("model.name", "data.name"):
-        was, now = OmegaConf.select(OmegaConf.create(old), key), OmegaConf.select(cfg, key)
-        if was != now:
-            raise UserError(f"cannot resume {resume}: it was trained with {key}={was}, not {now}")
-    best = Path(resume).parent / "best.pt"
-    if best.exists() and best.resolve() != (ckpt_dir / "best.pt").resolve():
-        save_checkpoint(load_checkpoint(best), ckpt_dir / "best.pt")
+    _check_resumable(cfg, state, resume)
+    names = ["best.pt", *(f"epoch_{epoch:03d}.pt" for _, epoch in state.get("top_k", []))]
+    for name in names:  # the files last.pt refers to, when continuing in another folder
+        source = Path(resume).parent / name
+        if source.exists() and source.resolve() != (ckpt_dir / name).resolve():
+            save_checkpoint(load_checkpoint(source), ckpt_dir / name)
     log.info("resuming from %s (epoch %d)", resume, state["epoch"])
     return state
+
+
+# What a resumed run must share with the run it continues; resume_allow_changes may list the
+# second group, for a deliberate change (e.g. a larger batch after a GPU upgrade).
+_FIXED_ON_RESUME = ("model.name", "data.name")
+_CHANGEABLE_ON_RESUME = ("data.batch_size", "optim.lr")
+
+
+def _check_resumable(cfg: DictConfig, state: dict, path) -> None:
+    old = OmegaConf.create(state["config"])
+    allowed = list(cfg.resume_allow_changes or [])
+    for key in allowed:
+        if key not in _CHANGEABLE_ON_RESUME:
+            raise UserError(f"resume_allow_changes may list {', '.join(_CHANGEABLE_ON_RESUME)}, "
+                            f"not {key}")
+    for key in (*_FIXED_ON_RESUME, *_CHANGEABLE_ON_RESUME):
+        was, now = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
+        if was == now:
+            continue
+        if key not in allowed:
+            hint = (f"; to change it on purpose add resume_allow_changes=[{key}]"
+                    if key in _CHANGEABLE_ON_RESUME else "")
+            raise UserError(f"cannot resume {path}: it was trained with {key}={was}, not {now}{hint}")
+        if state.get("partial") and key == "data.batch_size":
+            raise UserError(f"cannot change data.batch_size when resuming {path}: it stopped in "
+                            "the middle of an epoch; resume once to the end of the epoch first")
+
+
+def _rescale_lr(optimizer, scheduler, factor: float) -> None:
+    """A deliberate optim.lr change on resume: every learning rate the optimizer and the
+    schedulers (SequentialLR's included) keep, scaled by new/old, so the schedule continues
+    from where it was at the new scale."""
+    for group in optimizer.param_groups:
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+            if key in group:
+                group[key] *= factor
+    pending = [scheduler]
+    while pending:
+        sched = pending.pop()
+        pending.extend(getattr(sched, "_schedulers", []))
+        for attr in ("base_lrs", "_last_lr"):
+            if hasattr(sched, attr):
+                setattr(sched, attr, [lr * factor for lr in getattr(sched, attr)])
 
 
 def show_summary(cfg: DictConfig) -> dict:
@@ -138,15 +180,19 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     steps = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
     scheduler, interval = create_scheduler(cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=steps)
     scaler = grad_scaler(dtype, device)
-    start, history, best = 1, [], None
+    start, history, best, partial = 1, [], None, None
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
+        old_lr = resumed["config"]["optim"]["lr"]
+        if old_lr != cfg.optim.lr:
+            _rescale_lr(optimizer, scheduler, cfg.optim.lr / old_lr)
         set_rng_state(resumed["rng"])
         start, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best_metric"]
+        partial = resumed.get("partial")
 
     log.info("%s on %s: %s classes, input %dx%dx%d, %d train / %d val images; device %s%s\n%s",
              cfg.model.name, cfg.data.name, len(data.classes), data.in_channels, data.image_size,
@@ -156,40 +202,58 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     step_model = torch.compile(model) if cfg.compile else model
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    eval_criterion = nn.CrossEntropyLoss()
     common = dict(device=device, amp_dtype=dtype, channels_last=cfg.channels_last,
                   max_steps=cfg.max_eval_steps)
     config = stored_config(cfg, data)
     tracker = RunTracker(run_dir, cfg.epochs, history)
-    saver = CheckpointSaver(ckpt_dir, best)
+    saver = CheckpointSaver(ckpt_dir, best, cfg.checkpoint.keep_top_k,
+                            resumed.get("top_k", []) if resumed else [])
     if val_loader is None:
         log.info("no validation data (data.val_split=0): best.pt is chosen by train accuracy")
-    started = time.perf_counter()
-    for epoch in range(start, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loader.set_epoch(epoch)
-        tr = train_one_epoch(step_model, train_loader, criterion, optimizer, grad_clip=cfg.grad_clip,
-                             scheduler=scheduler if interval == "step" else None, scaler=scaler,
-                             desc=f"epoch {epoch}/{cfg.epochs}", device=device, amp_dtype=dtype,
-                             channels_last=cfg.channels_last, max_steps=cfg.max_steps_per_epoch)
-        if interval == "epoch":
-            scheduler.step()
-        va = evaluate_loader(step_model, val_loader, eval_criterion, num_classes=len(data.classes),
-                             keep_predictions=True, desc="val", **common) if val_loader else {"loss": None, "acc": None}
-        row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
-               "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr,
-               "time": time.perf_counter() - t0, "img_per_s": tr["img_per_s"]}
-        tracker.log_epoch(row)
-        if val_loader:
-            tracker.log_predictions(val_loader, va, data.classes, epoch)
+
+    def state(epoch: int, metrics: dict) -> tuple[dict, dict]:
         core = {"model": model.state_dict(), "config": config, "classes": data.classes,
-                "epoch": epoch, "metrics": row}
-        resume_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
-                        "history": tracker.history}
-        saver.save(core, resume_state, va["acc"] if va["acc"] is not None else tr["acc"])
-    results, confusion = _final_test(model, data, saver, eval_criterion, common)
+                "epoch": epoch, "metrics": metrics}
+        return core, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
+                      "history": tracker.history}
+
+    started = time.perf_counter()
+    with StopSignals() as signals:
+        for epoch in range(start, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            # a resumed epoch keeps the lr it started with, for its metrics.csv row
+            lr = partial["lr"] if partial else optimizer.param_groups[0]["lr"]
+            train_loader.set_epoch(epoch)
+            tr = train_one_epoch(step_model, train_loader, criterion, optimizer, grad_clip=cfg.grad_clip,
+                                 scheduler=scheduler if interval == "step" else None, scaler=scaler,
+                                 desc=f"epoch {epoch}/{cfg.epochs}", device=device, amp_dtype=dtype,
+                                 channels_last=cfg.channels_last, max_steps=cfg.max_steps_per_epoch,
+                                 on_nan=cfg.on_nan, state=EpochState(**partial["state"]) if partial else None,
+                                 stop=signals.requested)
+            partial = None
+            if tr["state"].skipped:
+                log.warning("epoch %d: skipped %d batches with a non-finite loss (on_nan=skip_batch)",
+                            epoch, tr["state"].skipped)
+            if tr["state"].step < tr["total"]:  # stopped by a signal in the middle of the epoch
+                core, resume_state = state(epoch - 1, tracker.history[-1] if tracker.history else {})
+                saver.save_last({**core, **resume_state, "partial": {
+                    "epoch": epoch, "lr": lr, "state": tr["state"].state_dict()}})
+                raise _interrupted(signals.signum, saver.last, f"epoch {epoch}, step {tr['state'].step}")
+            if interval == "epoch":
+                scheduler.step()
+            va = evaluate_loader(step_model, val_loader, num_classes=len(data.classes),
+                                 keep_predictions=True, desc="val", **common) if val_loader else {"loss": None, "acc": None}
+            row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
+                   "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr,
+                   "time": time.perf_counter() - t0, "img_per_s": tr["img_per_s"]}
+            tracker.log_epoch(row)
+            if val_loader:
+                tracker.log_predictions(val_loader, va, data.classes, epoch)
+            saver.save(*state(epoch, row), va["acc"] if va["acc"] is not None else tr["acc"])
+            if signals.requested() and epoch < cfg.epochs:
+                raise _interrupted(signals.signum, saver.last, f"the end of epoch {epoch}")
+    results, confusion = _final_test(model, data, saver, common)
     results.update(model=cfg.model.name, dataset=cfg.data.name, epochs=cfg.epochs,
                    train_time_s=round(time.perf_counter() - started, 2), params=summary["params"],
                    trainable_params=summary["trainable"], macs=summary["macs"],
@@ -200,6 +264,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     return results
 
 
+def _interrupted(signum: int, last: Path, where: str) -> Interrupted:
+    run_dir = last.parent.parent
+    return Interrupted(f"stopped by {signal.Signals(signum).name} at {where}; state saved to {last}. "
+                       f"Resume with the same arguments plus resume=auto hydra.run.dir={run_dir}",
+                       signum)
+
+
 def hparams(cfg: DictConfig) -> dict:
     """The settings a sweep usually varies, as TensorBoard hparams (scalars and strings only)."""
     keys = ("model.name", "data.name", "data.batch_size", "optim._target_", "optim.lr",
@@ -208,7 +279,7 @@ def hparams(cfg: DictConfig) -> dict:
     return {k: v.rpartition(".")[2] if isinstance(v, str) else v for k, v in values.items() if v is not None}
 
 
-def _final_test(model, data: Data, saver: CheckpointSaver, criterion, common) -> dict:
+def _final_test(model, data: Data, saver: CheckpointSaver, common) -> dict:
     best = load_checkpoint(saver.best)
     out = {"best_epoch": best["epoch"], "best_val_acc": best["metrics"]["val_acc"],
            "checkpoint": str(saver.best), "test_acc": None, "test_top5": None, "test_loss": None}
@@ -217,7 +288,7 @@ def _final_test(model, data: Data, saver: CheckpointSaver, criterion, common) ->
         log.info("no test split; the final test score is skipped")
         return out, None
     model.load_state_dict(best["model"])
-    te = evaluate_loader(model, test_loader, criterion, num_classes=len(data.classes), desc="test",
+    te = evaluate_loader(model, test_loader, num_classes=len(data.classes), desc="test",
                          **common)
     out.update(test_acc=te["acc"], test_top5=te["top5"], test_loss=te["loss"],
                test_images=te["num_samples"])

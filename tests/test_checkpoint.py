@@ -29,7 +29,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatc
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", half_write)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="last.pt: disk full"):
         save_checkpoint(core(value=2.0), tmp_path / "last.pt")
     assert load_checkpoint(tmp_path / "last.pt")["metrics"]["val_acc"] == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

@@ -206,3 +206,18 @@ def test_imagefolder_with_only_test_images_can_be_evaluated(tmp_path):
     assert data.classes == ["cat", "dog", "fox"] and data.loaders["test"].num_samples == 15
     with pytest.raises(UserError, match="train"):
         build_data(cfg, None, device=CPU, seed=0, splits=("val",))
+
+
+def test_imagefolder_order_depends_on_seed_and_epoch_only(folder_root):
+    """Also with persistent workers, whose first pass draws their seeds, and from a resumed
+    batch on (iter_from)."""
+    cfg = data_cfg("imagefolder", folder_root, num_workers=2, mean=[0.5] * 3, std=[0.2] * 3)
+    loader = build_data(cfg, None, device=CPU, seed=0, splits=("train",)).loaders["train"]
+
+    def labels(epoch, start=0):
+        loader.set_epoch(epoch)
+        return torch.cat([y for _, y in loader.iter_from(start)])
+
+    first = labels(1)
+    assert torch.equal(labels(1), first) and not torch.equal(labels(2), first)
+    assert torch.equal(labels(1, start=1), first[32:])

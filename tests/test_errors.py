@@ -1,6 +1,5 @@
 """Every bad input: one clear line naming the thing and the fix, a non-zero exit code, no
 traceback, and nothing of an earlier run overwritten."""
-import pickle
 import shutil
 
 import pytest

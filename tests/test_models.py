@@ -96,6 +96,13 @@ def test_imagenet_param_count(name, millions):
     assert n / 1e6 == pytest.approx(millions, rel=0.01)
 
 
+@pytest.mark.parametrize("depth, millions", [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7)])
+def test_cifar_resnet_param_counts_match_the_paper(depth, millions):
+    model = create_model(f"resnet{depth}", in_channels=3, num_classes=10, image_size=32)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, rel=0.02)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_wrn28_10_param_count_at_cifar10():
     model = create_model("wrn28_10", in_channels=3, num_classes=10, image_size=32)
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(36.48, rel=0.001)

@@ -160,3 +160,12 @@ def test_grad_cam_and_default_stages(model, request, images):
         assert cam.shape == (size, size) and cam.min() >= 0 and cam.max() <= 1
     assert any(cam.max() - cam.min() > 0.5 for cam in maps)  # some image gets a real map
     assert not any(p.grad is not None for p in net.parameters())
+
+
+def test_find_images_skips_hidden_folders_and_files(tmp_path):
+    from cnntrain.inference import find_images
+
+    for name in ("a.png", "sub/b.jpg", ".ipynb_checkpoints/c.png", "sub/._d.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG" if name.endswith("png") else "JPEG")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == ["a.png", "sub/b.jpg"]

@@ -7,6 +7,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from cnntrain.errors import UserError
+from cnntrain.models import create_model
 from cnntrain.optim import create_optimizer, create_scheduler
 from cnntrain.runtime import amp_dtype
 from cnntrain.train import train
@@ -98,3 +99,40 @@ def test_step_caps_limit_training_and_evaluation(data_root, tmp_path):
 
     row = next(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert float(row["img_per_s"]) > 0
+
+
+def test_fused_optimizer_by_default_with_the_same_update():
+    torch.manual_seed(0)
+    models = [create_model("lenet5", in_channels=1, num_classes=10, image_size=28) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = create_optimizer(make_cfg("optim=sgd").optim, models[0])
+    plain = create_optimizer(make_cfg("optim=sgd", "optim.fused=false").optim, models[1])
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for model, opt in zip(models, (fused, plain)):
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_evaluate_loader_matches_the_textbook_metrics():
+    from cnntrain.data.augment import BatchAugment, Normalize
+    from cnntrain.data.loaders import DeviceLoader
+    from cnntrain.engine import evaluate_loader
+
+    torch.manual_seed(0)
+    images, labels = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 7, (50,))
+    loader = DeviceLoader(images, labels, 16, BatchAugment(Normalize([0.5], [0.25], torch.device("cpu"))))
+    model = create_model("lenet5", in_channels=1, num_classes=7, image_size=28).eval()
+    r = evaluate_loader(model, loader, device=torch.device("cpu"), num_classes=7, keep_predictions=True)
+    with torch.no_grad():
+        out = model((images.float() / 255 - 0.5) / 0.25)
+    assert r["loss"] == pytest.approx(torch.nn.functional.cross_entropy(out, labels).item(), rel=1e-5)
+    assert r["acc"] == (out.argmax(1) == labels).sum().item() / 50
+    assert r["top5"] == (out.topk(5, 1).indices == labels[:, None]).any(1).sum().item() / 50
+    torch.testing.assert_close(r["confidence"], out.softmax(1).max(1).values)
+    assert torch.equal(r["predicted"], out.argmax(1)) and r["confusion"].sum() == 50
+    assert r["confusion"][labels[0], out[0].argmax()] >= 1

@@ -123,11 +123,14 @@ def _folder_data(data, aug, device, seed, splits) -> Data:
     if not present:
         raise UserError(f"no {' or '.join(splits)} folder in {root} (expected {root}/<split>/<class>/<image>)")
     classes = present[0].classes
+    skip_bad = data.get("skip_bad_images", False)  # absent from older checkpoints' configs
+    if not isinstance(skip_bad, bool):
+        raise UserError(f"data.skip_bad_images must be true or false, got {skip_bad!r}")
     mean, std = data.mean, data.std
     if mean is None or std is None:
         unnormalized = copy.copy(sets["train"])
         unnormalized.transform = eval_preset(size)
-        mean, std = measure_mean_std(unnormalized, data.num_workers)
+        mean, std = measure_mean_std(unnormalized, data.num_workers, skip_bad)
     mean, std = list(mean), list(std)
     evaluate = eval_preset(size, mean, std)
     for split, ds in sets.items():
@@ -145,5 +148,6 @@ def _folder_data(data, aug, device, seed, splits) -> Data:
         if sets[split] is not None:
             training = split == "train"
             out.loaders[split] = FolderLoader(sets[split], data.batch_size, data.num_workers, device,
-                                              shuffle=training, drop_last=training, seed=seed)
+                                              shuffle=training, drop_last=training, seed=seed,
+                                              skip_bad_images=skip_bad)
     return out

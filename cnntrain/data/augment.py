@@ -38,8 +38,11 @@ class BatchAugment:
         self.policy = self.policy() if self.policy else None
         self.erase_p = float(random_erasing)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.policy is not None:  # these policies draw one op per call: call them per image
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, replay: bool = False) -> torch.Tensor:
+        """`replay`: a batch skipped by a resumed epoch, augmented only to advance `generator`;
+        the policies draw from torch's global generator, which the resumed run restored to its
+        state after this batch, so they must not run again."""
+        if self.policy is not None and not replay:  # they draw one op per call: call them per image
             x = torch.stack([self.policy(img) for img in x])
         if self.degrees > 0:  # before normalizing, so the zero fill is black as in RandomCrop
             x = self._affine(x.float(), generator)

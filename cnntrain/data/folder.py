@@ -2,12 +2,90 @@
 from __future__ import annotations
 
 import os
+import struct
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Subset, default_collate
 from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from cnntrain.errors import UserError
+
+# What PIL raises on a file that is not a decodable image: garbage (UnidentifiedImageError, an
+# OSError), truncated data (OSError), broken chunks (SyntaxError, struct.error, EOFError),
+# absurd sizes (DecompressionBombError), files gone or unreadable since the scan (OSError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def _hidden(path: str, root: str) -> bool:
+    """Whether a path below root goes through a dot-name (.ipynb_checkpoints/, .DS_Store, ._x.jpg):
+    editor, notebook and OS litter, never data."""
+    return any(part.startswith(".") for part in os.path.relpath(path, root).split(os.sep))
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """What the dataset yields in place of an image it cannot decode. A value rather than an
+    exception: an exception raised in a DataLoader worker reaches the main process as a
+    multi-line traceback text, while this arrives intact, whatever num_workers is."""
+    path: str
+    reason: str
+
+    def error(self) -> UserError:
+        return UserError(f"image {self.path} cannot be read ({self.reason}); remove or replace it, "
+                         "or set data.skip_bad_images=true")
+
+
+class CleanImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder without hidden folders and files, with every empty class folder
+    named in the error, and a BadImage instead of an exception for an undecodable file."""
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        def visible_image(path: str) -> bool:
+            return has_file_allowed_extension(path, IMG_EXTENSIONS) and not _hidden(path, directory)
+
+        samples = datasets.folder.make_dataset(directory, class_to_idx, is_valid_file=visible_image,
+                                               allow_empty=True)
+        found = {target for _, target in samples}
+        empty = [os.path.join(directory, name) for name, i in class_to_idx.items() if i not in found]
+        if empty:
+            raise UserError(f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+                            f"{'have' if len(empty) > 1 else 'has'} no images "
+                            f"({' '.join(IMG_EXTENSIONS)}); add images or remove the folder")
+        return samples
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f).convert("RGB")  # decodes the whole file: truncation fails here
+        except DECODE_ERRORS as e:
+            return BadImage(path, _reason(e, path)), target
+        return (self.transform(image) if self.transform is not None else image), target
+
+
+def _reason(e: Exception, path: str) -> str:
+    if isinstance(e, UnidentifiedImageError):  # its text repeats the path as a file object repr
+        return "empty file" if os.path.getsize(path) == 0 else "not an image format PIL can decode"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def collate_images(batch):
+    """(images, labels, bad): the readable samples collated (None, None when there are none) and
+    the BadImages met, for the main process to report or count."""
+    bad = [image for image, _ in batch if isinstance(image, BadImage)]
+    good = [sample for sample in batch if not isinstance(sample[0], BadImage)]
+    images, labels = default_collate(good) if good else (None, None)
+    return images, labels, bad
 
 
 def open_split(root: str, split: str, transform=None, required: bool = False):
@@ -19,8 +97,8 @@ def open_split(root: str, split: str, transform=None, required: bool = False):
                             "(set data.root= to a folder with train/ and optional val/, test/)")
         return None
     try:
-        return datasets.ImageFolder(path, transform=transform)
-    except FileNotFoundError as e:  # no class folders, or class folders without images
+        return CleanImageFolder(path, transform=transform)
+    except FileNotFoundError as e:  # no class folders
         raise UserError(f"{path}: {e}; expected one sub-folder of images per class") from None
 
 
@@ -30,19 +108,26 @@ def check_same_classes(expected: list[str], found: list[str], where: str) -> Non
                         f"expected {list(expected)}, found {list(found)}")
 
 
-def measure_mean_std(dataset, num_workers: int, max_images: int = 1000):
+def measure_mean_std(dataset, num_workers: int, skip_bad_images: bool = False, max_images: int = 1000):
     """Channel mean/std over (up to max_images evenly spaced) images of a dataset that yields
-    un-normalized float tensors."""
+    un-normalized float tensors. Skipped images are reported by the training epochs."""
     step = max(1, len(dataset) // max_images)
     subset = Subset(dataset, range(0, len(dataset), step))
     total = torch.zeros(3, dtype=torch.float64)
     total_sq = torch.zeros(3, dtype=torch.float64)
     count = 0
-    for x, _ in DataLoader(subset, batch_size=64, num_workers=num_workers):
+    for x, _, bad in DataLoader(subset, batch_size=64, num_workers=num_workers, collate_fn=collate_images):
+        if bad and not skip_bad_images:
+            raise bad[0].error()
+        if x is None:
+            continue
         x = x.double()
         total += x.sum((0, 2, 3))
         total_sq += (x * x).sum((0, 2, 3))
         count += x.numel() // 3
+    if count == 0:
+        raise UserError(f"no readable image among {len(subset)} sampled from {dataset.root} to measure "
+                        "mean/std; check the files or set data.mean= and data.std=")
     mean = total / count
     std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
     return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]

@@ -3,8 +3,13 @@ training device, have len() = batches per epoch, and take set_epoch(e) so that t
 augmentation of epoch e depend only on (seed, e): a resumed run sees the same batches."""
 from __future__ import annotations
 
+import itertools
+import logging
+
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+log = logging.getLogger("cnntrain")
 
 
 class DeviceLoader:
@@ -40,6 +45,12 @@ class DeviceLoader:
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, start: int):
+        """The batches of this epoch from batch `start` on (a resumed epoch). The batches before
+        it are still augmented and dropped: that advances the random generator exactly as the
+        uninterrupted epoch did, for a few milliseconds of tensor ops per batch."""
         device = self.images.device
         gen = torch.Generator(device=device).manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.labels)
@@ -51,33 +62,63 @@ class DeviceLoader:
             else:
                 idx = order[i * self.batch_size:(i + 1) * self.batch_size]
                 x, y = self.images[idx], self.labels[idx]
-            yield self.transform(x, gen), y
+            x = self.transform(x, gen, replay=i < start)
+            if i >= start:
+                yield x, y
 
 
 class FolderLoader:
     """A DataLoader over decoded files (ImageFolder) whose batches are moved to the device with
-    pinned memory and non_blocking copies."""
+    pinned memory and non_blocking copies.
+
+    An undecodable image stops the pass with a UserError naming the file, or, with
+    skip_bad_images, is left out of its batch and counted: one warning per pass lists them.
+    Sample indices (sample_name, sample) then count the images that were read, so the i-th
+    prediction of an unshuffled pass still belongs to the i-th index."""
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
-                 shuffle: bool = False, drop_last: bool = False, seed: int = 0):
-        self.device, self.seed = device, seed
-        self.generator = torch.Generator()
+                 shuffle: bool = False, drop_last: bool = False, seed: int = 0,
+                 skip_bad_images: bool = False):
+        from cnntrain.data.folder import collate_images
+
+        self.device, self.seed, self.skip_bad_images = device, seed, skip_bad_images
+        # Two generators: DataLoader draws the workers' base seed from its own when it starts
+        # workers, with persistent workers on the first pass only; sharing it would give the
+        # first pass of an epoch (a resumed one) another shuffle order than later passes.
+        self.generator, self.order = torch.Generator(), torch.Generator()
+        # the sampler and batch sampler DataLoader(shuffle=, drop_last=) would build, resumable
+        sampler = RandomSampler(dataset, generator=self.order) if shuffle else SequentialSampler(dataset)
+        self.batches = _ResumableBatches(sampler, batch_size, drop_last and len(dataset) > batch_size)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-            drop_last=drop_last and len(dataset) > batch_size, generator=self.generator,
-            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+            dataset, batch_sampler=self.batches, num_workers=num_workers, generator=self.generator,
+            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+            collate_fn=collate_images)
+        # what skipping leaves of a training batch must still be a batch for BatchNorm
+        self.min_batch = 2 if drop_last else 1
+        self.bad_files: set[str] = set()  # every unreadable file met so far (skip_bad_images)
+        self._kept: list[int] | None = None  # positions of the readable samples, once some are bad
         self.set_epoch(0)
 
     @property
     def num_samples(self) -> int:
         return len(self.loader.dataset)
 
-    def sample_name(self, index: int) -> str:
-        """How reports name sample `index` (of the unshuffled order): its file."""
+    def _file(self, position: int) -> str:
         ds = self.loader.dataset
         if hasattr(ds, "indices"):  # a Subset of an ImageFolder
-            ds, index = ds.dataset, ds.indices[index]
-        return ds.samples[index][0]
+            ds, position = ds.dataset, ds.indices[position]
+        return ds.samples[position][0]
+
+    def _position(self, index: int) -> int:
+        if not self.bad_files:
+            return index
+        if self._kept is None:
+            self._kept = [p for p in range(self.num_samples) if self._file(p) not in self.bad_files]
+        return self._kept[index]
+
+    def sample_name(self, index: int) -> str:
+        """How reports name sample `index` (of the unshuffled order, readable images only): its file."""
+        return self._file(self._position(index))
 
     def sample(self, index: int):
         """uint8 HxWxC pixels of sample `index` (unshuffled order), for reports."""
@@ -88,12 +129,51 @@ class FolderLoader:
             return np.asarray(img.convert("RGB"))
 
     def set_epoch(self, epoch: int) -> None:
-        # The shuffle order and the workers' seeds are drawn from this generator.
         self.generator.manual_seed(self.seed * 100_003 + epoch)
+        self.order.manual_seed(self.seed * 100_003 + epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return self.iter_from(0)
+
+    def iter_from(self, start: int):
+        """The batches of this epoch from batch `start` on (a resumed epoch): the same order as
+        the whole epoch, and the batches before `start` are not read at all."""
+        skipped: list[str] = []
+        last = len(self.loader) - 1
+        self.batches.start = start
+        try:
+            for i, (x, y, bad) in enumerate(self.loader, start):
+                if bad:
+                    if not self.skip_bad_images:
+                        raise bad[0].error()
+                    skipped += [b.path for b in bad]
+                if i == last:  # the pass's count is complete: report it before the last batch is used
+                    self._report(skipped)
+                    skipped = []
+                if x is None or len(y) < self.min_batch:
+                    continue
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        finally:
+            self._report(skipped)  # a pass cut short (max_steps): what it met
+
+    def _report(self, skipped: list[str]) -> None:
+        if not skipped:
+            return
+        if not set(skipped) <= self.bad_files:
+            self.bad_files.update(skipped)
+            self._kept = None
+        log.warning("skipped %d unreadable image(s) of %d (data.skip_bad_images=true): %s%s",
+                    len(skipped), self.num_samples, ", ".join(skipped[:5]),
+                    ", ..." if len(skipped) > 5 else "")
+
+
+class _ResumableBatches(BatchSampler):
+    """A BatchSampler that leaves out its first `start` batches of indices; its sampler still
+    draws the whole epoch's order, so the batches after them are the uninterrupted epoch's."""
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)

@@ -122,6 +122,7 @@ def _create_registered(name, in_channels, num_classes, image_size, stem, weights
 # Imported last: the family modules use register_model from this module.
 from . import (  # noqa: E402,F401
     alexnet,
+    cifar_resnet,
     convnext,
     densenet,
     efficientnet,

@@ -47,6 +47,18 @@ def replace_conv(
     return new
 
 
+def imagenet_stem(in_channels: int, out_channels: int) -> nn.Sequential:
+    """ResNet's ImageNet stem (7x7/2 conv, BN-ReLU, 3x3/2 max-pool: 224 px -> 56 px), put in
+    front of the CIFAR networks above 64 px. Not in their papers, which only train on 32 px;
+    without it their first group would run at full resolution, ~50x the cost of CIFAR."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+    )
+
+
 def kaiming_fan_out_init(conv: nn.Conv2d) -> None:
     """The conv init of torchvision's VGG, ResNet, MobileNet, EfficientNet and MnasNet."""
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")

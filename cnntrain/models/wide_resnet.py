@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import register_model
-from ._utils import kaiming_fan_out_init
+from ._utils import imagenet_stem, kaiming_fan_out_init
 
 
 class PreActBlock(nn.Module):
@@ -57,18 +57,8 @@ class WideResNet(nn.Module):
         if (depth - 4) % 6:
             raise ValueError(f"Wide ResNet depth must be 6n + 4, got {depth}")
         blocks_per_group = (depth - 4) // 6
-        if small:
-            self.stem: nn.Module = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
-        else:
-            # Not in the paper, which only trains on 32 px: above 64 px, ResNet's ImageNet stem
-            # (7x7/2 conv, BN-ReLU, 3x3/2 max-pool) brings 224 px down to 56 px first. Without
-            # it the 160-channel first group would run at 224 px, ~50x the cost of CIFAR.
-            self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, 16, 7, stride=2, padding=3, bias=False),
-                nn.BatchNorm2d(16),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(3, stride=2, padding=1),
-            )
+        self.stem: nn.Module = (nn.Conv2d(in_channels, 16, 3, padding=1, bias=False) if small
+                                else imagenet_stem(in_channels, 16))
         layers: list[nn.Module] = []
         in_planes = 16
         for planes, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):

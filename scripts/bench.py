@@ -1,0 +1,358 @@
+#!/usr/bin/env python
+"""Throughput of cnntrain's training and evaluation loops against the two loops users would
+otherwise write, measured in one process: same threads, same model and initial weights, same
+batch size and optimizer settings; the variants' epochs are interleaved and each reports the
+median of several epochs after a warm-up, so machine noise hits all of them alike.
+
+  (1) cnntrain   the code the CLI runs: build_data -> build_model -> create_optimizer /
+                 create_scheduler -> train_one_epoch (evaluate_loader for evaluation), with
+                 aug=none so that it does the same work as (2) and (3)
+  (2) bare       the whole dataset as normalized tensors on the device, sliced into batches,
+                 forward/backward/step and nothing else: the floor of Python overhead
+  (3) classic    torchvision dataset + per-sample PIL transforms (ToTensor, Normalize) +
+                 DataLoader(shuffle=True): what the lecture notebooks do
+
+Cases: LeNet-5 on Fashion-MNIST at batch 64 and 256, ResNet-20 on 32 px RGB synthetic data
+(CIFAR pickle batches written to a temp folder), evaluation (cnneval's loop vs a bare no-grad
+loop) and `cnntrain --help` start-up time. On CUDA, cnntrain also runs with amp fp16/bf16 and
+channels_last. Without real Fashion-MNIST (--root), synthetic IDX files of the same size are
+used: the speed does not depend on the pixels.
+
+    ../shared/data/fashion_mnist.sh /tmp/fmnist
+    python scripts/bench.py --root /tmp/fmnist            # table on stdout, bench.json
+    python scripts/bench.py --root /tmp/fmnist --profile  # + where a cnntrain epoch's time goes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from torch import nn
+from torchvision import transforms
+
+from cnntrain.data import build_data
+from cnntrain.data.builtin import BUILTIN
+from cnntrain.engine import evaluate_loader, train_one_epoch
+from cnntrain.optim import create_optimizer, create_scheduler
+from cnntrain.runtime import amp_dtype, select_device, seed_everything
+from cnntrain.train import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import fakedata  # noqa: E402  (the tests' writers of the real on-disk formats)
+
+TARGETS = {"train_vs_bare_b64": 0.90, "train_vs_bare_b256": 0.95, "train_vs_classic_b64": 2.5,
+           "eval_vs_bare": 0.90, "help_seconds": 2.0}
+
+
+def config(overrides: list[str]):
+    with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Case:
+    """One model + dataset + batch size; builds each variant's model from the same seed."""
+
+    def __init__(self, name: str, overrides: list[str], device: torch.device, steps: int | None,
+                 workers: int):
+        self.name, self.device, self.workers = name, device, workers
+        self.overrides = [*overrides, "aug=none", "data.val_split=0", "data.download=false",
+                          f"device={device}"]
+        self.cfg = config(self.overrides)
+        self.data = build_data(self.cfg.data, self.cfg.aug, device=device, seed=0,
+                               splits=("train", "test"))
+        loader = self.data.loaders["train"]
+        self.steps = min(steps or len(loader), len(loader))
+        self.batch = self.cfg.data.batch_size
+        # The bare loop's input: every image already normalized, in memory, in the same order.
+        self.images = torch.cat([x for x, _ in _unshuffled(loader)])
+        self.labels = loader.labels
+
+    def model(self):
+        torch.manual_seed(0)
+        d = self.data
+        model, _ = build_model(self.cfg.model, d.in_channels, len(d.classes), d.image_size, self.device)
+        return model
+
+    def optimizer(self, model):
+        """What a hand-written loop would build: the same optimizer and settings, no parameter
+        groups, fused exactly when cnntrain's is, so that (1)/(2) measures overhead only."""
+        reference = create_optimizer(self.cfg.optim, model)
+        kwargs = {k: v for k, v in reference.defaults.items() if k in ("lr", "momentum", "nesterov",
+                                                                        "weight_decay", "fused")}
+        return type(reference)(model.parameters(), **kwargs)
+
+    # -- training variants: each returns a function running one epoch -> (images, seconds) --
+    def cnntrain(self, extra: list[str] = ()):
+        cfg = config([*self.overrides, *extra]) if extra else self.cfg
+        data = build_data(cfg.data, cfg.aug, device=self.device, seed=0, splits=("train",)) if extra else self.data
+        loader = data.loaders["train"]
+        dtype = amp_dtype(cfg.amp, self.device, cfg.amp_dtype)
+        model = self.model()
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = create_optimizer(cfg.optim, model)
+        scheduler, _ = create_scheduler(cfg.sched, optimizer, epochs=100, steps_per_epoch=self.steps)
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        criterion, epoch = nn.CrossEntropyLoss(), iter(range(1, 10**6))
+
+        def run(steps=self.steps):
+            loader.set_epoch(next(epoch))
+            start = time.perf_counter()
+            train_one_epoch(model, loader, criterion, optimizer, device=self.device, scheduler=scheduler,
+                            scaler=scaler, amp_dtype=dtype, channels_last=cfg.channels_last,
+                            max_steps=steps, progress=True)
+            return steps * self.batch, time.perf_counter() - start
+        return run
+
+    def bare(self):
+        model = self.model()
+        optimizer = self.optimizer(model)
+        x, y, b = self.images, self.labels, self.batch
+
+        def run(steps=self.steps):
+            model.train()
+            start = time.perf_counter()
+            for i in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(x[i * b:(i + 1) * b]), y[i * b:(i + 1) * b])
+                loss.backward()
+                optimizer.step()
+            sync(self.device)
+            return steps * b, time.perf_counter() - start
+        return run
+
+    def classic(self):
+        d = self.data
+        tf = [transforms.ToTensor(), transforms.Normalize(d.mean, d.std)]
+        spec = BUILTIN[self.cfg.data.name]
+        # spec.cls is torchvision's class (CIFAR: a subclass that skips the per-file md5,
+        # which the synthetic batches would fail)
+        dataset = spec.cls(str(self.cfg.data.root), train=True, transform=transforms.Compose(tf))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch, shuffle=True,
+                                             num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda")
+        model = self.model()
+        optimizer = self.optimizer(model)
+
+        def run(steps=self.steps):
+            model.train()
+            start, n = time.perf_counter(), 0
+            for i, (x, y) in enumerate(loader):
+                if i == steps:
+                    break
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                n += len(y)
+            sync(self.device)
+            return n, time.perf_counter() - start
+        return run
+
+    # -- evaluation variants --
+    def eval_cnntrain(self, model):
+        loader, classes = self.data.loaders["test"], len(self.data.classes)
+
+        def run():
+            start = time.perf_counter()
+            r = evaluate_loader(model, loader, device=self.device,
+                                num_classes=classes, keep_predictions=True, progress=True)
+            return r["num_samples"], time.perf_counter() - start
+        return run
+
+    def eval_bare(self, model):
+        x, y = torch.cat([x for x, _ in _unshuffled(self.data.loaders["test"])]), self.data.loaders["test"].labels
+        b = self.data.loaders["test"].batch_size
+
+        @torch.no_grad()
+        def run():
+            model.eval()
+            start = time.perf_counter()
+            correct = torch.zeros((), dtype=torch.long, device=self.device)
+            for i in range(0, len(y), b):
+                correct += (model(x[i:i + b]).argmax(1) == y[i:i + b]).sum()
+            correct.item()
+            return len(y), time.perf_counter() - start
+        return run
+
+
+def _unshuffled(loader):
+    shuffle, loader.shuffle = loader.shuffle, False
+    try:
+        yield from loader
+    finally:
+        loader.shuffle = shuffle
+
+
+def measure(variants: dict, repeats: int, warmup_steps: int | None) -> dict:
+    """img/s of each variant: one warm-up epoch (or warmup_steps), then `repeats` interleaved
+    epochs; the median and the samples."""
+    for run in variants.values():
+        run(warmup_steps) if warmup_steps else run()
+    samples = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            n, seconds = run()
+            samples[name].append(n / seconds)
+    return {name: {"img_per_s": round(statistics.median(v), 1), "samples": [round(s, 1) for s in v]}
+            for name, v in samples.items()}
+
+
+def help_time(repeats: int = 5) -> float:
+    script = Path(sys.executable).with_name("cnntrain")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([str(script), "--help"], check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times), 3)
+
+
+def fashion_mnist_root(root: str | None, scratch: Path) -> tuple[str, str]:
+    if root and (Path(root) / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists():
+        return root, "real Fashion-MNIST"
+    fakedata.write_mnist(scratch, "FashionMNIST", n_train=60000, n_test=10000)
+    return str(scratch), "synthetic Fashion-MNIST (no --root with FashionMNIST/raw given)"
+
+
+def print_table(title: str, rows: dict, base: str, classic: str | None) -> None:
+    print(f"\n{title}")
+    print(f"  {'variant':<34} {'img/s':>9} {'vs bare':>8} {'vs classic':>10}")
+    for name, r in rows.items():
+        vs_classic = f"{r['img_per_s'] / rows[classic]['img_per_s']:9.2f}x" if classic else ""
+        print(f"  {name:<34} {r['img_per_s']:9.0f} {r['img_per_s'] / rows[base]['img_per_s']:7.2f}x {vs_classic}")
+
+
+def profile(case: Case, steps: int, out: Path) -> dict:
+    """Where a cnntrain epoch's time goes: the batch pipeline alone (index, convert, normalize),
+    the bare loop (the model), and torch.profiler's operator table of cnntrain's loop."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    loader = case.data.loaders["train"]
+    start = time.perf_counter()
+    for _, _ in zip(range(steps), loader):
+        pass
+    sync(case.device)
+    pipeline = (time.perf_counter() - start) / steps
+    bare, ours = case.bare(), case.cnntrain()
+    bare(20), ours(20)
+    n, t_bare = bare(steps)
+    n, t_ours = ours(steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        ours(steps)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    out.write_text(table)
+    per_step = {"cnntrain_ms": 1e3 * t_ours / steps, "bare_ms": 1e3 * t_bare / steps,
+                "batch_pipeline_ms": 1e3 * pipeline}
+    per_step["rest_ms"] = per_step["cnntrain_ms"] - per_step["bare_ms"] - per_step["batch_pipeline_ms"]
+    print(f"\nprofile of {case.name}, {steps} steps (ms per step):")
+    for key, value in per_step.items():
+        print(f"  {key:<18} {value:7.3f}")
+    print(f"  torch.profiler operator table: {out}")
+    print("\n".join(table.splitlines()[:18]))
+    return {k: round(v, 4) for k, v in per_step.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default=os.environ.get("CNNTRAIN_FASHION_MNIST"),
+                        help="folder holding FashionMNIST/raw (default: $CNNTRAIN_FASHION_MNIST)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (median)")
+    parser.add_argument("--resnet-steps", type=int, default=200, help="ResNet-20 steps per epoch")
+    parser.add_argument("--workers", type=int, default=0, help="classic DataLoader workers")
+    parser.add_argument("--quick", action="store_true", help="a few steps per case: checks the script runs")
+    parser.add_argument("--profile", action="store_true", help="also profile a cnntrain LeNet-5 epoch")
+    parser.add_argument("--json", default="bench.json")
+    args = parser.parse_args()
+
+    device = select_device(args.device)
+    seed_everything(0, deterministic=False)  # as training does: cudnn.benchmark on
+    steps = 8 if args.quick else None
+    repeats = 1 if args.quick else args.repeats
+    scratch = Path(tempfile.mkdtemp(prefix="cnntrain-bench-"))
+    fmnist, fmnist_kind = fashion_mnist_root(args.root, scratch / "fmnist")
+    fakedata.write_cifar(scratch / "cifar", n_train=max(64 * args.resnet_steps, 1024), n_test=2000)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; {fmnist_kind}; "
+          f"median of {repeats} epochs after a warm-up")
+    result = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+              "fashion_mnist": fmnist_kind, "repeats": repeats, "cases": {}, "ratios": {}}
+
+    cuda_variants = {"cnntrain amp fp16": ["amp=true", "amp_dtype=fp16"],
+                     "cnntrain channels_last": ["channels_last=true"]}
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        cuda_variants["cnntrain amp bf16"] = ["amp=true", "amp_dtype=bf16"]
+    cases = [
+        ("lenet5_fmnist_b64", ["model=lenet5", "data=fashion_mnist", f"data.root={fmnist}",
+                               "data.batch_size=64"], steps),
+        ("lenet5_fmnist_b256", ["model=lenet5", "data=fashion_mnist", f"data.root={fmnist}",
+                                "data.batch_size=256"], steps),
+        ("resnet20_synthetic32_b64", ["model=resnet20", "data=cifar10", f"data.root={scratch / 'cifar'}",
+                                      "data.batch_size=64"], steps or args.resnet_steps),
+    ]
+    built = {}
+    for name, overrides, case_steps in cases:
+        case = built[name] = Case(name, overrides, device, case_steps, args.workers)
+        variants = {"(1) cnntrain": case.cnntrain(), "(2) bare": case.bare(), "(3) classic": case.classic()}
+        if name == "lenet5_fmnist_b64":  # the default augmentation's cost, for information
+            variants["cnntrain aug=basic (default)"] = case.cnntrain(["aug=basic"])
+        if device.type == "cuda":
+            variants.update({k: case.cnntrain(v) for k, v in cuda_variants.items()})
+        rows = measure(variants, repeats, warmup_steps=min(case.steps, 20))
+        result["cases"][name] = {"steps": case.steps, "batch_size": case.batch, "rows": rows}
+        print_table(f"training: {name} ({case.steps} steps of {case.batch})", rows, "(2) bare", "(3) classic")
+
+    for name in ("lenet5_fmnist_b64", "resnet20_synthetic32_b64"):
+        case = built[name]
+        model = case.model()
+        rows = measure({"(1) cnneval loop": case.eval_cnntrain(model), "(2) bare no-grad": case.eval_bare(model)},
+                       max(repeats, 5 if not args.quick else 1), warmup_steps=None)
+        result["cases"][f"eval_{name}"] = {"rows": rows}
+        print_table(f"evaluation: {name} test split", rows, "(2) bare no-grad", None)
+
+    result["help_seconds"] = help_time(2 if args.quick else 5)
+    print(f"\n`cnntrain --help`: {result['help_seconds']:.2f} s (median)")
+
+    def ratio(case, a, b):
+        rows = result["cases"][case]["rows"]
+        return round(rows[a]["img_per_s"] / rows[b]["img_per_s"], 3)
+    r = result["ratios"]
+    r["train_vs_bare_b64"] = ratio("lenet5_fmnist_b64", "(1) cnntrain", "(2) bare")
+    r["train_vs_bare_b256"] = ratio("lenet5_fmnist_b256", "(1) cnntrain", "(2) bare")
+    r["train_vs_classic_b64"] = ratio("lenet5_fmnist_b64", "(1) cnntrain", "(3) classic")
+    r["resnet20_vs_bare"] = ratio("resnet20_synthetic32_b64", "(1) cnntrain", "(2) bare")
+    r["resnet20_vs_classic"] = ratio("resnet20_synthetic32_b64", "(1) cnntrain", "(3) classic")
+    r["eval_vs_bare"] = min(ratio(f"eval_{n}", "(1) cnneval loop", "(2) bare no-grad")
+                            for n in ("lenet5_fmnist_b64", "resnet20_synthetic32_b64"))
+    print("\nratios (targets on a 2-core CPU):")
+    for key, value in r.items():
+        target = TARGETS.get(key)
+        mark = "" if target is None else f"  target >= {target}: {'met' if value >= target else 'NOT met'}"
+        print(f"  {key:<22} {value:6.3f}{mark}")
+    print(f"  help_seconds           {result['help_seconds']:6.3f}  target < 2: "
+          f"{'met' if result['help_seconds'] < TARGETS['help_seconds'] else 'NOT met'}")
+
+    if args.profile:
+        result["profile_ms_per_step"] = profile(built["lenet5_fmnist_b64"], 8 if args.quick else 300,
+                                                Path(args.json).with_suffix(".profile.txt"))
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

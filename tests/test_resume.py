@@ -1,0 +1,175 @@
+"""Faults during training, injected for real: signals mid-epoch and between epochs, a NaN loss
+at a chosen step, top-k checkpoint rotation, and resuming with changed settings."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from cnntrain.checkpoint import load_checkpoint
+from cnntrain.data.loaders import DeviceLoader
+from cnntrain.errors import Interrupted, UserError
+from cnntrain.train import train
+
+# fake MNIST: 360 train images -> 5 batches of 64 per epoch (the remainder is dropped)
+STEPS_PER_EPOCH = 5
+
+
+def make_cfg(data_root, *overrides):
+    with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=[
+            f"data.root={data_root}", "data.download=false", "device=cpu", "deterministic=true",
+            "epochs=3", *overrides])
+
+
+def rows(run_dir):
+    return [{k: v for k, v in r.items() if k not in ("time", "img_per_s")}
+            for r in csv.DictReader(open(run_dir / "metrics.csv"))]
+
+
+@pytest.fixture
+def signal_at_batch(monkeypatch):
+    """Sends a real signal to this process while training batch number `n` (1-based, counted
+    across epochs) is being prepared: the loop trains on it, then stops."""
+    def arm(n, signum=signal.SIGUSR1):
+        original, seen = DeviceLoader.iter_from, [0]
+
+        def iter_from(self, start):
+            for batch in original(self, start):
+                if self.shuffle:  # the training loader
+                    seen[0] += 1
+                    if seen[0] == n:
+                        signal.raise_signal(signum)
+                yield batch
+        monkeypatch.setattr(DeviceLoader, "iter_from", iter_from)
+    return arm
+
+
+@pytest.mark.parametrize("stop_batch", [7, STEPS_PER_EPOCH * 2], ids=["mid-epoch", "epoch-end"])
+def test_signal_then_resume_equals_an_uninterrupted_run(data_root, tmp_path, signal_at_batch, stop_batch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(make_cfg(data_root), run_dir=full)
+    signal_at_batch(stop_batch)
+    with pytest.raises(Interrupted, match=f"resume=auto hydra.run.dir={part}") as stopped:
+        train(make_cfg(data_root), run_dir=part)
+    assert stopped.value.exit_code == 128 + signal.SIGUSR1
+    saved = load_checkpoint(part / "checkpoints/last.pt")
+    if stop_batch == 7:  # epoch 2 stopped after its 2nd batch
+        assert saved["epoch"] == 1 and saved["partial"]["epoch"] == 2
+        assert saved["partial"]["state"]["step"] == 2
+    else:  # the signal came with the last batch of epoch 2: the epoch is finished and saved
+        assert saved["epoch"] == 2 and "partial" not in saved
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # the handler is gone after train() returns
+    train(make_cfg(data_root, "resume=auto"), run_dir=part)
+
+    a, b = (load_checkpoint(d / "checkpoints/last.pt") for d in (full, part))
+    assert b["epoch"] == 3 and "partial" not in b
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert rows(full) == rows(part)
+
+
+def test_sigterm_from_outside_saves_and_resume_auto_continues(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [str(os.path.join(os.path.dirname(sys.executable), "cnntrain")), f"data.root={data_root}",
+            "data.download=false", "device=cpu", "model=resnet20", "epochs=50", "sched=step",
+            f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert "stopped by SIGTERM" in out and f"resume=auto hydra.run.dir={run_dir}" in out
+    stopped_at = load_checkpoint(run_dir / "checkpoints/last.pt")["epoch"]
+    assert stopped_at >= 1
+    epochs = stopped_at + 2
+    done = subprocess.run([*args[:-3], f"epochs={epochs}", "sched=step", "resume=auto",
+                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [int(r["epoch"]) for r in rows(run_dir)] == list(range(1, epochs + 1))
+
+
+def test_nan_loss_stops_at_its_step_and_leaves_checkpoints_alone(data_root, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    train(make_cfg(data_root, "epochs=1"), run_dir=run_dir)
+    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    original, calls = torch.nn.CrossEntropyLoss.forward, [0]
+
+    def poisoned(self, out, target):
+        loss = original(self, out, target)
+        if self.training:
+            calls[0] += 1
+            if calls[0] == 3:  # the 3rd batch of epoch 2
+                return loss * float("nan")
+        return loss
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
+    with pytest.raises(UserError, match=r"loss became nan at epoch 2/3, step 3; stopped"):
+        train(make_cfg(data_root, "resume=auto"), run_dir=run_dir)
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
+
+
+def test_skip_batch_skips_only_the_bad_update(data_root, tmp_path, monkeypatch, caplog):
+    original, calls = torch.nn.CrossEntropyLoss.forward, [0]
+
+    def poisoned(self, out, target):
+        loss = original(self, out, target)
+        if self.training:
+            calls[0] += 1
+            if calls[0] == 2:
+                return loss * float("inf")
+        return loss
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
+    results = train(make_cfg(data_root, "epochs=1", "on_nan=skip_batch"), run_dir=tmp_path)
+    assert "skipped 1 batches with a non-finite loss" in caplog.text
+    weights = load_checkpoint(tmp_path / "checkpoints/last.pt")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    assert float(rows(tmp_path)[0]["train_loss"]) < float("inf") and results["test_acc"] is not None
+
+
+def test_keep_top_k_keeps_exactly_the_k_best_epochs(data_root, tmp_path):
+    train(make_cfg(data_root, "epochs=5", "checkpoint.keep_top_k=2", "optim.lr=0.02"), run_dir=tmp_path)
+    accs = [(float(r["val_acc"]), int(r["epoch"])) for r in rows(tmp_path)]
+    top = sorted(accs, key=lambda a: (-a[0], a[1]))[:2]
+    expected = {"last.pt", "best.pt", *(f"epoch_{e:03d}.pt" for _, e in top)}
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == expected
+    for _, epoch in top:
+        assert load_checkpoint(tmp_path / f"checkpoints/epoch_{epoch:03d}.pt")["epoch"] == epoch
+    assert load_checkpoint(tmp_path / "checkpoints/best.pt")["epoch"] == top[0][1]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(data_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one")
+    train(make_cfg(data_root, "epochs=1", "sched=step"), run_dir=run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("override, key", [("data.batch_size=32", "data.batch_size"),
+                                           ("optim.lr=0.1", "optim.lr"), ("model=resnet20", "model.name")])
+def test_resume_with_a_changed_setting_is_refused_naming_it(data_root, one_epoch, tmp_path, override, key):
+    with pytest.raises(UserError, match=rf"trained with {key}=.*, not ") as refused:
+        train(make_cfg(data_root, "epochs=2", "sched=step", override,
+                       f"resume={one_epoch}/checkpoints/last.pt"),
+              run_dir=tmp_path)
+    assert ("resume_allow_changes" in str(refused.value)) == (key != "model.name")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_allow_changes_scales_the_schedule_to_the_new_lr(data_root, one_epoch, tmp_path):
+    before = load_checkpoint(one_epoch / "checkpoints/last.pt")
+    lr_then = before["optimizer"]["param_groups"][0]["lr"]
+    train(make_cfg(data_root, "epochs=2", "optim.lr=0.1", "data.batch_size=32", "sched=step",
+                   "resume_allow_changes=[optim.lr,data.batch_size]",
+                   f"resume={one_epoch}/checkpoints/last.pt"), run_dir=tmp_path)
+    # the epoch-2 row logs the lr that epoch started with: the old one, doubled (0.05 -> 0.1)
+    assert float(rows(tmp_path)[1]["lr"]) == pytest.approx(lr_then * 2)
+    with pytest.raises(UserError, match="resume_allow_changes may list"):
+        train(make_cfg(data_root, "epochs=2", "resume_allow_changes=[seed]", "resume=auto"),
+              run_dir=one_epoch)
