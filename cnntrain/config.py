@@ -6,6 +6,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnntrain.errors import UserError
 
+FIXED_ON_RESUME = ("model.name", "data.name")
+CHANGEABLE_ON_RESUME = ("data.batch_size", "optim.lr")  # with resume_allow_changes=[...]
+
 
 def _positive(cfg: DictConfig, key: str, kind=int) -> None:
     value = OmegaConf.select(cfg, key)
@@ -39,6 +42,9 @@ def validate_train(cfg: DictConfig) -> None:
     k = cfg.checkpoint.keep_top_k
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise UserError(f"checkpoint.keep_top_k must be an integer >= 0, got {k!r}")
+    for key in cfg.resume_allow_changes or []:
+        if key not in CHANGEABLE_ON_RESUME:
+            raise UserError(f"resume_allow_changes may list {', '.join(CHANGEABLE_ON_RESUME)}, not {key}")
     validate_runtime(cfg)
 
 
@@ -46,5 +52,7 @@ def validate_runtime(cfg: DictConfig) -> None:
     device = str(cfg.device)
     if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if cfg.get("channels_last", "auto") not in ("auto", True, False):
+        raise UserError(f"channels_last must be auto, true or false, got {cfg.channels_last!r}")
     if cfg.get("amp_dtype", "auto") not in ("auto", "bf16", "fp16"):
         raise UserError(f"amp_dtype must be auto, bf16 or fp16, got {cfg.amp_dtype!r}")

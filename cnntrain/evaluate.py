@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from cnntrain.checkpoint import load_checkpoint
@@ -14,7 +15,7 @@ from cnntrain.errors import UserError
 from cnntrain.inference import model_from_checkpoint, trained_config
 from cnntrain.report import (build_report, format_report, write_comparison, write_figures,
                              write_predictions, write_report)
-from cnntrain.runtime import amp_dtype, select_device
+from cnntrain.runtime import amp_dtype, channels_last, select_device
 from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
@@ -74,9 +75,13 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
                         f"{ckpt['classes']} ({len(ckpt['classes'])}), data {data.classes} "
                         f"({len(data.classes)}); point data.root= at the dataset it was trained on")
     model = model_from_checkpoint(ckpt, trained, path, device)
-    result = evaluate_loader(model, loader, device=device,
-                             num_classes=len(data.classes), desc=cfg.split,
-                             amp_dtype=amp_dtype(cfg.amp, device), channels_last=False,
+    dtype = amp_dtype(cfg.amp, device)
+    # the layout training evaluated in, so that the same device gives the same numbers
+    nhwc = channels_last(trained.get("channels_last", False), device, dtype)
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
+    result = evaluate_loader(model, loader, device=device, num_classes=len(data.classes),
+                             desc=cfg.split, amp_dtype=dtype, channels_last=nhwc,
                              keep_predictions=True)
     report = build_report(result, classes=data.classes, split=cfg.split, dataset=trained.data.name,
                           model=trained.model.name, checkpoint=path.resolve())

@@ -15,13 +15,14 @@ from torch import nn
 
 from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
-from cnntrain.config import validate_train
+from cnntrain.config import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, validate_train
 from cnntrain.data import Data, build_data
 from cnntrain.engine import EpochState, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted, UserError
 from cnntrain.models import resolve_stem
 from cnntrain.optim import create_optimizer, create_scheduler
-from cnntrain.runtime import StopSignals, amp_dtype, grad_scaler, select_device, seed_everything
+from cnntrain.runtime import (StopSignals, amp_dtype, channels_last, grad_scaler, select_device,
+                              seed_everything)
 from cnntrain.summary import format_summary, summarize
 from cnntrain.tracking import RunTracker
 
@@ -99,26 +100,18 @@ def _resume_state(cfg: DictConfig, ckpt_dir: Path) -> dict | None:
     return state
 
 
-# What a resumed run must share with the run it continues; resume_allow_changes may list the
-# second group, for a deliberate change (e.g. a larger batch after a GPU upgrade).
-_FIXED_ON_RESUME = ("model.name", "data.name")
-_CHANGEABLE_ON_RESUME = ("data.batch_size", "optim.lr")
-
-
 def _check_resumable(cfg: DictConfig, state: dict, path) -> None:
+    """A resumed run must share these settings with the run it continues; resume_allow_changes
+    may list the changeable ones, for a deliberate change (e.g. a larger batch on a new GPU)."""
     old = OmegaConf.create(state["config"])
     allowed = list(cfg.resume_allow_changes or [])
-    for key in allowed:
-        if key not in _CHANGEABLE_ON_RESUME:
-            raise UserError(f"resume_allow_changes may list {', '.join(_CHANGEABLE_ON_RESUME)}, "
-                            f"not {key}")
-    for key in (*_FIXED_ON_RESUME, *_CHANGEABLE_ON_RESUME):
+    for key in (*FIXED_ON_RESUME, *CHANGEABLE_ON_RESUME):
         was, now = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
         if was == now:
             continue
         if key not in allowed:
             hint = (f"; to change it on purpose add resume_allow_changes=[{key}]"
-                    if key in _CHANGEABLE_ON_RESUME else "")
+                    if key in CHANGEABLE_ON_RESUME else "")
             raise UserError(f"cannot resume {path}: it was trained with {key}={was}, not {now}{hint}")
         if state.get("partial") and key == "data.batch_size":
             raise UserError(f"cannot change data.batch_size when resuming {path}: it stopped in "
@@ -174,7 +167,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                         f"the data's {data.classes}")
     train_loader, val_loader = data.loaders["train"], data.loaders.get("val")
     model, summary = build_model(cfg.model, data.in_channels, len(data.classes), data.image_size, device)
-    if cfg.channels_last:
+    nhwc = channels_last(cfg.channels_last, device, dtype)
+    if nhwc:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(cfg.optim, model)
     steps = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
@@ -202,7 +196,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     step_model = torch.compile(model) if cfg.compile else model
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    common = dict(device=device, amp_dtype=dtype, channels_last=cfg.channels_last,
+    common = dict(device=device, amp_dtype=dtype, channels_last=nhwc,
                   max_steps=cfg.max_eval_steps)
     config = stored_config(cfg, data)
     tracker = RunTracker(run_dir, cfg.epochs, history)
@@ -228,7 +222,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             tr = train_one_epoch(step_model, train_loader, criterion, optimizer, grad_clip=cfg.grad_clip,
                                  scheduler=scheduler if interval == "step" else None, scaler=scaler,
                                  desc=f"epoch {epoch}/{cfg.epochs}", device=device, amp_dtype=dtype,
-                                 channels_last=cfg.channels_last, max_steps=cfg.max_steps_per_epoch,
+                                 channels_last=nhwc, max_steps=cfg.max_steps_per_epoch,
                                  on_nan=cfg.on_nan, state=EpochState(**partial["state"]) if partial else None,
                                  stop=signals.requested)
             partial = None

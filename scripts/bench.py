@@ -1,22 +1,25 @@
 #!/usr/bin/env python
 """Throughput of cnntrain's training and evaluation loops against the two loops users would
 otherwise write, measured in one process: same threads, same model and initial weights, same
-batch size and optimizer settings; the variants' epochs are interleaved and each reports the
-median of several epochs after a warm-up, so machine noise hits all of them alike.
+batch size and optimizer settings; the variants' epochs are interleaved (every other round in
+reverse order) and each reports the median of several epochs after a warm-up, so machine noise
+hits all of them alike.
 
-  (1) cnntrain   the code the CLI runs: build_data -> build_model -> create_optimizer /
-                 create_scheduler -> train_one_epoch (evaluate_loader for evaluation), with
-                 aug=none so that it does the same work as (2) and (3)
-  (2) bare       the whole dataset as normalized tensors on the device, sliced into batches,
-                 forward/backward/step and nothing else: the floor of Python overhead
-  (3) classic    torchvision dataset + per-sample PIL transforms (ToTensor, Normalize) +
-                 DataLoader(shuffle=True): what the lecture notebooks do
+  (1)  cnntrain   the code the CLI runs: build_data -> build_model -> create_optimizer /
+                  create_scheduler -> train_one_epoch (evaluate_loader for evaluation), with its
+                  defaults (fused optimizer, channels_last=auto) and aug=none, so that it does the
+                  same work as (2) and (3)
+  (1') cnntrain   the same in the NCHW layout of (2) and (3): (1')/(2) is the loop's own overhead
+  (2)  bare       the whole dataset as normalized tensors on the device, sliced into batches,
+                  forward/backward/step and nothing else: the floor of Python overhead
+  (3)  classic    torchvision dataset + per-sample PIL transforms (ToTensor, Normalize) +
+                  DataLoader(shuffle=True): what the lecture notebooks do
 
 Cases: LeNet-5 on Fashion-MNIST at batch 64 and 256, ResNet-20 on 32 px RGB synthetic data
 (CIFAR pickle batches written to a temp folder), evaluation (cnneval's loop vs a bare no-grad
-loop) and `cnntrain --help` start-up time. On CUDA, cnntrain also runs with amp fp16/bf16 and
-channels_last. Without real Fashion-MNIST (--root), synthetic IDX files of the same size are
-used: the speed does not depend on the pixels.
+loop) and `cnntrain --help` start-up time. On CUDA, cnntrain also runs with amp fp16/bf16.
+Without real Fashion-MNIST (--root), synthetic IDX files of the same size are used: the speed
+does not depend on the pixels.
 
     ../shared/data/fashion_mnist.sh /tmp/fmnist
     python scripts/bench.py --root /tmp/fmnist            # table on stdout, bench.json
@@ -25,6 +28,7 @@ used: the speed does not depend on the pixels.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -43,7 +47,7 @@ from cnntrain.data import build_data
 from cnntrain.data.builtin import BUILTIN
 from cnntrain.engine import evaluate_loader, train_one_epoch
 from cnntrain.optim import create_optimizer, create_scheduler
-from cnntrain.runtime import amp_dtype, select_device, seed_everything
+from cnntrain.runtime import amp_dtype, channels_last, select_device, seed_everything
 from cnntrain.train import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -101,8 +105,9 @@ class Case:
         data = build_data(cfg.data, cfg.aug, device=self.device, seed=0, splits=("train",)) if extra else self.data
         loader = data.loaders["train"]
         dtype = amp_dtype(cfg.amp, self.device, cfg.amp_dtype)
+        nhwc = channels_last(cfg.channels_last, self.device, dtype)
         model = self.model()
-        if cfg.channels_last:
+        if nhwc:
             model = model.to(memory_format=torch.channels_last)
         optimizer = create_optimizer(cfg.optim, model)
         scheduler, _ = create_scheduler(cfg.sched, optimizer, epochs=100, steps_per_epoch=self.steps)
@@ -113,7 +118,7 @@ class Case:
             loader.set_epoch(next(epoch))
             start = time.perf_counter()
             train_one_epoch(model, loader, criterion, optimizer, device=self.device, scheduler=scheduler,
-                            scaler=scaler, amp_dtype=dtype, channels_last=cfg.channels_last,
+                            scaler=scaler, amp_dtype=dtype, channels_last=nhwc,
                             max_steps=steps, progress=True)
             return steps * self.batch, time.perf_counter() - start
         return run
@@ -164,12 +169,15 @@ class Case:
         return run
 
     # -- evaluation variants --
-    def eval_cnntrain(self, model):
+    def eval_cnntrain(self, model, nhwc: bool):
+        """cnneval's call; nhwc: the layout it picks (channels_last=auto), or NCHW like (2)."""
         loader, classes = self.data.loaders["test"], len(self.data.classes)
+        if nhwc:
+            model = copy.deepcopy(model).to(memory_format=torch.channels_last)
 
         def run():
             start = time.perf_counter()
-            r = evaluate_loader(model, loader, device=self.device,
+            r = evaluate_loader(model, loader, device=self.device, channels_last=nhwc,
                                 num_classes=classes, keep_predictions=True, progress=True)
             return r["num_samples"], time.perf_counter() - start
         return run
@@ -200,12 +208,13 @@ def _unshuffled(loader):
 
 def measure(variants: dict, repeats: int, warmup_steps: int | None) -> dict:
     """img/s of each variant: one warm-up epoch (or warmup_steps), then `repeats` interleaved
-    epochs; the median and the samples."""
+    epochs, every other round in reverse order (so no variant always follows the same one);
+    the median and the samples."""
     for run in variants.values():
         run(warmup_steps) if warmup_steps else run()
     samples = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
+    for i in range(repeats):
+        for name, run in (reversed(variants.items()) if i % 2 else variants.items()):
             n, seconds = run()
             samples[name].append(n / seconds)
     return {name: {"img_per_s": round(statistics.median(v), 1), "samples": [round(s, 1) for s in v]}
@@ -239,7 +248,8 @@ def print_table(title: str, rows: dict, base: str, classic: str | None) -> None:
 
 def profile(case: Case, steps: int, out: Path) -> dict:
     """Where a cnntrain epoch's time goes: the batch pipeline alone (index, convert, normalize),
-    the bare loop (the model), and torch.profiler's operator table of cnntrain's loop."""
+    the bare loop (the model), cnntrain's loop in the same NCHW layout (the rest is the loop's
+    own overhead), its default layout, and torch.profiler's operator table of the default."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     loader = case.data.loaders["train"]
@@ -248,22 +258,22 @@ def profile(case: Case, steps: int, out: Path) -> dict:
         pass
     sync(case.device)
     pipeline = (time.perf_counter() - start) / steps
-    bare, ours = case.bare(), case.cnntrain()
-    bare(20), ours(20)
-    n, t_bare = bare(steps)
-    n, t_ours = ours(steps)
+    runs = {"bare_ms": case.bare(), "cnntrain_nchw_ms": case.cnntrain(["channels_last=false"]),
+            "cnntrain_ms": case.cnntrain()}
+    per_step = {"batch_pipeline_ms": 1e3 * pipeline}
+    for key, run in runs.items():
+        run(20)
+        per_step[key] = 1e3 * run(steps)[1] / steps
+    per_step["loop_rest_ms"] = per_step["cnntrain_nchw_ms"] - per_step["bare_ms"] - per_step["batch_pipeline_ms"]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
-        ours(steps)
+        runs["cnntrain_ms"](steps)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     out.write_text(table)
-    per_step = {"cnntrain_ms": 1e3 * t_ours / steps, "bare_ms": 1e3 * t_bare / steps,
-                "batch_pipeline_ms": 1e3 * pipeline}
-    per_step["rest_ms"] = per_step["cnntrain_ms"] - per_step["bare_ms"] - per_step["batch_pipeline_ms"]
     print(f"\nprofile of {case.name}, {steps} steps (ms per step):")
     for key, value in per_step.items():
         print(f"  {key:<18} {value:7.3f}")
-    print(f"  torch.profiler operator table: {out}")
+    print(f"  torch.profiler operator table of cnntrain's default loop: {out}")
     print("\n".join(table.splitlines()[:18]))
     return {k: round(v, 4) for k, v in per_step.items()}
 
@@ -273,8 +283,9 @@ def main() -> None:
     parser.add_argument("--root", default=os.environ.get("CNNTRAIN_FASHION_MNIST"),
                         help="folder holding FashionMNIST/raw (default: $CNNTRAIN_FASHION_MNIST)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed LeNet-5 epochs per variant (median)")
     parser.add_argument("--resnet-steps", type=int, default=200, help="ResNet-20 steps per epoch")
+    parser.add_argument("--resnet-repeats", type=int, default=3, help="timed ResNet-20 epochs per variant")
     parser.add_argument("--workers", type=int, default=0, help="classic DataLoader workers")
     parser.add_argument("--quick", action="store_true", help="a few steps per case: checks the script runs")
     parser.add_argument("--profile", action="store_true", help="also profile a cnntrain LeNet-5 epoch")
@@ -293,35 +304,43 @@ def main() -> None:
     result = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
               "fashion_mnist": fmnist_kind, "repeats": repeats, "cases": {}, "ratios": {}}
 
-    cuda_variants = {"cnntrain amp fp16": ["amp=true", "amp_dtype=fp16"],
-                     "cnntrain channels_last": ["channels_last=true"]}
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        cuda_variants["cnntrain amp bf16"] = ["amp=true", "amp_dtype=bf16"]
+    # (1) runs cnntrain's defaults, channels_last=auto included (on for the CPU and for CUDA with
+    # amp); (1') is the same loop in the bare loop's NCHW layout: (1')/(2) is the loop's overhead.
+    same_layout = "(1') cnntrain, NCHW like (2)"
+    extra = {same_layout: ["channels_last=false"]}
+    if device.type == "cuda":
+        extra.update({"cnntrain amp fp16": ["amp=true", "amp_dtype=fp16"],
+                      "cnntrain amp fp16 NCHW": ["amp=true", "amp_dtype=fp16", "channels_last=false"]})
+        if torch.cuda.is_bf16_supported():
+            extra["cnntrain amp bf16"] = ["amp=true", "amp_dtype=bf16"]
     cases = [
         ("lenet5_fmnist_b64", ["model=lenet5", "data=fashion_mnist", f"data.root={fmnist}",
-                               "data.batch_size=64"], steps),
+                               "data.batch_size=64"], steps, repeats),
         ("lenet5_fmnist_b256", ["model=lenet5", "data=fashion_mnist", f"data.root={fmnist}",
-                                "data.batch_size=256"], steps),
+                                "data.batch_size=256"], steps, repeats),
         ("resnet20_synthetic32_b64", ["model=resnet20", "data=cifar10", f"data.root={scratch / 'cifar'}",
-                                      "data.batch_size=64"], steps or args.resnet_steps),
+                                      "data.batch_size=64"], steps or args.resnet_steps,
+         1 if args.quick else args.resnet_repeats),
     ]
     built = {}
-    for name, overrides, case_steps in cases:
+    for name, overrides, case_steps, case_repeats in cases:
         case = built[name] = Case(name, overrides, device, case_steps, args.workers)
         variants = {"(1) cnntrain": case.cnntrain(), "(2) bare": case.bare(), "(3) classic": case.classic()}
+        variants.update({k: case.cnntrain(v) for k, v in extra.items()})
         if name == "lenet5_fmnist_b64":  # the default augmentation's cost, for information
             variants["cnntrain aug=basic (default)"] = case.cnntrain(["aug=basic"])
-        if device.type == "cuda":
-            variants.update({k: case.cnntrain(v) for k, v in cuda_variants.items()})
-        rows = measure(variants, repeats, warmup_steps=min(case.steps, 20))
+        rows = measure(variants, case_repeats, warmup_steps=min(case.steps, 20))
         result["cases"][name] = {"steps": case.steps, "batch_size": case.batch, "rows": rows}
         print_table(f"training: {name} ({case.steps} steps of {case.batch})", rows, "(2) bare", "(3) classic")
 
+    nhwc = channels_last("auto", device, None)
     for name in ("lenet5_fmnist_b64", "resnet20_synthetic32_b64"):
         case = built[name]
         model = case.model()
-        rows = measure({"(1) cnneval loop": case.eval_cnntrain(model), "(2) bare no-grad": case.eval_bare(model)},
-                       max(repeats, 5 if not args.quick else 1), warmup_steps=None)
+        variants = {"(1) cnneval loop": case.eval_cnntrain(model, nhwc),
+                    "(1') cnneval loop, NCHW": case.eval_cnntrain(model, False),
+                    "(2) bare no-grad": case.eval_bare(model)}
+        rows = measure(variants, max(repeats, 5 if not args.quick else 1), warmup_steps=None)
         result["cases"][f"eval_{name}"] = {"rows": rows}
         print_table(f"evaluation: {name} test split", rows, "(2) bare no-grad", None)
 
@@ -332,19 +351,20 @@ def main() -> None:
         rows = result["cases"][case]["rows"]
         return round(rows[a]["img_per_s"] / rows[b]["img_per_s"], 3)
     r = result["ratios"]
-    r["train_vs_bare_b64"] = ratio("lenet5_fmnist_b64", "(1) cnntrain", "(2) bare")
-    r["train_vs_bare_b256"] = ratio("lenet5_fmnist_b256", "(1) cnntrain", "(2) bare")
-    r["train_vs_classic_b64"] = ratio("lenet5_fmnist_b64", "(1) cnntrain", "(3) classic")
-    r["resnet20_vs_bare"] = ratio("resnet20_synthetic32_b64", "(1) cnntrain", "(2) bare")
-    r["resnet20_vs_classic"] = ratio("resnet20_synthetic32_b64", "(1) cnntrain", "(3) classic")
-    r["eval_vs_bare"] = min(ratio(f"eval_{n}", "(1) cnneval loop", "(2) bare no-grad")
-                            for n in ("lenet5_fmnist_b64", "resnet20_synthetic32_b64"))
-    print("\nratios (targets on a 2-core CPU):")
+    for tag, case in (("b64", "lenet5_fmnist_b64"), ("b256", "lenet5_fmnist_b256"),
+                      ("resnet20", "resnet20_synthetic32_b64")):
+        r[f"train_vs_bare_{tag}"] = ratio(case, "(1) cnntrain", "(2) bare")
+        r[f"overhead_vs_bare_{tag}"] = ratio(case, same_layout, "(2) bare")
+        r[f"train_vs_classic_{tag}"] = ratio(case, "(1) cnntrain", "(3) classic")
+    for tag, key in (("", "(1) cnneval loop"), ("overhead_", "(1') cnneval loop, NCHW")):
+        r[f"eval_{tag}vs_bare"] = min(ratio(f"eval_{n}", key, "(2) bare no-grad")
+                                      for n in ("lenet5_fmnist_b64", "resnet20_synthetic32_b64"))
+    print("\nratios (targets on a 2-core CPU; overhead_*: the same loops in the same layout):")
     for key, value in r.items():
-        target = TARGETS.get(key)
+        target = TARGETS.get(key.replace("overhead_", "train_") if "eval" not in key else key.replace("overhead_", ""))
         mark = "" if target is None else f"  target >= {target}: {'met' if value >= target else 'NOT met'}"
-        print(f"  {key:<22} {value:6.3f}{mark}")
-    print(f"  help_seconds           {result['help_seconds']:6.3f}  target < 2: "
+        print(f"  {key:<26} {value:6.3f}{mark}")
+    print(f"  {'help_seconds':<26} {result['help_seconds']:6.3f}  target < 2: "
           f"{'met' if result['help_seconds'] < TARGETS['help_seconds'] else 'NOT met'}")
 
     if args.profile:

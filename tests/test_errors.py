@@ -40,6 +40,10 @@ def assert_one_line_error(proc, *needles):
     ("optim.lr=0", "optim.lr must be a positive number"),
     ("data.val_split=1.0", "data.val_split must be in [0, 1)"),
     ("device=cuda", "no CUDA GPU"),
+    ("channels_last=maybe", "channels_last must be auto, true or false"),
+    ("on_nan=ignore", "on_nan must be stop or skip_batch"),
+    ("checkpoint.keep_top_k=-1", "checkpoint.keep_top_k must be an integer >= 0"),
+    ("resume_allow_changes=[model.name]", "resume_allow_changes may list data.batch_size, optim.lr"),
 ])
 def test_bad_values(existing_run, data_root, override, needle):
     before = snapshot(existing_run)

@@ -30,6 +30,17 @@ def test_bf16_autocast_and_channels_last_on_cpu(data_root, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["model"] == "resnet18"
 
 
+def test_channels_last_auto_is_on_for_the_cpu_and_for_cuda_with_amp(data_root, tmp_path):
+    from cnntrain.runtime import channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert channels_last("auto", cpu, None) and channels_last("auto", cuda, torch.bfloat16)
+    assert not channels_last("auto", cuda, None) and not channels_last(False, cpu, None)
+    run(data_root, tmp_path, "model=resnet20", "data=cifar10")
+    weight = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["model"]["stem.0.weight"]
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
 def test_amp_dtype_choices():
     assert amp_dtype(False, torch.device("cuda")) is None
     assert amp_dtype(True, torch.device("cuda"), "fp16") == torch.float16
