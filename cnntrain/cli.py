@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
+import time
+from datetime import datetime
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("cnntrain")
 _failures: list[str] = []
@@ -40,12 +43,22 @@ def _train_task(cfg: DictConfig):
     validate_train(cfg)  # a bad value fails before torch is imported (seconds sooner)
     from cnntrain.train import train
 
-    return train(cfg)
+    results = train(cfg)
+    if cfg.optimized_metric:  # what a sweeper (Optuna) maximizes
+        if cfg.optimized_metric not in results:
+            from cnntrain.errors import UserError
+
+            raise UserError(f"optimized_metric={cfg.optimized_metric} is not a result; choose one "
+                            f"of {', '.join(k for k, v in results.items() if isinstance(v, float))}")
+        return results[cfg.optimized_metric]
+    return results
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def _train(cfg: DictConfig):
-    return _run(_train_task, cfg)
+    result = _run(_train_task, cfg)
+    # a failed job in a sweep: NaN makes Optuna record a failed trial and go on
+    return float("nan") if result is None and cfg.optimized_metric else result
 
 
 def _lazy(module: str, function: str):
@@ -76,10 +89,58 @@ def _exit() -> None:
     sys.exit(1 if _failures else 0)
 
 
+def _run_time() -> float:
+    """When this run started: rank 0's clock under torchrun (distributed.init shares it)."""
+    return float(os.environ.get("CNNTRAIN_RUN_TIME", _STARTED))
+
+
+_STARTED = repr(time.time())
+
+
+def _unique_dir(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ... if a run that started in the same second has it:
+    claimed with mkdir, which only one process can win. Under torchrun every rank must name the
+    same folder, so there it is `path` as resolved from rank 0's start time."""
+    if "CNNTRAIN_RUN_TIME" in os.environ:
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    for n in range(1, 1000):
+        candidate = path if n == 1 else f"{path}-{n}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free folder next to {path}")
+
+
+# Cached: Hydra copies the resolver cache into every job's config (also in joblib or SLURM
+# workers), so all jobs of a sweep resolve the same folder.
+OmegaConf.register_new_resolver(
+    "cnntrain.now", lambda pattern: datetime.fromtimestamp(_run_time()).strftime(pattern),
+    use_cache=True, replace=True)
+OmegaConf.register_new_resolver("cnntrain.unique", _unique_dir, use_cache=True, replace=True)
+
+
 def _console_script(hydra_main):
-    """A console-script entry: the Hydra app, then exit code 1 if any job failed."""
+    """A console-script entry: the Hydra app, then exit code 1 if any job failed. Under torchrun
+    the ranks first join their process group; ranks > 0 write no Hydra files and log errors only."""
     def run() -> None:
-        hydra_main()
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # torch stays unimported for --help
+            hydra_main()
+            _exit()
+        from cnntrain import distributed
+
+        distributed.init()
+        if not distributed.is_main():
+            sys.argv += ["hydra.output_subdir=null", "hydra.job_logging.root.level=ERROR",
+                         "hydra.job_logging.handlers.file.filename="
+                         f"${{hydra.runtime.output_dir}}/rank{distributed.rank()}.log",
+                         "+hydra.job_logging.handlers.file.delay=true"]
+        try:
+            hydra_main()
+        finally:
+            distributed.destroy()
         _exit()
     return run
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cnntrain import distributed
 from cnntrain.errors import UserError
 
 
@@ -130,9 +131,10 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
             break
     bar.close()
     bar.check(state, on_nan, final=True)  # waits for the device
-    n = max(state.n, 1)
-    return {"loss": float(state.loss_sum) / n, "acc": int(state.correct) / n, "state": state,
-            "total": bar.total, "img_per_s": (state.n - first) / (time.perf_counter() - start)}
+    loss_sum, correct, n, new = distributed.summed(state.loss_sum, state.correct, state.n, state.n - first)
+    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "state": state,
+            "loss_sum": loss_sum, "correct": int(correct), "n": int(n),  # over all ranks
+            "total": bar.total, "img_per_s": new / (time.perf_counter() - start)}
 
 
 @torch.no_grad()
@@ -155,9 +157,12 @@ def evaluate_loader(model: nn.Module, loader, *, device: torch.device, num_class
         top, lse = out.topk(k, 1), out.logsumexp(1)
         kept.append((top.indices, top.values[:, 0] - lse, lse - out.gather(1, y[:, None])[:, 0], y))
     bar.close()
-    if not kept:
-        raise UserError(f"{desc}: no batches to evaluate")
-    top, log_confidence, loss, target = (torch.cat(parts) for parts in zip(*kept))
+    parts = ([torch.cat(p) for p in zip(*kept)] if kept else  # a rank's chunk may be empty
+             [torch.empty(0, k, dtype=torch.long, device=device), torch.empty(0, device=device),
+              torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device)])
+    top, log_confidence, loss, target = distributed.gather_cat(parts)
+    if not len(target):
+        raise UserError(f"{desc}: no images to evaluate")
     predicted = top[:, 0]
     confusion = torch.bincount(target * num_classes + predicted, minlength=num_classes**2)
     confusion = confusion.view(num_classes, num_classes).cpu()

@@ -74,12 +74,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class StopSignals:
-    """While active, SIGINT, SIGTERM and SIGUSR1 (Ctrl-C, `kill`, SLURM's preemption and time
-    limit warnings, submitit's requeue) only set `requested`, which the training loop reads
-    after every batch to checkpoint and exit; a second Ctrl-C interrupts at once. Outside the
-    main thread (where Python cannot install handlers) it does nothing."""
+    """While active, SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 (Ctrl-C, `kill`, SLURM's warnings before
+    preemption or the time limit) only set `requested`, which the training loop reads after
+    every batch to checkpoint and exit; a second Ctrl-C interrupts at once. A handler that was
+    there before (submitit's, which requeues the job on SIGUSR2) is called once the state is
+    saved. Outside the main thread (where Python cannot install handlers) it does nothing."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
         self.signum: int | None = None
@@ -104,3 +105,6 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        previous = self._previous.get(self.signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(self.signum, None)

@@ -23,20 +23,23 @@ def format_row(row: dict, epochs: int) -> str:
 
 class RunTracker:
     """`history` is every epoch's row so far (restored on resume), so the CSV and the plot are
-    always rewritten whole and a resumed run's files match an uninterrupted one's."""
+    always rewritten whole and a resumed run's files match an uninterrupted one's.
+    With write=False (ranks > 0 under torchrun) it only keeps the history."""
 
-    def __init__(self, run_dir: Path, epochs: int, history: list[dict] | None = None):
+    def __init__(self, run_dir: Path, epochs: int, history: list[dict] | None = None, write: bool = True):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.run_dir, self.epochs = Path(run_dir), epochs
+        self.run_dir, self.epochs, self.write = Path(run_dir), epochs, write
         self.history = list(history or [])
-        self.tb = SummaryWriter(str(self.run_dir / "tb"))
-        if self.history:  # resumed into a new folder: carry the earlier epochs over
+        self.tb = SummaryWriter(str(self.run_dir / "tb")) if write else None
+        if self.history and write:  # resumed into a new folder: carry the earlier epochs over
             self._write_csv()
             self._plot()
 
     def log_epoch(self, row: dict) -> None:
         self.history.append(row)
+        if not self.write:
+            return
         log.info(format_row(row, self.epochs))
         self._write_csv()
         for key in COLUMNS[1:]:
@@ -82,6 +85,8 @@ class RunTracker:
 
     def log_predictions(self, loader, result: dict, classes: list[str], epoch: int, count: int = 8) -> None:
         """TensorBoard: the first validation images with their predicted and true labels."""
+        if not self.write:
+            return
         from cnntrain.report import prediction_captions, samples_figure
 
         indices = list(range(min(count, len(result["predicted"]))))
@@ -92,6 +97,8 @@ class RunTracker:
     def log_final(self, hparams: dict, results: dict, confusion=None, classes=None) -> None:
         """TensorBoard: the test confusion matrix and the run's hyper-parameters with its final
         metrics (the HParams tab then compares the runs of a sweep)."""
+        if not self.write:
+            return
         if confusion is not None:
             from cnntrain.report import confusion_figure
 
@@ -101,4 +108,5 @@ class RunTracker:
         self.tb.add_hparams(hparams, metrics, run_name=".")
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -2,6 +2,7 @@
 -> the test score of the best checkpoint."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import signal
@@ -13,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from cnntrain import distributed
 from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
 from cnntrain.config import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, validate_train
@@ -154,8 +156,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
     ckpt_dir = run_dir / "checkpoints"
     resumed = _resume_state(cfg, ckpt_dir)
-    device = select_device(cfg.device)
-    seed_everything(cfg.seed, cfg.deterministic)
+    distributed.barrier()  # rank 0 may have copied files into ckpt_dir
+    device = distributed.local_device(select_device(cfg.device))
+    # one seed per rank for dropout & co; the data order comes from cfg.seed alone, on every rank
+    seed_everything(cfg.seed + distributed.rank(), cfg.deterministic)
     dtype = amp_dtype(cfg.amp, device, cfg.amp_dtype)
 
     apply_pretrained_input(cfg)
@@ -194,12 +198,20 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
              device, f", amp {dtype}".replace("torch.", "") if dtype else "", format_summary(summary))
     log.info("run dir: %s", run_dir)
 
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = model
+    if distributed.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if cfg.sync_batchnorm:
+            step_model = nn.SyncBatchNorm.convert_sync_batchnorm(step_model)
+        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     common = dict(device=device, amp_dtype=dtype, channels_last=nhwc,
                   max_steps=cfg.max_eval_steps)
     config = stored_config(cfg, data)
-    tracker = RunTracker(run_dir, cfg.epochs, history)
+    main = distributed.is_main()  # the one process that writes files
+    tracker = RunTracker(run_dir, cfg.epochs, history, write=main)
     saver = CheckpointSaver(ckpt_dir, best, cfg.checkpoint.keep_top_k,
                             resumed.get("top_k", []) if resumed else [])
     if val_loader is None:
@@ -214,6 +226,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     started = time.perf_counter()
     with StopSignals() as signals:
+        # the ranks must stop at the same batch: they compare notes every 8 batches
+        stop = (signals.requested if distributed.world_size() == 1 else
+                lambda count=itertools.count(1): next(count) % 8 == 0 and distributed.any_rank(signals.requested()))
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.perf_counter()
             # a resumed epoch keeps the lr it started with, for its metrics.csv row
@@ -223,17 +238,19 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                                  scheduler=scheduler if interval == "step" else None, scaler=scaler,
                                  desc=f"epoch {epoch}/{cfg.epochs}", device=device, amp_dtype=dtype,
                                  channels_last=nhwc, max_steps=cfg.max_steps_per_epoch,
-                                 on_nan=cfg.on_nan, state=EpochState(**partial["state"]) if partial else None,
-                                 stop=signals.requested)
+                                 on_nan=cfg.on_nan, state=_epoch_state(partial), stop=stop)
             partial = None
             if tr["state"].skipped:
                 log.warning("epoch %d: skipped %d batches with a non-finite loss (on_nan=skip_batch)",
                             epoch, tr["state"].skipped)
             if tr["state"].step < tr["total"]:  # stopped by a signal in the middle of the epoch
-                core, resume_state = state(epoch - 1, tracker.history[-1] if tracker.history else {})
-                saver.save_last({**core, **resume_state, "partial": {
-                    "epoch": epoch, "lr": lr, "state": tr["state"].state_dict()}})
-                raise _interrupted(signals.signum, saver.last, f"epoch {epoch}, step {tr['state'].step}")
+                done = tr["state"].state_dict()
+                done["loss_sum"], done["correct"], done["n"] = tr["loss_sum"], tr["correct"], tr["n"]
+                if main:
+                    core, resume_state = state(epoch - 1, tracker.history[-1] if tracker.history else {})
+                    saver.save_last({**core, **resume_state, "partial": {"epoch": epoch, "lr": lr, "state": done}})
+                distributed.barrier()
+                raise _interrupted(signals.signum, saver.last, f"epoch {epoch}, step {done['step']}")
             if interval == "epoch":
                 scheduler.step()
             va = evaluate_loader(step_model, val_loader, num_classes=len(data.classes),
@@ -244,18 +261,32 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             tracker.log_epoch(row)
             if val_loader:
                 tracker.log_predictions(val_loader, va, data.classes, epoch)
-            saver.save(*state(epoch, row), va["acc"] if va["acc"] is not None else tr["acc"])
-            if signals.requested() and epoch < cfg.epochs:
-                raise _interrupted(signals.signum, saver.last, f"the end of epoch {epoch}")
+            if main:
+                saver.save(*state(epoch, row), va["acc"] if va["acc"] is not None else tr["acc"])
+            distributed.barrier()  # best.pt is complete before any rank reads it
+            if distributed.any_rank(signals.requested()) and epoch < cfg.epochs:
+                raise _interrupted(signals.signum or signal.SIGTERM, saver.last, f"the end of epoch {epoch}")
     results, confusion = _final_test(model, data, saver, common)
     results.update(model=cfg.model.name, dataset=cfg.data.name, epochs=cfg.epochs,
                    train_time_s=round(time.perf_counter() - started, 2), params=summary["params"],
                    trainable_params=summary["trainable"], macs=summary["macs"],
                    run_dir=str(run_dir))
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     tracker.log_final(hparams(cfg), results, confusion, data.classes)
     tracker.close()
     return results
+
+
+def _epoch_state(partial: dict | None) -> EpochState | None:
+    """Where a resumed epoch stopped. Its sums are the stopped run's totals over all ranks, so
+    under torchrun rank 0 carries them and the other ranks start from zero."""
+    if partial is None:
+        return None
+    state = EpochState(**partial["state"])
+    if not distributed.is_main():
+        state = EpochState(step=state.step)
+    return state
 
 
 def _interrupted(signum: int, last: Path, where: str) -> Interrupted:

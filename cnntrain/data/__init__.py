@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Subset
 
+from cnntrain import distributed
 from cnntrain.data.augment import BatchAugment, Normalize
 from cnntrain.data.builtin import BUILTIN, load_builtin
 from cnntrain.data.loaders import DeviceLoader, FolderLoader
@@ -103,7 +104,7 @@ def _builtin_data(data, aug, device, seed, splits) -> Data:
         training = split == "train"
         out.loaders[split] = DeviceLoader(
             x, y, data.batch_size, _augment(aug if training else None, kind, normalize),
-            shuffle=training, drop_last=training, seed=seed)
+            shuffle=training, drop_last=training, seed=seed, **distributed.shard())
     return out
 
 
@@ -149,5 +150,5 @@ def _folder_data(data, aug, device, seed, splits) -> Data:
             training = split == "train"
             out.loaders[split] = FolderLoader(sets[split], data.batch_size, data.num_workers, device,
                                               shuffle=training, drop_last=training, seed=seed,
-                                              skip_bad_images=skip_bad)
+                                              skip_bad_images=skip_bad, **distributed.shard())
     return out

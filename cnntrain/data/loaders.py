@@ -7,7 +7,7 @@ import itertools
 import logging
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 log = logging.getLogger("cnntrain")
 
@@ -15,15 +15,25 @@ log = logging.getLogger("cnntrain")
 class DeviceLoader:
     """Batches a whole uint8 image tensor that lives on the training device (airbench's CifarLoader):
     indexing, augmentation and normalization are a handful of batched tensor ops per batch, with
-    no per-sample Python, no PIL and no host-to-device copy."""
+    no per-sample Python, no PIL and no host-to-device copy.
+
+    Under torchrun (`world` > 1) a shuffled (training) loader draws the global batch of
+    batch_size * world images that one process would, augments it with the same random
+    parameters and yields this rank's slice, so N ranks see exactly one process's batches; an
+    evaluation loader covers this rank's consecutive chunk of the split, every sample once."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform,
-                 shuffle: bool = False, drop_last: bool = False, seed: int = 0):
+                 shuffle: bool = False, drop_last: bool = False, seed: int = 0,
+                 rank: int = 0, world: int = 1):
         self.images, self.labels = images, labels
         self.batch_size, self.transform = batch_size, transform
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.rank, self.world = rank, world
+        n = len(labels)
+        self.part = (0, n) if shuffle else (n * rank // world, n * (rank + 1) // world)
+        self.step = batch_size * world if shuffle else batch_size  # images drawn per batch
         # A last batch of one image breaks BatchNorm in training; drop the remainder there.
-        self.drop_last = drop_last and len(labels) > batch_size
+        self.drop_last = drop_last and n > self.step
 
     @property
     def num_samples(self) -> int:
@@ -41,8 +51,8 @@ class DeviceLoader:
         return self.images[index].permute(1, 2, 0).cpu().numpy()
 
     def __len__(self) -> int:
-        n, b = len(self.labels), self.batch_size
-        return n // b if self.drop_last else -(-n // b)
+        lo, hi = self.part
+        return (hi - lo) // self.step if self.drop_last else -(-(hi - lo) // self.step)
 
     def __iter__(self):
         return self.iter_from(0)
@@ -53,18 +63,19 @@ class DeviceLoader:
         uninterrupted epoch did, for a few milliseconds of tensor ops per batch."""
         device = self.images.device
         gen = torch.Generator(device=device).manual_seed(self.seed * 100_003 + self.epoch)
-        n = len(self.labels)
-        order = torch.randperm(n, generator=gen, device=device) if self.shuffle else None
+        lo, hi = self.part
+        order = torch.randperm(hi, generator=gen, device=device) if self.shuffle else None
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for i in range(len(self)):
             if order is None:
-                sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+                sl = slice(lo + i * self.step, min(lo + (i + 1) * self.step, hi))
                 x, y = self.images[sl], self.labels[sl]
             else:
-                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+                idx = order[i * self.step:(i + 1) * self.step]
                 x, y = self.images[idx], self.labels[idx]
             x = self.transform(x, gen, replay=i < start)
             if i >= start:
-                yield x, y
+                yield (x[mine], y[mine]) if order is not None and self.world > 1 else (x, y)
 
 
 class FolderLoader:
@@ -78,7 +89,7 @@ class FolderLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
                  shuffle: bool = False, drop_last: bool = False, seed: int = 0,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, rank: int = 0, world: int = 1):
         from cnntrain.data.folder import collate_images
 
         self.device, self.seed, self.skip_bad_images = device, seed, skip_bad_images
@@ -87,8 +98,16 @@ class FolderLoader:
         # first pass of an epoch (a resumed one) another shuffle order than later passes.
         self.generator, self.order = torch.Generator(), torch.Generator()
         # the sampler and batch sampler DataLoader(shuffle=, drop_last=) would build, resumable
-        sampler = RandomSampler(dataset, generator=self.order) if shuffle else SequentialSampler(dataset)
-        self.batches = _ResumableBatches(sampler, batch_size, drop_last and len(dataset) > batch_size)
+        # and under torchrun (world > 1) sharded as DeviceLoader is: each rank's slice of the
+        # global batch in training, its consecutive chunk of the split in evaluation
+        n = len(dataset)
+        if shuffle:
+            sampler, step = RandomSampler(dataset, generator=self.order), batch_size * world
+        else:
+            sampler, step = range(n * rank // world, n * (rank + 1) // world), batch_size
+        self.batches = _ResumableBatches(sampler, step, drop_last and n > step)
+        if shuffle and world > 1:
+            self.batches.mine = slice(rank * batch_size, (rank + 1) * batch_size)
         self.loader = DataLoader(
             dataset, batch_sampler=self.batches, num_workers=num_workers, generator=self.generator,
             pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
@@ -172,8 +191,10 @@ class FolderLoader:
 
 class _ResumableBatches(BatchSampler):
     """A BatchSampler that leaves out its first `start` batches of indices; its sampler still
-    draws the whole epoch's order, so the batches after them are the uninterrupted epoch's."""
+    draws the whole epoch's order, so the batches after them are the uninterrupted epoch's.
+    `mine`: the part of each (global) batch this rank takes."""
     start = 0
+    mine = slice(None)
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
+        return (batch[self.mine] for batch in itertools.islice(super().__iter__(), self.start, None))
