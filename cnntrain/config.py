@@ -42,6 +42,15 @@ def validate_train(cfg: DictConfig) -> None:
     k = cfg.checkpoint.keep_top_k
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise UserError(f"checkpoint.keep_top_k must be an integer >= 0, got {k!r}")
+    decay = cfg.ema.decay
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1):
+        raise UserError(f"ema.decay must be in (0, 1), e.g. 0.999, or null; got {decay!r}")
+    if cfg.early_stop.patience is not None:
+        _positive(cfg, "early_stop.patience")
+    for key in ("aug.mixup_alpha", "aug.cutmix_alpha"):
+        value = OmegaConf.select(cfg, key, default=0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise UserError(f"{key} must be >= 0 (0 = off), got {value!r}")
     for key in cfg.resume_allow_changes or []:
         if key not in CHANGEABLE_ON_RESUME:
             raise UserError(f"resume_allow_changes may list {', '.join(CHANGEABLE_ON_RESUME)}, not {key}")

@@ -86,11 +86,13 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
                     scheduler=None, scaler=None, amp_dtype=None, channels_last: bool = False,
                     grad_clip: float | None = None, max_steps: int | None = None, desc: str = "train",
                     progress: bool = True, on_nan: str = "stop", state: EpochState | None = None,
-                    stop=None) -> dict:
+                    stop=None, mix=None, ema=None) -> dict:
     """One pass over `loader` (or its first `max_steps` batches), continuing `state` (a resumed
     epoch) if given; `scheduler`, if given, is stepped after every batch. `stop()` is asked after
     every batch whether to end the epoch early (a signal). A non-finite loss stops training
-    (UserError) or, with on_nan="skip_batch", skips that batch's update.
+    (UserError) or, with on_nan="skip_batch", skips that batch's update. `mix(x, y)` (MixUp /
+    CutMix) returns mixed images and soft targets; accuracy still counts the original labels.
+    `ema` (an AveragedModel) is updated after every optimizer step.
     Returns {"loss", "acc"} averaged over the samples seen, the throughput "img_per_s", and
     "state" (its step < "total" if stopped early)."""
     model.train()
@@ -100,9 +102,10 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
     first, start = state.n, time.perf_counter()
     bar = _Progress(loader, desc, progress, channels_last, max_steps, state.step, device)
     for x, y in bar:
+        x, target = mix(x, y) if mix is not None else (x, y)
         with autocast(device, amp_dtype):
             out = model(x)
-            loss = criterion(out, y)
+            loss = criterion(out, target)
         # skip_batch reads the loss every step (a device sync on a GPU): only when asked for
         if on_nan == "skip_batch" and not torch.isfinite(loss):
             state.skipped += 1
@@ -120,6 +123,8 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
                 if grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             state.loss_sum += loss.detach() * len(y)
             state.correct += (out.argmax(1) == y).sum()
             state.n += len(y)
@@ -140,19 +145,23 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader, *, device: torch.device, num_classes: int,
                     amp_dtype=None, channels_last: bool = False, max_steps: int | None = None,
-                    keep_predictions: bool = False, desc: str = "eval", progress: bool = True) -> dict:
+                    keep_predictions: bool = False, desc: str = "eval", progress: bool = True,
+                    tta: str | None = None) -> dict:
     """Cross-entropy loss, top-1, top-5 (None under 5 classes) and the confusion matrix
     (rows = true class, columns = predicted) over `loader` (or its first `max_steps` batches);
     with keep_predictions also each sample's "predicted" class, its "confidence" and "target".
     Per batch only the top-k classes and the log-sum-exp of the logits are kept (everything
-    above follows from them); the rest is computed once at the end, in a few large ops."""
+    above follows from them); the rest is computed once at the end, in a few large ops.
+    tta="flip": the logits are the mean over each image and its mirror image."""
+    if tta not in (None, "flip"):
+        raise UserError(f"tta must be null or flip, got {tta!r}")
     model.eval()
     k = min(5, num_classes)
     kept = []
     bar = _Progress(loader, desc, progress, channels_last, max_steps)
     for x, y in bar:
         with autocast(device, amp_dtype):
-            out = model(x)
+            out = model(x) if tta is None else (model(x) + model(x.flip(-1))) / 2
         out = out.float()
         top, lse = out.topk(k, 1), out.logsumexp(1)
         kept.append((top.indices, top.values[:, 0] - lse, lse - out.gather(1, y[:, None])[:, 0], y))

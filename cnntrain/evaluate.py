@@ -82,7 +82,7 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
         model = model.to(memory_format=torch.channels_last)
     result = evaluate_loader(model, loader, device=device, num_classes=len(data.classes),
                              desc=cfg.split, amp_dtype=dtype, channels_last=nhwc,
-                             keep_predictions=True)
+                             keep_predictions=True, tta=cfg.get("tta"))
     report = build_report(result, classes=data.classes, split=cfg.split, dataset=trained.data.name,
                           model=trained.model.name, checkpoint=path.resolve())
     if verbose:

@@ -19,6 +19,7 @@ from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, sa
                                  set_rng_state)
 from cnntrain.config import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, validate_train
 from cnntrain.data import Data, build_data
+from cnntrain.data.augment import batch_mix
 from cnntrain.engine import EpochState, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted, UserError
 from cnntrain.models import resolve_stem
@@ -178,9 +179,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     steps = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
     scheduler, interval = create_scheduler(cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=steps)
     scaler = grad_scaler(dtype, device)
-    start, history, best, partial = 1, [], None, None
+    start, history, best, partial, since_best = 1, [], None, None, 0
+    ema = _ema(cfg.ema.decay, model, resumed)
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
+        model.load_state_dict(resumed.get("train_model", resumed["model"]))
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         if scaler is not None and resumed.get("scaler"):
@@ -190,7 +192,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             _rescale_lr(optimizer, scheduler, cfg.optim.lr / old_lr)
         set_rng_state(resumed["rng"])
         start, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best_metric"]
-        partial = resumed.get("partial")
+        partial, since_best = resumed.get("partial"), resumed.get("since_best", 0)
 
     log.info("%s on %s: %s classes, input %dx%dx%d, %d train / %d val images; device %s%s\n%s",
              cfg.model.name, cfg.data.name, len(data.classes), data.in_channels, data.image_size,
@@ -206,6 +208,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             step_model = nn.SyncBatchNorm.convert_sync_batchnorm(step_model)
         step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(step_model) if cfg.compile else step_model
+    # EMA weights, when kept, are the ones validated, tested and saved as the model of a checkpoint
+    eval_model = ema.module if ema is not None else step_model
+    mix = batch_mix(cfg.aug, len(data.classes))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     common = dict(device=device, amp_dtype=dtype, channels_last=nhwc,
                   max_steps=cfg.max_eval_steps)
@@ -218,11 +223,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         log.info("no validation data (data.val_split=0): best.pt is chosen by train accuracy")
 
     def state(epoch: int, metrics: dict) -> tuple[dict, dict]:
-        core = {"model": model.state_dict(), "config": config, "classes": data.classes,
-                "epoch": epoch, "metrics": metrics}
-        return core, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
-                      "history": tracker.history}
+        core = {"model": (ema.module if ema is not None else model).state_dict(), "config": config,
+                "classes": data.classes, "epoch": epoch, "metrics": metrics}
+        resume_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
+                        "history": tracker.history, "since_best": since_best}
+        if ema is not None:
+            resume_state.update(train_model=model.state_dict(), ema_n_averaged=int(ema.n_averaged))
+        return core, resume_state
 
     started = time.perf_counter()
     with StopSignals() as signals:
@@ -238,7 +246,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                                  scheduler=scheduler if interval == "step" else None, scaler=scaler,
                                  desc=f"epoch {epoch}/{cfg.epochs}", device=device, amp_dtype=dtype,
                                  channels_last=nhwc, max_steps=cfg.max_steps_per_epoch,
-                                 on_nan=cfg.on_nan, state=_epoch_state(partial), stop=stop)
+                                 on_nan=cfg.on_nan, state=_epoch_state(partial), stop=stop, mix=mix, ema=ema)
             partial = None
             if tr["state"].skipped:
                 log.warning("epoch %d: skipped %d batches with a non-finite loss (on_nan=skip_batch)",
@@ -253,7 +261,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 raise _interrupted(signals.signum, saver.last, f"epoch {epoch}, step {done['step']}")
             if interval == "epoch":
                 scheduler.step()
-            va = evaluate_loader(step_model, val_loader, num_classes=len(data.classes),
+            va = evaluate_loader(eval_model, val_loader, num_classes=len(data.classes),
                                  keep_predictions=True, desc="val", **common) if val_loader else {"loss": None, "acc": None}
             row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
                    "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr,
@@ -261,13 +269,23 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             tracker.log_epoch(row)
             if val_loader:
                 tracker.log_predictions(val_loader, va, data.classes, epoch)
+            metric = va["acc"] if va["acc"] is not None else tr["acc"]
+            since_best = 0 if saver.is_better(metric) else since_best + 1
             if main:
-                saver.save(*state(epoch, row), va["acc"] if va["acc"] is not None else tr["acc"])
+                saver.save(*state(epoch, row), metric)
+            elif since_best == 0:
+                saver.best_metric = metric
             distributed.barrier()  # best.pt is complete before any rank reads it
+            patience = cfg.early_stop.patience
+            if patience and since_best >= patience and epoch < cfg.epochs:
+                log.info("early stop after epoch %d: no better %s accuracy for %d epochs",
+                         epoch, "val" if val_loader else "train", patience)
+                break
             if distributed.any_rank(signals.requested()) and epoch < cfg.epochs:
                 raise _interrupted(signals.signum or signal.SIGTERM, saver.last, f"the end of epoch {epoch}")
     results, confusion = _final_test(model, data, saver, common)
     results.update(model=cfg.model.name, dataset=cfg.data.name, epochs=cfg.epochs,
+                   epochs_run=tracker.history[-1]["epoch"] if tracker.history else 0,
                    train_time_s=round(time.perf_counter() - started, 2), params=summary["params"],
                    trainable_params=summary["trainable"], macs=summary["macs"],
                    run_dir=str(run_dir))
@@ -276,6 +294,20 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     tracker.log_final(hparams(cfg), results, confusion, data.classes)
     tracker.close()
     return results
+
+
+def _ema(decay, model: nn.Module, resumed: dict | None):
+    """torch's AveragedModel as an exponential moving average of the weights and BN buffers
+    (None without ema.decay); a resumed run restores it from the checkpoint's model."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if resumed is not None and "ema_n_averaged" in resumed:
+        ema.module.load_state_dict(resumed["model"])
+        ema.n_averaged.fill_(resumed["ema_n_averaged"])
+    return ema
 
 
 def _epoch_state(partial: dict | None) -> EpochState | None:

@@ -44,6 +44,9 @@ def assert_one_line_error(proc, *needles):
     ("on_nan=ignore", "on_nan must be stop or skip_batch"),
     ("checkpoint.keep_top_k=-1", "checkpoint.keep_top_k must be an integer >= 0"),
     ("resume_allow_changes=[model.name]", "resume_allow_changes may list data.batch_size, optim.lr"),
+    ("ema.decay=1.5", "ema.decay must be in (0, 1)"),
+    ("early_stop.patience=0", "early_stop.patience must be a positive integer"),
+    ("aug.mixup_alpha=-1", "aug.mixup_alpha must be >= 0"),
 ])
 def test_bad_values(existing_run, data_root, override, needle):
     before = snapshot(existing_run)

@@ -107,3 +107,20 @@ class BatchAugment:
         box = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
                & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1)))
         return x.masked_fill_((box & apply.view(b, 1, 1)).unsqueeze(1), 0.0)
+
+
+def batch_mix(aug, num_classes: int):
+    """torchvision's batch-level MixUp / CutMix (or a random choice of the two per batch) for
+    `aug.mixup_alpha` / `aug.cutmix_alpha` > 0, else None. It takes (images, labels) and returns
+    mixed images with soft targets of shape (batch, num_classes), which CrossEntropyLoss takes
+    as class probabilities; it runs on the batch where it lives (the GPU for built-in data)."""
+    if aug is None:
+        return None
+    mixes = []
+    if aug.get("mixup_alpha", 0) > 0:
+        mixes.append(v2.MixUp(alpha=float(aug.mixup_alpha), num_classes=num_classes))
+    if aug.get("cutmix_alpha", 0) > 0:
+        mixes.append(v2.CutMix(alpha=float(aug.cutmix_alpha), num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

@@ -1,0 +1,108 @@
+"""The regularizers of the recipes each do what they say (mixup/cutmix, EMA, early stopping,
+test-time flips), and every experiment config composes and states its target and source."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from cnntrain.checkpoint import load_checkpoint
+from cnntrain.data.augment import BatchAugment, Normalize, batch_mix
+from cnntrain.data.loaders import DeviceLoader
+from cnntrain.engine import evaluate_loader
+from cnntrain.models import create_model
+from cnntrain.train import train
+from conftest import run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs/experiment").glob("*.yaml"))
+
+
+def make_cfg(data_root, *overrides):
+    with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=[
+            f"data.root={data_root}", "data.download=false", "device=cpu", *overrides])
+
+
+def batch(n=16):
+    torch.manual_seed(0)
+    return torch.rand(n, 3, 8, 8), torch.arange(n) % 4
+
+
+def test_mixup_blends_pairs_and_softens_the_targets():
+    x, y = batch()
+    mixed, target = batch_mix(OmegaConf.create({"mixup_alpha": 0.4, "cutmix_alpha": 0.0}), 4)(x, y)
+    assert target.shape == (16, 4) and torch.allclose(target.sum(1), torch.ones(16))
+    lam = target[torch.arange(16), y][0]  # one weight per batch: image i with its neighbour i-1
+    assert 0 < lam < 1
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.roll(1, 0))
+
+
+def test_cutmix_pastes_a_box_from_the_neighbour():
+    x, y = batch()
+    mixed, target = batch_mix(OmegaConf.create({"mixup_alpha": 0.0, "cutmix_alpha": 1.0}), 4)(x, y)
+    from_self, from_other = mixed == x, mixed == x.roll(1, 0)
+    assert (from_self | from_other).all()  # every pixel is one image's or the other's
+    pasted = from_other[0, 0].float().mean()  # the box's share of the area is the label weight
+    assert target[0, y[0]] == pytest.approx(1 - pasted.item(), abs=1e-6)
+    assert batch_mix(OmegaConf.create({"mixup_alpha": 0.0, "cutmix_alpha": 0.0}), 4) is None
+
+
+def test_training_with_mixup_and_cutmix(data_root, tmp_path):
+    results = train(make_cfg(data_root, "epochs=1", "aug.mixup_alpha=0.2", "aug.cutmix_alpha=1.0"), run_dir=tmp_path)
+    assert results["test_acc"] is not None and (tmp_path / "checkpoints/best.pt").is_file()
+
+
+def test_ema_weights_are_the_ones_validated_and_saved(data_root, tmp_path):
+    train(make_cfg(data_root, "epochs=2", "ema.decay=0.9"), run_dir=tmp_path)
+    last = load_checkpoint(tmp_path / "checkpoints/last.pt")
+    ema, raw = last["model"], last["train_model"]
+    assert last["ema_n_averaged"] == 10  # 5 steps per epoch
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    # the val accuracy training logged is the EMA model's: cnneval of best.pt on val reproduces it
+    best = load_checkpoint(tmp_path / "checkpoints/best.pt")
+    run_cli("cnneval", f"ckpt={tmp_path}/checkpoints/best.pt", "split=val", "device=cpu",
+            f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+    report = json.loads((tmp_path / "ev/report.json").read_text())
+    assert report["top1"] == best["metrics"]["val_acc"]
+
+
+def test_early_stopping_ends_after_patience_epochs_without_progress(data_root, tmp_path):
+    # a learning rate too small to change any prediction: val accuracy never improves on epoch 1
+    results = train(make_cfg(data_root, "epochs=6", "optim.lr=1e-12", "early_stop.patience=2"), run_dir=tmp_path)
+    assert results["epochs_run"] == 3 and results["best_epoch"] == 1
+    assert [int(r["epoch"]) for r in csv.DictReader(open(tmp_path / "metrics.csv"))] == [1, 2, 3]
+
+
+def test_flip_tta_averages_the_logits_of_both_views():
+    torch.manual_seed(0)
+    images, labels = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (20,))
+    loader = DeviceLoader(images, labels, 8, BatchAugment(Normalize([0.5] * 3, [0.25] * 3, torch.device("cpu"))))
+    model = create_model("resnet20", in_channels=3, num_classes=10, image_size=32).eval()
+    r = evaluate_loader(model, loader, device=torch.device("cpu"), num_classes=10, tta="flip")
+    x = (images.float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        out = (model(x) + model(x.flip(-1))) / 2
+    assert r["loss"] == pytest.approx(torch.nn.functional.cross_entropy(out, labels).item(), rel=1e-5)
+    assert r["acc"] == (out.argmax(1) == labels).sum().item() / 20
+
+
+def test_cnneval_tta_flip_and_a_bad_tta(data_root, tmp_path):
+    train(make_cfg(data_root, "epochs=1"), run_dir=tmp_path / "run")
+    ckpt = f"ckpt={tmp_path}/run/checkpoints/best.pt"
+    run_cli("cnneval", ckpt, "tta=flip", "device=cpu", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+    assert json.loads((tmp_path / "ev/report.json").read_text())["num_samples"] == 200
+    proc = run_cli("cnneval", ckpt, "tta=rotate", "device=cpu", f"hydra.run.dir={tmp_path / 'bad'}",
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "tta must be null or flip" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_states_its_target(name):
+    text = (Path(__file__).parents[1] / f"configs/experiment/{name}.yaml").read_text()
+    assert text.startswith("# @package _global_") and "Target:" in text
+    with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={name}"])
+    assert cfg.epochs > 0 and cfg.model.name and cfg.data.name
