@@ -106,3 +106,34 @@ def test_every_experiment_composes_and_states_its_target(name):
     with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={name}"])
     assert cfg.epochs > 0 and cfg.model.name and cfg.data.name
+
+
+def one_batch_epoch(model, criterion, lr, **kwargs):
+    from cnntrain.engine import train_one_epoch
+
+    x, y = batch(8)
+    loader = DeviceLoader((x * 255).to(torch.uint8), y, 8, BatchAugment(Normalize([0.5] * 3, [0.25] * 3, torch.device("cpu"))))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return train_one_epoch(model, loader, criterion, opt, device=torch.device("cpu"), progress=False, **kwargs)
+
+
+def test_label_smoothing_mixes_the_uniform_distribution_into_the_target():
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=3, num_classes=4, image_size=8)
+    smoothed = one_batch_epoch(model, torch.nn.CrossEntropyLoss(label_smoothing=0.3), lr=0.0)["loss"]
+    x, y = batch(8)
+    x = ((x * 255).to(torch.uint8).float() / 255 - 0.5) / 0.25
+    model.train()
+    with torch.no_grad():
+        logp = model(x).log_softmax(1)
+    expected = 0.7 * torch.nn.functional.nll_loss(logp, y) + 0.3 * (-logp.mean(1)).mean()
+    assert smoothed == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_grad_clip_bounds_the_update():
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=3, num_classes=4, image_size=8)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    one_batch_epoch(model, torch.nn.CrossEntropyLoss(), lr=1.0, grad_clip=1e-3)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert 0 < (after - before).norm() <= 1e-3 * 1.0001  # plain SGD: |update| = lr * |clipped grad|
