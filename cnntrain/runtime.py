@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import torch
 
-from cnntrain.errors import UserError
+from cnntrain.errors import Interrupted, UserError
 
 log = logging.getLogger("cnntrain")
 
@@ -78,7 +78,7 @@ class StopSignals:
     preemption or the time limit) only set `requested`, which the training loop reads after
     every batch to checkpoint and exit; a second Ctrl-C interrupts at once. A handler that was
     there before (submitit's, which requeues the job on SIGUSR2) is called once the state is
-    saved. Outside the main thread (where Python cannot install handlers) it does nothing."""
+    saved and the run stops (Interrupted). Outside the main thread (where Python cannot install handlers) it does nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -102,9 +102,10 @@ class StopSignals:
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         previous = self._previous.get(self.signum)
-        if callable(previous) and previous is not signal.default_int_handler:
+        stopped = exc_type is not None and issubclass(exc_type, Interrupted)  # not: finished anyway
+        if stopped and callable(previous) and previous is not signal.default_int_handler:
             previous(self.signum, None)

@@ -173,3 +173,16 @@ def test_resume_allow_changes_scales_the_schedule_to_the_new_lr(data_root, one_e
     with pytest.raises(UserError, match="resume_allow_changes may list"):
         train(make_cfg(data_root, "epochs=2", "resume_allow_changes=[seed]", "resume=auto"),
               run_dir=one_epoch)
+
+
+def test_a_handler_installed_before_is_called_after_the_save(data_root, tmp_path, signal_at_batch):
+    # submitit installs its requeue handler for SIGUSR2 before the job runs
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        signal_at_batch(3, signal.SIGUSR2)
+        with pytest.raises(Interrupted):
+            train(make_cfg(data_root, "epochs=2"), run_dir=tmp_path)
+        assert calls == [signal.SIGUSR2] and load_checkpoint(tmp_path / "checkpoints/last.pt")["partial"]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
