@@ -139,11 +139,12 @@ class CheckpointSaver:
     epoch with the best monitored metric) and, with `keep_top_k`, `epoch_NNN.pt` of the k best
     epochs, in one folder. Each file is written whole (save_checkpoint) before any file it
     supersedes is removed, and last.pt comes after best.pt and the top-k files, so a crash at
-    any moment leaves a last.pt whose best and top-k files exist."""
+    any moment leaves a last.pt whose best and top-k files exist.
+    With write=False (ranks > 0 under torchrun) it keeps the same bookkeeping and writes nothing."""
 
     def __init__(self, folder: str | os.PathLike, best_metric: float | None = None,
-                 keep_top_k: int = 0, top_k=()):
-        self.folder = Path(folder)
+                 keep_top_k: int = 0, top_k=(), write: bool = True):
+        self.folder, self.write = Path(folder), write
         self.best_metric = best_metric
         self.keep_top_k = keep_top_k
         self.top_k = [list(entry) for entry in top_k]  # [metric, epoch] of the kept epochs, best first
@@ -167,12 +168,12 @@ class CheckpointSaver:
             entry = [metric, core["epoch"]]
             # ties: the earlier epoch ranks first, as best.pt keeps the first best epoch
             self.top_k = sorted([*self.top_k, entry], key=lambda e: (-e[0], e[1]))[:self.keep_top_k]
-            if entry in self.top_k:
+            if entry in self.top_k and self.write:
                 save_checkpoint(core, self.epoch_path(core["epoch"]))
-        if improved:
+        if improved and self.write:
             save_checkpoint(core, self.best)
         self.save_last({**core, **resume_state})
-        if self.keep_top_k:  # also clears files left over by a crash between the two steps
+        if self.keep_top_k and self.write:  # also clears files left over by a crash between the two steps
             kept = {self.epoch_path(epoch) for _, epoch in self.top_k}
             for path in self.folder.glob("epoch_*.pt"):
                 if path not in kept:
@@ -180,4 +181,5 @@ class CheckpointSaver:
         return improved
 
     def save_last(self, state: dict) -> None:
-        save_checkpoint({**state, "best_metric": self.best_metric, "top_k": self.top_k}, self.last)
+        if self.write:
+            save_checkpoint({**state, "best_metric": self.best_metric, "top_k": self.top_k}, self.last)

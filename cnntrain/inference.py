@@ -65,9 +65,9 @@ def find_images(inputs) -> list[Path]:
     for item in items:
         path = Path(str(item)).expanduser()
         if path.is_dir():
-            # hidden folders and files (.ipynb_checkpoints, ._* leftovers) are not inputs
-            files += sorted(p for p in path.rglob("*") if _is_image(p) and not any(
-                part.startswith(".") for part in p.relative_to(path).parts))
+            from cnntrain.data.folder import is_hidden
+
+            files += sorted(p for p in path.rglob("*") if _is_image(p) and not is_hidden(str(p), str(path)))
         elif path.is_file():
             files.append(path)
         else:

@@ -94,10 +94,11 @@ def _resume_state(cfg: DictConfig, ckpt_dir: Path) -> dict | None:
         raise UserError(f"{resume} has no optimizer state (best.pt keeps weights only); "
                         "resume from last.pt")
     _check_resumable(cfg, state, resume)
+    # the files last.pt refers to, when continuing in another folder (one rank writes files)
     names = ["best.pt", *(f"epoch_{epoch:03d}.pt" for _, epoch in state.get("top_k", []))]
-    for name in names:  # the files last.pt refers to, when continuing in another folder
+    for name in names:
         source = Path(resume).parent / name
-        if source.exists() and source.resolve() != (ckpt_dir / name).resolve():
+        if distributed.is_main() and source.exists() and source.resolve() != (ckpt_dir / name).resolve():
             save_checkpoint(load_checkpoint(source), ckpt_dir / name)
     log.info("resuming from %s (epoch %d)", resume, state["epoch"])
     return state
@@ -218,7 +219,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     main = distributed.is_main()  # the one process that writes files
     tracker = RunTracker(run_dir, cfg.epochs, history, write=main)
     saver = CheckpointSaver(ckpt_dir, best, cfg.checkpoint.keep_top_k,
-                            resumed.get("top_k", []) if resumed else [])
+                            resumed.get("top_k", []) if resumed else [], write=main)
     if val_loader is None:
         log.info("no validation data (data.val_split=0): best.pt is chosen by train accuracy")
 
@@ -254,9 +255,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             if tr["state"].step < tr["total"]:  # stopped by a signal in the middle of the epoch
                 done = tr["state"].state_dict()
                 done["loss_sum"], done["correct"], done["n"] = tr["loss_sum"], tr["correct"], tr["n"]
-                if main:
-                    core, resume_state = state(epoch - 1, tracker.history[-1] if tracker.history else {})
-                    saver.save_last({**core, **resume_state, "partial": {"epoch": epoch, "lr": lr, "state": done}})
+                core, resume_state = state(epoch - 1, tracker.history[-1] if tracker.history else {})
+                saver.save_last({**core, **resume_state, "partial": {"epoch": epoch, "lr": lr, "state": done}})
                 distributed.barrier()
                 raise _interrupted(signals.signum, saver.last, f"epoch {epoch}, step {done['step']}")
             if interval == "epoch":
@@ -271,10 +271,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 tracker.log_predictions(val_loader, va, data.classes, epoch)
             metric = va["acc"] if va["acc"] is not None else tr["acc"]
             since_best = 0 if saver.is_better(metric) else since_best + 1
-            if main:
-                saver.save(*state(epoch, row), metric)
-            elif since_best == 0:
-                saver.best_metric = metric
+            saver.save(*state(epoch, row), metric)
             distributed.barrier()  # best.pt is complete before any rank reads it
             patience = cfg.early_stop.patience
             if patience and since_best >= patience and epoch < cfg.epochs:

@@ -19,7 +19,7 @@ from cnntrain.errors import UserError
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
-def _hidden(path: str, root: str) -> bool:
+def is_hidden(path: str, root: str) -> bool:
     """Whether a path below root goes through a dot-name (.ipynb_checkpoints/, .DS_Store, ._x.jpg):
     editor, notebook and OS litter, never data."""
     return any(part.startswith(".") for part in os.path.relpath(path, root).split(os.sep))
@@ -51,7 +51,7 @@ class CleanImageFolder(datasets.ImageFolder):
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         def visible_image(path: str) -> bool:
-            return has_file_allowed_extension(path, IMG_EXTENSIONS) and not _hidden(path, directory)
+            return has_file_allowed_extension(path, IMG_EXTENSIONS) and not is_hidden(path, directory)
 
         samples = datasets.folder.make_dataset(directory, class_to_idx, is_valid_file=visible_image,
                                                allow_empty=True)
