@@ -8,6 +8,12 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cnntrain.files import atomic_write, write_text
+
+# The failed jobs of the sweep that just ended, found by their folders: the exit code of the
+# sweep, whichever launcher ran the jobs (joblib and submitit run them in other processes).
+FAILED_JOBS: list[str] = []
+
 COLUMNS = ("job", "overrides", "status", "test_acc", "best_val_acc", "best_epoch", "epochs",
            "params", "train_time_s", "run_dir", "error")
 
@@ -52,11 +58,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
-    with open(Path(sweep_dir) / "summary.csv", "w", newline="") as f:
+    with atomic_write(Path(sweep_dir) / "summary.csv", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (Path(sweep_dir) / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n{format_table(rows)}\n")
+    write_text(Path(sweep_dir) / "summary.md", f"# Sweep {sweep_dir}\n\n{format_table(rows)}\n")
 
 
 class SweepSummary(Callback):
@@ -69,5 +75,6 @@ class SweepSummary(Callback):
         rows = summarize_sweep(sweep_dir)
         if not rows:
             return
+        FAILED_JOBS[:] = [f"job {r['job']}: error: {r['error']}" for r in rows if r["status"] != "ok"]
         write_summary(sweep_dir, rows)
         print(f"\nsweep summary ({sweep_dir / 'summary.md'}):\n{format_table(rows)}", flush=True)

@@ -3,86 +3,26 @@ them, written atomically (a temp file in the same folder, fsync, os.replace): a 
 leaves the previous file intact, never a truncated one under the final name."""
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cnntrain.errors import UserError
+from cnntrain.files import atomic_write
 
 REQUIRED_KEYS = ("model", "config", "classes", "epoch", "metrics")
-
-
-# A temp file left by a writer killed mid-save (kill -9, power loss) is never read: loading and
-# resume=auto look at the final names only. The next successful save of the same file removes
-# such leftovers once they have been idle this long, so a concurrent writer's live temp is safe.
-STALE_TEMP_S = 60.0
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Writes `state` to `path` atomically; a failed write (disk full, no permission) is one
     UserError naming the path, with the previous file intact and no temp file left."""
-    path = Path(path)
-    try:
-        started = _write_atomically(state, path)
-    except Exception as e:
-        error = _os_error(e)
-        if error is None:
-            raise
-        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            why = "disk full; free space or choose another hydra.run.dir="
-        else:
-            why = f"{error.strerror or error}; choose a writable hydra.run.dir="
-        raise UserError(f"cannot write checkpoint {path}: {why}") from None
-    _remove_stale_temps(path, started - STALE_TEMP_S)
-
-
-def _write_atomically(state: dict, path: Path) -> float:
-    """The save proper; returns the start time on the file system's clock (the temp's mtime)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        started = os.fstat(fd).st_mtime
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return started
-
-
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind `e`: torch.save reports a failed write as a RuntimeError of its own
-    whose context is the OSError."""
-    while e is not None and not isinstance(e, OSError):
-        e = e.__cause__ or e.__context__
-    return e
-
-
-def _remove_stale_temps(path: Path, before: float) -> None:
-    own = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's pattern, ours
-    for entry in os.scandir(path.parent):
-        try:
-            if own.fullmatch(entry.name) and entry.stat().st_mtime < before:
-                os.unlink(entry.path)
-        except OSError:  # removed meanwhile, or not ours to remove: it is only tidying
-            pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_write(path, "wb", what="checkpoint") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -108,7 +48,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise UserError(f"{path} is not a cnntrain checkpoint (it lacks the keys "
                         f"{', '.join(REQUIRED_KEYS)})")
+    for key in ("model", "train_model"):
+        bad = nonfinite(state.get(key) or {})
+        if bad:
+            raise UserError(f"checkpoint {path} holds non-finite weights ({bad}): the run it comes "
+                            "from diverged; use an earlier checkpoint or retrain with a lower optim.lr")
     return state
+
+
+def nonfinite(state_dict: dict) -> str | None:
+    """Which floating-point tensors of a state_dict hold NaN or Inf ("fc.weight and 2 more"),
+    or None: no tool computes or reports numbers from such weights."""
+    bad = [name for name, t in state_dict.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    return None if not bad else bad[0] + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
 
 
 def rng_state() -> dict:

@@ -1,13 +1,17 @@
 """Console entry points: thin @hydra.main wrappers around train(cfg), evaluate(cfg), predict(cfg)
-and visualize(cfg).
+and visualize(cfg), inside one error boundary.
 
-A bad input ends its job with one line and a non-zero exit code instead of a traceback; in a
-sweep (-m) the failed job is reported and the other jobs still run."""
+The boundary: any bad input (a UserError, a Hydra or OmegaConf error, an OSError, Ctrl-C before
+training) ends as one `error:` line on stderr (and in the run's log once it has a folder), exit
+code 1 (130 for Ctrl-C); `debug=true` or HYDRA_FULL_ERROR=1 shows the traceback instead. In a
+sweep (-m) a failed job is reported and the other jobs still run; the exit code counts them
+whatever the launcher (the sweep summary finds failed jobs by their folders)."""
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+import re
 import sys
 import time
 from datetime import datetime
@@ -19,44 +23,68 @@ log = logging.getLogger("cnntrain")
 _failures: list[str] = []
 
 
-def _run(task, cfg: DictConfig):
-    from cnntrain.errors import Interrupted, UserError
+def _job(task, cfg: DictConfig):
+    """One job: the schema check, the task, and its failure as one line."""
+    from cnntrain import logs, rundir
+    from cnntrain.errors import Interrupted
+    from cnntrain.schema import check
 
+    run_dir = _output_dir()
+    rundir.new_job()
     try:
+        check(cfg)  # before torch is imported: a bad value fails in a second
         return task(cfg)
     except Interrupted as e:  # its state is saved; a sweep stops here too, as Ctrl-C would
         log.warning("%s", e)
         sys.exit(e.exit_code)
-    except UserError as e:
-        message = f"error: {e}"
-    except Exception as e:  # a bug: keep the traceback in the log, let the other jobs run
-        log.exception("job failed")
-        message = f"error: {type(e).__name__}: {e}"
-    log.error(message)
-    _failures.append(message)
-    return None
+    except Exception as e:
+        if cfg.get("debug"):
+            raise
+        if isinstance(e, rundir.RunFolderRefused) or (
+                rundir.claimed() is None and not (_in_sweep() and rundir.keep_failed_job(run_dir, cfg))):
+            logs.drop_file_handlers()  # no folder of its own: stderr only, and no empty folder left
+        message = f"error: {one_line(e, _app(cfg))}"
+        log.error(message)
+        if not _is_user_error(e):
+            import traceback
+
+            logs.to_file(traceback.format_exc())
+        _failures.append(message)
+        return None
+    finally:
+        if rundir.claimed() is None:
+            rundir.remove_if_empty(run_dir)
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _output_dir() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+
+
+def _app(cfg: DictConfig) -> str:
+    return "train" if "epochs" in cfg else "eval" if "split" in cfg else "viz" if "layers" in cfg else "predict"
 
 
 def _train_task(cfg: DictConfig):
-    from cnntrain.config import validate_train
-
-    validate_train(cfg)  # a bad value fails before torch is imported (seconds sooner)
     from cnntrain.train import train
 
     results = train(cfg)
     if cfg.optimized_metric:  # what a sweeper (Optuna) maximizes
-        if cfg.optimized_metric not in results:
-            from cnntrain.errors import UserError
-
-            raise UserError(f"optimized_metric={cfg.optimized_metric} is not a result; choose one "
-                            f"of {', '.join(k for k, v in results.items() if isinstance(v, float))}")
         return results[cfg.optimized_metric]
     return results
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def _train(cfg: DictConfig):
-    result = _run(_train_task, cfg)
+    result = _job(_train_task, cfg)
     # a failed job in a sweep: NaN makes Optuna record a failed trial and go on
     return float("nan") if result is None and cfg.optimized_metric else result
 
@@ -70,25 +98,79 @@ def _lazy(module: str, function: str):
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def _evaluate(cfg: DictConfig):
-    return _run(_lazy("cnntrain.evaluate", "evaluate"), cfg)
+    return _job(_lazy("cnntrain.evaluate", "evaluate"), cfg)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")
 def _predict(cfg: DictConfig):
-    return _run(_lazy("cnntrain.predict", "predict"), cfg)
+    return _job(_lazy("cnntrain.predict", "predict"), cfg)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="viz")
 def _viz(cfg: DictConfig):
-    return _run(_lazy("cnntrain.viz", "visualize"), cfg)
+    return _job(_lazy("cnntrain.viz", "visualize"), cfg)
 
 
-def _exit() -> None:
-    if _failures and ({"-m", "--multirun"} & set(sys.argv[1:])):
-        print(f"{len(_failures)} job(s) failed:", *_failures, sep="\n  ", file=sys.stderr)
-    sys.exit(1 if _failures else 0)
+# --------------------------------------------------------------------------- one line per error
+def _is_user_error(e: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cnntrain.errors import UserError
+
+    return isinstance(e, (UserError, HydraException, OmegaConfBaseException, OSError))
 
 
+def _first(text: str) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def one_line(e: BaseException, app: str) -> str:
+    """What went wrong and the fix, in one line, for any exception that reaches the boundary."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, InterpolationResolutionError,
+                                  MissingMandatoryValue, ValidationError)
+
+    from cnntrain import schema
+    from cnntrain.errors import UserError
+
+    cause = e.__cause__ if e.__cause__ is not None else e
+    key = getattr(cause, "full_key", None) or ""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
+        return _unknown_option(e)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        return str(schema.unknown_key(key, *schema.keys_of(app, key, getattr(cause, "object_type", None))))
+    if isinstance(cause, ValidationError) and key:
+        value = re.search(r"Value '(.*?)'", str(cause))
+        return str(schema.type_error(app, key, value[1] if value else "?"))
+    if isinstance(cause, InterpolationResolutionError):
+        return f"{key or 'a key'}: {_first(cause)} (check the ${{...}} in its value)"
+    if isinstance(cause, MissingMandatoryValue):
+        return f"{key} is required (set {key}=...)"
+    if isinstance(e, OverrideParseException):
+        return (f"cannot read the override {e.override!r} ({_first(e.message)}); write key=value, "
+                "and quote values with brackets or special characters for the shell")
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+    if _is_user_error(e):
+        return _first(e) + (f" ({_first(e.__cause__)})" if e.__cause__ is not None else "")
+    return (f"{type(e).__name__}: {_first(e)} (an unexpected failure: run again with debug=true "
+            "for the traceback and report it)")
+
+
+def _unknown_option(e) -> str:
+    import difflib
+
+    group, _, name = str(e.missing_cfg_file).rpartition("/")
+    options = list(e.options or [])
+    close = difflib.get_close_matches(name, options, n=1)
+    hint = f"; did you mean {group}={close[0]}?" if close else ""
+    return f"unknown {group}={name}{hint} (options: {', '.join(options)})"
+
+
+# --------------------------------------------------------------------------- run folders
 def _run_time() -> float:
     """When this run started: rank 0's clock under torchrun (distributed.init shares it)."""
     return float(os.environ.get("CNNTRAIN_RUN_TIME", _STARTED))
@@ -99,19 +181,34 @@ _STARTED = repr(time.time())
 
 def _unique_dir(path: str) -> str:
     """`path`, or `path-2`, `path-3`, ... if a run that started in the same second has it:
-    claimed with mkdir, which only one process can win. Under torchrun every rank must name the
-    same folder, so there it is `path` as resolved from rank 0's start time."""
+    claimed with mkdir, which only one process can win; the same answer for the whole process
+    (Hydra composes twice). Under torchrun every rank must name the same folder, so there it is
+    `path` as resolved from rank 0's start time."""
     if "CNNTRAIN_RUN_TIME" in os.environ:
         return path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    for n in range(1, 1000):
-        candidate = path if n == 1 else f"{path}-{n}"
-        try:
-            os.mkdir(candidate)
-            return candidate
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"no free folder next to {path}")
+    if path not in _claimed_dirs:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        for n in range(1, 1000):
+            candidate = path if n == 1 else f"{path}-{n}"
+            try:
+                os.mkdir(candidate)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise RuntimeError(f"no free folder next to {path}")
+        _claimed_dirs[path] = candidate
+    return _claimed_dirs[path]
+
+
+_claimed_dirs: dict[str, str] = {}
+
+
+def _default_run_dir(job: str) -> str:
+    """A run's folder when hydra.run.dir is not given: outputs/<date>/<time> for training,
+    outputs/<job>/<date>/<time> for cnneval, cnnpredict and cnnviz; claimed by _unique_dir."""
+    when = datetime.fromtimestamp(_run_time())
+    return _unique_dir(f"outputs/{'' if job == 'train' else job + '/'}{when:%Y-%m-%d}/{when:%H-%M-%S}")
 
 
 # Cached: Hydra copies the resolver cache into every job's config (also in joblib or SLURM
@@ -120,32 +217,74 @@ OmegaConf.register_new_resolver(
     "cnntrain.now", lambda pattern: datetime.fromtimestamp(_run_time()).strftime(pattern),
     use_cache=True, replace=True)
 OmegaConf.register_new_resolver("cnntrain.unique", _unique_dir, use_cache=True, replace=True)
+# Defined once (hydra/default.yaml) and never merged over: OmegaConf evaluates an interpolation
+# that a later config merges into, and this one creates a folder.
+OmegaConf.register_new_resolver("cnntrain.run_dir", _default_run_dir, use_cache=True, replace=True)
 
 
-def _console_script(hydra_main):
-    """A console-script entry: the Hydra app, then exit code 1 if any job failed. Under torchrun
-    the ranks first join their process group; ranks > 0 write no Hydra files and log errors only."""
+# --------------------------------------------------------------------------- console scripts
+def _exit() -> None:
+    from cnntrain.callbacks import FAILED_JOBS
+
+    failures = FAILED_JOBS if len(FAILED_JOBS) > len(_failures) else _failures
+    if failures and ({"-m", "--multirun"} & set(sys.argv[1:])):
+        print(f"{len(failures)} job(s) failed:", *failures, sep="\n  ", file=sys.stderr)
+    sys.exit(1 if failures else 0)
+
+
+def _debug() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or any(
+        re.fullmatch(r"\+*debug=(true|True|1|yes)", arg) for arg in sys.argv[1:])
+
+
+def _console_script(hydra_main, app: str):
+    """A console-script entry: the Hydra app inside the error boundary, then exit code 1 if any
+    job failed. Under torchrun the ranks first join their process group; ranks > 0 log errors
+    only."""
     def run() -> None:
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # torch stays unimported for --help
-            hydra_main()
-            _exit()
-        from cnntrain import distributed
-
-        distributed.init()
-        if not distributed.is_main():
-            sys.argv += ["hydra.output_subdir=null", "hydra.job_logging.root.level=ERROR",
-                         "hydra.job_logging.handlers.file.filename="
-                         f"${{hydra.runtime.output_dir}}/rank{distributed.rank()}.log",
-                         "+hydra.job_logging.handlers.file.delay=true"]
+        debug = _debug()
+        # Hydra then raises what it would print as a traceback, and the boundary reports it
+        os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
-            hydra_main()
-        finally:
-            distributed.destroy()
+            if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # torch stays unimported for --help
+                hydra_main()
+            else:
+                _distributed(hydra_main)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print("error: interrupted (Ctrl-C) before training started; nothing was saved",
+                  file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:
+            if debug:
+                raise
+            if isinstance(e, OSError) and e.filename:  # Hydra creating the run folder or writing into it
+                message = (f"cannot use {e.filename} for this run ({e.strerror}); choose another "
+                           "hydra.run.dir= (or hydra.sweep.dir=)")
+            else:
+                message = one_line(e, app)
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(1)
         _exit()
     return run
 
 
-train_cli = _console_script(_train)
-eval_cli = _console_script(_evaluate)
-predict_cli = _console_script(_predict)
-viz_cli = _console_script(_viz)
+def _distributed(hydra_main) -> None:
+    from cnntrain import distributed
+
+    distributed.init()
+    if not distributed.is_main():
+        sys.argv += ["hydra.job_logging.root.level=ERROR",
+                     "hydra.job_logging.handlers.file.filename="
+                     f"${{hydra.runtime.output_dir}}/rank{distributed.rank()}.log"]
+    try:
+        hydra_main()
+    finally:
+        distributed.destroy()
+
+
+train_cli = _console_script(_train, "train")
+eval_cli = _console_script(_evaluate, "eval")
+predict_cli = _console_script(_predict, "predict")
+viz_cli = _console_script(_viz, "viz")

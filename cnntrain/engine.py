@@ -61,7 +61,7 @@ class _Progress:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
 
-    def check(self, state: EpochState, on_nan: str, final: bool = False) -> None:
+    def check(self, state: EpochState, on_nan: str, final: bool = False, lr: float = 0.0) -> None:
         now = time.monotonic()
         due = now - self.last >= 1.0
         if not (final or due or self.every_step):
@@ -69,9 +69,10 @@ class _Progress:
         loss = float(state.loss_sum)
         if not math.isfinite(loss) and on_nan == "stop":
             where = "step" if self.every_step else "by step"
-            raise UserError(f"training loss became {loss} at {self.desc}, {where} {state.step}; "
-                            "stopped, the checkpoints of the last complete epoch are untouched "
-                            "(lower optim.lr, set grad_clip=, or on_nan=skip_batch)")
+            raise UserError(f"training loss became {loss} at {self.desc}, {where} {state.step} "
+                            f"(lr {lr:.4g}): the training diverged; stopped, the checkpoints "
+                            "of the last complete epoch are untouched (lower optim.lr, set "
+                            "grad_clip=, or on_nan=skip_batch)")
         if due:
             self.last = now
             if not self.bar.disable:
@@ -131,11 +132,11 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
         if scheduler is not None:  # stepped for skipped batches too: the schedule follows the steps
             scheduler.step()
         state.step += 1
-        bar.check(state, on_nan)
+        bar.check(state, on_nan, lr=optimizer.param_groups[0]["lr"])
         if stop is not None and stop():
             break
     bar.close()
-    bar.check(state, on_nan, final=True)  # waits for the device
+    bar.check(state, on_nan, final=True, lr=optimizer.param_groups[0]["lr"])  # waits for the device
     loss_sum, correct, n, new = distributed.summed(state.loss_sum, state.correct, state.n, state.n - first)
     return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "state": state,
             "loss_sum": loss_sum, "correct": int(correct), "n": int(n),  # over all ranks
@@ -153,8 +154,6 @@ def evaluate_loader(model: nn.Module, loader, *, device: torch.device, num_class
     Per batch only the top-k classes and the log-sum-exp of the logits are kept (everything
     above follows from them); the rest is computed once at the end, in a few large ops.
     tta="flip": the logits are the mean over each image and its mirror image."""
-    if tta not in (None, "flip"):
-        raise UserError(f"tta must be null or flip, got {tta!r}")
     model.eval()
     k = min(5, num_classes)
     kept = []

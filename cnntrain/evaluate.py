@@ -8,7 +8,6 @@ import torch
 from omegaconf import DictConfig
 
 from cnntrain.checkpoint import load_checkpoint
-from cnntrain.config import validate_runtime
 from cnntrain.data import build_data
 from cnntrain.engine import evaluate_loader
 from cnntrain.errors import UserError
@@ -16,6 +15,8 @@ from cnntrain.inference import model_from_checkpoint, trained_config
 from cnntrain.report import (build_report, format_report, write_comparison, write_figures,
                              write_predictions, write_report)
 from cnntrain.runtime import amp_dtype, channels_last, select_device
+from cnntrain.rundir import fresh_run
+from cnntrain.schema import check
 from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
@@ -41,11 +42,14 @@ def checkpoint_paths(ckpt) -> list[Path]:
 def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict | list[dict]:
     """One checkpoint: its report. Several: a report per checkpoint in numbered sub-folders, plus
     comparison.csv / comparison.md with one row each."""
-    validate_runtime(cfg)
-    if cfg.split not in ("test", "val"):
-        raise UserError(f"split must be test or val, got {cfg.split!r}")
+    check(cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
-    paths = checkpoint_paths(cfg.ckpt)
+    paths = checkpoint_paths(cfg.ckpt)  # before the folder is claimed: a typo fails in a second
+    with fresh_run(run_dir, cfg):
+        return _evaluate(cfg, paths, run_dir)
+
+
+def _evaluate(cfg: DictConfig, paths: list[Path], run_dir: Path) -> dict | list[dict]:
     if len(paths) == 1:
         return evaluate_checkpoint(cfg, paths[0], run_dir, verbose=True)
     reports = []

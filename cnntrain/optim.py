@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +24,7 @@ def create_optimizer(cfg: DictConfig, model: nn.Module) -> Optimizer:
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         params = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return instantiate(cfg, _convert_="all", **overrides)(params)
+    return _construct("optim", instantiate(cfg, _convert_="all", **overrides), params)
 
 
 def _fused_available(cls: type, params: list) -> bool:
@@ -41,17 +42,11 @@ def create_scheduler(cfg: DictConfig, optimizer: Optimizer, *, epochs: int, step
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     interval = kwargs.pop("interval", "epoch")
     warmup_epochs = kwargs.pop("warmup_epochs", 0) or 0
-    if interval not in ("step", "epoch"):
-        raise UserError(f"sched.interval must be step or epoch, got {interval!r}")
     per_epoch = steps_per_epoch if interval == "step" else 1
     total, warmup = epochs * per_epoch, round(warmup_epochs * per_epoch)
-    if warmup >= total and warmup > 0:
+    if warmup >= total and warmup > 0:  # the schema checks epochs; this is the rounded step count
         raise UserError(f"sched.warmup_epochs={warmup_epochs} leaves nothing of epochs={epochs}; lower it")
-    target = kwargs["_target_"]
-    if target.endswith("OneCycleLR"):
-        if warmup:
-            raise UserError("sched=onecycle has its own warmup (sched.pct_start); "
-                            "set sched.warmup_epochs=0")
+    if kwargs["_target_"].endswith("OneCycleLR"):
         kwargs["total_steps"] = kwargs.get("total_steps") or total
         kwargs["max_lr"] = kwargs.get("max_lr") or [g["lr"] for g in optimizer.param_groups]
     if "T_max" in kwargs and kwargs["T_max"] is None:
@@ -59,8 +54,25 @@ def create_scheduler(cfg: DictConfig, optimizer: Optimizer, *, epochs: int, step
     if "milestones" in kwargs:  # fractions of the run, or epochs
         kwargs["milestones"] = [round((m * epochs if m < 1 else m) * per_epoch) - warmup
                                 for m in kwargs["milestones"]]
-    main = instantiate(kwargs, _convert_="all")(optimizer)
+    main = _construct("sched", instantiate(kwargs, _convert_="all"), optimizer)
     if warmup:
         warm = lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
         main = lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[warmup])
     return main, interval
+
+
+def _construct(group: str, partial, *args):
+    """torch's own argument checks (a ValueError) are a bad config value, not a crash."""
+    try:
+        return partial(*args)
+    except ValueError as e:
+        raise UserError(f"{group}: {e} (check the {group}.* values)") from None
+
+
+def fast_forward(scheduler, steps: int) -> None:
+    """Steps a new scheduler `steps` times without training, so that a re-planned schedule
+    continues from the step the run has reached."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": on purpose
+        for _ in range(steps):
+            scheduler.step()

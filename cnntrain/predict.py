@@ -8,29 +8,28 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from cnntrain.config import validate_runtime
-from cnntrain.errors import UserError
+from cnntrain.files import atomic_write
 from cnntrain.inference import Preprocess, find_images, load_trained_model
 from cnntrain.runtime import select_device
+from cnntrain.rundir import fresh_run
+from cnntrain.schema import check
 from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
 
 
-def _positive_int(cfg: DictConfig, key: str) -> int:
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{key} must be a positive integer, got {value!r}")
-    return value
-
-
 def predict(cfg: DictConfig, run_dir: str | Path | None = None) -> list[dict]:
     """One dict per image: {"file", "top": [(class, probability), ...]} (best first); printed
     as a table and written to predictions.csv (file, rank, class, probability)."""
-    validate_runtime(cfg)
-    topk, batch_size = _positive_int(cfg, "topk"), _positive_int(cfg, "batch_size")
+    check(cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
-    files = find_images(cfg.inputs)  # before the model is built: a typo fails in a second
+    files = find_images(cfg.inputs)  # before anything is claimed or built: a typo fails at once
+    with fresh_run(run_dir, cfg):
+        return _predict(cfg, files, run_dir)
+
+
+def _predict(cfg: DictConfig, files: list[Path], run_dir: Path) -> list[dict]:
+    topk, batch_size = cfg.topk, cfg.batch_size
     device = select_device(cfg.device)
     model, trained, classes = load_trained_model(cfg.ckpt, device)
     prep = Preprocess(trained.data, device)
@@ -50,7 +49,7 @@ def predict(cfg: DictConfig, run_dir: str | Path | None = None) -> list[dict]:
 
 
 def write_predictions_csv(results: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "rank", "class", "probability"])
         for r in results:

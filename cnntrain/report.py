@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from cnntrain.files import atomic_write, save_figure, write_text
+
 
 def per_class_metrics(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
     """confusion: (K, K), rows = true class, columns = predicted."""
@@ -56,7 +58,7 @@ def format_report(report: dict) -> str:
 
 def write_report(report: dict, folder: Path) -> None:
     folder = Path(folder)
-    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
     md = [f"# Evaluation: {report['model']} on {report['dataset']} ({report['split']})", "",
           f"Checkpoint: `{report['checkpoint']}`", "", _summary(report), "", *_table(report), "",
           "## Confusion matrix (rows = true, columns = predicted)", "",
@@ -64,14 +66,14 @@ def write_report(report: dict, folder: Path) -> None:
           "|---|" + "---:|" * len(report["classes"])]
     for name, row in zip(report["classes"], report["confusion_matrix"]):
         md.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
-    (folder / "report.md").write_text("\n".join(md) + "\n")
+    write_text(folder / "report.md", "\n".join(md) + "\n")
 
 
 def write_predictions(result: dict, loader, classes, folder: Path) -> None:
     """predictions.csv: sample (file path, or index in the split), true, predicted, confidence."""
     import csv
 
-    with open(Path(folder) / "predictions.csv", "w", newline="") as f:
+    with atomic_write(Path(folder) / "predictions.csv", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["sample", "true", "predicted", "confidence"])
         for i, (t, p, c) in enumerate(zip(result["target"].tolist(), result["predicted"].tolist(),
@@ -155,7 +157,7 @@ def write_figures(report: dict, result: dict, loader, folder: Path, max_mistakes
     figures["misclassified.png"] = samples_figure(loader, wrong, prediction_captions(result, classes, wrong),
                                                   "most confident mistakes")
     for name, fig in figures.items():
-        fig.savefig(folder / name, dpi=100)
+        save_figure(fig, folder / name, dpi=100)
         plt.close(fig)
 
 
@@ -166,12 +168,12 @@ def write_comparison(reports: list[dict], folder: Path) -> str:
 
     cols = ("model", "dataset", "split", "top1", "top5", "loss", "num_samples", "checkpoint")
     rows = sorted(reports, key=lambda r: -r["top1"])
-    with open(Path(folder) / "comparison.csv", "w", newline="") as f:
+    with atomic_write(Path(folder) / "comparison.csv", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     cell = lambda v: f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
     table = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                       + ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows])
-    (Path(folder) / "comparison.md").write_text(f"# Checkpoint comparison\n\n{table}\n")
+    write_text(Path(folder) / "comparison.md", f"# Checkpoint comparison\n\n{table}\n")
     return table

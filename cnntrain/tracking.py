@@ -5,6 +5,8 @@ import csv
 import logging
 from pathlib import Path
 
+from cnntrain.files import atomic_write, save_figure
+
 log = logging.getLogger("cnntrain")
 
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time", "img_per_s")
@@ -51,13 +53,10 @@ class RunTracker:
         self._plot()
 
     def _write_csv(self) -> None:
-        path = self.run_dir / "metrics.csv"
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(self.run_dir / "metrics.csv", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.history)
-        tmp.replace(path)
 
     def _plot(self) -> None:
         import matplotlib
@@ -80,8 +79,10 @@ class RunTracker:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(self.run_dir / "curves.png", dpi=100)
-        plt.close(fig)
+        try:
+            save_figure(fig, self.run_dir / "curves.png", dpi=100)
+        finally:
+            plt.close(fig)
 
     def log_predictions(self, loader, result: dict, classes: list[str], epoch: int, count: int = 8) -> None:
         """TensorBoard: the first validation images with their predicted and true labels."""

@@ -2,6 +2,7 @@
 -> the test score of the best checkpoint."""
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -17,15 +18,18 @@ from torch import nn
 from cnntrain import distributed
 from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
-from cnntrain.config import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, validate_train
 from cnntrain.data import Data, build_data
 from cnntrain.data.augment import batch_mix
 from cnntrain.engine import EpochState, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted, UserError
+from cnntrain.files import write_text
 from cnntrain.models import resolve_stem
-from cnntrain.optim import create_optimizer, create_scheduler
+from cnntrain.optim import create_optimizer, create_scheduler, fast_forward
+from cnntrain.resume import changed_keys, replans_schedule
+from cnntrain.rundir import RunFolder
 from cnntrain.runtime import (StopSignals, amp_dtype, channels_last, grad_scaler, select_device,
                               seed_everything)
+from cnntrain.schema import check
 from cnntrain.summary import format_summary, summarize
 from cnntrain.tracking import RunTracker
 
@@ -78,65 +82,101 @@ def stored_config(cfg: DictConfig, data: Data) -> dict:
     return config
 
 
-def _resume_state(cfg: DictConfig, ckpt_dir: Path) -> dict | None:
-    """The last.pt to continue from (None: a fresh run). Its best.pt (and top-k files) come along
-    into this run's checkpoint folder, so the final test still uses the best epoch of the whole run."""
-    resume = cfg.resume
-    if resume == "auto":
-        resume = ckpt_dir / "last.pt" if (ckpt_dir / "last.pt").exists() else None
-    elif resume is None and (ckpt_dir / "last.pt").exists():
-        raise UserError(f"{ckpt_dir} already holds checkpoints; pass resume={ckpt_dir / 'last.pt'} "
-                        "(or resume=auto) to continue that run, or choose another hydra.run.dir=")
-    if resume is None:
-        return None
+def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
+    if cfg.resume == "auto":
+        return ckpt_dir / "last.pt" if (ckpt_dir / "last.pt").exists() else None
+    return Path(cfg.resume).expanduser() if cfg.resume else None
+
+
+def _claim(cfg: DictConfig, folder: RunFolder, resume: Path | None) -> bool:
+    """Claims the run folder (rank 0) and says whether this run continues the one in it; any
+    other run's files there refuse the run, before anything is written."""
+    folder.claim()
+    if resume is not None and resume.resolve().parent.parent == folder.path.resolve():
+        return True
+    if cfg.resume == "auto":
+        hint = "it has no checkpoints/last.pt to resume from; choose another hydra.run.dir="
+    elif resume is not None:
+        hint = (f"resume={resume} continues into a new folder: leave hydra.run.dir= out or name "
+                "an empty folder")
+    elif (folder.path / "checkpoints" / "last.pt").exists():
+        hint = "pass resume=auto to continue that run, or choose another hydra.run.dir="
+    else:
+        hint = ""
+    folder.require_empty(hint)
+    return False
+
+
+def _on_rank0(fn):
+    """fn() on rank 0 alone; its UserError ends every rank, which would otherwise wait for it."""
+    value, error = None, None
+    if distributed.is_main():
+        try:
+            value = fn()
+        except UserError as e:
+            error = e
+    if distributed.any_rank(error is not None):
+        raise error or UserError("rank 0 stopped with an error (see its log)")
+    return value
+
+
+def _load_resumed(resume: Path) -> dict:
     state = load_checkpoint(resume)
     if "optimizer" not in state:
         raise UserError(f"{resume} has no optimizer state (best.pt keeps weights only); "
                         "resume from last.pt")
-    _check_resumable(cfg, state, resume)
-    # the files last.pt refers to, when continuing in another folder (one rank writes files)
-    names = ["best.pt", *(f"epoch_{epoch:03d}.pt" for _, epoch in state.get("top_k", []))]
-    for name in names:
-        source = Path(resume).parent / name
-        if distributed.is_main() and source.exists() and source.resolve() != (ckpt_dir / name).resolve():
-            save_checkpoint(load_checkpoint(source), ckpt_dir / name)
-    log.info("resuming from %s (epoch %d)", resume, state["epoch"])
     return state
 
 
-def _check_resumable(cfg: DictConfig, state: dict, path) -> None:
-    """A resumed run must share these settings with the run it continues; resume_allow_changes
-    may list the changeable ones, for a deliberate change (e.g. a larger batch on a new GPU)."""
-    old = OmegaConf.create(state["config"])
-    allowed = list(cfg.resume_allow_changes or [])
-    for key in (*FIXED_ON_RESUME, *CHANGEABLE_ON_RESUME):
-        was, now = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
-        if was == now:
-            continue
-        if key not in allowed:
-            hint = (f"; to change it on purpose add resume_allow_changes=[{key}]"
-                    if key in CHANGEABLE_ON_RESUME else "")
-            raise UserError(f"cannot resume {path}: it was trained with {key}={was}, not {now}{hint}")
-        if state.get("partial") and key == "data.batch_size":
-            raise UserError(f"cannot change data.batch_size when resuming {path}: it stopped in "
-                            "the middle of an epoch; resume once to the end of the epoch first")
+def _carry_over(resume: Path, state: dict, ckpt_dir: Path) -> None:
+    """A run continued in another folder takes along the files its last.pt refers to (best.pt,
+    top-k), so that the final test still uses the best epoch of the whole run."""
+    names = ["best.pt", *(f"epoch_{epoch:03d}.pt" for _, epoch in state.get("top_k", []))]
+    for name in names:
+        if (resume.parent / name).exists():
+            save_checkpoint(load_checkpoint(resume.parent / name), ckpt_dir / name)
 
 
-def _rescale_lr(optimizer, scheduler, factor: float) -> None:
-    """A deliberate optim.lr change on resume: every learning rate the optimizer and the
-    schedulers (SequentialLR's included) keep, scaled by new/old, so the schedule continues
-    from where it was at the new scale."""
+def _check_changes(cfg: DictConfig, config: dict, resumed: dict, resume: Path) -> list[str]:
+    changed = changed_keys(resumed["config"], config, list(cfg.resume_allow_changes), resume,
+                           bool(resumed.get("partial")))
+    if cfg.epochs < resumed["epoch"]:
+        raise UserError(f"cannot resume {resume} with epochs={cfg.epochs}: it has already trained "
+                        f"{resumed['epoch']} epochs")
+    if changed:
+        log.info("resuming with changed %s (resume_allow_changes)", ", ".join(changed))
+    return changed
+
+
+def _restore_training(cfg, resumed: dict, changed: list[str], optimizer, scheduler, steps: int,
+                      interval: str):
+    """The optimizer's state (momentum buffers, Adam moments) from the checkpoint under the
+    hyper-parameters of this config; the schedule where it stood, or, when a setting that
+    shapes it changed (resume_allow_changes), a new plan for the new settings fast-forwarded
+    to the step the run has reached. Returns the scheduler to use."""
+    configured = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+                  for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(resumed["optimizer"])
+    except ValueError as e:
+        raise UserError(f"cannot resume: the checkpoint's optimizer state does not fit this model "
+                        f"and optimizer ({e}); resume with the settings it was trained with") from None
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)  # e.g. a new weight decay or momentum, the configured fused flag
+    if not replans_schedule(changed):
+        scheduler.load_state_dict(resumed["scheduler"])
+        return scheduler
+    done = resumed["epoch"] * (steps if interval == "step" else 1)
+    if resumed.get("partial") and interval == "step":
+        done += resumed["partial"]["state"]["step"]
     for group in optimizer.param_groups:
-        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
-            if key in group:
-                group[key] *= factor
-    pending = [scheduler]
-    while pending:
-        sched = pending.pop()
-        pending.extend(getattr(sched, "_schedulers", []))
-        for attr in ("base_lrs", "_last_lr"):
-            if hasattr(sched, attr):
-                setattr(sched, attr, [lr * factor for lr in getattr(sched, attr)])
+        group["lr"] = cfg.optim.lr
+        group.pop("initial_lr", None)
+    scheduler, _ = create_scheduler(cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=steps)
+    fast_forward(scheduler, done)
+    log.info("schedule re-planned for epochs=%d: lr %.4g at step %d", cfg.epochs,
+             optimizer.param_groups[0]["lr"], done)
+    return scheduler
 
 
 def show_summary(cfg: DictConfig) -> dict:
@@ -152,13 +192,26 @@ def show_summary(cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    validate_train(cfg)
+    """Trains the run `cfg` describes in its run folder (Hydra's, or `run_dir`), which it holds
+    for its whole life; returns the results (results.json)."""
+    check(cfg)
     if cfg.summary:
         return show_summary(cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
-    ckpt_dir = run_dir / "checkpoints"
-    resumed = _resume_state(cfg, ckpt_dir)
-    distributed.barrier()  # rank 0 may have copied files into ckpt_dir
+    resume = _resume_path(cfg, run_dir / "checkpoints")
+    folder, task_cfg = RunFolder(run_dir), copy.deepcopy(cfg)
+    try:
+        in_place = _on_rank0(lambda: _claim(cfg, folder, resume))
+        if distributed.is_main() and not in_place:
+            folder.write_hydra_files(task_cfg)
+        return _train(cfg, folder, resume, in_place, task_cfg)
+    finally:
+        folder.release()
+
+
+def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bool, task_cfg) -> dict:
+    run_dir, ckpt_dir = folder.path, folder.path / "checkpoints"
+    resumed = _load_resumed(resume) if resume is not None else None
     device = distributed.local_device(select_device(cfg.device))
     # one seed per rank for dropout & co; the data order comes from cfg.seed alone, on every rank
     seed_everything(cfg.seed + distributed.rank(), cfg.deterministic)
@@ -168,9 +221,25 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     data = build_data(cfg.data, cfg.aug, device=device, seed=cfg.seed)
     if "stem" in cfg.model:  # stored resolved: a checkpoint rebuilds the same network
         cfg.model.stem = resolve_stem(cfg.model.stem, data.image_size, cfg.model.pretrained)
-    if resumed is not None and resumed["classes"] != data.classes:
-        raise UserError(f"cannot resume: the checkpoint's classes {resumed['classes']} differ from "
-                        f"the data's {data.classes}")
+    config = stored_config(cfg, data)
+    changed = []
+    if resumed is not None:
+        if resumed["classes"] != data.classes:
+            raise UserError(f"cannot resume: the checkpoint's classes {resumed['classes']} differ "
+                            f"from the data's {data.classes}")
+        changed = _check_changes(cfg, config, resumed, resume)
+        done = run_dir / "results.json"
+        if in_place and not changed and done.is_file() and resumed["epoch"] >= cfg.epochs:
+            log.info("%s has finished already (resume=auto keeps its results): test_acc %s",
+                     run_dir, json.loads(done.read_text()).get("test_acc"))
+            return json.loads(done.read_text())
+        if distributed.is_main():
+            if in_place:
+                folder.write_hydra_files(task_cfg)
+            else:
+                _carry_over(resume, resumed, ckpt_dir)
+        distributed.barrier()  # rank 0 may have copied files into ckpt_dir
+        log.info("resuming from %s (epoch %d)", resume, resumed["epoch"])
     train_loader, val_loader = data.loaders["train"], data.loaders.get("val")
     model, summary = build_model(cfg.model, data.in_channels, len(data.classes), data.image_size, device)
     nhwc = channels_last(cfg.channels_last, device, dtype)
@@ -184,13 +253,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     ema = _ema(cfg.ema.decay, model, resumed)
     if resumed is not None:
         model.load_state_dict(resumed.get("train_model", resumed["model"]))
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
+        scheduler = _restore_training(cfg, resumed, changed, optimizer, scheduler, steps, interval)
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
-        old_lr = resumed["config"]["optim"]["lr"]
-        if old_lr != cfg.optim.lr:
-            _rescale_lr(optimizer, scheduler, cfg.optim.lr / old_lr)
         set_rng_state(resumed["rng"])
         start, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best_metric"]
         partial, since_best = resumed.get("partial"), resumed.get("since_best", 0)
@@ -215,7 +280,6 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     common = dict(device=device, amp_dtype=dtype, channels_last=nhwc,
                   max_steps=cfg.max_eval_steps)
-    config = stored_config(cfg, data)
     main = distributed.is_main()  # the one process that writes files
     tracker = RunTracker(run_dir, cfg.epochs, history, write=main)
     saver = CheckpointSaver(ckpt_dir, best, cfg.checkpoint.keep_top_k,
@@ -287,7 +351,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                    trainable_params=summary["trainable"], macs=summary["macs"],
                    run_dir=str(run_dir))
     if main:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     tracker.log_final(hparams(cfg), results, confusion, data.classes)
     tracker.close()
     return results
@@ -319,10 +383,20 @@ def _epoch_state(partial: dict | None) -> EpochState | None:
 
 
 def _interrupted(signum: int, last: Path, where: str) -> Interrupted:
-    run_dir = last.parent.parent
     return Interrupted(f"stopped by {signal.Signals(signum).name} at {where}; state saved to {last}. "
-                       f"Resume with the same arguments plus resume=auto hydra.run.dir={run_dir}",
-                       signum)
+                       f"{_resume_hint(last.parent.parent)}", signum)
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """A stopped sweep resumes as a whole: its finished jobs keep their results, the stopped
+    ones continue, the others start."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return (f"Resume the sweep with the same arguments plus resume=auto "
+                f"hydra.sweep.dir={HydraConfig.get().sweep.dir} (finished jobs keep their results)")
+    return f"Resume with the same arguments plus resume=auto hydra.run.dir={run_dir}"
 
 
 def hparams(cfg: DictConfig) -> dict:

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from cnntrain.config import validate_runtime
 from cnntrain.errors import UserError
+from cnntrain.files import atomic_write, save_figure
 from cnntrain.inference import Preprocess, find_images, load_trained_model
 from cnntrain.runtime import select_device
+from cnntrain.rundir import fresh_run
+from cnntrain.schema import check
 from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
@@ -120,7 +122,8 @@ def write_filters(model: nn.Module, path: Path) -> None:
     scale = max(1, 32 // max(w.shape[-2:]))
     w = w.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
     grid = make_grid(w, nrow=math.ceil(math.sqrt(len(w))), padding=2, pad_value=1.0)
-    mpimg.imsave(path, grid.permute(1, 2, 0).numpy())
+    with atomic_write(path, "wb") as f:
+        mpimg.imsave(f, grid.permute(1, 2, 0).numpy(), format="png")
 
 
 def write_feature_maps(pixels: torch.Tensor, maps: dict[str, torch.Tensor], title: str, path: Path, plt) -> None:
@@ -136,7 +139,7 @@ def write_feature_maps(pixels: torch.Tensor, maps: dict[str, torch.Tensor], titl
         for ax in row:
             ax.axis("off")
     fig.suptitle(title, fontsize=8)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -147,7 +150,7 @@ def write_grad_cam(pixels: torch.Tensor, cam: torch.Tensor, title: str, path: Pa
         ax.axis("off")
     axes[1].imshow(cam.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
     fig.suptitle(title, fontsize=8)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -160,11 +163,14 @@ def visualize(cfg: DictConfig, run_dir: str | Path | None = None) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    validate_runtime(cfg)
-    if isinstance(cfg.max_images, bool) or not isinstance(cfg.max_images, int) or cfg.max_images < 1:
-        raise UserError(f"max_images must be a positive integer, got {cfg.max_images!r}")
+    check(cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
-    files = find_images(cfg.inputs)[:cfg.max_images]
+    files = find_images(cfg.inputs)[:cfg.max_images]  # before anything is claimed or built
+    with fresh_run(run_dir, cfg):
+        return _visualize(cfg, files, run_dir, plt)
+
+
+def _visualize(cfg: DictConfig, files: list[Path], run_dir: Path, plt) -> list[Path]:
     device = select_device(cfg.device)
     model, trained, classes = load_trained_model(cfg.ckpt, device)
     if cfg.target_class is not None and cfg.target_class not in classes and not (

@@ -1,1 +1,2 @@
-"""The Hydra configs of cnntrain, installed as the package `cnntrain.configs` (see pyproject)."""
+"""Hydra configs (installed as cnntrain.configs). Importing it declares their schemas."""
+import cnntrain.schema  # noqa: F401  (registers the structured configs the YAML files extend)

@@ -5,7 +5,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from cnntrain.config import validate_train
+from cnntrain.schema import check as validate_train
 from cnntrain.errors import UserError
 
 CONFIGS = Path(__file__).parents[1] / "configs"

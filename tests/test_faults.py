@@ -20,7 +20,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cnntrain.checkpoint import STALE_TEMP_S, load_checkpoint, save_checkpoint
+from cnntrain.checkpoint import load_checkpoint, save_checkpoint
+from cnntrain.files import STALE_TEMP_S
 from cnntrain.data import build_data, data_shape
 from cnntrain.errors import UserError
 from conftest import run_cli

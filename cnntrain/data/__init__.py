@@ -124,9 +124,7 @@ def _folder_data(data, aug, device, seed, splits) -> Data:
     if not present:
         raise UserError(f"no {' or '.join(splits)} folder in {root} (expected {root}/<split>/<class>/<image>)")
     classes = present[0].classes
-    skip_bad = data.get("skip_bad_images", False)  # absent from older checkpoints' configs
-    if not isinstance(skip_bad, bool):
-        raise UserError(f"data.skip_bad_images must be true or false, got {skip_bad!r}")
+    skip_bad = bool(data.get("skip_bad_images", False))  # absent from older checkpoints' configs
     mean, std = data.mean, data.std
     if mean is None or std is None:
         unnormalized = copy.copy(sets["train"])

@@ -40,8 +40,6 @@ def resolve_stem(stem: str, image_size: int, pretrained=None) -> str:
     trained with."""
     from cnntrain.models.transfer import is_file_spec
 
-    if stem not in STEMS:
-        raise UserError(f"unknown model stem {stem!r} (choose one of: {', '.join(STEMS)})")
     if stem != "auto":
         return stem
     if pretrained and not is_file_spec(pretrained):
@@ -59,6 +57,7 @@ def create_model(
     source: str = "cnntrain",
     pretrained: str | None = None,
     freeze="none",
+    args: dict | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build model ``name`` for ``in_channels`` x ``image_size`` px images, ``num_classes`` outputs.
@@ -67,14 +66,12 @@ def create_model(
     ``stem``: ``small`` (3x3 stride-1 stem, for 28-64 px), ``imagenet`` (torchvision's original
     stem) or ``auto``. ``pretrained``: a torchvision weights name (``timm``: true) or a
     state_dict file; the head is then replaced for ``num_classes``. ``freeze``: see
-    ``transfer.freeze``. ``kwargs`` go to the constructor (e.g. ``dropout``).
+    ``transfer.freeze``. ``kwargs`` (those not null, e.g. ``dropout``) and ``args`` go to the
+    constructor.
     """
     from cnntrain.models import hub, transfer
 
-    sizes = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
-    for what, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"model {what} must be a positive integer, got {value!r}")
+    kwargs = {**{k: v for k, v in kwargs.items() if v is not None}, **(args or {})}
     weights_file = pretrained if pretrained and transfer.is_file_spec(pretrained) else None
     weights_name = pretrained if pretrained and not weights_file else None
     try:

@@ -90,6 +90,11 @@ def load_state_dict_file(path: str) -> dict:
 def load_matching(model: nn.Module, state: dict, source: str) -> None:
     """Load every tensor whose name and shape match; the rest (normally the old head) keeps its
     fresh init. Fails when nothing but the head would be loaded: the file is for another model."""
+    from cnntrain.checkpoint import nonfinite
+
+    bad = nonfinite(state)
+    if bad:
+        raise UserError(f"{source} holds non-finite weights ({bad}); use other weights")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(state) - set(usable))

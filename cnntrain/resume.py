@@ -1,0 +1,71 @@
+"""What a resumed run may change, decided per key. Every key of the stored config is compared
+with the new one:
+- FREE keys say where or how fast to compute, not what: they may differ (a resume on another
+  device, with more workers or another `max_eval_steps`).
+- FIXED keys define the network and what it learns from: a change is always refused.
+- Every other key (epochs, seed, batch size, optimizer and schedule settings, augmentation,
+  regularizers) may change only on purpose, listed in `resume_allow_changes` (a key, or a whole
+  group such as `sched`). A change to a SCHEDULE key re-plans the learning-rate schedule for the
+  new settings, continuing from the step the run has reached."""
+from __future__ import annotations
+
+from cnntrain.errors import UserError
+
+FREE = ("device", "amp", "amp_dtype", "channels_last", "compile", "sync_batchnorm", "deterministic",
+        "debug", "resume", "resume_allow_changes", "on_nan", "max_eval_steps", "summary",
+        "optimized_metric", "data.root", "data.download", "data.num_workers", "data.skip_bad_images",
+        "checkpoint", "early_stop", "optim.fused")
+FIXED = ("model", "data.name", "data.image_size", "data.mean", "data.std", "data.val_split",
+         "optim._target_", "optim._partial_", "sched._partial_", "ema")
+SCHEDULE = ("epochs", "optim.lr", "sched", "data.batch_size", "max_steps_per_epoch")
+# the batches of an epoch: they cannot change in the middle of one
+STEPS = ("data.batch_size", "max_steps_per_epoch")
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def check_allowed_changes(keys: list[str]) -> None:
+    """`resume_allow_changes`: keys or groups that a resume may change."""
+    for key in keys:
+        if _under(key, FIXED) or any(p.startswith(key + ".") for p in FIXED):
+            raise UserError(f"resume_allow_changes=[{key}]: {key} can never change when resuming (it "
+                            "defines the network or its data); start a new run instead")
+        if _under(key, FREE):
+            raise UserError(f"resume_allow_changes=[{key}]: {key} may change on resume anyway; "
+                            "leave it out of the list")
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_keys(old: dict, new: dict, allowed: list[str], path, partial: bool) -> list[str]:
+    """The keys whose values differ between the config a checkpoint was trained with (`old`) and
+    the new one, once each change is found legitimate; a change that is not is a UserError
+    naming the key, both values and the way out. Keys an older checkpoint lacks are skipped."""
+    was, now = _flat(old), _flat(new)
+    changed = sorted(k for k in set(was) & set(now) if was[k] != now[k] and not _under(k, FREE))
+    for key in changed:
+        values = f"it was trained with {key}={was.get(key)}, not {now.get(key)}"
+        if _under(key, FIXED):
+            raise UserError(f"cannot resume {path}: {values}, and {key} cannot change in a resumed "
+                            "run; start a new run (or resume with the old value)")
+        if not _under(key, allowed):
+            raise UserError(f"cannot resume {path}: {values}; to change it on purpose add "
+                            f"resume_allow_changes=[{key}] (or resume with the old value)")
+        if partial and _under(key, STEPS):
+            raise UserError(f"cannot change {key} when resuming {path}: it stopped in the middle of "
+                            "an epoch; resume once to the end of the epoch first")
+    return changed
+
+
+def replans_schedule(changed: list[str]) -> bool:
+    return any(_under(key, SCHEDULE) for key in changed)

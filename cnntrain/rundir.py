@@ -1,0 +1,175 @@
+"""The run folder as a claimed resource. A run (training, cnneval, cnnpredict, cnnviz) writes
+into its folder only after claiming it: an exclusive lock (flock on `.cnntrain.lock`, held for
+the run's life and released by the kernel however the process ends, kill -9 included), then a
+look at what the folder holds. A second run into a folder that is locked, or that holds the
+results of another run, is refused with one line before anything is written; only resuming
+the run that is there may continue in it. Hydra writes nothing of its own into the folder
+(`hydra.output_subdir: null`): its `.hydra/` files are written here, after the claim.
+
+Hand-written because Hydra has no notion of an occupied output folder: two runs given the same
+`hydra.run.dir` (or started in the same second with the default one) share it silently."""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cnntrain.errors import UserError
+from cnntrain.files import atomic_write
+
+LOCK = ".cnntrain.lock"
+# What a run that produced nothing may leave (a failed start): a later run may take its folder.
+LEFTOVERS = (".hydra", LOCK)
+
+_claimed: Path | None = None  # the folder this process's current job has claimed
+
+
+class RunFolderRefused(UserError):
+    """The folder cannot be this run's: nothing may be written into it, not even a log line."""
+
+
+def claimed() -> Path | None:
+    """The folder the current job has claimed (held or released since), None before a claim."""
+    return _claimed
+
+
+def new_job() -> None:
+    global _claimed
+    _claimed = None
+
+
+def results(folder: Path) -> list[str]:
+    """What in `folder` is the work of a run (checkpoints, metrics, reports, plots, TensorBoard
+    events) or anything else that is not ours to overwrite; logs and `.hydra/` do not count."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name in LEFTOVERS or entry.suffix == ".log" and entry.is_file():
+            continue
+        if entry.is_dir() and entry.name == "checkpoints":
+            found += [f"checkpoints/{p.name}" for p in sorted(entry.iterdir())] or ["checkpoints/"]
+        else:
+            found.append(entry.name + ("/" if entry.is_dir() else ""))
+    return found
+
+
+class RunFolder:
+    """A run's folder: `claim()` takes the lock on it (creating it if needed) until `release()`
+    (or `with RunFolder(path) as folder:`); refusals are RunFolderRefused naming the folder and
+    the way out."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def claim(self) -> "RunFolder":
+        global _claimed
+        self._fd = _lock(self.path)
+        _claimed = self.path
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+    def __enter__(self) -> "RunFolder":
+        return self.claim()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def results(self) -> list[str]:
+        return results(self.path)
+
+    def require_empty(self, hint: str = "") -> None:
+        found = self.results()
+        if found:
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            raise RunFolderRefused(f"{self.path} already holds the files of another run ({shown}); "
+                                   f"{hint or 'choose another hydra.run.dir= (or leave it out for a new folder)'}")
+
+    def write_hydra_files(self, task_cfg: DictConfig) -> None:
+        """What Hydra would have written into `.hydra/` (the job's config, Hydra's config and the
+        overrides), now that the folder is this run's."""
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return
+        hydra = HydraConfig.get()
+        for name, node in (("config.yaml", task_cfg), ("hydra.yaml", {"hydra": hydra}),
+                           ("overrides.yaml", hydra.overrides.task)):
+            with atomic_write(self.path / ".hydra" / name) as f:
+                f.write(OmegaConf.to_yaml(node))
+
+
+def _lock(path: Path) -> int:
+    if path.exists() and not path.is_dir():
+        raise RunFolderRefused(f"hydra.run.dir={path} is a file, not a folder; choose a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunFolderRefused(f"cannot write into the run folder {path} ({e.strerror}); choose a "
+                               "writable hydra.run.dir=") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunFolderRefused(f"{path} is in use by another run ({owner}); wait for it to end or "
+                               "choose another hydra.run.dir=") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    return fd
+
+
+def keep_failed_job(path: str | os.PathLike | None, cfg: DictConfig) -> bool:
+    """A sweep's job that failed before it claimed its folder still gets one, with its config
+    and its error in the log, for the sweep summary (and the sweep's exit code) to find it."""
+    if path is None:
+        return False
+    try:
+        with RunFolder(path) as folder:
+            if folder.results():
+                return False
+            folder.write_hydra_files(cfg)
+            return True
+    except UserError:
+        return False
+
+
+def remove_if_empty(path: str | os.PathLike | None) -> None:
+    """A folder that a failed or file-less start (a bad input, summary=true) created and left
+    empty goes away. Its lock file goes too, but only while nobody holds it."""
+    if path is None or not Path(path).is_dir():
+        return
+    path = Path(path)
+    try:
+        if {p.name for p in path.iterdir()} == {LOCK}:
+            fd = os.open(path / LOCK, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                (path / LOCK).unlink()
+            finally:
+                os.close(fd)
+        os.rmdir(path)  # removes nothing but an empty folder
+    except OSError:
+        pass
+
+
+@contextmanager
+def fresh_run(path: str | os.PathLike, cfg: DictConfig):
+    """The folder of a run that starts from nothing (cnneval, cnnpredict, cnnviz), held for the
+    block: claimed, free of other runs' files, with its `.hydra/` files."""
+    with RunFolder(path) as folder:
+        folder.require_empty()
+        folder.write_hydra_files(cfg)
+        yield folder

@@ -1,0 +1,467 @@
+"""Every config key, declared once: its type and default (structured configs in Hydra's
+ConfigStore, so composition itself refuses a value of the wrong type or a key that does not
+exist) and its allowed range or choices (field metadata, checked by `check` right after
+composition, before anything is built or written). The YAML files under configs/ keep the
+values and extend these declarations through their defaults lists.
+
+OmegaConf checks types but not ranges, hence the small checker here; it also turns each
+failure into one line that names the key, the value, what is allowed and the default."""
+import difflib
+import math
+import re
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from cnntrain.errors import UserError
+
+
+def key(default=None, help: str = "", *, factory=None, **rules):
+    """A config key: `default` (or `factory` for lists), a one-line `help`, and its rules:
+    ge/gt/le/lt (numbers, also each item of a list), choices, pattern (a regex for strings),
+    length (of a list), finite (numbers; on by default)."""
+    meta = {"help": help, **rules}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- train groups
+@dataclass
+class ModelConfig:
+    _target_: str = "cnntrain.models.create_model"
+    _partial_: bool = True
+    name: str = key(MISSING, "the architecture (model=<option>, or any torchvision/timm name with model=tv|timm)")
+    stem: str = key("auto", "first layers: auto (small up to 64 px), small or imagenet",
+                    choices=("auto", "small", "imagenet"))
+    source: str = key("cnntrain", "where the architecture comes from",
+                      choices=("cnntrain", "torchvision", "timm"))
+    pretrained: Any = key(None, "torchvision weights name (e.g. IMAGENET1K_V1; timm: true) or a "
+                                "state_dict / checkpoint file")
+    freeze: Any = key("none", "none | backbone | all_but_head | [parameter-name prefixes]")
+    dropout: Optional[float] = key(None, "dropout probability of models that have one (null: "
+                                         "the model's default)", ge=0, lt=1)
+    stochastic_depth_prob: Optional[float] = key(None, "EfficientNet's stochastic depth (null: "
+                                                       "its default)", ge=0, lt=1)
+    args: Dict[str, Any] = key(factory=dict, help="other keyword arguments of the model's "
+                                                  "constructor (torchvision/timm), e.g. +model.args.drop_rate=0.1")
+
+
+@dataclass
+class DataConfig:
+    name: str = key(MISSING, "the dataset (data=<option>)",
+                    choices=("mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"))
+    root: Optional[str] = key("data", "folder handed to torchvision as root (image folders: the "
+                                      "folder with train/, val/, test/)")
+    download: bool = key(True, "fetch the files with torchvision if they are missing")
+    batch_size: int = key(64, "images per batch (per process under torchrun)", ge=1)
+    num_workers: int = key(0, "DataLoader worker processes (image folders)", ge=0)
+    val_split: float = key(0.1, "fraction of train held out for validation", ge=0, lt=1)
+    image_size: Optional[int] = key(None, "resize to this many px (null: native size)", ge=1)
+    mean: Optional[List[float]] = key(None, "per-channel mean of the pixels in 0..1 (1 value for "
+                                            "gray, 3 for RGB; null: measured)", length=(1, 3))
+    std: Optional[List[float]] = key(None, "per-channel std of the pixels in 0..1", gt=0, length=(1, 3))
+    skip_bad_images: bool = key(False, "image folders: leave unreadable images out instead of stopping")
+
+
+@dataclass
+class GeometryConfig:
+    shift: int = key(0, "random shift of up to this many px (zero fill)", ge=0, le=64)
+    degrees: float = key(0.0, "random rotation of up to +-degrees", ge=0, le=180)
+    hflip: bool = key(False, "random horizontal flip")
+
+
+@dataclass
+class AugConfig:
+    name: str = key("none", "the augmentation preset (aug=<option>)")
+    gray: GeometryConfig = field(default_factory=GeometryConfig)
+    rgb: GeometryConfig = field(default_factory=GeometryConfig)
+    policy: Optional[str] = key(None, "per-image policy", choices=(None, "randaugment", "autoaugment"))
+    random_erasing: float = key(0.0, "probability of erasing one random box per image", ge=0, le=1)
+    mixup_alpha: float = key(0.0, "> 0: mixup with Beta(alpha, alpha) weights", ge=0)
+    cutmix_alpha: float = key(0.0, "> 0: CutMix with Beta(alpha, alpha) areas", ge=0)
+
+
+@dataclass
+class OptimConfig:
+    """Keys of every optimizer; null leaves torch's default."""
+    _target_: str = key(MISSING, "the optimizer class")
+    _partial_: bool = True
+    lr: float = key(MISSING, "learning rate", gt=0)
+    weight_decay: float = key(0.0, "L2 / decoupled weight decay (not on biases and norm weights)", ge=0)
+    fused: Any = key("auto", "fused update kernels: auto | true | false", choices=("auto", True, False))
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    momentum: float = key(0.0, "momentum factor", ge=0, lt=1)
+    nesterov: bool = key(False, "Nesterov momentum (needs momentum > 0)")
+
+
+@dataclass
+class AdamConfig(OptimConfig):
+    betas: List[float] = key(factory=lambda: [0.9, 0.999], help="coefficients of the running "
+                             "averages of the gradient and its square", ge=0, lt=1, length=(2,))
+    eps: Optional[float] = key(None, "term added to the denominator (null: torch's 1e-8)", gt=0)
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    """AdamW: Adam's keys, with decoupled weight decay."""
+
+
+@dataclass
+class SchedConfig:
+    """Keys of every schedule; each option adds its own."""
+    _target_: str = key(MISSING, "the torch.optim.lr_scheduler class")
+    _partial_: bool = True
+    interval: str = key("epoch", "step the schedule after every batch (step) or epoch", choices=("step", "epoch"))
+    warmup_epochs: float = key(0.0, "linear warmup from lr/100 to lr over this many epochs", ge=0)
+
+
+@dataclass
+class CosineConfig(SchedConfig):
+    T_max: Optional[int] = key(None, "steps of the cosine (null: the rest of the run)", ge=1)
+    eta_min: float = key(0.0, "lr at the end", ge=0)
+
+
+@dataclass
+class StepConfig(SchedConfig):
+    step_size: int = key(7, "epochs (steps with interval=step) between two decays", ge=1)
+    gamma: float = key(0.1, "factor of each decay", gt=0, le=1)
+
+
+@dataclass
+class MultiStepConfig(SchedConfig):
+    milestones: List[float] = key(factory=lambda: [0.5, 0.75], help="where to decay: fractions "
+                                  "of the run (< 1) or epoch numbers", ge=0)
+    gamma: float = key(0.1, "factor of each decay", gt=0, le=1)
+
+
+@dataclass
+class OneCycleConfig(SchedConfig):
+    max_lr: Optional[float] = key(None, "peak lr (null: optim.lr)", gt=0)
+    total_steps: Optional[int] = key(None, "length of the cycle (null: the whole run)", ge=1)
+    pct_start: float = key(0.25, "fraction of the cycle spent warming up", gt=0, lt=1)
+    anneal_strategy: str = key("cos", "shape of the annealing", choices=("cos", "linear"))
+
+
+@dataclass
+class ConstantConfig(SchedConfig):
+    factor: float = key(1.0, "lr factor until total_iters", gt=0, le=1)
+    total_iters: int = key(0, "steps with the factor applied", ge=0)
+
+
+# --------------------------------------------------------------------------- train
+@dataclass
+class CheckpointConfig:
+    keep_top_k: int = key(0, "also keep epoch_NNN.pt of the k best epochs", ge=0)
+
+
+@dataclass
+class EmaConfig:
+    decay: Optional[float] = key(None, "exponential moving average of the weights, e.g. 0.999 (null: off)", gt=0, lt=1)
+
+
+@dataclass
+class EarlyStopConfig:
+    patience: Optional[int] = key(None, "stop after this many epochs without a better val accuracy", ge=1)
+
+
+DEVICE = r"auto|cpu|mps|cuda(:\d+)?"
+
+
+@dataclass
+class RuntimeConfig:
+    """Keys shared by every tool."""
+    device: str = key("auto", "auto | cpu | cuda | cuda:N | mps", pattern=DEVICE)
+    debug: bool = key(False, "show the full traceback of an error (as HYDRA_FULL_ERROR=1)")
+
+
+@dataclass
+class TrainConfig(RuntimeConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: Any = None
+    sched: Any = None
+    aug: AugConfig = field(default_factory=AugConfig)
+    epochs: int = key(10, "number of training epochs", ge=1)
+    seed: int = key(42, "seed of every random generator", ge=0, lt=2**32)
+    amp: bool = key(False, "mixed precision: bf16 where supported, else fp16 + GradScaler")
+    amp_dtype: str = key("auto", "precision of amp", choices=("auto", "bf16", "fp16"))
+    channels_last: Any = key("auto", "NHWC memory format: auto | true | false", choices=("auto", True, False))
+    compile: bool = key(False, "wrap the model with torch.compile")
+    sync_batchnorm: bool = key(False, "under torchrun: BatchNorm statistics over all ranks")
+    deterministic: bool = key(False, "deterministic algorithms (and no cudnn.benchmark)")
+    label_smoothing: float = key(0.0, "label smoothing of the cross-entropy", ge=0, lt=1)
+    grad_clip: Optional[float] = key(None, "max gradient L2 norm (null: no clipping)", gt=0)
+    resume: Optional[str] = key(None, "a last.pt to continue from, or auto (the run folder's last.pt)")
+    resume_allow_changes: List[str] = key(factory=list, help="settings a resumed run may change on "
+                                          "purpose (e.g. [epochs], [optim.lr], [sched])")
+    on_nan: str = key("stop", "non-finite loss: stop or skip_batch", choices=("stop", "skip_batch"))
+    max_steps_per_epoch: Optional[int] = key(None, "cap on training batches per epoch", ge=1)
+    max_eval_steps: Optional[int] = key(None, "cap on validation / test batches", ge=1)
+    summary: bool = key(False, "print the model summary and exit")
+    optimized_metric: Optional[str] = key(None, "a results.json key returned to a sweeper",
+                                          choices=(None, "test_acc", "test_top5", "test_loss", "best_val_acc"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+
+
+# --------------------------------------------------------------------------- eval, predict, viz
+@dataclass
+class EvalDataConfig:
+    """Overrides of the data settings stored in the checkpoint (null: as trained)."""
+    root: Optional[str] = key(None, "where the dataset lives now")
+    batch_size: Optional[int] = key(None, "images per batch", ge=1)
+    num_workers: Optional[int] = key(None, "DataLoader worker processes (image folders)", ge=0)
+    download: bool = key(False, "fetch missing files with torchvision")
+    skip_bad_images: Optional[bool] = key(None, "image folders: skip unreadable images")
+
+
+@dataclass
+class EvalConfig(RuntimeConfig):
+    ckpt: Any = key(MISSING, "a checkpoint, a run or multirun folder, or a [list]")
+    split: str = key("test", "which split to evaluate", choices=("test", "val"))
+    amp: bool = key(False, "mixed precision")
+    predictions: bool = key(True, "also write predictions.csv")
+    tta: Optional[str] = key(None, "test-time augmentation", choices=(None, "flip"))
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+
+
+@dataclass
+class PredictConfig(RuntimeConfig):
+    ckpt: str = key(MISSING, "a checkpoint written by cnntrain (best.pt or last.pt)")
+    inputs: Any = key(MISSING, "an image file, a folder, a quoted glob or a [list]")
+    topk: int = key(5, "classes per image", ge=1)
+    batch_size: int = key(64, "images per batch", ge=1)
+
+
+@dataclass
+class VizConfig(RuntimeConfig):
+    ckpt: str = key(MISSING, "a checkpoint written by cnntrain (best.pt or last.pt)")
+    inputs: Any = key(MISSING, "an image file, a folder, a quoted glob or a [list]")
+    layers: Optional[List[str]] = key(None, "module names for the feature maps (null: one per stage)")
+    target_class: Any = key(None, "class name or index for Grad-CAM (null: the predicted class)")
+    max_images: int = key(8, "the first N input images", ge=1)
+
+
+APPS = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictConfig, "viz": VizConfig}
+GROUP_OPTIONS = {"optim": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
+                 "sched": {"cosine": CosineConfig, "step": StepConfig, "multistep": MultiStepConfig,
+                           "onecycle": OneCycleConfig, "none": ConstantConfig}}
+
+
+def register() -> None:
+    """Schemas as ConfigStore entries: `<app>_schema` extended by configs/<app>.yaml and
+    `schema/<group>/<name>` extended by configs/<group>/<name>.yaml."""
+    cs = ConfigStore.instance()
+    for app, node in APPS.items():
+        cs.store(name=f"{app}_schema", node=node)
+    for group, options in GROUP_OPTIONS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+register()
+
+
+# --------------------------------------------------------------------------- checking
+def _rules(f) -> dict:
+    return {k: v for k, v in f.metadata.items() if k != "help"}
+
+
+def default(f):
+    if f.default is not NO_DEFAULT and f.default is not MISSING:
+        return f.default
+    if f.default_factory is not NO_DEFAULT:
+        return f.default_factory()
+    return None
+
+
+def show(value) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _allowed(rules: dict) -> str:
+    parts = []
+    if "choices" in rules:
+        parts.append("one of " + ", ".join(show(c) for c in rules["choices"]))
+    for op, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if op in rules:
+            parts.append(f"{word} {rules[op]}")
+    if "pattern" in rules:
+        parts.append(rules["pattern"].replace("|", " | ").replace(r"(:\d+)?", "[:N]"))
+    if "length" in rules:
+        parts.append(f"a list of {' or '.join(map(str, rules['length']))} value(s)")
+    return ", ".join(parts)
+
+
+def _number_problem(value, rules: dict) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if rules.get("finite", True) and not math.isfinite(value):
+        return True
+    return (("gt" in rules and not value > rules["gt"]) or ("ge" in rules and not value >= rules["ge"])
+            or ("lt" in rules and not value < rules["lt"]) or ("le" in rules and not value <= rules["le"]))
+
+
+def _fail(path: str, value, f, what: str) -> UserError:
+    value = value if isinstance(value, str) else show(value)
+    about = [f"default {show(default(f))}"] if default(f) is not None or f.default is None else []
+    about += [f.metadata["help"]] if f.metadata.get("help") else []
+    return UserError(f"{path}={value} is not allowed: it must be {what} ({'; '.join(about)})")
+
+
+def _check_value(path: str, value, f) -> None:
+    rules = _rules(f)
+    if not rules or value is None and "choices" not in rules:
+        return
+    if "choices" in rules and value not in rules["choices"]:
+        raise _fail(path, value, f, _allowed(rules))
+    if "pattern" in rules and not re.fullmatch(rules["pattern"], str(value)):
+        raise _fail(path, value, f, _allowed(rules))
+    items = list(value) if isinstance(value, ListConfig) else [value]
+    if isinstance(value, ListConfig) and "length" in rules and len(items) not in rules["length"]:
+        raise _fail(path, value, f, _allowed(rules))
+    if any(_number_problem(v, rules) for v in items):
+        finite = all(math.isfinite(v) for v in items if isinstance(v, (int, float)))
+        raise _fail(path, value, f, ", ".join(filter(None, [None if finite else "a finite number",
+                                                             _allowed(rules)])))
+
+
+def check_node(node: DictConfig, prefix: str = "") -> None:
+    """Every key of `node` (and below) against its declaration; missing mandatory values and
+    keys that are not declared are errors too."""
+    schema = OmegaConf.get_type(node)
+    if not is_dataclass(schema):
+        return
+    declared = {f.name: f for f in fields(schema)}
+    for name in node:
+        if name not in declared:
+            raise unknown_key(f"{prefix}{name}", *keys_of("train", f"{prefix}{name}", schema))
+    for name, f in declared.items():
+        path = f"{prefix}{name}"
+        if OmegaConf.is_missing(node, name):
+            raise UserError(f"{path} is required: {f.metadata.get('help', '')} (set {path}=...)")
+        value = node[name]  # resolves interpolations: a failing one raises here
+        if isinstance(value, DictConfig):
+            check_node(value, f"{path}.")
+        else:
+            _check_value(path, value, f)
+
+
+def unknown_key(path: str, declared, option: str = "") -> UserError:
+    """A key that is not declared where it was given, with the closest one that is."""
+    prefix, _, name = path.rpartition(".")
+    known = [k for k in declared if not k.startswith("_")]
+    # a spelled-out or abbreviated name (learning_rate for lr, wd for weight_decay) or a typo
+    close = [k for k in known if _initials(k) == name or _initials(name) == k]
+    close = close or difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close and close[0] != name else ""
+    where = f"{prefix}={option}" if option else prefix
+    return UserError(f"unknown key {path}{' for ' + where if option else ''}{hint} (the keys of "
+                     f"{where or 'the config'}: {', '.join(known)})")
+
+
+def _initials(name: str) -> str:
+    return "".join(part[0] for part in name.split("_") if part) if "_" in name else ""
+
+
+def check(cfg: DictConfig) -> None:
+    """The composed config of any tool: every key in its declared type and range, then the
+    rules that involve several keys."""
+    check_node(cfg)
+    if OmegaConf.get_type(cfg) is TrainConfig or "epochs" in cfg:
+        _check_train(cfg)
+
+
+def _check_train(cfg: DictConfig) -> None:
+    data = cfg.data
+    if data.name == "imagefolder" and data.root is None:
+        raise UserError("data=imagefolder needs data.root=/path/to/images "
+                        "(a folder with train/<class>/<image> and optional val/, test/)")
+    if (data.mean is None) != (data.std is None) or (data.mean is not None and len(data.mean) != len(data.std)):
+        raise UserError(f"data.mean={show(data.mean)} and data.std={show(data.std)} must both be "
+                        "null or lists of the same length (1 value per channel)")
+    channels = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3, "cifar100": 3, "imagefolder": 3}[data.name]
+    if data.mean is not None and len(data.mean) != channels:
+        raise UserError(f"data.mean/std have {len(data.mean)} value(s) but data={data.name} has "
+                        f"{channels} channel(s): give {channels}")
+    sched = cfg.sched
+    if sched.warmup_epochs and sched.warmup_epochs >= cfg.epochs:
+        raise UserError(f"sched.warmup_epochs={sched.warmup_epochs} leaves nothing of epochs={cfg.epochs}; lower it")
+    if str(sched._target_).endswith("OneCycleLR") and sched.warmup_epochs:
+        raise UserError("sched=onecycle has its own warmup (sched.pct_start); set sched.warmup_epochs=0")
+    if cfg.optim.get("nesterov") and not cfg.optim.get("momentum"):
+        raise UserError("optim.nesterov=true needs optim.momentum > 0 (or set optim.nesterov=false)")
+    from cnntrain.resume import check_allowed_changes
+
+    check_allowed_changes(list(cfg.resume_allow_changes))
+
+
+def _fields_at(app: str, parts: list[str]) -> dict:
+    """The declared keys of the node at `parts` (a path below `app`'s root): for `optim` and
+    `sched`, whose declarations depend on the option chosen, those of every option."""
+    node, options = APPS[app], None
+    for part in parts:
+        declared = _declared(node, options)
+        f = declared.get(part)
+        if f is None:
+            return {}
+        node, options = f.type, GROUP_OPTIONS.get(part) if node is TrainConfig else None
+    return _declared(node, options)
+
+
+def _declared(node, options) -> dict:
+    if options:
+        return {f.name: f for option in options.values() for f in fields(option)}
+    return {f.name: f for f in fields(node)} if is_dataclass(node) else {}
+
+
+def declared_keys(app: str, path: str) -> dict:
+    """The keys declared next to `path` (its siblings), to suggest the closest one."""
+    return _fields_at(app, path.split(".")[:-1])
+
+
+def keys_of(app: str, path: str, node_type=None) -> tuple[dict, str]:
+    """(the keys declared where `path` was given, the group option that declares them): those
+    of `node_type` (the node's schema, e.g. AdamConfig for optim=adam) when known."""
+    if is_dataclass(node_type):
+        group = path.rpartition(".")[0]
+        option = next((name for name, schema in GROUP_OPTIONS.get(group, {}).items()
+                       if schema is node_type), "")
+        return {f.name: f for f in fields(node_type)}, option
+    return declared_keys(app, path), ""
+
+
+def declaration(app: str, path: str):
+    """The field that declares `path` in `app`'s schema, or None."""
+    return declared_keys(app, path).get(path.split(".")[-1])
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def type_error(app: str, path: str, value: str) -> UserError:
+    """A value composition refused for its type, as one line with what is allowed."""
+    f = declaration(app, path)
+    if f is None:
+        return UserError(f"{path}={value} is not allowed: wrong type")
+    hint = getattr(f.type, "__args__", None)
+    kind = _TYPE_NAMES.get(f.type) or (
+        f"a list of {_TYPE_NAMES.get(hint[0], 'values').replace('an ', '').replace('a ', '')}s"
+        if getattr(f.type, "__origin__", None) is list else
+        f"null or {_TYPE_NAMES.get(hint[0], 'a value')}" if hint and type(None) in hint else "another value")
+    rules = _allowed(_rules(f))
+    return _fail(path, value, f, kind + (f", {rules}" if rules else ""))
