@@ -132,10 +132,12 @@ class Preprocess:
         from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
+        from cnntrain.data.folder import DECODE_ERRORS, to_mode
+
         try:
             with Image.open(path) as img:
-                img = img.convert(self.mode)  # decodes here, so truncated files fail inside the try
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+                img = to_mode(img, self.mode)  # as in training; decodes here, inside the try
+        except DECODE_ERRORS as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"cannot read image {path}: {reason}") from None
         return self.resize(TF.pil_to_tensor(img))

@@ -5,6 +5,7 @@ disagree with each other in mode."""
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -12,7 +13,7 @@ from PIL import Image
 
 from cnntrain.data import build_data
 from cnntrain.errors import UserError
-from cnntrain.inference import find_images
+from cnntrain.inference import Preprocess, find_images
 from fakedata import write_image_folder
 
 CPU = torch.device("cpu")
@@ -137,3 +138,80 @@ def test_find_images_follows_links_once_without_loops(loose):
 def test_find_images_recursive_glob_follows_links_once_without_loops(loose, pattern, found):
     files = find_images(str(loose / pattern))
     assert [p.relative_to(loose).as_posix() for p in files] == found
+
+
+# ---------------------------------------------------------------- image modes
+
+def half(left, right, dtype=np.uint8, channels=None):
+    """An 8x8 array whose left half is `left` and right half `right` (per channel if tuples)."""
+    shape = (8, 8) if channels is None else (8, 8, channels)
+    a = np.zeros(shape, dtype=dtype)
+    a[:, :4], a[:, 4:] = left, right
+    return a
+
+
+def palette_image(mode):
+    """A P/PA image: index 0 opaque red, index 1 stored black but transparent."""
+    img = Image.fromarray(half(0, 1)).convert("P") if mode == "P" else Image.new("PA", (8, 8))
+    img.putpalette([255, 0, 0, 0, 0, 0] + [0] * 762)
+    if mode == "PA":
+        img.putdata([(0, 255) if x < 4 else (1, 0) for _ in range(8) for x in range(8)])
+    else:
+        img.putdata([0 if x < 4 else 1 for _ in range(8) for x in range(8)])
+    return img
+
+
+WHITE, RED = (255, 255, 255), (255, 0, 0)
+# mode opened from the file -> (writer, expected RGB of the left and right halves)
+MODES = {
+    # 16-bit: 1000 and 30000 of 65535 are 3 and 117 of 255 (a plain convert makes both 255)
+    "I;16": (lambda p: Image.fromarray(half(1000, 30000, np.uint16)).save(p / "x.png"), (3,) * 3, (117,) * 3),
+    "I;16B": (lambda p: Image.fromarray(half(1000, 30000, np.uint16).astype(">u2")).save(p / "x.tif"),
+              (3,) * 3, (117,) * 3),
+    "I": (lambda p: Image.fromarray(half(1000, 30000, np.uint16)).save(p / "x.pgm"), (3,) * 3, (117,) * 3),
+    # float: 0..1 (a plain convert makes 0.25 and 0.75 both 0)
+    "F": (lambda p: Image.fromarray(half(0.25, 0.75, np.float32)).save(p / "x.tif"), (64,) * 3, (191,) * 3),
+    # transparency: transparent pixels are white, whatever colour is stored under them
+    "RGBA": (lambda p: Image.fromarray(half((255, 0, 0, 255), (0, 0, 0, 0), channels=4)).save(p / "x.png"),
+             RED, WHITE),
+    "LA": (lambda p: Image.fromarray(half((100, 255), (0, 0), channels=2), "LA").save(p / "x.png"),
+           (100,) * 3, WHITE),
+    "P": (lambda p: palette_image("P").save(p / "x.png", transparency=1), RED, WHITE),
+    "PA": (lambda p: palette_image("PA").save(p / "x.tif"), RED, WHITE),
+    "L": (lambda p: Image.fromarray(half(50, 90)).save(p / "x.png", transparency=90), (50,) * 3, WHITE),
+    # converted right by PIL already: must stay so
+    "CMYK": (lambda p: Image.fromarray(half((0, 255, 0, 0), (0, 0, 0, 255), channels=4), "CMYK")
+             .save(p / "x.tif"), (255, 0, 255), (0, 0, 0)),
+    "1": (lambda p: Image.fromarray(half(0, 255)).convert("1").save(p / "x.png"), (0,) * 3, WHITE),
+    "RGB": (lambda p: Image.fromarray(half((10, 20, 30), (200, 100, 0), channels=3)).save(p / "x.png"),
+            (10, 20, 30), (200, 100, 0)),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_is_read_as_the_right_rgb_pixels(tmp_path, mode):
+    write, left, right = MODES[mode]
+    folder = tmp_path / "test" / "only"
+    folder.mkdir(parents=True)
+    write(folder)
+    path = next(folder.iterdir())
+    with Image.open(path) as img:
+        assert img.mode == mode  # the file really has the mode under test
+    expected = torch.tensor([left] * 4 + [right] * 4, dtype=torch.uint8).T[:, None, :].expand(3, 8, 8)
+
+    x, _ = next(iter(build_data(folder_cfg(tmp_path), None, device=CPU, seed=0, splits=("test",))
+                     .loaders["test"]))  # training and evaluation: mean 0, std 1 gives pixels / 255
+    assert torch.equal((x[0] * 255).round().to(torch.uint8), expected)
+    prep = Preprocess(OmegaConf.create({"image_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}), CPU)
+    assert torch.equal(prep.pixels(path), expected)  # cnnpredict / cnnviz: the same pixels
+    gray = Preprocess(OmegaConf.create({"image_size": 8, "mean": [0.5], "std": [0.5]}), CPU)
+    expected_gray = Image.fromarray(expected.permute(1, 2, 0).numpy()).convert("L")
+    assert torch.equal(gray.pixels(path)[0], torch.from_numpy(np.array(expected_gray)))
+
+
+def test_mean_std_is_measured_on_the_converted_pixels(tmp_path):
+    folder = tmp_path / "train" / "only"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(folder / "x.png")  # 117 of 255
+    data = build_data(folder_cfg(tmp_path, mean=None, std=None), None, device=CPU, seed=0, splits=("train",))
+    assert data.mean == [round(117 / 255, 4)] * 3

@@ -6,6 +6,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Subset, default_collate
@@ -93,6 +94,27 @@ def list_images(directory: str, class_to_idx: dict[str, int]) -> list[tuple[str,
     return samples
 
 
+# Transparent pixels are shown on white: what an image viewer shows, and what the stored colour
+# under them (often black, or anything) is not.
+BACKGROUND = (255, 255, 255)
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_mode(img: Image.Image, mode: str = "RGB") -> Image.Image:
+    """img as `mode` (RGB, or L for gray models): the one conversion of training, mean/std and
+    cnnpredict/cnnviz. PIL's own convert clips 16-bit and float values to 0..255 (a 16-bit image
+    turns almost white, a 0..1 float one black) and drops transparency (showing the colour stored
+    under it), so: 16-bit (I;16*, and I as PNG/PGM give it) is scaled by 1/256, float F is read as
+    0..1, and transparency is composited over BACKGROUND."""
+    if img.mode.startswith("I"):
+        img = Image.fromarray((np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray((np.clip(np.nan_to_num(np.asarray(img)), 0, 1) * 255 + 0.5).astype(np.uint8))
+    elif img.mode in ALPHA_MODES or "transparency" in img.info:  # or a transparent palette entry/colour
+        img = Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND), img.convert("RGBA"))
+    return img.convert(mode)
+
+
 @dataclass(frozen=True)
 class BadImage:
     """What the dataset yields in place of an image it cannot decode. A value rather than an
@@ -108,8 +130,8 @@ class BadImage:
 
 class CleanImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder without hidden folders and files, symbolic link loops or files
-    read twice (list_images), with every empty class folder named in the error, and a BadImage
-    instead of an exception for an undecodable file."""
+    read twice (list_images), with every empty class folder named in the error, images converted
+    by to_mode, and a BadImage instead of an exception for an undecodable file."""
 
     def find_classes(self, directory):
         classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
@@ -132,7 +154,7 @@ class CleanImageFolder(datasets.ImageFolder):
         path, target = self.samples[index]
         try:
             with open(path, "rb") as f:
-                image = Image.open(f).convert("RGB")  # decodes the whole file: truncation fails here
+                image = to_mode(Image.open(f))  # decodes the whole file: truncation fails here
         except DECODE_ERRORS as e:
             return BadImage(path, _reason(e, path)), target
         return (self.transform(image) if self.transform is not None else image), target
