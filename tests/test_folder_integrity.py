@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
+from PIL import Image, ImageFile
 
 from cnntrain.data import build_data
 from cnntrain.errors import UserError
@@ -215,3 +215,53 @@ def test_mean_std_is_measured_on_the_converted_pixels(tmp_path):
     Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(folder / "x.png")  # 117 of 255
     data = build_data(folder_cfg(tmp_path, mean=None, std=None), None, device=CPU, seed=0, splits=("train",))
     assert data.mean == [round(117 / 255, 4)] * 3
+
+
+# ---------------------------------------------------------------- mixed modes in one split
+
+def mode_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "mixes image modes" in r.getMessage()]
+
+
+def test_a_split_of_mixed_modes_logs_one_warning(tmp_path, caplog):
+    for c in ("cat", "dog"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        (tmp_path / "test" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (16, 16), 40 * i).save(tmp_path / "train" / c / f"{i}.png")
+            Image.new("RGB", (16, 16)).save(tmp_path / "test" / c / f"{i}.jpg")
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / "cat" / "photo.jpg")
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / "dog" / "photo.jpg")
+    Image.new("RGBA", (16, 16)).save(tmp_path / "train" / "dog" / "sticker.png")
+    with caplog.at_level(logging.WARNING, logger="cnntrain"):
+        build_data(folder_cfg(tmp_path), None, device=CPU, seed=0)
+    [msg] = mode_warnings(caplog)  # one line for train/, none for the uniform test/
+    assert msg.startswith("train/ mixes image modes: L 12, RGB 2, RGBA 1 (e.g. train/cat/photo.jpg, "
+                          "train/dog/sticker.png); all are converted to RGB")
+    assert "transparent pixels on white" in msg and "\n" not in msg
+
+
+def test_mixed_bit_depths_are_reported(tmp_path, caplog):
+    folder = tmp_path / "train" / "x"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (16, 16)).save(folder / f"{i}.png")
+    Image.fromarray(np.zeros((16, 16), np.uint16)).save(folder / "deep.png")
+    with caplog.at_level(logging.WARNING, logger="cnntrain"):
+        build_data(folder_cfg(tmp_path), None, device=CPU, seed=0)
+    [msg] = mode_warnings(caplog)
+    assert "L 3, I;16 1 (e.g. train/x/deep.png)" in msg and "16-bit scaled to 8-bit" in msg
+
+
+def test_the_mode_scan_reads_headers_only(tmp_path, monkeypatch):
+    from cnntrain.data.folder import open_split, warn_mixed_modes
+
+    write_image_folder(tmp_path, CLASSES, {"train": 5}, size=16)
+    ds = open_split(str(tmp_path), "train")
+
+    def decode(self):
+        raise AssertionError("the scan decoded an image")
+
+    monkeypatch.setattr(Image.Image, "load", decode)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode)
+    warn_mixed_modes(ds)  # write_image_folder mixes L and RGB: the warning needs no pixels

@@ -115,6 +115,33 @@ def to_mode(img: Image.Image, mode: str = "RGB") -> Image.Image:
     return img.convert(mode)
 
 
+def warn_mixed_modes(dataset) -> None:
+    """One warning when the files of a split differ in image mode (gray and colour, 8 and 16-bit,
+    some transparent), which is often a sign of files from another source. Reads headers only
+    (Image.open decodes nothing), so it costs a file open per image."""
+    modes: dict[str, list[str]] = {}
+    for path, _ in dataset.samples:
+        try:
+            with Image.open(path) as img:
+                mode = img.mode + (" with transparency" if "transparency" in img.info else "")
+        except DECODE_ERRORS:
+            continue  # reported when it is read
+        modes.setdefault(mode, []).append(path)
+    if len(modes) < 2:
+        return
+    order = sorted(modes, key=lambda m: -len(modes[m]))
+    top = os.path.dirname(dataset.root)
+    examples = [os.path.relpath(modes[m][0], top) for m in order[1:4]]
+    notes = [note for note, hit in (
+        ("16-bit scaled to 8-bit", any(m.startswith("I") for m in modes)),
+        ("float read as 0..1", "F" in modes),
+        ("transparent pixels on white", any(m in ALPHA_MODES or "transparency" in m for m in modes)))
+        if hit]
+    log.warning("%s/ mixes image modes: %s (e.g. %s); all are converted to RGB%s",
+                os.path.relpath(dataset.root, top), ", ".join(f"{m} {len(modes[m])}" for m in order),
+                ", ".join(examples), f" ({', '.join(notes)})" if notes else "")
+
+
 @dataclass(frozen=True)
 class BadImage:
     """What the dataset yields in place of an image it cannot decode. A value rather than an
