@@ -2,6 +2,7 @@
 an `inputs=` names, and any image turned into the input the checkpoint's model was trained on."""
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from pathlib import Path
@@ -57,6 +58,39 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """glob's rules on path parts: '**' any number of folders, fnmatch within one name."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(pattern[1:], parts[1:])
+
+
+def _walk_images(top: Path, pattern: tuple[str, ...] | None = None) -> list[Path]:
+    """The images below top (matching `pattern` relative to it, if given), each real file once,
+    with symbolic links followed but not around a loop (data.folder.walk_files: the rules of
+    training folders). Path.rglob does not follow links to folders, and glob's '**' follows
+    them around loops, exponentially in the number of such links."""
+    from cnntrain.data.folder import walk_files
+
+    files, seen, loops = [], set(), []
+    for path, real, _ in walk_files(str(top), lambda name: name.lower().endswith(IMAGE_EXTENSIONS), loops):
+        p = Path(path)
+        if real not in seen and _is_image(p) and (pattern is None or _match(pattern, p.relative_to(top).parts)):
+            seen.add(real)
+            files.append(p)
+    return sorted(files)
+
+
+def _glob(item: str) -> list[Path]:
+    parts = Path(item).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    if "**" in parts[fixed:]:
+        return _walk_images(Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:])
+    return sorted(p for p in map(Path, glob.glob(item)) if _is_image(p))
+
+
 def find_images(inputs) -> list[Path]:
     """`inputs`: an image file, a folder (its images, recursively), a glob (`**` recursive), or a
     list of those. A file named explicitly is taken whatever its extension: the user chose it."""
@@ -65,14 +99,11 @@ def find_images(inputs) -> list[Path]:
     for item in items:
         path = Path(str(item)).expanduser()
         if path.is_dir():
-            from cnntrain.data.folder import is_hidden
-
-            files += sorted(p for p in path.rglob("*") if _is_image(p) and not is_hidden(str(p), str(path)))
+            files += _walk_images(path)
         elif path.is_file():
             files.append(path)
         else:
-            files += sorted(p for p in map(Path, glob.glob(os.path.expanduser(str(item)), recursive=True))
-                            if _is_image(p))
+            files += _glob(os.path.expanduser(str(item)))
     if not files:
         raise UserError(f"no images found for inputs={', '.join(map(str, items))} (give an image "
                         "file, a folder or a quoted glob like 'dir/**/*.png'; "
@@ -101,10 +132,12 @@ class Preprocess:
         from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
+        from cnntrain.data.folder import DECODE_ERRORS, to_mode
+
         try:
             with Image.open(path) as img:
-                img = img.convert(self.mode)  # decodes here, so truncated files fail inside the try
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+                img = to_mode(img, self.mode)  # as in training; decodes here, inside the try
+        except DECODE_ERRORS as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"cannot read image {path}: {reason}") from None
         return self.resize(TF.pil_to_tensor(img))

@@ -109,7 +109,7 @@ def _builtin_data(data, aug, device, seed, splits) -> Data:
 
 
 def _folder_data(data, aug, device, seed, splits) -> Data:
-    from cnntrain.data.folder import check_same_classes, measure_mean_std, open_split
+    from cnntrain.data.folder import check_same_classes, measure_mean_std, open_split, warn_mixed_modes
     from cnntrain.data.presets import eval_preset, train_preset
 
     root = os.path.abspath(os.path.expanduser(str(data.root)))
@@ -124,6 +124,9 @@ def _folder_data(data, aug, device, seed, splits) -> Data:
     if not present:
         raise UserError(f"no {' or '.join(splits)} folder in {root} (expected {root}/<split>/<class>/<image>)")
     classes = present[0].classes
+    for split, ds in sets.items():  # the splits this run reads
+        if ds is not None and (split in splits or split == "train" and needs_train):
+            warn_mixed_modes(ds)
     skip_bad = bool(data.get("skip_bad_images", False))  # absent from older checkpoints' configs
     mean, std = data.mean, data.std
     if mean is None or std is None:

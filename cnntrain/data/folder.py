@@ -1,17 +1,21 @@
 """ImageFolder data: <root>/train/<class>/..., optional <root>/val/ and <root>/test/."""
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Subset, default_collate
 from torchvision import datasets
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from cnntrain.errors import UserError
+
+log = logging.getLogger("cnntrain")
 
 # What PIL raises on a file that is not a decodable image: garbage (UnidentifiedImageError, an
 # OSError), truncated data (OSError), broken chunks (SyntaxError, struct.error, EOFError),
@@ -19,10 +23,123 @@ from cnntrain.errors import UserError
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
-def is_hidden(path: str, root: str) -> bool:
-    """Whether a path below root goes through a dot-name (.ipynb_checkpoints/, .DS_Store, ._x.jpg):
-    editor, notebook and OS litter, never data."""
-    return any(part.startswith(".") for part in os.path.relpath(path, root).split(os.sep))
+def walk_files(top: str, wanted, loops: list[str]) -> list[tuple[str, str, str | None]]:
+    """(path, real path, the last symbolic link on its way or None) of every file below top whose
+    name is `wanted`, in os.walk's sorted order. Dot-names (.ipynb_checkpoints/, .DS_Store, ._x.jpg:
+    editor, notebook and OS litter) are skipped. Symbolic links are followed, since data is often
+    linked in, but no real folder is walked twice and a link to a folder at or above itself (a
+    loop, which os.walk(followlinks=True) follows until the path is too long) goes into `loops`."""
+    files, seen = [], set()
+    stack = [(top, os.path.realpath(top), top if os.path.islink(top) else None)]
+    while stack:
+        path, real, link = stack.pop()
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:  # an unreadable folder is left out, as os.walk does
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                target = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+                if e.is_symlink() and (real + os.sep).startswith(target.rstrip(os.sep) + os.sep):
+                    loops.append(e.path)
+                else:
+                    subdirs.append((e.path, target, e.path if e.is_symlink() else link))
+            elif wanted(e.name):  # dangling links too: reported as unreadable images later
+                files.append((e.path, os.path.realpath(e.path), e.path) if e.is_symlink()
+                             else (e.path, os.path.join(real, e.name), link))
+        stack += reversed(subdirs)
+    return sorted(files, key=lambda f: (os.path.dirname(f[0]), os.path.basename(f[0])))
+
+
+def _class_holding(real: str, class_reals: dict[str, str]) -> str | None:
+    """The class whose (real) folder is the nearest one above the real file `real`."""
+    parent = os.path.dirname(real)
+    while parent not in class_reals and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    return class_reals.get(parent)
+
+
+def list_images(directory: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """(path, class index) of the images of a split (walk_files: links followed, no loops), each
+    real file once. A file reached from two class folders would be labelled twice: a UserError."""
+    folders = {c: os.path.join(directory, c) for c in class_to_idx}
+    class_reals = {os.path.realpath(p): c for c, p in folders.items()}
+    owner: dict[str, tuple[str, str]] = {}  # real file -> (class, path) that read it first
+    samples, loops = [], []
+    for c, folder in folders.items():
+        for path, real, link in walk_files(folder, lambda name: name.lower().endswith(IMG_EXTENSIONS), loops):
+            held_by = _class_holding(real, class_reals)
+            if held_by not in (None, c):
+                if link:
+                    raise UserError(f"symbolic link {link} points into class folder {folders[held_by]}, so "
+                                    f"{path} would be labelled {c}; remove the link or move the images")
+                raise UserError(f"class folders {folder} and {folders[held_by]} share images ({path}) "
+                                "through symbolic links; make them separate folders")
+            if real in owner:
+                if owner[real][0] != c:
+                    raise UserError(f"{path} and {owner[real][1]} are the same file ({real}) in two "
+                                    "class folders (symbolic links); keep it in one class")
+                continue  # the same file twice in one class (a link to it): read once
+            owner[real] = (c, path)
+            samples.append((path, class_to_idx[c]))
+    if loops:
+        log.warning("%s: not following %d symbolic link(s) to a folder above them (a loop): %s%s",
+                    directory, len(loops), ", ".join(loops[:3]), ", ..." if len(loops) > 3 else "")
+    return samples
+
+
+# Transparent pixels are shown on white: what an image viewer shows, and what the stored colour
+# under them (often black, or anything) is not.
+BACKGROUND = (255, 255, 255)
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_mode(img: Image.Image, mode: str = "RGB") -> Image.Image:
+    """img as `mode` (RGB, or L for gray models): the one conversion of training, mean/std and
+    cnnpredict/cnnviz. PIL's own convert clips 16-bit and float values to 0..255 (a 16-bit image
+    turns almost white, a 0..1 float one black) and drops transparency (showing the colour stored
+    under it), so: 16-bit (I;16*, and I as PNG/PGM give it) is scaled by 1/256, float F is read as
+    0..1, and transparency is composited over BACKGROUND."""
+    if img.mode.startswith("I"):
+        img = Image.fromarray((np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray((np.clip(np.nan_to_num(np.asarray(img)), 0, 1) * 255 + 0.5).astype(np.uint8))
+    elif img.mode in ALPHA_MODES or "transparency" in img.info:  # or a transparent palette entry/colour
+        img = Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND), img.convert("RGBA"))
+    return img.convert(mode)
+
+
+def warn_mixed_modes(dataset) -> None:
+    """One warning when the files of a split differ in image mode (gray and colour, 8 and 16-bit,
+    some transparent), which is often a sign of files from another source. Reads headers only
+    (Image.open decodes nothing), so it costs a file open per image."""
+    modes: dict[str, list[str]] = {}
+    for path, _ in dataset.samples:
+        try:
+            with Image.open(path) as img:
+                mode = img.mode + (" with transparency" if "transparency" in img.info else "")
+        except DECODE_ERRORS:
+            continue  # reported when it is read
+        modes.setdefault(mode, []).append(path)
+    if len(modes) < 2:
+        return
+    order = sorted(modes, key=lambda m: -len(modes[m]))
+    top = os.path.dirname(dataset.root)
+    examples = [os.path.relpath(modes[m][0], top) for m in order[1:4]]
+    notes = [note for note, hit in (
+        ("16-bit scaled to 8-bit", any(m.startswith("I") for m in modes)),
+        ("float read as 0..1", "F" in modes),
+        ("transparent pixels on white", any(m in ALPHA_MODES or "transparency" in m for m in modes)))
+        if hit]
+    log.warning("%s/ mixes image modes: %s (e.g. %s); all are converted to RGB%s",
+                os.path.relpath(dataset.root, top), ", ".join(f"{m} {len(modes[m])}" for m in order),
+                ", ".join(examples), f" ({', '.join(notes)})" if notes else "")
 
 
 @dataclass(frozen=True)
@@ -39,8 +156,9 @@ class BadImage:
 
 
 class CleanImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder without hidden folders and files, with every empty class folder
-    named in the error, and a BadImage instead of an exception for an undecodable file."""
+    """torchvision's ImageFolder without hidden folders and files, symbolic link loops or files
+    read twice (list_images), with every empty class folder named in the error, images converted
+    by to_mode, and a BadImage instead of an exception for an undecodable file."""
 
     def find_classes(self, directory):
         classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
@@ -50,11 +168,7 @@ class CleanImageFolder(datasets.ImageFolder):
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        def visible_image(path: str) -> bool:
-            return has_file_allowed_extension(path, IMG_EXTENSIONS) and not is_hidden(path, directory)
-
-        samples = datasets.folder.make_dataset(directory, class_to_idx, is_valid_file=visible_image,
-                                               allow_empty=True)
+        samples = list_images(directory, class_to_idx)
         found = {target for _, target in samples}
         empty = [os.path.join(directory, name) for name, i in class_to_idx.items() if i not in found]
         if empty:
@@ -67,7 +181,7 @@ class CleanImageFolder(datasets.ImageFolder):
         path, target = self.samples[index]
         try:
             with open(path, "rb") as f:
-                image = Image.open(f).convert("RGB")  # decodes the whole file: truncation fails here
+                image = to_mode(Image.open(f))  # decodes the whole file: truncation fails here
         except DECODE_ERRORS as e:
             return BadImage(path, _reason(e, path)), target
         return (self.transform(image) if self.transform is not None else image), target

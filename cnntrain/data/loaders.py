@@ -144,8 +144,10 @@ class FolderLoader:
         import numpy as np
         from PIL import Image
 
+        from cnntrain.data.folder import to_mode
+
         with Image.open(self.sample_name(index)) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.asarray(to_mode(img))
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed * 100_003 + epoch)
