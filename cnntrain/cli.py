@@ -53,7 +53,9 @@ def _job(task, cfg: DictConfig):
         return None
     finally:
         if rundir.claimed() is None:
-            rundir.remove_if_empty(run_dir)
+            # the default folder's empty parents (outputs/<date>/) too, never a folder a user named
+            levels = 3 if run_dir is not None and os.path.relpath(run_dir) in _claimed_dirs.values() else 0
+            rundir.remove_if_empty(run_dir, parents=levels)
 
 
 def _in_sweep() -> bool:

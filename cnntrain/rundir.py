@@ -70,6 +70,7 @@ class RunFolder:
 
     def claim(self) -> "RunFolder":
         global _claimed
+        self._created = not (self.path / LOCK).exists()
         self._fd = _lock(self.path)
         _claimed = self.path
         return self
@@ -91,15 +92,24 @@ class RunFolder:
     def require_empty(self, hint: str = "") -> None:
         found = self.results()
         if found:
+            if self._created:  # leave the folder exactly as it was
+                (self.path / LOCK).unlink(missing_ok=True)
             shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
             raise RunFolderRefused(f"{self.path} already holds the files of another run ({shown}); "
                                    f"{hint or 'choose another hydra.run.dir= (or leave it out for a new folder)'}")
+
+    def take(self) -> None:
+        """The folder is this run's: its lock file says whose, for a run refused meanwhile."""
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
 
     def write_hydra_files(self, task_cfg: DictConfig) -> None:
         """What Hydra would have written into `.hydra/` (the job's config, Hydra's config and the
         overrides), now that the folder is this run's."""
         from hydra.core.hydra_config import HydraConfig
 
+        self.take()
         if not HydraConfig.initialized():
             return
         hydra = HydraConfig.get()
@@ -125,9 +135,6 @@ def _lock(path: Path) -> int:
         os.close(fd)
         raise RunFolderRefused(f"{path} is in use by another run ({owner}); wait for it to end or "
                                "choose another hydra.run.dir=") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     return fd
 
 
@@ -146,9 +153,10 @@ def keep_failed_job(path: str | os.PathLike | None, cfg: DictConfig) -> bool:
         return False
 
 
-def remove_if_empty(path: str | os.PathLike | None) -> None:
+def remove_if_empty(path: str | os.PathLike | None, parents: int = 0) -> None:
     """A folder that a failed or file-less start (a bad input, summary=true) created and left
-    empty goes away. Its lock file goes too, but only while nobody holds it."""
+    empty goes away, and up to `parents` of its parents that are empty then. Its lock file goes
+    too, but only while nobody holds it."""
     if path is None or not Path(path).is_dir():
         return
     path = Path(path)
@@ -161,6 +169,8 @@ def remove_if_empty(path: str | os.PathLike | None) -> None:
             finally:
                 os.close(fd)
         os.rmdir(path)  # removes nothing but an empty folder
+        for parent in list(path.parents)[:parents]:
+            os.rmdir(parent)
     except OSError:
         pass
 

@@ -105,7 +105,7 @@ class SGDConfig(OptimConfig):
 class AdamConfig(OptimConfig):
     betas: List[float] = key(factory=lambda: [0.9, 0.999], help="coefficients of the running "
                              "averages of the gradient and its square", ge=0, lt=1, length=(2,))
-    eps: Optional[float] = key(None, "term added to the denominator (null: torch's 1e-8)", gt=0)
+    eps: float = key(1e-8, "term added to the denominator", gt=0)
 
 
 @dataclass
@@ -399,10 +399,10 @@ def _check_train(cfg: DictConfig) -> None:
         raise UserError(f"data.mean/std have {len(data.mean)} value(s) but data={data.name} has "
                         f"{channels} channel(s): give {channels}")
     sched = cfg.sched
-    if sched.warmup_epochs and sched.warmup_epochs >= cfg.epochs:
-        raise UserError(f"sched.warmup_epochs={sched.warmup_epochs} leaves nothing of epochs={cfg.epochs}; lower it")
     if str(sched._target_).endswith("OneCycleLR") and sched.warmup_epochs:
         raise UserError("sched=onecycle has its own warmup (sched.pct_start); set sched.warmup_epochs=0")
+    if sched.warmup_epochs and sched.warmup_epochs >= cfg.epochs:
+        raise UserError(f"sched.warmup_epochs={sched.warmup_epochs} leaves nothing of epochs={cfg.epochs}; lower it")
     if cfg.optim.get("nesterov") and not cfg.optim.get("momentum"):
         raise UserError("optim.nesterov=true needs optim.momentum > 0 (or set optim.nesterov=false)")
     from cnntrain.resume import check_allowed_changes

@@ -91,6 +91,7 @@ def test_sigterm_from_outside_saves_and_resume_auto_continues(data_root, tmp_pat
     assert stopped_at >= 1
     epochs = stopped_at + 2
     done = subprocess.run([*args[:-3], f"epochs={epochs}", "sched=step", "resume=auto",
+                           "resume_allow_changes=[epochs]",
                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [int(r["epoch"]) for r in rows(run_dir)] == list(range(1, epochs + 1))
@@ -110,8 +111,9 @@ def test_nan_loss_stops_at_its_step_and_leaves_checkpoints_alone(data_root, tmp_
                 return loss * float("nan")
         return loss
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
-    with pytest.raises(UserError, match=r"loss became nan at epoch 2/3, step 3; stopped"):
-        train(make_cfg(data_root, "resume=auto"), run_dir=run_dir)
+    with pytest.raises(UserError, match=r"loss became nan at epoch 2/3, step 3 \(lr .*\): the "
+                                        "training diverged; stopped"):
+        train(make_cfg(data_root, "resume=auto", "resume_allow_changes=[epochs]"), run_dir=run_dir)
     assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
 
 
@@ -151,14 +153,19 @@ def one_epoch(data_root, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("override, key", [("data.batch_size=32", "data.batch_size"),
-                                           ("optim.lr=0.1", "optim.lr"), ("model=resnet20", "model.name")])
-def test_resume_with_a_changed_setting_is_refused_naming_it(data_root, one_epoch, tmp_path, override, key):
+@pytest.mark.parametrize("override, key, fixed", [
+    ("data.batch_size=32", "data.batch_size", False), ("optim.lr=0.1", "optim.lr", False),
+    ("epochs=4", "epochs", False), ("sched=cosine", "sched._target_", False),
+    ("optim.weight_decay=0.01", "optim.weight_decay", False), ("aug=none", "aug.gray.shift", False),
+    ("optim=adam", "optim._target_", True), ("model=resnet20", "model.name", True),
+    ("data.image_size=32", "data.image_size", True), ("ema.decay=0.9", "ema.decay", True),
+    ("data.val_split=0.2", "data.val_split", True)])
+def test_resume_with_a_changed_setting_is_refused_naming_it(data_root, one_epoch, tmp_path, override, key, fixed):
     with pytest.raises(UserError, match=rf"trained with {key}=.*, not ") as refused:
-        train(make_cfg(data_root, "epochs=2", "sched=step", override,
+        train(make_cfg(data_root, "epochs=1", "sched=step", override,
                        f"resume={one_epoch}/checkpoints/last.pt"),
               run_dir=tmp_path)
-    assert ("resume_allow_changes" in str(refused.value)) == (key != "model.name")
+    assert ("resume_allow_changes" in str(refused.value)) == (not fixed)
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -166,13 +173,30 @@ def test_resume_allow_changes_scales_the_schedule_to_the_new_lr(data_root, one_e
     before = load_checkpoint(one_epoch / "checkpoints/last.pt")
     lr_then = before["optimizer"]["param_groups"][0]["lr"]
     train(make_cfg(data_root, "epochs=2", "optim.lr=0.1", "data.batch_size=32", "sched=step",
-                   "resume_allow_changes=[optim.lr,data.batch_size]",
+                   "resume_allow_changes=[epochs,optim.lr,data.batch_size]",
                    f"resume={one_epoch}/checkpoints/last.pt"), run_dir=tmp_path)
     # the epoch-2 row logs the lr that epoch started with: the old one, doubled (0.05 -> 0.1)
     assert float(rows(tmp_path)[1]["lr"]) == pytest.approx(lr_then * 2)
-    with pytest.raises(UserError, match="resume_allow_changes may list"):
-        train(make_cfg(data_root, "epochs=2", "resume_allow_changes=[seed]", "resume=auto"),
+    with pytest.raises(UserError, match="model.name can never change"):
+        train(make_cfg(data_root, "epochs=2", "resume_allow_changes=[model.name]", "resume=auto"),
               run_dir=one_epoch)
+
+
+def test_more_epochs_re_plan_the_cosine_schedule_to_the_new_end(data_root, tmp_path):
+    """Resumed with more epochs, cosine continues from where it stands down to the new end,
+    instead of climbing again past its old horizon."""
+    cosine = ("sched=cosine", "sched.interval=epoch")
+    train(make_cfg(data_root, "epochs=3", *cosine), run_dir=tmp_path)
+    train(make_cfg(data_root, "epochs=6", *cosine, "resume=auto", "resume_allow_changes=[epochs]"),
+          run_dir=tmp_path)
+    lrs = [float(r["lr"]) for r in rows(tmp_path)]
+    assert len(lrs) == 6 and lrs[:3] == pytest.approx([0.05, 0.0375, 0.0125])
+    # the plan of a 6-epoch run from epoch 4 on: 0.05 * (1 + cos(pi * k / 6)) / 2
+    import math
+    assert lrs[3:] == pytest.approx([0.05 * (1 + math.cos(math.pi * k / 6)) / 2 for k in (3, 4, 5)])
+    assert all(b <= a for a, b in zip(lrs[3:], lrs[4:]))
+    with pytest.raises(UserError, match="resume_allow_changes=\\[epochs\\]"):
+        train(make_cfg(data_root, "epochs=8", *cosine, "resume=auto"), run_dir=tmp_path)
 
 
 def test_a_handler_installed_before_is_called_after_the_save(data_root, tmp_path, signal_at_batch):
