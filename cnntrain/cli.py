@@ -38,7 +38,7 @@ def _job(task, cfg: DictConfig):
         log.warning("%s", e)
         sys.exit(e.exit_code)
     except Exception as e:
-        if cfg.get("debug"):
+        if cfg.get("debug") is True:
             raise
         if isinstance(e, rundir.RunFolderRefused) or (
                 rundir.claimed() is None and not (_in_sweep() and rundir.keep_failed_job(run_dir, cfg))):
@@ -236,7 +236,7 @@ def _exit() -> None:
 
 def _debug() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1" or any(
-        re.fullmatch(r"\+*debug=(true|True|1|yes)", arg) for arg in sys.argv[1:])
+        re.fullmatch(r"\+*debug=(true|True|TRUE)", arg) for arg in sys.argv[1:])
 
 
 def _console_script(hydra_main, app: str):

@@ -22,11 +22,18 @@ from cnntrain.errors import UserError
 def key(default=None, help: str = "", *, factory=None, **rules):
     """A config key: `default` (or `factory` for lists), a one-line `help`, and its rules:
     ge/gt/le/lt (numbers, also each item of a list), choices, pattern (a regex for strings),
-    length (of a list), finite (numbers; on by default)."""
+    length (of a list), finite (numbers; on by default), kinds (the types an Any key takes:
+    None, str, bool, int, list)."""
     meta = {"help": help, **rules}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def flag(default, help: str):
+    """A true/false key. Declared as Any with strict choices rather than bool, because OmegaConf
+    turns any integer into a bool (amp=2 would silently mean true)."""
+    return key(default, help, choices=(True, False) if default is not None else (None, True, False))
 
 
 # --------------------------------------------------------------------------- train groups
@@ -40,8 +47,9 @@ class ModelConfig:
     source: str = key("cnntrain", "where the architecture comes from",
                       choices=("cnntrain", "torchvision", "timm"))
     pretrained: Any = key(None, "torchvision weights name (e.g. IMAGENET1K_V1; timm: true) or a "
-                                "state_dict / checkpoint file")
-    freeze: Any = key("none", "none | backbone | all_but_head | [parameter-name prefixes]")
+                                "state_dict / checkpoint file", kinds=(None, str, bool))
+    freeze: Any = key("none", "none | backbone | all_but_head | [parameter-name prefixes]",
+                      kinds=(str, list))
     dropout: Optional[float] = key(None, "dropout probability of models that have one (null: "
                                          "the model's default)", ge=0, lt=1)
     stochastic_depth_prob: Optional[float] = key(None, "EfficientNet's stochastic depth (null: "
@@ -56,7 +64,7 @@ class DataConfig:
                     choices=("mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"))
     root: Optional[str] = key("data", "folder handed to torchvision as root (image folders: the "
                                       "folder with train/, val/, test/)")
-    download: bool = key(True, "fetch the files with torchvision if they are missing")
+    download: Any = flag(True, "fetch the files with torchvision if they are missing")
     batch_size: int = key(64, "images per batch (per process under torchrun)", ge=1)
     num_workers: int = key(0, "DataLoader worker processes (image folders)", ge=0)
     val_split: float = key(0.1, "fraction of train held out for validation", ge=0, lt=1)
@@ -64,14 +72,14 @@ class DataConfig:
     mean: Optional[List[float]] = key(None, "per-channel mean of the pixels in 0..1 (1 value for "
                                             "gray, 3 for RGB; null: measured)", length=(1, 3))
     std: Optional[List[float]] = key(None, "per-channel std of the pixels in 0..1", gt=0, length=(1, 3))
-    skip_bad_images: bool = key(False, "image folders: leave unreadable images out instead of stopping")
+    skip_bad_images: Any = flag(False, "image folders: leave unreadable images out instead of stopping")
 
 
 @dataclass
 class GeometryConfig:
     shift: int = key(0, "random shift of up to this many px (zero fill)", ge=0, le=64)
     degrees: float = key(0.0, "random rotation of up to +-degrees", ge=0, le=180)
-    hflip: bool = key(False, "random horizontal flip")
+    hflip: Any = flag(False, "random horizontal flip")
 
 
 @dataclass
@@ -98,7 +106,7 @@ class OptimConfig:
 @dataclass
 class SGDConfig(OptimConfig):
     momentum: float = key(0.0, "momentum factor", ge=0, lt=1)
-    nesterov: bool = key(False, "Nesterov momentum (needs momentum > 0)")
+    nesterov: Any = flag(False, "Nesterov momentum (needs momentum > 0)")
 
 
 @dataclass
@@ -178,7 +186,7 @@ DEVICE = r"auto|cpu|mps|cuda(:\d+)?"
 class RuntimeConfig:
     """Keys shared by every tool."""
     device: str = key("auto", "auto | cpu | cuda | cuda:N | mps", pattern=DEVICE)
-    debug: bool = key(False, "show the full traceback of an error (as HYDRA_FULL_ERROR=1)")
+    debug: Any = flag(False, "show the full traceback of an error (as HYDRA_FULL_ERROR=1)")
 
 
 @dataclass
@@ -190,12 +198,12 @@ class TrainConfig(RuntimeConfig):
     aug: AugConfig = field(default_factory=AugConfig)
     epochs: int = key(10, "number of training epochs", ge=1)
     seed: int = key(42, "seed of every random generator", ge=0, lt=2**32)
-    amp: bool = key(False, "mixed precision: bf16 where supported, else fp16 + GradScaler")
+    amp: Any = flag(False, "mixed precision: bf16 where supported, else fp16 + GradScaler")
     amp_dtype: str = key("auto", "precision of amp", choices=("auto", "bf16", "fp16"))
     channels_last: Any = key("auto", "NHWC memory format: auto | true | false", choices=("auto", True, False))
-    compile: bool = key(False, "wrap the model with torch.compile")
-    sync_batchnorm: bool = key(False, "under torchrun: BatchNorm statistics over all ranks")
-    deterministic: bool = key(False, "deterministic algorithms (and no cudnn.benchmark)")
+    compile: Any = flag(False, "wrap the model with torch.compile")
+    sync_batchnorm: Any = flag(False, "under torchrun: BatchNorm statistics over all ranks")
+    deterministic: Any = flag(False, "deterministic algorithms (and no cudnn.benchmark)")
     label_smoothing: float = key(0.0, "label smoothing of the cross-entropy", ge=0, lt=1)
     grad_clip: Optional[float] = key(None, "max gradient L2 norm (null: no clipping)", gt=0)
     resume: Optional[str] = key(None, "a last.pt to continue from, or auto (the run folder's last.pt)")
@@ -204,7 +212,7 @@ class TrainConfig(RuntimeConfig):
     on_nan: str = key("stop", "non-finite loss: stop or skip_batch", choices=("stop", "skip_batch"))
     max_steps_per_epoch: Optional[int] = key(None, "cap on training batches per epoch", ge=1)
     max_eval_steps: Optional[int] = key(None, "cap on validation / test batches", ge=1)
-    summary: bool = key(False, "print the model summary and exit")
+    summary: Any = flag(False, "print the model summary and exit")
     optimized_metric: Optional[str] = key(None, "a results.json key returned to a sweeper",
                                           choices=(None, "test_acc", "test_top5", "test_loss", "best_val_acc"))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -219,16 +227,16 @@ class EvalDataConfig:
     root: Optional[str] = key(None, "where the dataset lives now")
     batch_size: Optional[int] = key(None, "images per batch", ge=1)
     num_workers: Optional[int] = key(None, "DataLoader worker processes (image folders)", ge=0)
-    download: bool = key(False, "fetch missing files with torchvision")
-    skip_bad_images: Optional[bool] = key(None, "image folders: skip unreadable images")
+    download: Any = flag(False, "fetch missing files with torchvision")
+    skip_bad_images: Any = flag(None, "image folders: skip unreadable images (null: as trained)")
 
 
 @dataclass
 class EvalConfig(RuntimeConfig):
-    ckpt: Any = key(MISSING, "a checkpoint, a run or multirun folder, or a [list]")
+    ckpt: Any = key(MISSING, "a checkpoint, a run or multirun folder, or a [list]", kinds=(str, list))
     split: str = key("test", "which split to evaluate", choices=("test", "val"))
-    amp: bool = key(False, "mixed precision")
-    predictions: bool = key(True, "also write predictions.csv")
+    amp: Any = flag(False, "mixed precision")
+    predictions: Any = flag(True, "also write predictions.csv")
     tta: Optional[str] = key(None, "test-time augmentation", choices=(None, "flip"))
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
 
@@ -236,7 +244,7 @@ class EvalConfig(RuntimeConfig):
 @dataclass
 class PredictConfig(RuntimeConfig):
     ckpt: str = key(MISSING, "a checkpoint written by cnntrain (best.pt or last.pt)")
-    inputs: Any = key(MISSING, "an image file, a folder, a quoted glob or a [list]")
+    inputs: Any = key(MISSING, "an image file, a folder, a quoted glob or a [list]", kinds=(str, list))
     topk: int = key(5, "classes per image", ge=1)
     batch_size: int = key(64, "images per batch", ge=1)
 
@@ -244,9 +252,10 @@ class PredictConfig(RuntimeConfig):
 @dataclass
 class VizConfig(RuntimeConfig):
     ckpt: str = key(MISSING, "a checkpoint written by cnntrain (best.pt or last.pt)")
-    inputs: Any = key(MISSING, "an image file, a folder, a quoted glob or a [list]")
+    inputs: Any = key(MISSING, "an image file, a folder, a quoted glob or a [list]", kinds=(str, list))
     layers: Optional[List[str]] = key(None, "module names for the feature maps (null: one per stage)")
-    target_class: Any = key(None, "class name or index for Grad-CAM (null: the predicted class)")
+    target_class: Any = key(None, "class name or index for Grad-CAM (null: the predicted class)",
+                            kinds=(None, str, int))
     max_images: int = key(8, "the first N input images", ge=1)
 
 
@@ -295,7 +304,9 @@ def show(value) -> str:
 
 def _allowed(rules: dict) -> str:
     parts = []
-    if "choices" in rules:
+    if set(rules.get("choices", ())) - {None} == {True, False}:
+        parts.append(" or ".join(show(c) for c in rules["choices"]))
+    elif "choices" in rules:
         parts.append("one of " + ", ".join(show(c) for c in rules["choices"]))
     for op, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
         if op in rules:
@@ -323,11 +334,24 @@ def _fail(path: str, value, f, what: str) -> UserError:
     return UserError(f"{path}={value} is not allowed: it must be {what} ({'; '.join(about)})")
 
 
+_KIND_NAMES = {None: "null", str: "a string", bool: "true/false", int: "an integer", list: "a list"}
+
+
+def _is_kind(value, kind) -> bool:
+    if kind is None:
+        return value is None
+    if kind is list:
+        return isinstance(value, (list, ListConfig))
+    return type(value) is kind  # bool is not an int here
+
+
 def _check_value(path: str, value, f) -> None:
     rules = _rules(f)
-    if not rules or value is None and "choices" not in rules:
+    if not rules or value is None and "choices" not in rules and "kinds" not in rules:
         return
-    if "choices" in rules and value not in rules["choices"]:
+    if "kinds" in rules and not any(_is_kind(value, kind) for kind in rules["kinds"]):
+        raise _fail(path, value, f, " or ".join(_KIND_NAMES[kind] for kind in rules["kinds"]))
+    if "choices" in rules and not any(type(value) is type(c) and value == c for c in rules["choices"]):
         raise _fail(path, value, f, _allowed(rules))
     if "pattern" in rules and not re.fullmatch(rules["pattern"], str(value)):
         raise _fail(path, value, f, _allowed(rules))
@@ -355,7 +379,7 @@ def check_node(node: DictConfig, prefix: str = "") -> None:
         if OmegaConf.is_missing(node, name):
             raise UserError(f"{path} is required: {f.metadata.get('help', '')} (set {path}=...)")
         value = node[name]  # resolves interpolations: a failing one raises here
-        if isinstance(value, DictConfig):
+        if isinstance(value, DictConfig) and is_dataclass(OmegaConf.get_type(value)):
             check_node(value, f"{path}.")
         else:
             _check_value(path, value, f)

@@ -173,4 +173,4 @@ def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
     assert [(r["job"], r["status"]) for r in rows] == [("1", "ok"), ("0", "failed")]
-    assert rows[1]["error"].startswith("optim.lr must be a positive number")
+    assert rows[1]["error"].startswith("optim.lr=-1.0 is not allowed")
