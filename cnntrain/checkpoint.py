@@ -27,10 +27,7 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A cnntrain checkpoint, loaded safely on the CPU; any problem is one UserError naming the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found (pass ckpt=/resume= a .pt file written by "
-                        "cnntrain, e.g. outputs/<date>/<time>/checkpoints/best.pt)")
+    path = require_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:  # the file is there but cannot be read: the bytes are not to blame
@@ -54,6 +51,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             raise UserError(f"checkpoint {path} holds non-finite weights ({bad}): the run it comes "
                             "from diverged; use an earlier checkpoint or retrain with a lower optim.lr")
     return state
+
+
+def require_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found (pass ckpt=/resume= a .pt file written by "
+                        "cnntrain, e.g. outputs/<date>/<time>/checkpoints/best.pt)")
+    return path
 
 
 def nonfinite(state_dict: dict) -> str | None:

@@ -15,16 +15,20 @@ import re
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("cnntrain")
 _failures: list[str] = []
+_job_debug = False  # a job asked for tracebacks (debug=true)
 
 
-def _job(task, cfg: DictConfig):
-    """One job: the schema check, the task, and its failure as one line."""
+def _job(task, cfg: DictConfig, app: str):
+    """One job of `app` (train, eval, predict, viz): the schema check, the task, and its
+    failure as one line."""
+    global _job_debug
     from cnntrain import logs, rundir
     from cnntrain.errors import Interrupted
     from cnntrain.schema import check
@@ -39,11 +43,12 @@ def _job(task, cfg: DictConfig):
         sys.exit(e.exit_code)
     except Exception as e:
         if cfg.get("debug") is True:
+            _job_debug = True  # the boundary shows the traceback too
             raise
         if isinstance(e, rundir.RunFolderRefused) or (
-                rundir.claimed() is None and not (_in_sweep() and rundir.keep_failed_job(run_dir, cfg))):
+                rundir.claimed() is None and not (rundir.in_sweep() and rundir.keep_failed_job(run_dir, cfg))):
             logs.drop_file_handlers()  # no folder of its own: stderr only, and no empty folder left
-        message = f"error: {one_line(e, _app(cfg))}"
+        message = f"error: {one_line(e, app)}"
         log.error(message)
         if not _is_user_error(e):
             import traceback
@@ -53,26 +58,16 @@ def _job(task, cfg: DictConfig):
         return None
     finally:
         if rundir.claimed() is None:
-            # the default folder's empty parents (outputs/<date>/) too, never a folder a user named
-            levels = 3 if run_dir is not None and os.path.relpath(run_dir) in _claimed_dirs.values() else 0
+            # the default folder's empty parents up to outputs/ too, never a folder a user named
+            default = run_dir is not None and os.path.relpath(run_dir) in _claimed_dirs.values()
+            levels = len(Path(os.path.relpath(run_dir)).parts) - 1 if default else 0
             rundir.remove_if_empty(run_dir, parents=levels)
-
-
-def _in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _output_dir() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
-
-
-def _app(cfg: DictConfig) -> str:
-    return "train" if "epochs" in cfg else "eval" if "split" in cfg else "viz" if "layers" in cfg else "predict"
 
 
 def _train_task(cfg: DictConfig):
@@ -86,7 +81,7 @@ def _train_task(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def _train(cfg: DictConfig):
-    result = _job(_train_task, cfg)
+    result = _job(_train_task, cfg, "train")
     # a failed job in a sweep: NaN makes Optuna record a failed trial and go on
     return float("nan") if result is None and cfg.optimized_metric else result
 
@@ -100,17 +95,17 @@ def _lazy(module: str, function: str):
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def _evaluate(cfg: DictConfig):
-    return _job(_lazy("cnntrain.evaluate", "evaluate"), cfg)
+    return _job(_lazy("cnntrain.evaluate", "evaluate"), cfg, "eval")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")
 def _predict(cfg: DictConfig):
-    return _job(_lazy("cnntrain.predict", "predict"), cfg)
+    return _job(_lazy("cnntrain.predict", "predict"), cfg, "predict")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="viz")
 def _viz(cfg: DictConfig):
-    return _job(_lazy("cnntrain.viz", "visualize"), cfg)
+    return _job(_lazy("cnntrain.viz", "visualize"), cfg, "viz")
 
 
 # --------------------------------------------------------------------------- one line per error
@@ -234,7 +229,7 @@ def _exit() -> None:
     sys.exit(1 if failures else 0)
 
 
-def _debug() -> bool:
+def _debug_asked() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1" or any(
         re.fullmatch(r"\+*debug=(true|True|TRUE)", arg) for arg in sys.argv[1:])
 
@@ -244,7 +239,7 @@ def _console_script(hydra_main, app: str):
     job failed. Under torchrun the ranks first join their process group; ranks > 0 log errors
     only."""
     def run() -> None:
-        debug = _debug()
+        debug = _debug_asked()
         # Hydra then raises what it would print as a traceback, and the boundary reports it
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
@@ -253,13 +248,13 @@ def _console_script(hydra_main, app: str):
             else:
                 _distributed(hydra_main)
         except KeyboardInterrupt:
-            if debug:
+            if debug or _job_debug:
                 raise
             print("error: interrupted (Ctrl-C) before training started; nothing was saved",
                   file=sys.stderr)
             sys.exit(130)
         except Exception as e:
-            if debug:
+            if debug or _job_debug:
                 raise
             if isinstance(e, OSError) and e.filename:  # Hydra creating the run folder or writing into it
                 message = (f"cannot use {e.filename} for this run ({e.strerror}); choose another "

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from cnntrain.checkpoint import load_checkpoint
+from cnntrain.checkpoint import load_checkpoint, require_file
 from cnntrain.data import build_data
 from cnntrain.engine import evaluate_loader
 from cnntrain.errors import UserError
@@ -35,7 +35,9 @@ def checkpoint_paths(ckpt) -> list[Path]:
                 raise UserError(f"no checkpoints/best.pt under {path}; pass ckpt= a .pt file or a run folder")
             paths += found
         else:
-            paths.append(path)
+            paths.append(require_file(path))  # before the run folder is claimed
+    if not paths:
+        raise UserError("ckpt=[] names no checkpoint; give a .pt file, a run folder or a list of them")
     return paths
 
 

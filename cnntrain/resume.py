@@ -16,7 +16,7 @@ FREE = ("device", "amp", "amp_dtype", "channels_last", "compile", "sync_batchnor
         "optimized_metric", "data.root", "data.download", "data.num_workers", "data.skip_bad_images",
         "checkpoint", "early_stop", "optim.fused")
 FIXED = ("model", "data.name", "data.image_size", "data.mean", "data.std", "data.val_split",
-         "optim._target_", "optim._partial_", "sched._partial_", "ema")
+         "optim._target_", "ema")
 SCHEDULE = ("epochs", "optim.lr", "sched", "data.batch_size", "max_steps_per_epoch")
 # the batches of an epoch: they cannot change in the middle of one
 STEPS = ("data.batch_size", "max_steps_per_epoch")
@@ -28,8 +28,13 @@ def _under(key: str, prefixes) -> bool:
 
 def check_allowed_changes(keys: list[str]) -> None:
     """`resume_allow_changes`: keys or groups that a resume may change."""
+    from cnntrain.schema import declared_keys
+
     for key in keys:
-        if _under(key, FIXED) or any(p.startswith(key + ".") for p in FIXED):
+        if key.rsplit(".", 1)[-1] not in declared_keys("train", key):
+            raise UserError(f"resume_allow_changes=[{key}]: {key} is not a key of the config "
+                            "(e.g. epochs, optim.lr, data.batch_size, sched)")
+        if _under(key, FIXED):
             raise UserError(f"resume_allow_changes=[{key}]: {key} can never change when resuming (it "
                             "defines the network or its data); start a new run instead")
         if _under(key, FREE):
@@ -52,7 +57,9 @@ def changed_keys(old: dict, new: dict, allowed: list[str], path, partial: bool) 
     the new one, once each change is found legitimate; a change that is not is a UserError
     naming the key, both values and the way out. Keys an older checkpoint lacks are skipped."""
     was, now = _flat(old), _flat(new)
-    changed = sorted(k for k in set(was) & set(now) if was[k] != now[k] and not _under(k, FREE))
+    # the keys that define the network first: the most telling refusal
+    changed = sorted((k for k in set(was) & set(now) if was[k] != now[k] and not _under(k, FREE)),
+                     key=lambda k: (not _under(k, FIXED), k))
     for key in changed:
         values = f"it was trained with {key}={was.get(key)}, not {now.get(key)}"
         if _under(key, FIXED):

@@ -38,6 +38,14 @@ def claimed() -> Path | None:
     return _claimed
 
 
+def in_sweep() -> bool:
+    """Whether this job is one of a sweep (cnntrain -m)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def new_job() -> None:
     global _claimed
     _claimed = None
@@ -95,7 +103,7 @@ class RunFolder:
             if self._created:  # leave the folder exactly as it was
                 (self.path / LOCK).unlink(missing_ok=True)
             shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-            raise RunFolderRefused(f"{self.path} already holds the files of another run ({shown}); "
+            raise RunFolderRefused(f"{self.path} already holds files that are not this run's ({shown}); "
                                    f"{hint or 'choose another hydra.run.dir= (or leave it out for a new folder)'}")
 
     def take(self) -> None:

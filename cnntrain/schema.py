@@ -66,9 +66,9 @@ class DataConfig:
                                       "folder with train/, val/, test/)")
     download: Any = flag(True, "fetch the files with torchvision if they are missing")
     batch_size: int = key(64, "images per batch (per process under torchrun)", ge=1)
-    num_workers: int = key(0, "DataLoader worker processes (image folders)", ge=0)
+    num_workers: int = key(0, "DataLoader worker processes (image folders)", ge=0, le=256)
     val_split: float = key(0.1, "fraction of train held out for validation", ge=0, lt=1)
-    image_size: Optional[int] = key(None, "resize to this many px (null: native size)", ge=1)
+    image_size: Optional[int] = key(None, "resize to this many px (null: native size)", ge=1, le=2048)
     mean: Optional[List[float]] = key(None, "per-channel mean of the pixels in 0..1 (1 value for "
                                             "gray, 3 for RGB; null: measured)", length=(1, 3))
     std: Optional[List[float]] = key(None, "per-channel std of the pixels in 0..1", gt=0, length=(1, 3))
@@ -226,7 +226,7 @@ class EvalDataConfig:
     """Overrides of the data settings stored in the checkpoint (null: as trained)."""
     root: Optional[str] = key(None, "where the dataset lives now")
     batch_size: Optional[int] = key(None, "images per batch", ge=1)
-    num_workers: Optional[int] = key(None, "DataLoader worker processes (image folders)", ge=0)
+    num_workers: Optional[int] = key(None, "DataLoader worker processes (image folders)", ge=0, le=256)
     download: Any = flag(False, "fetch missing files with torchvision")
     skip_bad_images: Any = flag(None, "image folders: skip unreadable images (null: as trained)")
 

@@ -26,7 +26,7 @@ from cnntrain.files import write_text
 from cnntrain.models import resolve_stem
 from cnntrain.optim import create_optimizer, create_scheduler, fast_forward
 from cnntrain.resume import changed_keys, replans_schedule
-from cnntrain.rundir import RunFolder
+from cnntrain.rundir import RunFolder, in_sweep
 from cnntrain.runtime import (StopSignals, amp_dtype, channels_last, grad_scaler, select_device,
                               seed_everything)
 from cnntrain.schema import check
@@ -201,7 +201,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     resume = _resume_path(cfg, run_dir / "checkpoints")
     folder, task_cfg = RunFolder(run_dir), copy.deepcopy(cfg)
     try:
-        in_place = _on_rank0(lambda: _claim(cfg, folder, resume))
+        in_place = distributed.any_rank(bool(_on_rank0(lambda: _claim(cfg, folder, resume))))
         if distributed.is_main() and not in_place:
             folder.write_hydra_files(task_cfg)
         return _train(cfg, folder, resume, in_place, task_cfg)
@@ -391,9 +391,8 @@ def _resume_hint(run_dir: Path) -> str:
     """A stopped sweep resumes as a whole: its finished jobs keep their results, the stopped
     ones continue, the others start."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_sweep():
         return (f"Resume the sweep with the same arguments plus resume=auto "
                 f"hydra.sweep.dir={HydraConfig.get().sweep.dir} (finished jobs keep their results)")
     return f"Resume with the same arguments plus resume=auto hydra.run.dir={run_dir}"

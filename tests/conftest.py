@@ -36,3 +36,21 @@ def run_cli(*args, cwd=None, check=True, timeout=600) -> subprocess.CompletedPro
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def refusal(*overrides, config="train") -> str:
+    """The one-line error that composing `config` with `overrides` and checking it against the
+    schema ends with (AssertionError if the config is accepted)."""
+    from hydra import compose, initialize_config_module
+
+    from cnntrain.cli import one_line
+    from cnntrain.schema import check
+
+    try:
+        with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+            check(compose(config_name=config, overrides=list(overrides)))
+    except Exception as e:
+        message = one_line(e, config)
+        assert "\n" not in message, message
+        return message
+    raise AssertionError(f"{overrides} accepted")

@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from cnntrain.schema import check as validate_train
 from cnntrain.errors import UserError
+from conftest import refusal
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 GROUPS = ("model", "data", "optim", "sched", "aug")
@@ -83,14 +84,12 @@ def test_unknown_option_lists_the_available_ones():
     ("max_steps_per_epoch=0", "max_steps_per_epoch"), ("max_eval_steps=-1", "max_eval_steps"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, key):
-    with pytest.raises(UserError, match=key.replace(".", r"\.")) as info:
-        validate_train(make_cfg(override))
-    assert "\n" not in str(info.value)
+    message = refusal(override)
+    assert message.startswith(f"{key}=") and " is not allowed: it must be " in message, message
 
 
 def test_model_by_name_needs_a_name():
-    with pytest.raises(UserError, match="model.name="):
-        validate_train(make_cfg("model=tv"))
+    assert refusal("model=tv").startswith("model.name is required")
 
 
 def test_imagefolder_needs_a_root():

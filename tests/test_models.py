@@ -6,6 +6,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cnntrain.errors import UserError
+from conftest import refusal
 from cnntrain.models import create_model, list_models
 
 # model=tv / model=timm build any torchvision / timm model by name (tests/test_transfer.py)
@@ -45,8 +46,7 @@ def test_unknown_model_suggests_close_match():
 
 
 def test_unknown_stem():
-    with pytest.raises(UserError, match="stem"):
-        create_model("lenet5", in_channels=3, num_classes=10, image_size=32, stem="tiny")
+    assert refusal("model.stem=tiny").startswith("model.stem=tiny is not allowed: it must be one of auto, small")
 
 
 def test_unsupported_option_is_user_error():

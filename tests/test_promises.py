@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import refusal, run_cli
 
 TRAIN = ("data.download=false", "device=cpu", "epochs=1", "data.batch_size=32")
 
@@ -62,7 +62,7 @@ def test_two_runs_started_together_into_one_folder(data_root, tmp_path):
     winner = 1 + [code for code, _, _ in results].index(0)
     loser = results[2 - winner][2]
     assert "error: " in loser and str(run_dir) in loser and "Traceback" not in loser
-    assert ("in use by another run" in loser) or ("already holds the files of another run" in loser)
+    assert ("in use by another run" in loser) or ("already holds files that are not this run's" in loser)
     # every file is the winner's
     assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["config"]["seed"] == winner
     assert f"seed={winner}" in (run_dir / ".hydra/overrides.yaml").read_text()
@@ -89,7 +89,7 @@ def test_resume_into_another_runs_folder_is_refused(finished_run, data_root, tmp
     before = everything(other)
     proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, f"resume={finished_run}/checkpoints/last.pt",
                    f"hydra.run.dir={other}", cwd=tmp_path, check=False)
-    assert_refused(proc, str(other), "already holds the files of another run", "continues into a new folder")
+    assert_refused(proc, str(other), "already holds files that are not this run's", "continues into a new folder")
     assert everything(other) == before
 
 
@@ -97,16 +97,34 @@ def test_resume_into_another_runs_folder_is_refused(finished_run, data_root, tmp
                                       "metrics.csv", "curves.png", "tb/events.out.tfevents.1", "notes.txt"])
 @pytest.mark.parametrize("resume", [None, "auto"])
 def test_a_folder_with_any_result_but_no_last_pt_is_refused(data_root, tmp_path, leftover, resume):
+    from hydra import compose, initialize_config_module
+
+    from cnntrain.rundir import RunFolderRefused
+    from cnntrain.train import train
+
     run_dir = tmp_path / "run"
     (run_dir / leftover).parent.mkdir(parents=True, exist_ok=True)
     (run_dir / leftover).write_bytes(b"the only copy of something")
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra/config.yaml").write_text("seed: 7\n")
     before = everything(run_dir)
-    extra = [f"resume={resume}"] if resume else []
-    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, *extra, f"hydra.run.dir={run_dir}",
+    with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"data.root={data_root}", *TRAIN,
+                                                       *([f"resume={resume}"] if resume else [])])
+    with pytest.raises(RunFolderRefused, match=leftover.split("/")[0]) as refused:
+        train(cfg, run_dir=run_dir)
+    assert str(run_dir) in str(refused.value)
+    assert everything(run_dir) == before
+
+
+def test_the_cli_refuses_such_a_folder_too(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints/best.pt").write_bytes(b"the only copy of something")
+    before = everything(run_dir)
+    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, "resume=auto", f"hydra.run.dir={run_dir}",
                    cwd=tmp_path, check=False)
-    assert_refused(proc, str(run_dir), leftover.split("/")[0])
+    assert_refused(proc, str(run_dir), "checkpoints/best.pt", "no checkpoints/last.pt to resume from")
     assert everything(run_dir) == before
 
 
@@ -201,10 +219,11 @@ def test_full_disk_during_a_run_is_one_line(tiny_disk, data_root, tmp_path):
 
 
 # ------------------------------------------------------------------------- bad values, one line
-@pytest.mark.parametrize("override, needle", [
+BAD_VALUES = [
     ("grad_clip=-1", "grad_clip=-1.0 is not allowed: it must be > 0"),
     ("sched.warmup_epochs=-1", "sched.warmup_epochs=-1.0 is not allowed"),
     ("amp=maybe", "amp=maybe is not allowed: it must be true or false"),
+    ("amp=1", "amp=1 is not allowed: it must be true or false"),
     ("deterministic=perhaps", "deterministic=perhaps is not allowed: it must be true or false"),
     ("seed=-1", "seed=-1 is not allowed: it must be >= 0"),
     ("label_smoothing=2", "label_smoothing=2.0 is not allowed: it must be >= 0, < 1"),
@@ -217,28 +236,42 @@ def test_full_disk_during_a_run_is_one_line(tiny_disk, data_root, tmp_path):
     ("optim.lr=inf", "optim.lr=inf is not allowed: it must be a finite number"),
     ("optim.learning_rate=0.1", "unknown key optim.learning_rate for optim=sgd; did you mean optim.lr?"),
     ("+optim.learning_rate=0.1", "unknown key optim.learning_rate for optim=sgd; did you mean optim.lr?"),
+    ("optim=adam optim.momentum=0.9", "unknown key optim.momentum for optim=adam"),
     ("data.std=[0]", "data.std=[0.0] is not allowed: it must be > 0"),
     ("data.std=[0,0,0]", "data.std=[0.0, 0.0, 0.0] is not allowed: it must be > 0"),
     ("data.mean=[0.5,0.5]", "data.mean=[0.5, 0.5] is not allowed"),
     ("data.mean=[0.1,0.2,0.3]", "data.mean=[0.1, 0.2, 0.3] and data.std=[0.3081] must both be"),
     ("model=resnet81", "unknown model=resnet81; did you mean model=resnet18?"),
-    ("optim=adam", None),  # a run: every option composes
     ("optim.nesterov=true optim.momentum=0", "optim.nesterov=true needs optim.momentum > 0"),
     ("resume_allow_changes=[model.name]", "model.name can never change"),
+    ("resume_allow_changes=[nonsense]", "nonsense is not a key of the config"),
     ("epochs=[", "cannot read the override 'epochs=['"),
     ("sched=onecycle sched.warmup_epochs=1 epochs=2", "sched=onecycle has its own warmup"),
     ("checkpoint.keep_top_k=two", "checkpoint.keep_top_k=two is not allowed: it must be an integer"),
-])
-def test_bad_values_are_one_line_naming_the_key(data_root, tmp_path, override, needle):
-    run_dir = tmp_path / "run"
-    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, "max_steps_per_epoch=1", "max_eval_steps=1",
-                   *override.split(" "), f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
-    if needle is None:
-        assert proc.returncode == 0, proc.stderr
-        return
+    ("model.pretrained=[a,b]", "model.pretrained=['a', 'b'] is not allowed: it must be null or a string"),
+    ("data.image_size=100000", "data.image_size=100000 is not allowed: it must be >= 1, <= 2048"),
+]
+
+
+@pytest.mark.parametrize("override, needle", BAD_VALUES)
+def test_bad_values_are_one_line_naming_the_key(override, needle):
+    assert needle in refusal(*override.split(" "))
+
+
+@pytest.mark.parametrize("override, needle", [case for case in BAD_VALUES if case[0] in (
+    "amp=1", "epochs=2.0", "optim.lr=${nope}", "+optim.learning_rate=0.1", "model=resnet81", "epochs=[")])
+def test_bad_values_through_the_cli_leave_nothing(data_root, tmp_path, override, needle):
+    """Composition errors, schema errors and Hydra's own: one line on stderr, no folder."""
+    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, override, cwd=tmp_path, check=False)
     assert_refused(proc, needle)
-    assert not run_dir.exists()  # a bad input leaves no folder behind
-    assert not (tmp_path / "outputs").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_option_of_every_group_runs(data_root, tmp_path):
+    proc = run_cli("cnntrain", "-m", f"data.root={data_root}", *TRAIN, "max_steps_per_epoch=1",
+                   "max_eval_steps=1", "optim=adam,adamw", "sched=step,multistep,onecycle,none",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert proc.returncode == 0 and len(list((tmp_path / "sweep").glob("*/results.json"))) == 8
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -96,7 +96,7 @@ def test_cnneval_tta_flip_and_a_bad_tta(data_root, tmp_path):
     assert json.loads((tmp_path / "ev/report.json").read_text())["num_samples"] == 200
     proc = run_cli("cnneval", ckpt, "tta=rotate", "device=cpu", f"hydra.run.dir={tmp_path / 'bad'}",
                    cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "tta must be null or flip" in proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "error: tta=rotate is not allowed: it must be one of null, flip" in proc.stderr
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -3,11 +3,11 @@ any size and sign, NaN and infinities, booleans, null, strings, lists), the outc
 run - the value arrives unchanged and everything it feeds builds and trains one step - or one
 error line that names the key; never a traceback, never a silent change."""
 import math
+import os
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +19,7 @@ from cnntrain import schema
 from cnntrain.cli import one_line
 from cnntrain.errors import UserError
 
-EXAMPLES = int(__import__("os").environ.get("CNNTRAIN_PROPERTY_EXAMPLES", "400"))
+EXAMPLES = int(os.environ.get("CNNTRAIN_PROPERTY_EXAMPLES", "200"))
 
 
 def _leaves(node, prefix=""):
