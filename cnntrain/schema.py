@@ -418,10 +418,6 @@ def _check_train(cfg: DictConfig) -> None:
     if (data.mean is None) != (data.std is None) or (data.mean is not None and len(data.mean) != len(data.std)):
         raise UserError(f"data.mean={show(data.mean)} and data.std={show(data.std)} must both be "
                         "null or lists of the same length (1 value per channel)")
-    channels = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3, "cifar100": 3, "imagefolder": 3}[data.name]
-    if data.mean is not None and len(data.mean) != channels:
-        raise UserError(f"data.mean/std have {len(data.mean)} value(s) but data={data.name} has "
-                        f"{channels} channel(s): give {channels}")
     sched = cfg.sched
     if str(sched._target_).endswith("OneCycleLR") and sched.warmup_epochs:
         raise UserError("sched=onecycle has its own warmup (sched.pct_start); set sched.warmup_epochs=0")

@@ -19,7 +19,7 @@ from cnntrain import schema
 from cnntrain.cli import one_line
 from cnntrain.errors import UserError
 
-EXAMPLES = int(os.environ.get("CNNTRAIN_PROPERTY_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("CNNTRAIN_PROPERTY_EXAMPLES", "100"))
 
 
 def _leaves(node, prefix=""):
@@ -77,6 +77,11 @@ def same(given, got) -> bool:
         return type(given) is bool and got == given
     if isinstance(got, str):  # a number or true/false given for a text key is its text
         return got == str(given)
+    if isinstance(given, str):  # '3' for a number key: the number written as text
+        try:
+            return float(given) == got
+        except ValueError:
+            return False
     return got == given
 
 

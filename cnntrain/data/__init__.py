@@ -62,6 +62,12 @@ def build_data(data: DictConfig, aug: DictConfig | None, *, device: torch.device
     return _builtin_data(data, aug, device, seed, splits)
 
 
+def _check_channels(data: DictConfig, channels: int) -> None:
+    if data.mean is not None and len(data.mean) != channels:
+        raise UserError(f"data.mean/std have {len(data.mean)} value(s) but data={data.name} has "
+                        f"{channels} channel(s): give {channels}")
+
+
 def _augment(aug, kind: str, normalize: Normalize) -> BatchAugment:
     if aug is None:
         return BatchAugment(normalize)
@@ -93,6 +99,7 @@ def _builtin_data(data, aug, device, seed, splits) -> Data:
         parts["test"] = (images, labels)
     size = int(data.image_size or images.shape[-1])
     in_channels = images.shape[1]
+    _check_channels(data, in_channels)
     normalize = Normalize(data.mean, data.std, device)
     kind = "gray" if in_channels == 1 else "rgb"
     out = Data(classes, in_channels, size, list(data.mean), list(data.std))
@@ -128,6 +135,7 @@ def _folder_data(data, aug, device, seed, splits) -> Data:
         if ds is not None and (split in splits or split == "train" and needs_train):
             warn_mixed_modes(ds)
     skip_bad = bool(data.get("skip_bad_images", False))  # absent from older checkpoints' configs
+    _check_channels(data, 3)
     mean, std = data.mean, data.std
     if mean is None or std is None:
         unnormalized = copy.copy(sets["train"])
