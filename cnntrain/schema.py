@@ -415,6 +415,9 @@ def _check_train(cfg: DictConfig) -> None:
     if data.name == "imagefolder" and data.root is None:
         raise UserError("data=imagefolder needs data.root=/path/to/images "
                         "(a folder with train/<class>/<image> and optional val/, test/)")
+    if data.name == "imagefolder" and data.image_size is None:
+        raise UserError("image folders need data.image_size= (e.g. 224; data=imagefolder sets it, "
+                        "data.name=imagefolder alone does not)")
     if (data.mean is None) != (data.std is None) or (data.mean is not None and len(data.mean) != len(data.std)):
         raise UserError(f"data.mean={show(data.mean)} and data.std={show(data.std)} must both be "
                         "null or lists of the same length (1 value per channel)")
