@@ -282,6 +282,12 @@ def test_other_tools_bad_values(tmp_path, args, needle):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_validation_split_that_leaves_no_training_image(data_root, tmp_path):
+    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, "data.val_split=0.9999", cwd=tmp_path,
+                   check=False)
+    assert_refused(proc, "data.val_split=0.9999 holds out all")
+
+
 def test_cnneval_batch_size_zero(finished_run, tmp_path):
     proc = run_cli("cnneval", f"ckpt={finished_run}/checkpoints/best.pt", "data.batch_size=0",
                    cwd=tmp_path, check=False)

@@ -30,7 +30,8 @@ class Data:
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
-    """Indices (train, held_out): `fraction` of every class held out, chosen with `seed`."""
+    """Indices (train, held_out): `fraction` of every class held out, chosen with `seed`. A
+    fraction that would leave no training image is a UserError."""
     gen = torch.Generator().manual_seed(seed)
     held = []
     for c in labels.unique():
@@ -39,6 +40,9 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
     held = torch.cat(held).sort().values
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[held] = False
+    if len(labels) and not keep.any():
+        raise UserError(f"data.val_split={fraction} holds out all {len(labels)} training images; "
+                        "lower it (e.g. data.val_split=0.1)")
     return keep.nonzero().flatten(), held
 
 
