@@ -60,8 +60,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = key(MISSING, "the dataset (data=<option>)",
-                    choices=("mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"))
+    # no choices here: the datasets are those of cnntrain/data (build_data names them)
+    name: str = key(MISSING, "the dataset (data=<option>)")
     root: Optional[str] = key("data", "folder handed to torchvision as root (image folders: the "
                                       "folder with train/, val/, test/)")
     download: Any = flag(True, "fetch the files with torchvision if they are missing")

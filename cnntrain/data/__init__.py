@@ -54,7 +54,7 @@ def data_shape(data: DictConfig) -> tuple[int, int, int]:
 
         return 3, int(data.image_size), len(open_split(os.path.expanduser(str(data.root)), "train",
                                                            required=True).classes)
-    channels, size, classes = BUILTIN[data.name].shape
+    channels, size, classes = _builtin(data.name).shape
     return channels, int(data.image_size or size), classes
 
 
@@ -63,7 +63,15 @@ def build_data(data: DictConfig, aug: DictConfig | None, *, device: torch.device
     """Loaders for the requested splits. `aug` None means no augmentation (evaluation only)."""
     if data.name == "imagefolder":
         return _folder_data(data, aug, device, seed, splits)
+    _builtin(data.name)
     return _builtin_data(data, aug, device, seed, splits)
+
+
+def _builtin(name: str):
+    if name not in BUILTIN:
+        raise UserError(f"unknown dataset data.name={name} (one of {', '.join(DATASETS)}; pick one "
+                        "with data=<name>)")
+    return BUILTIN[name]
 
 
 def _check_channels(data: DictConfig, channels: int) -> None:
