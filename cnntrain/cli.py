@@ -15,10 +15,11 @@ import re
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+from cnntrain import rundir  # light: no torch, so --help stays fast
 
 log = logging.getLogger("cnntrain")
 _failures: list[str] = []
@@ -29,7 +30,7 @@ def _job(task, cfg: DictConfig, app: str):
     """One job of `app` (train, eval, predict, viz): the schema check, the task, and its
     failure as one line."""
     global _job_debug
-    from cnntrain import logs, rundir
+    from cnntrain import logs
     from cnntrain.errors import Interrupted
     from cnntrain.schema import check
 
@@ -58,10 +59,7 @@ def _job(task, cfg: DictConfig, app: str):
         return None
     finally:
         if rundir.claimed() is None:
-            # the default folder's empty parents up to outputs/ too, never a folder a user named
-            default = run_dir is not None and os.path.relpath(run_dir) in _claimed_dirs.values()
-            levels = len(Path(os.path.relpath(run_dir)).parts) - 1 if default else 0
-            rundir.remove_if_empty(run_dir, parents=levels)
+            rundir.remove_if_empty(run_dir)
 
 
 def _output_dir() -> str | None:
@@ -176,36 +174,13 @@ def _run_time() -> float:
 _STARTED = repr(time.time())
 
 
-def _unique_dir(path: str) -> str:
-    """`path`, or `path-2`, `path-3`, ... if a run that started in the same second has it:
-    claimed with mkdir, which only one process can win; the same answer for the whole process
-    (Hydra composes twice). Under torchrun every rank must name the same folder, so there it is
-    `path` as resolved from rank 0's start time."""
-    if "CNNTRAIN_RUN_TIME" in os.environ:
-        return path
-    if path not in _claimed_dirs:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        for n in range(1, 1000):
-            candidate = path if n == 1 else f"{path}-{n}"
-            try:
-                os.mkdir(candidate)
-                break
-            except FileExistsError:
-                continue
-        else:
-            raise RuntimeError(f"no free folder next to {path}")
-        _claimed_dirs[path] = candidate
-    return _claimed_dirs[path]
-
-
-_claimed_dirs: dict[str, str] = {}
 
 
 def _default_run_dir(job: str) -> str:
     """A run's folder when hydra.run.dir is not given: outputs/<date>/<time> for training,
-    outputs/<job>/<date>/<time> for cnneval, cnnpredict and cnnviz; claimed by _unique_dir."""
+    outputs/<job>/<date>/<time> for cnneval, cnnpredict and cnnviz; claimed by rundir.unique_dir."""
     when = datetime.fromtimestamp(_run_time())
-    return _unique_dir(f"outputs/{'' if job == 'train' else job + '/'}{when:%Y-%m-%d}/{when:%H-%M-%S}")
+    return rundir.unique_dir(f"outputs/{'' if job == 'train' else job + '/'}{when:%Y-%m-%d}/{when:%H-%M-%S}")
 
 
 # Cached: Hydra copies the resolver cache into every job's config (also in joblib or SLURM
@@ -213,7 +188,7 @@ def _default_run_dir(job: str) -> str:
 OmegaConf.register_new_resolver(
     "cnntrain.now", lambda pattern: datetime.fromtimestamp(_run_time()).strftime(pattern),
     use_cache=True, replace=True)
-OmegaConf.register_new_resolver("cnntrain.unique", _unique_dir, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("cnntrain.unique", rundir.unique_dir, use_cache=True, replace=True)
 # Defined once (hydra/default.yaml) and never merged over: OmegaConf evaluates an interpolation
 # that a later config merges into, and this one creates a folder.
 OmegaConf.register_new_resolver("cnntrain.run_dir", _default_run_dir, use_cache=True, replace=True)

@@ -161,12 +161,39 @@ def keep_failed_job(path: str | os.PathLike | None, cfg: DictConfig) -> bool:
         return False
 
 
-def remove_if_empty(path: str | os.PathLike | None, parents: int = 0) -> None:
+def unique_dir(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ... if a run that started in the same second has it:
+    claimed with mkdir, which only one process can win; the same answer for the whole process
+    (Hydra composes twice). Under torchrun every rank must name the same folder, so there it is
+    `path` as resolved from rank 0's start time."""
+    if "CNNTRAIN_RUN_TIME" in os.environ:
+        return path
+    if path not in _made:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        for n in range(1, 1000):
+            candidate = path if n == 1 else f"{path}-{n}"
+            try:
+                os.mkdir(candidate)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise RuntimeError(f"no free folder next to {path}")
+        _made[path] = candidate
+    return _made[path]
+
+
+_made: dict[str, str] = {}  # default folders this process created: asked path -> folder
+
+
+def remove_if_empty(path: str | os.PathLike | None) -> None:
     """A folder that a failed or file-less start (a bad input, summary=true) created and left
-    empty goes away, and up to `parents` of its parents that are empty then. Its lock file goes
-    too, but only while nobody holds it."""
+    empty goes away; a default folder (unique_dir) takes its empty parents up to outputs/ along,
+    never a folder a user named. Its lock file goes too, but only while nobody holds it."""
     if path is None or not Path(path).is_dir():
         return
+    relative = os.path.relpath(path)
+    parents = len(Path(relative).parts) - 1 if relative in _made.values() else 0
     path = Path(path)
     try:
         if {p.name for p in path.iterdir()} == {LOCK}:

@@ -50,18 +50,18 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_ro
 
 
 def test_run_folders_of_ranks_and_sweeps(tmp_path, monkeypatch):
-    from cnntrain import cli
+    from cnntrain import cli, rundir
 
     base = str(tmp_path / "multirun/2026-11-22/10-00-00")
     monkeypatch.delenv("CNNTRAIN_RUN_TIME", raising=False)
     # two sweeps started in the same second: mkdir lets only one of them have the folder
     def new_process():  # each run is a process of its own, which asks once
-        cli._claimed_dirs.clear()
-        return cli._unique_dir(base)
+        rundir._made.clear()
+        return rundir.unique_dir(base)
     assert [new_process() for _ in range(3)] == [base, f"{base}-2", f"{base}-3"]
-    assert cli._unique_dir(base) == f"{base}-3"  # Hydra composes twice: one answer per process
+    assert rundir.unique_dir(base) == f"{base}-3"  # Hydra composes twice: one answer per process
     monkeypatch.setenv("CNNTRAIN_RUN_TIME", "1795000000.0")  # under torchrun: rank 0's clock
-    assert cli._unique_dir(base) == base and cli._run_time() == 1795000000.0
+    assert rundir.unique_dir(base) == base and cli._run_time() == 1795000000.0
 
 
 def test_two_sweeps_started_together_get_two_folders(data_root, tmp_path):
