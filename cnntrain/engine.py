@@ -87,12 +87,12 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
                     scheduler=None, scaler=None, amp_dtype=None, channels_last: bool = False,
                     grad_clip: float | None = None, max_steps: int | None = None, desc: str = "train",
                     progress: bool = True, on_nan: str = "stop", state: EpochState | None = None,
-                    stop=None, mix=None, ema=None) -> dict:
+                    stop=None, ema=None) -> dict:
     """One pass over `loader` (or its first `max_steps` batches), continuing `state` (a resumed
     epoch) if given; `scheduler`, if given, is stepped after every batch. `stop()` is asked after
     every batch whether to end the epoch early (a signal). A non-finite loss stops training
-    (UserError) or, with on_nan="skip_batch", skips that batch's update. `mix(x, y)` (MixUp /
-    CutMix) returns mixed images and soft targets; accuracy still counts the original labels.
+    (UserError) or, with on_nan="skip_batch", skips that batch's update. A batch mixed by MixUp /
+    CutMix comes with soft targets; its accuracy counts each image's larger share.
     `ema` (an AveragedModel) is updated after every optimizer step.
     Returns {"loss", "acc"} averaged over the samples seen, the throughput "img_per_s", and
     "state" (its step < "total" if stopped early)."""
@@ -102,8 +102,8 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
     state.correct = torch.as_tensor(state.correct, dtype=torch.long, device=device)
     first, start = state.n, time.perf_counter()
     bar = _Progress(loader, desc, progress, channels_last, max_steps, state.step, device)
-    for x, y in bar:
-        x, target = mix(x, y) if mix is not None else (x, y)
+    for x, target in bar:
+        y = target if target.ndim == 1 else target.argmax(1)
         with autocast(device, amp_dtype):
             out = model(x)
             loss = criterion(out, target)

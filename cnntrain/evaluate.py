@@ -71,7 +71,9 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
         if value is not None:
             trained.data[key] = value
     device = select_device(cfg.device)
-    data = build_data(trained.data, None, device=device, seed=trained.seed, splits=(cfg.split,))
+    # the training run's aug decides how its images were stored (data.storage_size)
+    data = build_data(trained.data, trained.get("aug"), device=device, seed=trained.seed,
+                      splits=(cfg.split,), evaluation=True)
     loader = data.loaders.get(cfg.split)
     if loader is None:
         raise UserError(f"{trained.data.name} at {trained.data.root} has no {cfg.split} split "

@@ -113,17 +113,20 @@ def find_images(inputs) -> list[Path]:
 
 class Preprocess:
     """Any image file (any size, any mode) -> the input the checkpoint's model was trained on:
-    gray or RGB as its data, shorter side resized to image_size and center-cropped (as the
-    evaluation preset of image folders), then normalized with the checkpoint's mean/std."""
+    gray or RGB as its data, shorter side resized and center-cropped to image_size as evaluation
+    saw it (image folders stored for crop-based training: resized to 1.14 x), then normalized with the checkpoint's mean/std."""
 
-    def __init__(self, data: DictConfig, device: torch.device):
+    def __init__(self, trained: DictConfig, device: torch.device):
         from torchvision.transforms import v2
 
+        from cnntrain.data import storage_size
         from cnntrain.data.augment import Normalize
 
-        size = int(data.image_size)
+        data, size = trained.data, int(trained.data.image_size)
         self.mode = "L" if len(data.mean) == 1 else "RGB"
-        self.resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+        # as evaluation saw them: stored at storage_size, then the central size x size
+        stored = storage_size(data.get("name"), size, len(data.mean), trained.get("aug"))
+        self.resize = v2.Compose([v2.Resize(stored, antialias=True), v2.CenterCrop(size)])
         self.normalize = Normalize(list(data.mean), list(data.std), device)
         self.device = device
 

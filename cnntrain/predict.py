@@ -32,7 +32,7 @@ def _predict(cfg: DictConfig, files: list[Path], run_dir: Path) -> list[dict]:
     topk, batch_size = cfg.topk, cfg.batch_size
     device = select_device(cfg.device)
     model, trained, classes = load_trained_model(cfg.ckpt, device)
-    prep = Preprocess(trained.data, device)
+    prep = Preprocess(trained, device)
     k = min(topk, len(classes))
     results = []
     with torch.inference_mode():

@@ -14,8 +14,9 @@ from cnntrain.errors import UserError
 FREE = ("device", "amp", "amp_dtype", "channels_last", "compile", "sync_batchnorm", "deterministic",
         "debug", "resume", "resume_allow_changes", "on_nan", "max_eval_steps", "summary",
         "optimized_metric", "data.root", "data.download", "data.num_workers", "data.skip_bad_images",
+        "data.cache_dir", "data.memory_budget_gb",
         "checkpoint", "early_stop", "optim.fused")
-FIXED = ("model", "data.name", "data.image_size", "data.mean", "data.std", "data.val_split",
+FIXED = ("model", "data.name", "data.image_size", "data.channels", "data.mean", "data.std", "data.val_split",
          "optim._target_", "ema")
 SCHEDULE = ("epochs", "optim.lr", "sched", "data.batch_size", "max_steps_per_epoch")
 # the batches of an epoch: they cannot change in the middle of one

@@ -66,9 +66,19 @@ class DataConfig:
                                       "folder with train/, val/, test/)")
     download: Any = flag(True, "fetch the files with torchvision if they are missing")
     batch_size: int = key(64, "images per batch (per process under torchrun)", ge=1)
-    num_workers: int = key(0, "DataLoader worker processes (image folders)", ge=0, le=256)
+    num_workers: Optional[int] = key(None, "image folders: processes decoding the images into the "
+                                           "cache (null: one per CPU core)", ge=0, le=256)
     val_split: float = key(0.1, "fraction of train held out for validation", ge=0, lt=1)
-    image_size: Optional[int] = key(None, "resize to this many px (null: native size)", ge=1, le=2048)
+    image_size: Any = key(None, "model input size in px; null or auto: the native size (image "
+                                "folders: the images' common size, else their median short side, "
+                                "at most 224)", kinds=(None, int, str), pattern="auto", ge=1, le=2048)
+    channels: Any = key("auto", "image folders: 1 (gray) or 3 (RGB); auto: 1 when every image is "
+                                "gray and data.mean has no 3 values", choices=("auto", 1, 3))
+    cache_dir: Optional[str] = key(None, "where image folders are decoded to (null: $CNNTRAIN_CACHE, "
+                                         "else $XDG_CACHE_HOME/cnntrain, else ~/.cache/cnntrain)")
+    memory_budget_gb: Optional[float] = key(None, "images kept on the training device up to this "
+                                                  "size, the rest streamed from host memory (null: "
+                                                  "half the device's free memory)", ge=0)
     mean: Optional[List[float]] = key(None, "per-channel mean of the pixels in 0..1 (1 value for "
                                             "gray, 3 for RGB; null: measured)", length=(1, 3))
     std: Optional[List[float]] = key(None, "per-channel std of the pixels in 0..1", gt=0, length=(1, 3))
@@ -80,6 +90,10 @@ class GeometryConfig:
     shift: int = key(0, "random shift of up to this many px (zero fill)", ge=0, le=64)
     degrees: float = key(0.0, "random rotation of up to +-degrees", ge=0, le=180)
     hflip: Any = flag(False, "random horizontal flip")
+    crop_scale: Optional[List[float]] = key(None, "random-resized-crop area range [min, max] (e.g. "
+                                                  "[0.08, 1]; null: no such crop; image folders are "
+                                                  "then stored at 1.14 x image_size)", gt=0, le=1,
+                                            length=(2,))
 
 
 @dataclass
@@ -88,6 +102,9 @@ class AugConfig:
     gray: GeometryConfig = field(default_factory=GeometryConfig)
     rgb: GeometryConfig = field(default_factory=GeometryConfig)
     policy: Optional[str] = key(None, "per-image policy", choices=(None, "randaugment", "autoaugment"))
+    color_jitter: float = key(0.0, "brightness, contrast and saturation factors drawn from "
+                                   "[1 - x, 1 + x] per image", ge=0, le=1)
+    hue: float = key(0.0, "hue shift drawn from [-x, x] per image (RGB)", ge=0, le=0.5)
     random_erasing: float = key(0.0, "probability of erasing one random box per image", ge=0, le=1)
     mixup_alpha: float = key(0.0, "> 0: mixup with Beta(alpha, alpha) weights", ge=0)
     cutmix_alpha: float = key(0.0, "> 0: CutMix with Beta(alpha, alpha) areas", ge=0)
@@ -226,7 +243,10 @@ class EvalDataConfig:
     """Overrides of the data settings stored in the checkpoint (null: as trained)."""
     root: Optional[str] = key(None, "where the dataset lives now")
     batch_size: Optional[int] = key(None, "images per batch", ge=1)
-    num_workers: Optional[int] = key(None, "DataLoader worker processes (image folders)", ge=0, le=256)
+    num_workers: Optional[int] = key(None, "image folders: processes decoding images into the cache", ge=0, le=256)
+    cache_dir: Optional[str] = key(None, "image folders: where they are decoded to (null: as trained, "
+                                         "or the default)")
+    memory_budget_gb: Optional[float] = key(None, "images kept on the device up to this size", ge=0)
     download: Any = flag(False, "fetch missing files with torchvision")
     skip_bad_images: Any = flag(None, "image folders: skip unreadable images (null: as trained)")
 
@@ -353,7 +373,7 @@ def _check_value(path: str, value, f) -> None:
         raise _fail(path, value, f, " or ".join(_KIND_NAMES[kind] for kind in rules["kinds"]))
     if "choices" in rules and not any(type(value) is type(c) and value == c for c in rules["choices"]):
         raise _fail(path, value, f, _allowed(rules))
-    if "pattern" in rules and not re.fullmatch(rules["pattern"], str(value)):
+    if "pattern" in rules and isinstance(value, str) and not re.fullmatch(rules["pattern"], value):
         raise _fail(path, value, f, _allowed(rules))
     items = list(value) if isinstance(value, ListConfig) else [value]
     if isinstance(value, ListConfig) and "length" in rules and len(items) not in rules["length"]:
@@ -415,9 +435,10 @@ def _check_train(cfg: DictConfig) -> None:
     if data.name == "imagefolder" and data.root is None:
         raise UserError("data=imagefolder needs data.root=/path/to/images "
                         "(a folder with train/<class>/<image> and optional val/, test/)")
-    if data.name == "imagefolder" and data.image_size is None:
-        raise UserError("image folders need data.image_size= (e.g. 224; data=imagefolder sets it, "
-                        "data.name=imagefolder alone does not)")
+    for kind in ("gray", "rgb"):
+        scale = cfg.aug[kind].crop_scale
+        if scale is not None and scale[0] > scale[1]:
+            raise UserError(f"aug.{kind}.crop_scale={show(scale)}: give [min, max] with min <= max")
     if (data.mean is None) != (data.std is None) or (data.mean is not None and len(data.mean) != len(data.std)):
         raise UserError(f"data.mean={show(data.mean)} and data.std={show(data.std)} must both be "
                         "null or lists of the same length (1 value per channel)")

@@ -19,7 +19,6 @@ from cnntrain import distributed
 from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
 from cnntrain.data import Data, build_data
-from cnntrain.data.augment import batch_mix
 from cnntrain.engine import EpochState, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted, UserError
 from cnntrain.files import write_text
@@ -78,7 +77,7 @@ def stored_config(cfg: DictConfig, data: Data) -> dict:
     checkpoint alone rebuilds the same model and data."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"]["root"] = str(Path(config["data"]["root"]).expanduser().resolve())
-    config["data"].update(image_size=data.image_size, mean=data.mean, std=data.std)
+    config["data"].update(image_size=data.image_size, channels=data.in_channels, mean=data.mean, std=data.std)
     return config
 
 
@@ -276,7 +275,6 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
     step_model = torch.compile(step_model) if cfg.compile else step_model
     # EMA weights, when kept, are the ones validated, tested and saved as the model of a checkpoint
     eval_model = ema.module if ema is not None else step_model
-    mix = batch_mix(cfg.aug, len(data.classes))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     common = dict(device=device, amp_dtype=dtype, channels_last=nhwc,
                   max_steps=cfg.max_eval_steps)
@@ -311,7 +309,7 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
                                  scheduler=scheduler if interval == "step" else None, scaler=scaler,
                                  desc=f"epoch {epoch}/{cfg.epochs}", device=device, amp_dtype=dtype,
                                  channels_last=nhwc, max_steps=cfg.max_steps_per_epoch,
-                                 on_nan=cfg.on_nan, state=_epoch_state(partial), stop=stop, mix=mix, ema=ema)
+                                 on_nan=cfg.on_nan, state=_epoch_state(partial), stop=stop, ema=ema)
             partial = None
             if tr["state"].skipped:
                 log.warning("epoch %d: skipped %d batches with a non-finite loss (on_nan=skip_batch)",

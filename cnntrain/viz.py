@@ -178,7 +178,7 @@ def _visualize(cfg: DictConfig, files: list[Path], run_dir: Path, plt) -> list[P
         raise UserError(f"target_class must be a class name or index 0..{len(classes) - 1}, got "
                         f"{cfg.target_class!r}; classes: {', '.join(classes)}")
     target = classes.index(cfg.target_class) if cfg.target_class in classes else cfg.target_class
-    prep = Preprocess(trained.data, device)
+    prep = Preprocess(trained, device)
     pixels = torch.stack([prep.pixels(path) for path in files])
     x = prep(pixels)
     layers = _choose_layers(model, x[:1], cfg.layers)

@@ -8,6 +8,13 @@ import pytest
 from fakedata import write_cifar, write_image_folder, write_mnist
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """Image folders are decoded into a cache under the test session's temporary folder, never
+    into the user's ~/.cache (subprocesses inherit the variable)."""
+    os.environ["CNNTRAIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:

@@ -6,7 +6,6 @@ import torch
 from omegaconf import OmegaConf
 
 from cnntrain.data import build_data, stratified_split
-from cnntrain.data.augment import BatchAugment, Normalize
 from cnntrain.data.builtin import load_builtin
 from cnntrain.errors import UserError
 from fakedata import write_image_folder, write_mnist
@@ -133,41 +132,6 @@ def test_train_order_depends_on_seed_and_epoch_only(data_root):
     assert torch.equal(labels(1), labels(1))
     assert not torch.equal(labels(1), labels(2))
     assert len(labels(1)) == 352  # drop_last at batch 32 of 360
-
-
-def test_affine_shift_is_an_exact_pixel_copy():
-    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
-    norm = Normalize([0.0] * 3, [1 / 255] * 3, CPU)  # identity: pixels stay 0..255
-    aug = BatchAugment(norm, shift=3)
-    out = aug(x, torch.Generator().manual_seed(0))
-    for img, src in zip(out, x.float()):
-        matches = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
-                   if torch.allclose(img[:, 3:13, 3:13], src[:, 3 + dy:13 + dy, 3 + dx:13 + dx], atol=1e-3)]
-        assert len(matches) == 1
-    # every image draws its own shift
-    assert len({tuple(img.flatten()[:64].tolist()) for img in out}) > 1
-
-
-def test_flip_rotation_and_erasing_are_per_image():
-    x = torch.randint(0, 256, (64, 1, 20, 20), dtype=torch.uint8)
-    norm = Normalize([0.0], [1 / 255], CPU)
-    flipped = BatchAugment(norm, hflip=True)(x, torch.Generator().manual_seed(0))
-    is_flip = [torch.allclose(o, s.float().flip(-1), atol=1e-3) for o, s in zip(flipped, x)]
-    is_same = [torch.allclose(o, s.float(), atol=1e-3) for o, s in zip(flipped, x)]
-    assert all(a or b for a, b in zip(is_flip, is_same)) and 10 < sum(is_flip) < 54
-    rotated = BatchAugment(norm, degrees=30)(x, torch.Generator().manual_seed(0))
-    assert rotated.shape == x.shape and not torch.allclose(rotated, x.float())
-    erased = BatchAugment(norm, random_erasing=1.0)(torch.full((32, 1, 20, 20), 200, dtype=torch.uint8),
-                                                   torch.Generator().manual_seed(0))
-    zero_fraction = (erased == 0).float().mean((1, 2, 3))
-    assert (zero_fraction > 0).all() and (zero_fraction < 0.5).all()
-    assert len(set(zero_fraction.tolist())) > 5
-
-
-def test_randaugment_policy_runs_on_uint8_batches():
-    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    out = BatchAugment(Normalize([0.5] * 3, [0.5] * 3, CPU), policy="randaugment")(x, torch.Generator())
-    assert out.shape == x.shape and out.dtype == torch.float32 and math.isfinite(out.sum().item())
 
 
 def test_imagefolder_train_val_test(folder_root):

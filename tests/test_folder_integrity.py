@@ -202,9 +202,9 @@ def test_each_mode_is_read_as_the_right_rgb_pixels(tmp_path, mode):
     x, _ = next(iter(build_data(folder_cfg(tmp_path), None, device=CPU, seed=0, splits=("test",))
                      .loaders["test"]))  # training and evaluation: mean 0, std 1 gives pixels / 255
     assert torch.equal((x[0] * 255).round().to(torch.uint8), expected)
-    prep = Preprocess(OmegaConf.create({"image_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}), CPU)
+    prep = Preprocess(OmegaConf.create({"data": {"image_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}}), CPU)
     assert torch.equal(prep.pixels(path), expected)  # cnnpredict / cnnviz: the same pixels
-    gray = Preprocess(OmegaConf.create({"image_size": 8, "mean": [0.5], "std": [0.5]}), CPU)
+    gray = Preprocess(OmegaConf.create({"data": {"image_size": 8, "mean": [0.5], "std": [0.5]}}), CPU)
     expected_gray = Image.fromarray(expected.permute(1, 2, 0).numpy()).convert("L")
     assert torch.equal(gray.pixels(path)[0], torch.from_numpy(np.array(expected_gray)))
 

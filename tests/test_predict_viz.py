@@ -148,7 +148,7 @@ def test_grad_cam_and_default_stages(model, request, images):
     from cnntrain.viz import grad_cam, stage_layers
 
     net, trained, _ = load_trained_model(request.getfixturevalue(model), torch.device("cpu"))
-    prep = Preprocess(trained.data, torch.device("cpu"))
+    prep = Preprocess(trained, torch.device("cpu"))
     x = prep(torch.stack([prep.pixels(p) for p in sorted(images.rglob("*.png"))]))
     layers = stage_layers(net, x[:1])
     expected = {"lenet": ["features.1", "features.2", "features.4", "features"],

@@ -375,14 +375,14 @@ def test_an_interrupted_sweep_resumes_as_a_whole(data_root, tmp_path):
     (hook / "sitecustomize.py").write_text(
         "import os, signal\n"
         "if os.environ.get('STOP_SEED'):\n"
-        "    from cnntrain.data.loaders import DeviceLoader\n"
-        "    original = DeviceLoader.iter_from\n"
+        "    from cnntrain.data.loaders import BatchLoader\n"
+        "    original = BatchLoader.iter_from\n"
         "    def iter_from(self, start):\n"
         "        for i, batch in enumerate(original(self, start)):\n"
         "            if self.shuffle and self.seed == int(os.environ['STOP_SEED']) and i == 2:\n"
         "                os.kill(os.getpid(), signal.SIGTERM)\n"
         "            yield batch\n"
-        "    DeviceLoader.iter_from = iter_from\n")
+        "    BatchLoader.iter_from = iter_from\n")
     sweep = tmp_path / "sweep"
     args = ["cnntrain", "-m", f"data.root={data_root}", *TRAIN, "epochs=2", "seed=1,2"]
     env = {"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "STOP_SEED": "2"}

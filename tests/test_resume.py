@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from cnntrain.checkpoint import load_checkpoint
-from cnntrain.data.loaders import DeviceLoader
+from cnntrain.data.loaders import BatchLoader
 from cnntrain.errors import Interrupted, UserError
 from cnntrain.train import train
 
@@ -37,7 +37,7 @@ def signal_at_batch(monkeypatch):
     """Sends a real signal to this process while training batch number `n` (1-based, counted
     across epochs) is being prepared: the loop trains on it, then stops."""
     def arm(n, signum=signal.SIGUSR1):
-        original, seen = DeviceLoader.iter_from, [0]
+        original, seen = BatchLoader.iter_from, [0]
 
         def iter_from(self, start):
             for batch in original(self, start):
@@ -46,7 +46,7 @@ def signal_at_batch(monkeypatch):
                     if seen[0] == n:
                         signal.raise_signal(signum)
                 yield batch
-        monkeypatch.setattr(DeviceLoader, "iter_from", iter_from)
+        monkeypatch.setattr(BatchLoader, "iter_from", iter_from)
     return arm
 
 

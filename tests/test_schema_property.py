@@ -100,7 +100,6 @@ def run_one_step(cfg: DictConfig) -> None:
     from torch import nn
 
     from cnntrain.data import build_data
-    from cnntrain.data.augment import batch_mix
     from cnntrain.engine import train_one_epoch
     from cnntrain.optim import create_optimizer, create_scheduler
     from cnntrain.runtime import amp_dtype, select_device
@@ -120,8 +119,7 @@ def run_one_step(cfg: DictConfig) -> None:
                                            steps_per_epoch=min(len(loader), cfg.max_steps_per_epoch or len(loader)))
     out = train_one_epoch(model, loader, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
                           optimizer, device=device, grad_clip=cfg.grad_clip, max_steps=1, progress=False,
-                          scheduler=scheduler if interval == "step" else None, on_nan=cfg.on_nan,
-                          mix=batch_mix(cfg.aug, len(data.classes)))
+                          scheduler=scheduler if interval == "step" else None, on_nan=cfg.on_nan)
     assert out["state"].step == 1
 
 

@@ -130,13 +130,14 @@ def test_fused_optimizer_by_default_with_the_same_update():
 
 
 def test_evaluate_loader_matches_the_textbook_metrics():
-    from cnntrain.data.augment import BatchAugment, Normalize
-    from cnntrain.data.loaders import DeviceLoader
+    from cnntrain.data.augment import BatchTransform
+    from cnntrain.data.loaders import BatchLoader
     from cnntrain.engine import evaluate_loader
 
     torch.manual_seed(0)
     images, labels = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 7, (50,))
-    loader = DeviceLoader(images, labels, 16, BatchAugment(Normalize([0.5], [0.25], torch.device("cpu"))))
+    cpu = torch.device("cpu")
+    loader = BatchLoader(images, labels, 16, BatchTransform([0.5], [0.25], cpu, size=28), device=cpu)
     model = create_model("lenet5", in_channels=1, num_classes=7, image_size=28).eval()
     r = evaluate_loader(model, loader, device=torch.device("cpu"), num_classes=7, keep_predictions=True)
     with torch.no_grad():

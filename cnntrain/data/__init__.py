@@ -1,19 +1,26 @@
-"""Datasets -> loaders. `build_data(cfg.data, cfg.aug, ...)` is the one entry point."""
+"""Datasets -> loaders. `build_data(cfg.data, cfg.aug, ...)` is the one entry point.
+
+Every dataset becomes the same thing first: per split, uint8 pixels (N, C, S, S) with labels
+(built-in datasets: torchvision's readers; image folders: the decoded cache of data/cache.py).
+Then one BatchLoader per split, with one batched transform (augment.BatchTransform)."""
 from __future__ import annotations
 
-import copy
+import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import Subset
 
 from cnntrain import distributed
-from cnntrain.data.augment import BatchAugment, Normalize
+from cnntrain.data.augment import BatchTransform
 from cnntrain.data.builtin import BUILTIN, load_builtin
-from cnntrain.data.loaders import DeviceLoader, FolderLoader
+from cnntrain.data.loaders import BatchLoader
 from cnntrain.errors import UserError
+
+log = logging.getLogger("cnntrain")
 
 DATASETS = (*BUILTIN, "imagefolder")
 SPLITS = ("train", "val", "test")
@@ -26,7 +33,7 @@ class Data:
     image_size: int
     mean: list[float]
     std: list[float]
-    loaders: dict = field(default_factory=dict)  # "train" / "val" / "test" -> loader (absent: no such data)
+    loaders: dict = field(default_factory=dict)  # "train" / "val" / "test" -> Loader (absent: no such data)
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
@@ -46,25 +53,110 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
     return keep.nonzero().flatten(), held
 
 
-def data_shape(data: DictConfig) -> tuple[int, int, int]:
-    """(in_channels, image_size, num_classes) from the config alone (image folders: the class
-    folders of train/), for the model summary without loading any images."""
-    if data.name == "imagefolder":
-        from cnntrain.data.folder import open_split
+# Crop-based recipes (random-resized-crop) store images larger than they train: a crop then
+# keeps detail, and evaluation takes the central image_size square, as torchvision's
+# resize-256-then-crop-224 presets do (224 x 1.14 = 256).
+CROP_STORAGE = 1.14
 
-        return 3, int(data.image_size), len(open_split(os.path.expanduser(str(data.root)), "train",
-                                                           required=True).classes)
+
+def storage_size(name: str, size: int, channels: int, aug: DictConfig | None) -> int:
+    """The size images are stored (image folders: decoded) at for a model input of `size`."""
+    geo = aug["gray" if channels == 1 else "rgb"] if aug is not None else {}
+    return round(size * CROP_STORAGE) if name == "imagefolder" and geo.get("crop_scale") else size
+
+
+@dataclass
+class _Split:
+    """One split as stored: rows `index` (None: all) of uint8 `images` (N, C, S, S) on the host."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor | None = None
+    names: list[str] | None = None  # each sample's file (image folders)
+    where: str = ""  # what the images are, for the log
+    mapped: bool = False  # images are a memory map of a cache file
+
+
+@dataclass
+class _Source:
+    classes: list[str]
+    channels: int
+    size: int  # the model's input size
+    parts: dict  # split -> _Split
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+def data_shape(data: DictConfig) -> tuple[int, int, int]:
+    """(in_channels, image_size, num_classes) without decoding any image (image folders: their
+    class folders and image headers), for the model summary."""
+    if data.name == "imagefolder":
+        from cnntrain.data.cache import scan_split
+
+        split = scan_split(_folder_root(data), "train", required=True)
+        channels, size = _folder_geometry(data, split)
+        return channels, size, len(split.classes)
     channels, size, classes = _builtin(data.name).shape
-    return channels, int(data.image_size or size), classes
+    return channels, _size(data) or size, classes
 
 
 def build_data(data: DictConfig, aug: DictConfig | None, *, device: torch.device, seed: int,
-               splits=SPLITS) -> Data:
-    """Loaders for the requested splits. `aug` None means no augmentation (evaluation only)."""
+               splits=SPLITS, evaluation: bool = False) -> Data:
+    """Loaders for the requested splits. The training split is augmented as `aug` says unless
+    `evaluation` (cnneval) or `aug` is None; `aug` also decides how large image folders are
+    stored (CROP_STORAGE), so cnneval passes the training run's."""
     if data.name == "imagefolder":
-        return _folder_data(data, aug, device, seed, splits)
-    _builtin(data.name)
-    return _builtin_data(data, aug, device, seed, splits)
+        source = _folder_source(data, aug, splits, seed)
+    else:
+        source = _builtin_source(data, _builtin(data.name), splits, seed)
+    _check_channels(data, source.channels)
+    mean = list(source.mean or data.mean)
+    std = list(source.std or data.std)
+    out = Data(source.classes, source.channels, source.size, mean, std)
+    evaluate = BatchTransform(mean, std, device, size=source.size)
+    train = evaluate if evaluation or aug is None else _train_transform(aug, source, mean, std, device)
+    budget, placed = memory_budget(data, device), {}
+    for split in splits:
+        part = source.parts.get(split)
+        if part is None:
+            continue
+        if id(part.images) not in placed:  # train and a val split held out of it share storage
+            placed[id(part.images)] = _place(part, device, budget)
+            budget -= part.images.nbytes if placed[id(part.images)][1] else 0
+        images, resident = placed[id(part.images)]
+        training = split == "train"
+        out.loaders[split] = BatchLoader(
+            images, part.labels, data.batch_size, train if training else evaluate, device=device,
+            index=part.index, names=part.names, streamed=not resident, shuffle=training,
+            drop_last=training, seed=seed, **distributed.shard())
+    return out
+
+
+def _place(part: _Split, device: torch.device, budget: int) -> tuple[torch.Tensor, bool]:
+    """(storage, resident): on the device when it fits the budget, else left in host memory."""
+    size = f"{part.images.nbytes / 2**20:.1f} MiB"
+    if part.images.nbytes > budget:
+        log.info("%s: %s > the memory budget (data.memory_budget_gb): streamed from host memory",
+                 part.where, size)
+        return part.images, False
+    log.info("%s: %d images, %s on %s", part.where, len(part.images), size, device)
+    # a memory-mapped cache is read into memory once, not paged in by every pass's steps
+    return part.images.to(device, copy=part.mapped), True
+
+
+def memory_budget(data: DictConfig, device: torch.device) -> int:
+    """Bytes of images that may live on the training device: data.memory_budget_gb, or half of
+    what is free there now (the model, its activations and the optimizer need the rest)."""
+    gb = data.get("memory_budget_gb")
+    if gb is not None:
+        return int(gb * 2**30)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:  # Linux: what can be had without swapping, page cache included
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return available // 2
 
 
 def _builtin(name: str):
@@ -74,18 +166,26 @@ def _builtin(name: str):
     return BUILTIN[name]
 
 
+def _size(data: DictConfig) -> int | None:
+    """data.image_size as a number, None for null/auto."""
+    size = data.get("image_size")
+    return None if size in (None, "auto") else int(size)
+
+
 def _check_channels(data: DictConfig, channels: int) -> None:
     if data.mean is not None and len(data.mean) != channels:
         raise UserError(f"data.mean/std have {len(data.mean)} value(s) but data={data.name} has "
                         f"{channels} channel(s): give {channels}")
 
 
-def _augment(aug, kind: str, normalize: Normalize) -> BatchAugment:
-    if aug is None:
-        return BatchAugment(normalize)
-    geo = aug[kind]
-    return BatchAugment(normalize, shift=geo.shift, degrees=geo.degrees, hflip=geo.hflip,
-                        policy=aug.policy, random_erasing=aug.random_erasing)
+def _train_transform(aug: DictConfig, source: _Source, mean, std, device) -> BatchTransform:
+    geo = aug["gray" if source.channels == 1 else "rgb"]
+    return BatchTransform(
+        mean, std, device, size=source.size, shift=geo.shift, degrees=geo.degrees, hflip=geo.hflip,
+        crop_scale=geo.get("crop_scale"), color_jitter=aug.get("color_jitter", 0.0),
+        hue=aug.get("hue", 0.0), policy=aug.policy, random_erasing=aug.random_erasing,
+        mixup_alpha=aug.get("mixup_alpha", 0.0), cutmix_alpha=aug.get("cutmix_alpha", 0.0),
+        num_classes=len(source.classes))
 
 
 def _resize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
@@ -97,79 +197,115 @@ def _resize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
                       for i in range(0, len(images), chunk)])
 
 
-def _builtin_data(data, aug, device, seed, splits) -> Data:
+def _builtin_source(data: DictConfig, spec, splits, seed) -> _Source:
     root = os.path.expanduser(str(data.root))
-    parts = {}
-    if "train" in splits or "val" in splits:
+    size = _size(data) or spec.shape[1]
+    parts, classes = {}, None
+    if "train" in splits or "val" in splits or data.mean is None:
         images, labels, classes = load_builtin(data.name, root, train=True, download=data.download)
+        images = _resize(images, size)
         train_idx, val_idx = stratified_split(labels, data.val_split, seed)
-        parts["train"] = (images[train_idx], labels[train_idx])
+        where = f"{spec.title} train"
+        parts["train"] = _Split(images, labels[train_idx], train_idx, where=where)
         if len(val_idx):
-            parts["val"] = (images[val_idx], labels[val_idx])
+            parts["val"] = _Split(images, labels[val_idx], val_idx, where=where)
     if "test" in splits:
         images, labels, classes = load_builtin(data.name, root, train=False, download=data.download)
-        parts["test"] = (images, labels)
-    size = int(data.image_size or images.shape[-1])
-    in_channels = images.shape[1]
-    _check_channels(data, in_channels)
-    normalize = Normalize(data.mean, data.std, device)
-    kind = "gray" if in_channels == 1 else "rgb"
-    out = Data(classes, in_channels, size, list(data.mean), list(data.std))
-    for split in splits:
-        if split not in parts:
-            continue
-        x, y = parts[split]
-        x, y = _resize(x, size).to(device), y.to(device)
-        training = split == "train"
-        out.loaders[split] = DeviceLoader(
-            x, y, data.batch_size, _augment(aug if training else None, kind, normalize),
-            shuffle=training, drop_last=training, seed=seed, **distributed.shard())
-    return out
+        parts["test"] = _Split(_resize(images, size), labels, where=f"{spec.title} test")
+    channels = spec.shape[0]
+    source = _Source(classes, channels, size, parts)
+    if data.mean is None:
+        source.mean, source.std = _measure(parts["train"])
+    return source
 
 
-def _folder_data(data, aug, device, seed, splits) -> Data:
-    from cnntrain.data.folder import check_same_classes, measure_mean_std, open_split, warn_mixed_modes
-    from cnntrain.data.presets import eval_preset, train_preset
+def _folder_root(data: DictConfig) -> str:
+    return os.path.abspath(os.path.expanduser(str(data.root)))
 
-    root = os.path.abspath(os.path.expanduser(str(data.root)))
-    size = int(data.image_size)
-    sets = {split: open_split(root, split) for split in SPLITS}
+
+def _folder_geometry(data: DictConfig, split) -> tuple[int, int]:
+    """(channels, image size) of a folder: data.channels / data.image_size, or from the image
+    headers (auto): 1 channel when every image is gray (and data.mean does not give 3 values,
+    as a pretrained RGB model's does), the images' common size or their median short side."""
+    from cnntrain.data.cache import folder_facts
+
+    channels, size = data.get("channels", "auto"), _size(data)
+    if channels == "auto" and data.mean is not None:
+        channels = len(data.mean)
+    if channels == "auto" or size is None:
+        facts = folder_facts(split, _cache_dir(data))
+        channels = (1 if facts.gray else 3) if channels == "auto" else channels
+        size = size or facts.native_size()
+    return int(channels), int(size)
+
+
+def _cache_dir(data: DictConfig) -> str:
+    from cnntrain.data.cache import default_cache_dir
+
+    return os.path.expanduser(str(data.get("cache_dir") or default_cache_dir()))
+
+
+def _warn_mixed_modes(split, modes: dict[str, int]) -> None:
+    """One warning when the files of a split differ in image mode (gray and colour, 8 and 16-bit,
+    some transparent): often a sign of files from another source."""
+    if len(modes) < 2:
+        return
+    order = sorted(modes, key=lambda m: -modes[m])
+    log.warning("%s/ mixes image modes: %s; all are converted to the same mode", split.root,
+                ", ".join(f"{m} {modes[m]}" for m in order))
+
+
+def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _Source:
+    from cnntrain.data.cache import load_split, measure_mean_std, scan_split
+    from cnntrain.data.folder import check_same_classes
+
+    root = _folder_root(data)
+    scanned = {split: scan_split(root, split) for split in SPLITS}
     # train/ is needed to train, to measure mean/std, and to hold out a val split without val/
-    split_val = sets["val"] is None and data.val_split > 0
+    split_val = scanned["val"] is None and data.val_split > 0
     needs_train = "train" in splits or data.mean is None or ("val" in splits and split_val)
-    if sets["train"] is None and needs_train:
-        open_split(root, "train", required=True)  # raises, naming the expected layout
-    present = [sets[s] for s in ("train", *splits) if sets[s] is not None]
-    if not present:
+    if scanned["train"] is None and needs_train:
+        scan_split(root, "train", required=True)  # raises, naming the expected layout
+    wanted = [s for s in SPLITS if scanned[s] is not None and (s in splits or s == "train" and needs_train)]
+    if not wanted:
         raise UserError(f"no {' or '.join(splits)} folder in {root} (expected {root}/<split>/<class>/<image>)")
-    classes = present[0].classes
-    for split, ds in sets.items():  # the splits this run reads
-        if ds is not None and (split in splits or split == "train" and needs_train):
-            warn_mixed_modes(ds)
-    skip_bad = bool(data.get("skip_bad_images", False))  # absent from older checkpoints' configs
-    _check_channels(data, 3)
-    mean, std = data.mean, data.std
-    if mean is None or std is None:
-        unnormalized = copy.copy(sets["train"])
-        unnormalized.transform = eval_preset(size)
-        mean, std = measure_mean_std(unnormalized, data.num_workers, skip_bad)
-    mean, std = list(mean), list(std)
-    evaluate = eval_preset(size, mean, std)
-    for split, ds in sets.items():
-        if ds is not None:
-            check_same_classes(classes, ds.classes, f"{root}/{split}")
-            ds.transform = train_preset(size, mean, std, aug) if split == "train" and aug else evaluate
-    if split_val and sets["train"] is not None:
-        train_idx, val_idx = stratified_split(torch.as_tensor(sets["train"].targets), data.val_split, seed)
-        val_view = copy.copy(sets["train"])  # the same files, seen through the eval transform
-        val_view.transform = evaluate
-        sets["val"] = Subset(val_view, val_idx.tolist())
-        sets["train"] = Subset(sets["train"], train_idx.tolist())
-    out = Data(classes, 3, size, mean, std)
-    for split in splits:
-        if sets[split] is not None:
-            training = split == "train"
-            out.loaders[split] = FolderLoader(sets[split], data.batch_size, data.num_workers, device,
-                                              shuffle=training, drop_last=training, seed=seed,
-                                              skip_bad_images=skip_bad, **distributed.shard())
-    return out
+    classes = scanned[wanted[0]].classes
+    for split in SPLITS:
+        if scanned[split] is not None:
+            check_same_classes(classes, scanned[split].classes, f"{root}/{split}")
+    channels, size = _folder_geometry(data, scanned[wanted[0]])
+    storage = storage_size(data.name, size, channels, aug)
+    cache = {}
+    for split in wanted:
+        cached = load_split(scanned[split], size=storage, channels=channels, cache_dir=_cache_dir(data),
+                            workers=data.get("num_workers"), skip_bad=bool(data.get("skip_bad_images", False)))
+        with warnings.catch_warnings():  # read-only memory map: never written through the tensor
+            warnings.simplefilter("ignore", UserWarning)
+            images = torch.from_numpy(cached.images)
+        cache[split] = (images, torch.from_numpy(np.asarray(cached.labels, dtype=np.int64)), cached.files)
+    parts = {}
+    for split in wanted:
+        images, labels, files = cache[split]
+        where = f"{root}/{split}"
+        if split == "train" and split_val:
+            train_idx, val_idx = stratified_split(labels, data.val_split, seed)
+            parts["train"] = _Split(images, labels[train_idx], train_idx, [files[i] for i in train_idx],
+                                    where, mapped=True)
+            if len(val_idx):
+                parts["val"] = _Split(images, labels[val_idx], val_idx, [files[i] for i in val_idx],
+                                      where, mapped=True)
+        else:
+            parts[split] = _Split(images, labels, None, files, where, mapped=True)
+    source = _Source(classes, channels, size, parts)
+    if data.mean is None:
+        source.mean, source.std = _measure(parts["train"])
+    return source
+
+
+def _measure(part: _Split, max_images: int = 10_000):
+    """Channel mean/std of (up to max_images evenly spaced) images of a split."""
+    from cnntrain.data.cache import measure_mean_std
+
+    rows = part.index if part.index is not None else torch.arange(len(part.images))
+    rows = rows[::max(1, len(rows) // max_images)]
+    return measure_mean_std(part.images[rows].numpy())
