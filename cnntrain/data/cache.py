@@ -67,13 +67,16 @@ def _file_list(split: FolderSplit) -> list[tuple[str, int, int, int]]:
     """(path relative to the split, label, size in bytes, mtime_ns) of every file: what a cache
     key covers. Relative paths, so a copied folder (cp -a keeps mtimes) reuses the entries."""
     rows = []
+    prefix = os.path.join(split.root, "")
     for path, label in zip(split.files, split.labels):
         try:
             st = os.stat(path)
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:  # a dangling link: keyed as such, and reported as unreadable when decoded
             size, mtime = -1, -1
-        rows.append((os.path.relpath(path, split.root), label, size, mtime))
+        # scan_split's paths start with the split folder: slicing is 10x faster than relpath
+        rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, split.root)
+        rows.append((rel, label, size, mtime))
     return rows
 
 
@@ -438,7 +441,7 @@ def _build(split: FolderSplit, files, key: str, entry: str, mode: str, size: int
             "format": FORMAT, "key": key, "root": split.root, "classes": split.classes,
             "files": [files[i][0] for i in keep],
             "skipped": [[files[i][0], reason] for i, reason in sorted(bad.items())],
-            "size": size, "mode": mode, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "size": size, "channels": channels, "mode": mode, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "seconds": round(elapsed, 3)})
         _fsync(tmp)
         # opened before the rename: the memory map follows the file, whatever happens to the name
