@@ -144,8 +144,8 @@ SLOW_BUILD = """
 
 def start_build(root, cache_dir, delay):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(SLOW_BUILD), str(root), str(cache_dir),
-                             str(delay)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [sys.executable, "-c", textwrap.dedent(SLOW_BUILD), str(root), str(cache_dir), str(delay)]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for(condition, timeout=60):
@@ -330,7 +330,8 @@ def test_facts_of_a_gray_folder(tmp_path, monkeypatch):
     gray_palette = Image.fromarray(images[0, ..., 0]).convert("P")  # P with a gray palette
     gray_palette.putpalette([v for i in range(256) for v in (i, i, i)])
     gray_palette.save(tmp_path / "d" / "train" / "cat" / "palette.png")
-    Image.fromarray((images[1, ..., 0].astype(np.uint16) * 257)).save(tmp_path / "d" / "train" / "dog" / "wide.png")
+    wide = Image.fromarray(images[1, ..., 0].astype(np.uint16) * 257)  # 16-bit gray
+    wide.save(tmp_path / "d" / "train" / "dog" / "wide.png")
     split = scan_split(str(tmp_path / "d"), "train")
     facts = folder_facts(split, str(tmp_path / "c"))
     assert facts.gray and facts.native_size() == 10

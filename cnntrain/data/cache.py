@@ -216,7 +216,7 @@ def _is_gray(img: Image.Image) -> bool:
     channels = len(pal.rawmode or pal.mode)
     entries = np.frombuffer(bytes(pal.palette), np.uint8)
     entries = entries[: len(entries) // channels * channels].reshape(-1, channels)
-    return channels < 3 or bool((entries[:, 0] == entries[:, 1]).all() and (entries[:, 1] == entries[:, 2]).all())
+    return channels < 3 or bool((entries[:, :3] == entries[:, :1]).all())
 
 
 def _read_header(path: str):
@@ -441,8 +441,8 @@ def _build(split: FolderSplit, files, key: str, entry: str, mode: str, size: int
             "format": FORMAT, "key": key, "root": split.root, "classes": split.classes,
             "files": [files[i][0] for i in keep],
             "skipped": [[files[i][0], reason] for i, reason in sorted(bad.items())],
-            "size": size, "channels": channels, "mode": mode, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "seconds": round(elapsed, 3)})
+            "size": size, "channels": channels, "mode": mode,
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(elapsed, 3)})
         _fsync(tmp)
         # opened before the rename: the memory map follows the file, whatever happens to the name
         cached = _open_entry(tmp, key, split, channels, size)
@@ -497,7 +497,8 @@ def measure_mean_std(images: np.ndarray, max_images: int = 10000):
     """Channel mean/std (values 0..1, rounded to 4 digits) over up to max_images evenly spaced
     images of a uint8 (N, C, H, W) array, read a chunk at a time (it may be a large memory map)."""
     if len(images) == 0:
-        raise UserError("no readable image to measure mean/std; check the files or set data.mean= and data.std=")
+        raise UserError("no readable image to measure mean/std; check the files or set data.mean= and "
+                        "data.std=")
     step = max(1, len(images) // max_images)
     channels = images.shape[1]
     chunk = max(1, 4_000_000 // images[0].size)  # images per read: ~32 MB as float64
