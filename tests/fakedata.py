@@ -91,3 +91,25 @@ def write_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: dic
             else:
                 pic.save(folder / f"{i:04d}.png")
     return Path(root)
+
+
+def export_folder(images, labels, classes, dest, split: str, fmt: str = "png", size: int | None = None,
+                  rgb: bool = False) -> Path:
+    """Write uint8 images (N, H, W) gray, or (N, H, W, 3)) as dest/<split>/<class>/<index>.<fmt>
+    (png or jpg): a real dataset laid out as an image folder. size: resized to size x size
+    (bicubic); rgb: gray images stored as RGB, as photos of gray things often are."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    for c in sorted(set(labels.tolist())):
+        (Path(dest) / split / classes[c]).mkdir(parents=True, exist_ok=True)
+    for i, (img, c) in enumerate(zip(images, labels.tolist())):
+        pic = Image.fromarray(img)
+        if size is not None and pic.size != (size, size):
+            pic = pic.resize((size, size), Image.BICUBIC)
+        if rgb:
+            pic = pic.convert("RGB")
+        options = {"quality": 95} if fmt == "jpg" else {}
+        pic.save(Path(dest) / split / classes[c] / f"{i:05d}.{fmt}", **options)
+    return Path(dest)

@@ -115,31 +115,45 @@ def to_mode(img: Image.Image, mode: str = "RGB") -> Image.Image:
     return img.convert(mode)
 
 
+def image_mode(img: Image.Image) -> str:
+    """The mode a mixed-modes warning names: PIL's, and whether the file is transparent."""
+    return img.mode + (" with transparency" if "transparency" in img.info else "")
+
+
 def warn_mixed_modes(dataset) -> None:
     """One warning when the files of a split differ in image mode (gray and colour, 8 and 16-bit,
     some transparent), which is often a sign of files from another source. Reads headers only
     (Image.open decodes nothing), so it costs a file open per image."""
-    modes: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for path, _ in dataset.samples:
         try:
             with Image.open(path) as img:
-                mode = img.mode + (" with transparency" if "transparency" in img.info else "")
+                mode = image_mode(img)
         except DECODE_ERRORS:
             continue  # reported when it is read
-        modes.setdefault(mode, []).append(path)
-    if len(modes) < 2:
+        counts[mode] = counts.get(mode, 0) + 1
+        examples.setdefault(mode, path)
+    log_mixed_modes(dataset.root, counts, examples)
+
+
+def log_mixed_modes(split_root: str, counts: dict[str, int], examples: dict[str, str],
+                    target: str = "RGB") -> None:
+    """The mixed-modes warning of a split from its mode counts and the first file of each mode;
+    nothing when the split has one mode. `target`: the mode all are converted to."""
+    if len(counts) < 2:
         return
-    order = sorted(modes, key=lambda m: -len(modes[m]))
-    top = os.path.dirname(dataset.root)
-    examples = [os.path.relpath(modes[m][0], top) for m in order[1:4]]
+    order = sorted(counts, key=lambda m: -counts[m])
+    top = os.path.dirname(split_root)
+    shown = [os.path.relpath(examples[m], top) for m in order[1:4]]
     notes = [note for note, hit in (
-        ("16-bit scaled to 8-bit", any(m.startswith("I") for m in modes)),
-        ("float read as 0..1", "F" in modes),
-        ("transparent pixels on white", any(m in ALPHA_MODES or "transparency" in m for m in modes)))
+        ("16-bit scaled to 8-bit", any(m.startswith("I") for m in counts)),
+        ("float read as 0..1", "F" in counts),
+        ("transparent pixels on white", any(m in ALPHA_MODES or "transparency" in m for m in counts)))
         if hit]
-    log.warning("%s/ mixes image modes: %s (e.g. %s); all are converted to RGB%s",
-                os.path.relpath(dataset.root, top), ", ".join(f"{m} {len(modes[m])}" for m in order),
-                ", ".join(examples), f" ({', '.join(notes)})" if notes else "")
+    log.warning("%s/ mixes image modes: %s (e.g. %s); all are converted to %s%s",
+                os.path.relpath(split_root, top), ", ".join(f"{m} {counts[m]}" for m in order),
+                ", ".join(shown), target, f" ({', '.join(notes)})" if notes else "")
 
 
 @dataclass(frozen=True)
@@ -155,36 +169,55 @@ class BadImage:
                          "or set data.skip_bad_images=true")
 
 
+def class_folders(directory: str) -> list[str]:
+    """The sorted class names of a split folder: its sub-folders, hidden ones left out."""
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise UserError(f"{directory}: no class folders in {directory}; expected one sub-folder of "
+                        "images per class")
+    return classes
+
+
+def class_samples(directory: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """list_images, with every class folder that has no image named in one UserError."""
+    samples = list_images(directory, class_to_idx)
+    found = {target for _, target in samples}
+    empty = [os.path.join(directory, name) for name, i in class_to_idx.items() if i not in found]
+    if empty:
+        raise UserError(f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+                        f"{'have' if len(empty) > 1 else 'has'} no images "
+                        f"({' '.join(IMG_EXTENSIONS)}); add images or remove the folder")
+    return samples
+
+
+def read_image(path: str, mode: str = "RGB") -> Image.Image | BadImage:
+    """The file decoded and converted by to_mode, or a BadImage saying why it cannot be."""
+    try:
+        with open(path, "rb") as f:
+            return to_mode(Image.open(f), mode)  # decodes the whole file: truncation fails here
+    except DECODE_ERRORS as e:
+        return BadImage(path, _reason(e, path))
+
+
 class CleanImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder without hidden folders and files, symbolic link loops or files
     read twice (list_images), with every empty class folder named in the error, images converted
     by to_mode, and a BadImage instead of an exception for an undecodable file."""
 
     def find_classes(self, directory):
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
-        if not classes:
-            raise FileNotFoundError(f"no class folders in {directory}")
+        classes = class_folders(directory)
         return classes, {name: i for i, name in enumerate(classes)}
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        samples = list_images(directory, class_to_idx)
-        found = {target for _, target in samples}
-        empty = [os.path.join(directory, name) for name, i in class_to_idx.items() if i not in found]
-        if empty:
-            raise UserError(f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
-                            f"{'have' if len(empty) > 1 else 'has'} no images "
-                            f"({' '.join(IMG_EXTENSIONS)}); add images or remove the folder")
-        return samples
+        return class_samples(directory, class_to_idx)
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        try:
-            with open(path, "rb") as f:
-                image = to_mode(Image.open(f))  # decodes the whole file: truncation fails here
-        except DECODE_ERRORS as e:
-            return BadImage(path, _reason(e, path)), target
-        return (self.transform(image) if self.transform is not None else image), target
+        image = read_image(path)
+        if isinstance(image, BadImage) or self.transform is None:
+            return image, target
+        return self.transform(image), target
 
 
 def _reason(e: Exception, path: str) -> str:
@@ -202,18 +235,21 @@ def collate_images(batch):
     return images, labels, bad
 
 
-def open_split(root: str, split: str, transform=None, required: bool = False):
-    """The ImageFolder of root/split, or None when that folder does not exist (and not required)."""
+def split_folder(root: str, split: str, required: bool = False) -> str | None:
+    """root/split, or None when that folder does not exist (a UserError when it is required)."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         if required:
             raise UserError(f"image folder {path} not found: expected {root}/{split}/<class>/<image> "
                             "(set data.root= to a folder with train/ and optional val/, test/)")
         return None
-    try:
-        return CleanImageFolder(path, transform=transform)
-    except FileNotFoundError as e:  # no class folders
-        raise UserError(f"{path}: {e}; expected one sub-folder of images per class") from None
+    return path
+
+
+def open_split(root: str, split: str, transform=None, required: bool = False):
+    """The ImageFolder of root/split, or None when that folder does not exist (and not required)."""
+    path = split_folder(root, split, required)
+    return None if path is None else CleanImageFolder(path, transform=transform)
 
 
 def check_same_classes(expected: list[str], found: list[str], where: str) -> None:
