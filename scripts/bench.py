@@ -488,7 +488,7 @@ def main() -> None:
         target = TARGETS.get(key.replace("overhead_", "train_") if "eval" not in key else key.replace("overhead_", ""))
         mark = "" if target is None else f"  target >= {target}: {'met' if value >= target else 'NOT met'}"
         print(f"  {key:<30} {value:6.3f}{mark}")
-    print(f"  {"help_seconds":<30} {result['help_seconds']:6.3f}  target < 2: "
+    print(f"  {'help_seconds':<30} {result['help_seconds']:6.3f}  target < 2: "
           f"{'met' if result['help_seconds'] < TARGETS['help_seconds'] else 'NOT met'}")
 
     if args.profile:

@@ -1,5 +1,4 @@
 """Datasets read from files in their real formats through torchvision, and the batched pipeline."""
-import math
 
 import pytest
 import torch

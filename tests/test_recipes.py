@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
 from cnntrain.checkpoint import load_checkpoint
 from cnntrain.data.augment import BatchTransform

@@ -245,18 +245,8 @@ def _cache_dir(data: DictConfig) -> str:
     return os.path.expanduser(str(data.get("cache_dir") or default_cache_dir()))
 
 
-def _warn_mixed_modes(split, modes: dict[str, int]) -> None:
-    """One warning when the files of a split differ in image mode (gray and colour, 8 and 16-bit,
-    some transparent): often a sign of files from another source."""
-    if len(modes) < 2:
-        return
-    order = sorted(modes, key=lambda m: -modes[m])
-    log.warning("%s/ mixes image modes: %s; all are converted to the same mode", split.root,
-                ", ".join(f"{m} {modes[m]}" for m in order))
-
-
 def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _Source:
-    from cnntrain.data.cache import load_split, measure_mean_std, scan_split
+    from cnntrain.data.cache import folder_facts, load_split, scan_split
     from cnntrain.data.folder import check_same_classes
 
     root = _folder_root(data)
@@ -274,6 +264,8 @@ def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _S
         if scanned[split] is not None:
             check_same_classes(classes, scanned[split].classes, f"{root}/{split}")
     channels, size = _folder_geometry(data, scanned[wanted[0]])
+    for split in wanted:  # header facts are cached with the file list: cheap after the first run
+        folder_facts(scanned[split], _cache_dir(data)).warn_mixed_modes("L" if channels == 1 else "RGB")
     storage = storage_size(data.name, size, channels, aug)
     cache = {}
     for split in wanted:

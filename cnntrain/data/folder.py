@@ -1,4 +1,5 @@
-"""ImageFolder data: <root>/train/<class>/..., optional <root>/val/ and <root>/test/."""
+"""Image folders: <root>/train/<class>/..., optional <root>/val/ and <root>/test/: which files are
+images of which class, and how one file becomes pixels (data/cache.py decodes them once)."""
 from __future__ import annotations
 
 import logging
@@ -7,10 +8,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Subset, default_collate
-from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from cnntrain.errors import UserError
@@ -120,23 +118,6 @@ def image_mode(img: Image.Image) -> str:
     return img.mode + (" with transparency" if "transparency" in img.info else "")
 
 
-def warn_mixed_modes(dataset) -> None:
-    """One warning when the files of a split differ in image mode (gray and colour, 8 and 16-bit,
-    some transparent), which is often a sign of files from another source. Reads headers only
-    (Image.open decodes nothing), so it costs a file open per image."""
-    counts: dict[str, int] = {}
-    examples: dict[str, str] = {}
-    for path, _ in dataset.samples:
-        try:
-            with Image.open(path) as img:
-                mode = image_mode(img)
-        except DECODE_ERRORS:
-            continue  # reported when it is read
-        counts[mode] = counts.get(mode, 0) + 1
-        examples.setdefault(mode, path)
-    log_mixed_modes(dataset.root, counts, examples)
-
-
 def log_mixed_modes(split_root: str, counts: dict[str, int], examples: dict[str, str],
                     target: str = "RGB") -> None:
     """The mixed-modes warning of a split from its mode counts and the first file of each mode;
@@ -158,8 +139,8 @@ def log_mixed_modes(split_root: str, counts: dict[str, int], examples: dict[str,
 
 @dataclass(frozen=True)
 class BadImage:
-    """What the dataset yields in place of an image it cannot decode. A value rather than an
-    exception: an exception raised in a DataLoader worker reaches the main process as a
+    """What decoding gives in place of an image it cannot decode. A value rather than an
+    exception: an exception raised in a decoding process reaches the main process as a
     multi-line traceback text, while this arrives intact, whatever num_workers is."""
     path: str
     reason: str
@@ -199,40 +180,10 @@ def read_image(path: str, mode: str = "RGB") -> Image.Image | BadImage:
         return BadImage(path, _reason(e, path))
 
 
-class CleanImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder without hidden folders and files, symbolic link loops or files
-    read twice (list_images), with every empty class folder named in the error, images converted
-    by to_mode, and a BadImage instead of an exception for an undecodable file."""
-
-    def find_classes(self, directory):
-        classes = class_folders(directory)
-        return classes, {name: i for i, name in enumerate(classes)}
-
-    @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        return class_samples(directory, class_to_idx)
-
-    def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        image = read_image(path)
-        if isinstance(image, BadImage) or self.transform is None:
-            return image, target
-        return self.transform(image), target
-
-
 def _reason(e: Exception, path: str) -> str:
     if isinstance(e, UnidentifiedImageError):  # its text repeats the path as a file object repr
         return "empty file" if os.path.getsize(path) == 0 else "not an image format PIL can decode"
     return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def collate_images(batch):
-    """(images, labels, bad): the readable samples collated (None, None when there are none) and
-    the BadImages met, for the main process to report or count."""
-    bad = [image for image, _ in batch if isinstance(image, BadImage)]
-    good = [sample for sample in batch if not isinstance(sample[0], BadImage)]
-    images, labels = default_collate(good) if good else (None, None)
-    return images, labels, bad
 
 
 def split_folder(root: str, split: str, required: bool = False) -> str | None:
@@ -246,38 +197,7 @@ def split_folder(root: str, split: str, required: bool = False) -> str | None:
     return path
 
 
-def open_split(root: str, split: str, transform=None, required: bool = False):
-    """The ImageFolder of root/split, or None when that folder does not exist (and not required)."""
-    path = split_folder(root, split, required)
-    return None if path is None else CleanImageFolder(path, transform=transform)
-
-
 def check_same_classes(expected: list[str], found: list[str], where: str) -> None:
     if list(found) != list(expected):
         raise UserError(f"class folders in {where} differ from the others: "
                         f"expected {list(expected)}, found {list(found)}")
-
-
-def measure_mean_std(dataset, num_workers: int, skip_bad_images: bool = False, max_images: int = 1000):
-    """Channel mean/std over (up to max_images evenly spaced) images of a dataset that yields
-    un-normalized float tensors. Skipped images are reported by the training epochs."""
-    step = max(1, len(dataset) // max_images)
-    subset = Subset(dataset, range(0, len(dataset), step))
-    total = torch.zeros(3, dtype=torch.float64)
-    total_sq = torch.zeros(3, dtype=torch.float64)
-    count = 0
-    for x, _, bad in DataLoader(subset, batch_size=64, num_workers=num_workers, collate_fn=collate_images):
-        if bad and not skip_bad_images:
-            raise bad[0].error()
-        if x is None:
-            continue
-        x = x.double()
-        total += x.sum((0, 2, 3))
-        total_sq += (x * x).sum((0, 2, 3))
-        count += x.numel() // 3
-    if count == 0:
-        raise UserError(f"no readable image among {len(subset)} sampled from {dataset.root} to measure "
-                        "mean/std; check the files or set data.mean= and data.std=")
-    mean = total / count
-    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
-    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
