@@ -80,6 +80,7 @@ class BatchTransform:
         # torchvision's transform objects, for their op tables and op implementations
         self.policy = {None: None, "randaugment": v2.RandAugment, "autoaugment": v2.AutoAugment}[policy]
         self.policy = self.policy() if self.policy else None
+        self._magnitudes = {}
         self.erase_p = float(random_erasing)
         self.mix_alphas = [("mixup", float(mixup_alpha))] * (mixup_alpha > 0)
         self.mix_alphas += [("cutmix", float(cutmix_alpha))] * (cutmix_alpha > 0)
@@ -227,26 +228,30 @@ class BatchTransform:
         eh = torch.where(apply & ok.any(1), eh, 0.0)
         return torch.stack([top, left, eh, ew]).float()
 
-    def _plan_policy(self, gen, b, host) -> list:
-        """Per image, the policy's ops as torchvision would draw them; then, per stage (op slot),
-        a permutation of the batch that makes the images with the same (op, magnitude)
-        contiguous, so each op runs once on a slice. Returns per stage a list of
-        (op, magnitude, start, stop); the permutations go into `host`."""
-        s = self.size
-        space = self.policy._AUGMENTATION_SPACE
-        stages = []  # per stage, per image: (op, magnitude) with ("Identity", 0.0) for no op
+    def _draw_policy(self, gen, b) -> list:
+        """Per stage (op slot) and image, the (op, magnitude) that torchvision's policy would
+        draw for it, ("Identity", 0.0) for none."""
+        space, cache = self.policy._AUGMENTATION_SPACE, self._magnitudes
+
+        def mag(name, bins, index, negative) -> float:
+            """torchvision's magnitude table and sign rule (tables memoized: a linspace each)"""
+            key = name, bins, index
+            if key not in cache:
+                table, signed = space[name]
+                table = table(bins, self.size, self.size)
+                cache[key] = (0.0 if table is None else float(table[index])), signed
+            m, signed = cache[key]
+            return -m if signed and negative else m
+
+        stages = []
         if isinstance(self.policy, v2.RandAugment):
             ra = self.policy
             names = list(space)
             ops = torch.randint(len(names), (ra.num_ops, b), generator=gen).tolist()
             neg = (torch.rand(ra.num_ops, b, generator=gen) <= 0.5).tolist()
             for k in range(ra.num_ops):
-                stage = []
-                for i in range(b):
-                    name = names[ops[k][i]]
-                    stage.append((name, _magnitude(space, name, ra.num_magnitude_bins, ra.magnitude,
-                                                   s, neg[k][i])))
-                stages.append(stage)
+                stages.append([(names[op], mag(names[op], ra.num_magnitude_bins, ra.magnitude, n))
+                               for op, n in zip(ops[k], neg[k])])
         else:
             policies = self.policy._policies
             which = torch.randint(len(policies), (b,), generator=gen).tolist()
@@ -257,11 +262,19 @@ class BatchTransform:
                 for i in range(b):
                     name, prob, idx = policies[which[i]][k]
                     if u_apply[k][i] <= prob:
-                        stage.append((name, _magnitude(space, name, 10, idx, s, neg[k][i])))
+                        stage.append((name, mag(name, 10, idx, neg[k][i])))
                     else:
                         stage.append(("Identity", 0.0))
                 stages.append(stage)
+        return stages
 
+    def _plan_policy(self, gen, b, host) -> list:
+        """Per stage, a permutation of the batch that makes the images with the same
+        (op, magnitude) contiguous, so each op runs once on a slice (no boolean masks, no
+        per-group index tensors). Returns per stage a list of (op, magnitude, start, stop);
+        the permutations (and the geometric ops' matrices) go into `host`."""
+        stages = self._draw_policy(gen, b)
+        s = self.size
         plan, cur = [], list(range(b))  # cur[k]: the original index of the image at position k
         for k, stage in enumerate(stages):
             groups: dict = {}
@@ -358,7 +371,8 @@ class BatchTransform:
             x = x.mul_(f).add_(mean * (1 - f)).clamp_(0, 255)
             if c == 3:
                 f = p["saturation"].view(b, 1, 1, 1)
-                x = x.mul_(f).add_(_gray(x) * (1 - f)).clamp_(0, 255)
+                gray = _gray(x)  # before x changes in place
+                x = x.mul_(f).add_(gray * (1 - f)).clamp_(0, 255)
         if self.hue and c == 3:
             hsv = _rgb_to_hsv(x.div_(255))
             hsv[:, 0].add_(p["hue"].view(b, 1, 1)).remainder_(1.0)
@@ -402,16 +416,6 @@ def _to_device(host: dict, device: torch.device) -> dict:
     flat = flat.to(device, non_blocking=True)
     pieces = flat.split([host[k].numel() for k in names])
     return {k: v.view(host[k].shape).to(host[k].dtype) for k, v in zip(names, pieces)}
-
-
-def _magnitude(space, name, bins, index, size, negative) -> float:
-    """The op's magnitude as torchvision's policies compute it (their table, their sign rule)."""
-    magnitudes, signed = space[name]
-    magnitudes = magnitudes(bins, size, size)
-    if magnitudes is None:
-        return 0.0
-    mag = float(magnitudes[index])
-    return -mag if signed and negative else mag
 
 
 def _policy_theta(name, mag, s) -> torch.Tensor:
