@@ -1,6 +1,4 @@
 """BatchTransform: per-image random parameters, seeded on the host, against torchvision."""
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -9,6 +7,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from cnntrain.data import augment
 from cnntrain.data.augment import BatchTransform, _grid_nearest, _policy_theta
 
 RGB = dict(mean=[0.0] * 3, std=[1.0] * 3, device="cpu")  # normalized = pixels / 255
@@ -295,6 +294,20 @@ def test_no_global_rng_and_everything_on():
     assert (np.random.get_state()[1] == np_state).all()
 
 
+def test_parameters_survive_the_packed_copy(monkeypatch):
+    """Off the CPU the parameters travel as one float32 vector: same output as unpacked."""
+    kw = dict(size=24, hflip=True, color_jitter=0.4, hue=0.1, random_erasing=0.5, mixup_alpha=0.2,
+              cutmix_alpha=1.0, num_classes=4)
+    x, y = images(32, s=28), torch.arange(32) % 4
+    configs = (dict(crop_scale=(0.08, 1), policy="randaugment"), dict(shift=3, policy="autoaugment"),
+               dict(shift=3, degrees=10))
+    want = [BatchTransform(**RGB, **kw, **extra)(x, y, 4) for extra in configs]
+    monkeypatch.setattr(augment, "_to_device", lambda host, device: augment._unpack(augment._pack(host), host))
+    for extra, (out, target) in zip(configs, want):
+        got = BatchTransform(**RGB, **kw, **extra)(x, y, 4)
+        assert torch.equal(got[0], out) and torch.equal(got[1], target)
+
+
 def test_refuses_inconsistent_settings():
     with pytest.raises(ValueError, match="num_classes"):
         BatchTransform(**RGB, size=8, mixup_alpha=1.0)
@@ -322,7 +335,9 @@ def test_cuda_matches_cpu_and_never_syncs():
         finally:
             torch.cuda.set_sync_debug_mode(0)
         want, want_target = cpu(x, y, 3)
-        # uint8 rounding in the policies may differ by one level where float paths differ
-        assert (out.cpu() - want).abs().max() <= 1.5 / 255 * math.sqrt(1) + 1e-6 or \
-            (out.cpu() - want).abs().mean() < 1e-3
+        diff = (out.cpu() - want).abs()
+        if "policy" in extra:  # a pixel rounded the other way before a policy op can move further
+            assert diff.mean() < 1e-2 and (diff > 2 / 255).float().mean() < 0.01
+        else:
+            assert diff.max() < 1e-3
         torch.testing.assert_close(target.cpu(), want_target)

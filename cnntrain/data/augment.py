@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
-# Private torchvision helpers, reused so the policies' ops stay torchvision's own (checked
-# against torchvision 0.29; the tests compare with its public functionals).
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+# Private torchvision helpers, reused so the ops stay torchvision's own (checked against
+# torchvision 0.29; the tests compare with its public functionals).
+from torchvision.transforms.v2.functional._color import _rgb_to_hsv
 from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
 
@@ -406,16 +406,23 @@ class BatchTransform:
 
 def _to_device(host: dict, device: torch.device) -> dict:
     """All of a batch's parameters in one host->device copy, non-blocking from pinned memory
-    on CUDA. They travel as float32: integers (indices, pixel offsets) are exact below 2**24."""
+    on CUDA (no wait for the device)."""
     if device.type == "cpu":
         return host
-    names = list(host)
-    flat = torch.cat([host[k].reshape(-1).float() for k in names])
+    flat = _pack(host)
     if device.type == "cuda":
         flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=True)
-    pieces = flat.split([host[k].numel() for k in names])
-    return {k: v.view(host[k].shape).to(host[k].dtype) for k, v in zip(names, pieces)}
+    return _unpack(flat.to(device, non_blocking=True), host)
+
+
+def _pack(host: dict) -> torch.Tensor:
+    """One float32 vector: integers (indices, pixel offsets) are exact below 2**24."""
+    return torch.cat([v.reshape(-1).float() for v in host.values()])
+
+
+def _unpack(flat: torch.Tensor, host: dict) -> dict:
+    pieces = flat.split([v.numel() for v in host.values()])
+    return {k: p.view(v.shape).to(v.dtype) for (k, v), p in zip(host.items(), pieces)}
 
 
 def _policy_theta(name, mag, s) -> torch.Tensor:
@@ -471,6 +478,17 @@ def _sharpness(x, factor):
     view = out[..., 1:-1, 1:-1]
     view.add_(blurred.sub_(view), alpha=1.0 - factor)
     return out.clamp_(0, 255).to(x.dtype)
+
+
+def _hsv_to_rgb(hsv):
+    """HSV (B,3,H,W) in 0..1 -> RGB, batched. torchvision's _hsv_to_rgb copies a lookup table
+    from the host on every call; this closed form needs none."""
+    h, s, v = hsv.unbind(1)
+    out = []
+    for n in (5, 3, 1):  # R, G, B
+        k = (h * 6 + n).remainder_(6)
+        out.append(v - v * s * torch.minimum(k, 4 - k).clamp_(0, 1))
+    return torch.stack(out, 1)
 
 
 def _gray(x):
