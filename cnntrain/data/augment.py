@@ -41,9 +41,6 @@ class Normalize:
 # them, each with its own matrix: torchvision's F.affine/F.rotate take one matrix per call and
 # build it with torch.tensor(..., device=...), a blocking copy (a sync on CUDA) per call.
 _GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
-# torchvision's AutoContrast and Sharpness kernels sync on CUDA too (boolean-mask assignment,
-# a kernel tensor made with torch.tensor(..., device=...)); they are rewritten below.
-_REWRITTEN = ("AutoContrast", "Sharpness")
 
 
 class BatchTransform:
@@ -80,7 +77,7 @@ class BatchTransform:
         # torchvision's transform objects, for their op tables and op implementations
         self.policy = {None: None, "randaugment": v2.RandAugment, "autoaugment": v2.AutoAugment}[policy]
         self.policy = self.policy() if self.policy else None
-        self._magnitudes = {}
+        self._magnitudes, self._thetas = {}, {}  # memos of the policies' tables
         self.erase_p = float(random_erasing)
         self.mix_alphas = [("mixup", float(mixup_alpha))] * (mixup_alpha > 0)
         self.mix_alphas += [("cutmix", float(cutmix_alpha))] * (cutmix_alpha > 0)
@@ -274,7 +271,6 @@ class BatchTransform:
         per-group index tensors). Returns per stage a list of (op, magnitude, start, stop);
         the permutations (and the geometric ops' matrices) go into `host`."""
         stages = self._draw_policy(gen, b)
-        s = self.size
         plan, cur = [], list(range(b))  # cur[k]: the original index of the image at position k
         for k, stage in enumerate(stages):
             groups: dict = {}
@@ -288,7 +284,7 @@ class BatchTransform:
             steps, start = [], 0
             for (name, mag), g in groups.items():
                 if name == "affine":
-                    host[f"theta{k}"] = torch.stack([_policy_theta(*stage[cur[pos]], s)
+                    host[f"theta{k}"] = torch.stack([self._theta(*stage[cur[pos]])
                                                      for pos in range(start, start + len(g))])
                 if name != "Identity":
                     steps.append((name, mag, start, start + len(g)))
@@ -297,6 +293,12 @@ class BatchTransform:
             plan.append(steps)
         host["unorder"] = torch.argsort(torch.tensor(cur))
         return plan
+
+    def _theta(self, name, mag) -> torch.Tensor:
+        key = name, mag  # a handful of distinct ones; building one costs ~20 us
+        if key not in self._thetas:
+            self._thetas[key] = _policy_theta(name, mag, self.size)
+        return self._thetas[key]
 
     # ------------------------------------------------------------------ device-side ops
 
@@ -352,6 +354,9 @@ class BatchTransform:
         return x[p["unorder"]]
 
     def _op(self, x, name, mag, theta):
+        """One policy op on a group of images. The other ops are torchvision's own code; its
+        AutoContrast and Sharpness kernels would sync on CUDA (a boolean-mask assignment, a
+        kernel tensor made with torch.tensor(..., device=...)), so those two are rewritten."""
         if name == "affine":
             return _grid_nearest(x, theta)
         if name == "AutoContrast":
