@@ -126,7 +126,7 @@ class Preprocess:
         self.mode = "L" if len(data.mean) == 1 else "RGB"
         # as evaluation saw them: stored at storage_size, then the central size x size
         stored = storage_size(data.get("name"), size, len(data.mean), trained.get("aug"))
-        self.resize = v2.Compose([v2.Resize(stored, antialias=True), v2.CenterCrop(size)])
+        self.resize = v2.Compose([v2.Resize(stored, antialias=True), v2.CenterCrop(stored), v2.CenterCrop(size)])
         self.normalize = Normalize(list(data.mean), list(data.std), device)
         self.device = device
 

@@ -439,6 +439,10 @@ def _check_train(cfg: DictConfig) -> None:
         scale = cfg.aug[kind].crop_scale
         if scale is not None and scale[0] > scale[1]:
             raise UserError(f"aug.{kind}.crop_scale={show(scale)}: give [min, max] with min <= max")
+        if scale is not None and (cfg.aug[kind].shift or cfg.aug[kind].degrees):
+            raise UserError(f"aug.{kind}.crop_scale replaces aug.{kind}.shift and aug.{kind}.degrees "
+                            f"(the random-resized crop moves and scales the image itself): set "
+                            f"aug.{kind}.shift=0 aug.{kind}.degrees=0")
     if (data.mean is None) != (data.std is None) or (data.mean is not None and len(data.mean) != len(data.std)):
         raise UserError(f"data.mean={show(data.mean)} and data.std={show(data.std)} must both be "
                         "null or lists of the same length (1 value per channel)")

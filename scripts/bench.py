@@ -254,9 +254,10 @@ def fashion_mnist_root(root: str | None, scratch: Path) -> tuple[str, str]:
     return str(scratch), "synthetic Fashion-MNIST (no --root with FashionMNIST/raw given)"
 
 
-def export_folders(fmnist: str, scratch: Path) -> dict:
+def export_folders(fmnist: str, scratch: Path, scale: float = 1.0) -> dict:
     """The folder cases' data, from the same Fashion-MNIST images: 10k train (1,000 per class) +
-    2k test as 28 px gray PNG folders and as IDX files; 3k + 600 as 96 px RGB JPEG folders."""
+    2k test as 28 px gray PNG folders and as IDX files; 3k + 600 as 96 px RGB JPEG folders
+    (`scale` times as many: --quick)."""
     train = datasets.FashionMNIST(fmnist, train=True)
     test = datasets.FashionMNIST(fmnist, train=False)
 
@@ -266,14 +267,14 @@ def export_folders(fmnist: str, scratch: Path) -> dict:
 
     out = {"png28": scratch / "png28", "idx": scratch / "idx", "jpg96": scratch / "jpg96"}
     for split, ds, n in (("train", train, 1000), ("test", test, 200)):
-        images, labels = first(ds, n)
+        images, labels = first(ds, round(n * scale))
         fakedata.export_folder(images, labels, train.classes, out["png28"], split, fmt="png")
         if split == "train":
             idx_train = (images, labels)
         else:
             fakedata.write_idx_dataset(out["idx"], "FashionMNIST", idx_train, (images, labels))
     for split, ds, n in (("train", train, 300), ("test", test, 60)):
-        images, labels = first(ds, n)
+        images, labels = first(ds, round(n * scale))
         fakedata.export_folder(images, labels, train.classes, out["jpg96"], split, fmt="jpg", size=96, rgb=True)
     return {k: str(v) for k, v in out.items()}
 
@@ -362,7 +363,7 @@ def profile(case: Case, steps: int, out: Path) -> dict:
 
 
 def folder_cases(result: dict, fmnist: str, scratch: Path, device, steps, repeats, args) -> None:
-    folders = export_folders(fmnist, scratch / "folders")
+    folders = export_folders(fmnist, scratch / "folders", 0.1 if args.quick else 1.0)
     os.environ["CNNTRAIN_CACHE"] = str(scratch / "cache")  # a cold cache: the first build decodes
     print("\nimage folders, decode cache:")
     result["cache"] = cache_timings(folders, device)

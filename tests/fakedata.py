@@ -34,11 +34,17 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 400, n_test: int = 200) -> Path:
     """root/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (folder MNIST or FashionMNIST)."""
+    train, test = (make_images(n, 10, 28, 1, seed) for n, seed in ((n_train, 0), (n_test, 1)))
+    return write_idx_dataset(root, folder, (train[0][..., 0], train[1]), (test[0][..., 0], test[1]))
+
+
+def write_idx_dataset(root: Path, folder: str, train, test) -> Path:
+    """Given (images uint8 (N, 28, 28), labels) for train and test, the IDX files of an
+    MNIST-like dataset under root/<folder>/raw."""
     raw = Path(root) / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        images, labels = make_images(n, 10, 28, 1, seed)
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[..., 0])
+    for prefix, (images, labels) in (("train", train), ("t10k", test)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return Path(root)
 

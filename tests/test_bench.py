@@ -17,10 +17,15 @@ def test_bench_quick_run_writes_every_case_and_ratio(tmp_path):
     result = json.loads(out.read_text())
     assert result["fashion_mnist"].startswith("synthetic")
     assert set(result["cases"]) == {"lenet5_fmnist_b64", "lenet5_fmnist_b256", "resnet20_synthetic32_b64",
-                                    "eval_lenet5_fmnist_b64", "eval_resnet20_synthetic32_b64"}
+                                    "eval_lenet5_fmnist_b64", "eval_resnet20_synthetic32_b64",
+                                    "folder_png28_b64", "lenet5_jpg96_b64", "resnet20_jpg96_b64"}
+    assert set(result["cache"]) == {"png28", "jpg96"} and result["cache"]["png28"]["decode_img_per_s"] > 0
+    assert len(result["accuracy_same_images"]["png28"]) == 1
     rows = result["cases"]["lenet5_fmnist_b64"]["rows"]
     assert {"(1) cnntrain", "(2) bare", "(3) classic"} <= set(rows)
     assert all(r["img_per_s"] > 0 for r in rows.values())
-    assert set(result["ratios"]) >= {"train_vs_bare_b64", "train_vs_bare_b256", "train_vs_classic_b64", "eval_vs_bare"}
+    assert set(result["ratios"]) >= {"train_vs_bare_b64", "train_vs_bare_b256", "train_vs_classic_b64", "eval_vs_bare",
+                                     "folder_vs_builtin_png28", "folder_vs_bare_jpg96_lenet5",
+                                     "folder_vs_bare_jpg96_resnet20", "streamed_vs_memory"}
     assert result["help_seconds"] > 0 and result["profile_ms_per_step"]["bare_ms"] > 0
     assert "train_vs_bare_b64" in proc.stdout and Path(out.with_suffix(".profile.txt")).is_file()

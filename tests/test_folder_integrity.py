@@ -28,9 +28,10 @@ def folder_cfg(root, **kw):
 
 def samples(root, split="train"):
     """(file relative to root/split, class) of every sample the loader reads, in its order."""
-    loader = build_data(folder_cfg(root), None, device=CPU, seed=0, splits=(split,)).loaders[split]
-    ds = loader.loader.dataset
-    return [(os.path.relpath(path, root / split), ds.classes[c]) for path, c in ds.samples]
+    data = build_data(folder_cfg(root), None, device=CPU, seed=0, splits=(split,))
+    loader = data.loaders[split]
+    return [(os.path.relpath(loader.sample_name(i), root / split), data.classes[c])
+            for i, c in enumerate(loader.labels.tolist())]
 
 
 @pytest.fixture()
@@ -214,7 +215,7 @@ def test_mean_std_is_measured_on_the_converted_pixels(tmp_path):
     folder.mkdir(parents=True)
     Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(folder / "x.png")  # 117 of 255
     data = build_data(folder_cfg(tmp_path, mean=None, std=None), None, device=CPU, seed=0, splits=("train",))
-    assert data.mean == [round(117 / 255, 4)] * 3
+    assert data.mean == [round(117 / 255, 4)]  # a gray folder trains with one channel
 
 
 # ---------------------------------------------------------------- mixed modes in one split
@@ -254,14 +255,14 @@ def test_mixed_bit_depths_are_reported(tmp_path, caplog):
 
 
 def test_the_mode_scan_reads_headers_only(tmp_path, monkeypatch):
-    from cnntrain.data.folder import open_split, warn_mixed_modes
+    from cnntrain.data.cache import folder_facts, scan_split
 
     write_image_folder(tmp_path, CLASSES, {"train": 5}, size=16)
-    ds = open_split(str(tmp_path), "train")
+    split = scan_split(str(tmp_path), "train")
 
     def decode(self):
         raise AssertionError("the scan decoded an image")
 
     monkeypatch.setattr(Image.Image, "load", decode)
     monkeypatch.setattr(ImageFile.ImageFile, "load", decode)
-    warn_mixed_modes(ds)  # write_image_folder mixes L and RGB: the warning needs no pixels
+    folder_facts(split, str(tmp_path / "cache")).warn_mixed_modes()  # L and RGB: no pixel needed

@@ -74,6 +74,30 @@ def test_signal_then_resume_equals_an_uninterrupted_run(data_root, tmp_path, sig
     assert rows(full) == rows(part)
 
 
+def test_mid_epoch_resume_on_an_augmented_image_folder_is_exact(folder_root, tmp_path, signal_at_batch):
+    """90 training images decoded once, batches of 16 (5 per epoch), every augmentation on:
+    stopped in the middle of epoch 2 and resumed, the run ends as one that never stopped."""
+    def cfg(*extra):
+        with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+            return compose(config_name="train", overrides=[
+                "data=imagefolder", f"data.root={folder_root}", "data.image_size=16", "data.batch_size=16",
+                "device=cpu", "deterministic=true", "epochs=3", "model=lenet5", "aug=strong",
+                "aug.color_jitter=0.3", "aug.mixup_alpha=0.2", "aug.cutmix_alpha=1.0", *extra])
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(cfg(), run_dir=full)
+    signal_at_batch(8)
+    with pytest.raises(Interrupted):
+        train(cfg(), run_dir=part)
+    assert load_checkpoint(part / "checkpoints/last.pt")["partial"]["state"]["step"] == 3
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    train(cfg("resume=auto"), run_dir=part)
+    a, b = (load_checkpoint(d / "checkpoints/last.pt") for d in (full, part))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert rows(full) == rows(part)
+
+
 def test_sigterm_from_outside_saves_and_resume_auto_continues(data_root, tmp_path):
     run_dir = tmp_path / "run"
     args = [str(os.path.join(os.path.dirname(sys.executable), "cnntrain")), f"data.root={data_root}",

@@ -1,0 +1,121 @@
+"""The one loader of every dataset: in memory or streamed, the same batches; folders decoded once,
+with their channels and size found from the images; evaluation and cnnpredict see the same pixels."""
+import threading
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from cnntrain.data import build_data
+from cnntrain.data.loaders import BatchLoader, Loader
+from cnntrain.inference import Preprocess
+from fakedata import make_images, write_image_folder
+
+CPU = torch.device("cpu")
+
+
+def cfg(name, root, **kw):
+    base = dict(name=name, root=str(root), download=False, batch_size=16, num_workers=0, val_split=0.2,
+                image_size=None, channels="auto", mean=[0.5], std=[0.25], skip_bad_images=False,
+                cache_dir=None, memory_budget_gb=None)
+    if name == "imagefolder":
+        base.update(mean=None, std=None)
+    return OmegaConf.create({**base, **kw})
+
+
+def strong(**kw):
+    """Every random operation at once, mixing included."""
+    geo = dict(shift=2, degrees=10.0, hflip=True, crop_scale=None)
+    return OmegaConf.create({"gray": geo, "rgb": geo, "policy": "randaugment", "color_jitter": 0.3,
+                             "hue": 0.05, "random_erasing": 0.5, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, **kw})
+
+
+def epoch(loader, epoch=1, start=0):
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader.iter_from(start)]
+
+
+def same(a, b):
+    assert len(a) == len(b) and len(a) > 0
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_the_loader_is_what_the_protocol_says():
+    assert all(hasattr(BatchLoader, name) for name in ("num_samples", "set_epoch", "iter_from",
+                                                       "sample", "sample_name", "__len__", "__iter__"))
+    assert {n for n in vars(Loader) if not n.startswith("_")} <= set(dir(BatchLoader))
+
+
+@pytest.mark.parametrize("kind", ["builtin", "folder"])
+def test_streaming_gives_the_batches_of_the_in_memory_path(data_root, folder_root, kind):
+    """Augmented with every operation, with a val split held out of train, from a batch on."""
+    base = cfg("mnist", data_root) if kind == "builtin" else cfg("imagefolder", folder_root, image_size=24)
+    loaders = [build_data(OmegaConf.merge(base, {"memory_budget_gb": budget}), strong(), device=CPU,
+                          seed=3).loaders for budget in (None, 0)]
+    assert loaders[0]["train"].resident and not loaders[1]["train"].resident
+    for split in ("train", "val", "test"):
+        same(epoch(loaders[0][split]), epoch(loaders[1][split]))
+    same(epoch(loaders[0]["train"], 2, start=2), epoch(loaders[1]["train"], 2)[2:])
+    assert not torch.equal(epoch(loaders[0]["train"], 1)[0][0], epoch(loaders[0]["train"], 2)[0][0])
+
+
+def test_a_stream_cut_short_stops_its_thread(data_root):
+    loader = build_data(cfg("mnist", data_root, memory_budget_gb=0), None, device=CPU, seed=0).loaders["train"]
+    batches = loader.iter_from(0)
+    next(batches)
+    batches.close()  # what islice(max_steps) and a signal do
+    assert not [t for t in threading.enumerate() if t.name == "cnntrain-prefetch"]
+
+
+def write_folder(root, size, mode, n=4, sizes=None):
+    for split in ("train", "test"):
+        for c, name in enumerate(("a", "b")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            images, _ = make_images(n, 1, size, 3, seed=c)
+            for i, pixels in enumerate(images):
+                image = Image.fromarray(pixels).convert(mode)
+                if sizes:
+                    image = image.resize(sizes[i % len(sizes)])
+                image.save(folder / f"{i}.png")
+    return root
+
+
+def test_a_gray_folder_trains_with_one_channel_at_its_own_size(tmp_path):
+    gray = build_data(cfg("imagefolder", write_folder(tmp_path / "g", 20, "L")), None, device=CPU, seed=0)
+    assert gray.in_channels == 1 and gray.image_size == 20 and len(gray.mean) == 1
+    x, _ = next(iter(gray.loaders["test"]))
+    assert x.shape[1:] == (1, 20, 20)
+    rgb = build_data(cfg("imagefolder", write_folder(tmp_path / "c", 20, "RGB")), None, device=CPU, seed=0)
+    assert rgb.in_channels == 3
+    forced = build_data(cfg("imagefolder", tmp_path / "g", channels=3, image_size=12), None, device=CPU, seed=0)
+    assert forced.in_channels == 3 and next(iter(forced.loaders["test"]))[0].shape[1:] == (3, 12, 12)
+
+
+def test_image_size_auto_of_mixed_sizes_is_the_median_short_side(tmp_path):
+    root = write_folder(tmp_path, 20, "RGB", sizes=[(30, 40), (50, 36), (300, 300), (16, 18)])
+    assert build_data(cfg("imagefolder", root, image_size="auto"), None, device=CPU, seed=0).image_size == 33
+
+
+def test_crop_recipes_store_larger_images_and_evaluate_their_center_as_cnnpredict_does(tmp_path):
+    root = write_folder(tmp_path, 40, "RGB", sizes=[(60, 45), (45, 60)])
+    aug = strong(policy=None, mixup_alpha=0.0, cutmix_alpha=0.0,
+                 rgb=dict(shift=0, degrees=0.0, hflip=True, crop_scale=[0.3, 1.0]))
+    data_cfg = cfg("imagefolder", root, image_size=28, mean=[0.5] * 3, std=[0.25] * 3)
+    data = build_data(data_cfg, aug, device=CPU, seed=0)
+    test = data.loaders["test"]
+    assert test.images.shape[-1] == 32  # round(28 x 1.14)
+    x, _ = next(iter(data.loaders["train"]))
+    assert x.shape[-1] == 28
+    evaluated = torch.cat([x for x, _ in test])
+    prep = Preprocess(OmegaConf.create({"data": data_cfg, "aug": aug}), CPU)
+    predicted = prep(torch.stack([prep.pixels(test.sample_name(i)) for i in range(test.num_samples)]))
+    torch.testing.assert_close(evaluated, predicted, atol=1e-6, rtol=0)
+
+
+def test_a_val_split_shares_the_training_storage(folder_root):
+    data = build_data(cfg("imagefolder", folder_root, image_size=16), None, device=CPU, seed=0)
+    images = data.loaders["train"].images
+    assert data.loaders["train"].resident and data.loaders["val"].images is images  # shared with val
