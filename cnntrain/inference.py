@@ -125,25 +125,44 @@ class Preprocess:
         data, size = trained.data, int(trained.data.image_size)
         self.mode = "L" if len(data.mean) == 1 else "RGB"
         # as evaluation saw them: stored at storage_size, then the central size x size
-        stored = storage_size(data.get("name"), size, len(data.mean), trained.get("aug"))
-        self.resize = v2.Compose([v2.Resize(stored, antialias=True), v2.CenterCrop(stored), v2.CenterCrop(size)])
+        self.size = size
+        self.stored = storage_size(data.get("name"), size, len(data.mean), trained.get("aug"))
+        self.resize = v2.Compose([v2.Resize(self.stored, antialias=True), v2.CenterCrop(self.stored),
+                                  v2.CenterCrop(size)])
         self.normalize = Normalize(list(data.mean), list(data.std), device)
         self.device = device
 
     def pixels(self, path: Path) -> torch.Tensor:
         """uint8 (C, S, S) pixels of one file; an unreadable file is a UserError naming it."""
-        from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
-        from cnntrain.data.folder import DECODE_ERRORS, to_mode
+        from cnntrain.data.folder import BadImage, read_image
 
-        try:
-            with Image.open(path) as img:
-                img = to_mode(img, self.mode)  # as in training; decodes here, inside the try
-        except DECODE_ERRORS as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"cannot read image {path}: {reason}") from None
+        img = read_image(str(path), self.mode)  # the conversion of training (to_mode)
+        if isinstance(img, BadImage):
+            raise img.error("remove it from inputs=")
         return self.resize(TF.pil_to_tensor(img))
+
+    def decoded(self, files: list[Path]) -> torch.Tensor:
+        """uint8 (N, C, size, size) pixels of `files`, as pixels() gives them, decoded in parallel
+        through the cache of image folders (data/cache.py): a later call on the same files (an
+        unchanged folder) decodes nothing. The tensor maps the cache file: index it in batches."""
+        import warnings
+
+        from torchvision.transforms.v2 import functional as TF
+
+        from cnntrain.data.cache import FolderSplit, default_cache_dir, load_split
+
+        paths = [os.path.abspath(f) for f in files]
+        root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+        root = root if os.path.isdir(root) else os.path.dirname(root)
+        split = FolderSplit(root, ["inputs"], paths, [0] * len(paths))
+        cached = load_split(split, size=self.stored, channels=1 if self.mode == "L" else 3,
+                            cache_dir=default_cache_dir(), fix="remove it from inputs=")
+        with warnings.catch_warnings():  # read-only memory map: never written through the tensor
+            warnings.simplefilter("ignore", UserWarning)
+            pixels = torch.from_numpy(cached.images)
+        return pixels if self.stored == self.size else TF.center_crop(pixels, [self.size, self.size])
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, S, S) -> normalized float on the device."""

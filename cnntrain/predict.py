@@ -35,10 +35,11 @@ def _predict(cfg: DictConfig, files: list[Path], run_dir: Path) -> list[dict]:
     prep = Preprocess(trained, device)
     k = min(topk, len(classes))
     results = []
+    pixels = prep.decoded(files)
     with torch.inference_mode():
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
-            x = prep(torch.stack([prep.pixels(path) for path in chunk]))
+            x = prep(pixels[start:start + batch_size])
             top = model(x).float().softmax(1).topk(k, dim=1)
             for path, probs, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
                 results.append({"file": str(path), "top": [(classes[i], p) for i, p in zip(indices, probs)]})

@@ -115,7 +115,23 @@ def test_crop_recipes_store_larger_images_and_evaluate_their_center_as_cnnpredic
     torch.testing.assert_close(evaluated, predicted, atol=1e-6, rtol=0)
 
 
-def test_a_val_split_shares_the_training_storage(folder_root):
-    data = build_data(cfg("imagefolder", folder_root, image_size=16), None, device=CPU, seed=0)
+def test_a_val_split_shares_the_training_storage(tmp_path):
+    root = write_image_folder(tmp_path, per_class={"train": 10})  # no val/: val_split of train
+    data = build_data(cfg("imagefolder", root, image_size=16), None, device=CPU, seed=0)
     images = data.loaders["train"].images
     assert data.loaders["train"].resident and data.loaders["val"].images is images  # shared with val
+
+
+def test_cnnpredict_decodes_its_inputs_once_into_the_cache(tmp_path, monkeypatch):
+    from cnntrain.data import cache
+
+    root = write_folder(tmp_path, 40, "RGB", sizes=[(60, 45), (45, 60)])
+    crop = strong(rgb=dict(shift=0, degrees=0.0, hflip=True, crop_scale=[0.3, 1.0]))
+    prep = Preprocess(OmegaConf.create({"data": cfg("imagefolder", root, image_size=28, mean=[0.5] * 3,
+                                                    std=[0.25] * 3), "aug": crop}), CPU)
+    files = sorted(root.rglob("*.png"))
+    first = prep.decoded(files)
+    assert first.shape == (len(files), 3, 28, 28)
+    assert torch.equal(first, torch.stack([prep.pixels(f) for f in files]))
+    monkeypatch.setattr(cache, "decode", lambda *args: pytest.fail("decoded again"))
+    assert torch.equal(prep.decoded(files), first)

@@ -112,7 +112,7 @@ def test_predict_bad_inputs_are_one_line_errors(lenet, tmp_path):
     assert_one_line_error(proc, "no images found", str(tmp_path / "empty"))
     (tmp_path / "x.png").write_bytes(b"\x00garbage" * 20)
     proc = predict(lenet, tmp_path, tmp_path / "o2", check=False)
-    assert_one_line_error(proc, "cannot read image", str(tmp_path / "x.png"))
+    assert_one_line_error(proc, "cannot be read", str(tmp_path / "x.png"), "remove it from inputs=")
     proc = predict(tmp_path / "missing.pt", tmp_path / "x.png", tmp_path / "o3", check=False)
     assert_one_line_error(proc, "missing.pt", "not found")
     proc = predict(tmp_path / "x.png", tmp_path / "x.png", tmp_path / "o4", check=False)

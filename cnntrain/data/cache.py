@@ -264,10 +264,9 @@ def folder_facts(split: FolderSplit, cache_dir: str) -> Facts:
 # ---------------------------------------------------------------- decoding
 
 def decode(path: str, mode: str, size: int) -> np.ndarray | BadImage:
-    """uint8 (C, size, size) pixels of one file as the evaluation preset gives them (to_mode,
-    then torchvision Resize(size, antialias=True) + CenterCrop(size) on the uint8 tensor, as
-    presets.eval_preset and cnnpredict do; on the PIL image a few pixels would differ by 1), or
-    a BadImage."""
+    """uint8 (C, size, size) pixels of one file as torchvision's usual evaluation preset gives
+    them (to_mode, then Resize(size, antialias=True) + CenterCrop(size) on the uint8 tensor, as
+    cnnpredict's Preprocess does; on the PIL image a few pixels would differ by 1), or a BadImage."""
     from torchvision.transforms.v2 import functional as TF
 
     img = read_image(path, mode)
@@ -370,12 +369,12 @@ def _open_entry(entry: str, key: str, split: FolderSplit, channels: int, size: i
     return CachedSplit(images, labels, files, list(meta["classes"]), list(skipped), entry, skipped)
 
 
-def _report_skipped(cached: CachedSplit, skip_bad: bool) -> None:
+def _report_skipped(cached: CachedSplit, skip_bad: bool, fix: str | None) -> None:
     if not cached.skipped:
         return
     if not skip_bad:
         first = cached.skipped[0]
-        raise BadImage(first, cached.reasons[first]).error()
+        raise BadImage(first, cached.reasons[first]).error(*[fix] if fix else [])
     n = len(cached.files) + len(cached.skipped)
     log.warning("skipped %d unreadable image(s) of %d (data.skip_bad_images=true): %s%s",
                 len(cached.skipped), n, ", ".join(cached.skipped[:5]),
@@ -383,12 +382,13 @@ def _report_skipped(cached: CachedSplit, skip_bad: bool) -> None:
 
 
 def load_split(split: FolderSplit, *, size: int, channels: int, cache_dir: str,
-               workers: int | None = None, skip_bad: bool = False) -> CachedSplit:
+               workers: int | None = None, skip_bad: bool = False, fix: str | None = None) -> CachedSplit:
     """The split decoded (decode) into a memory-mapped uint8 (N, channels, size, size) array: from
     the cache entry of exactly these files, classes, size and channels when there is one, else
     decoded now over `workers` processes (None: one per core; 0 or 1: in this process) and
     stored. An unreadable file stops with a UserError naming it, or with skip_bad is left out,
-    listed in one warning each time the split is loaded."""
+    listed in one warning each time the split is loaded. `fix`: what that UserError tells the
+    user to do (default: remove or replace it, or set data.skip_bad_images=true)."""
     mode = "L" if channels == 1 else "RGB"
     files = _file_list(split)
     key = _key(files, split.classes, size, mode)
@@ -402,19 +402,19 @@ def load_split(split: FolderSplit, *, size: int, channels: int, cache_dir: str,
                 cached = _open_entry(entry, key, split, channels, size)  # built while we waited?
                 if cached is None:
                     _remove_stale_temps(cache_dir)
-                    cached = _build(split, files, key, entry, mode, size, workers, skip_bad)
+                    cached = _build(split, files, key, entry, mode, size, workers, skip_bad, fix)
                     _prune(cache_dir, key, split.root, size, mode)
-                    _report_skipped(cached, skip_bad)
+                    _report_skipped(cached, skip_bad, fix)
                     return cached
         except OSError as e:
             raise _unusable(cache_dir, e) from None
     log.info("reusing decoded cache %s (%d images of %s)", entry, len(cached.files), split.root)
-    _report_skipped(cached, skip_bad)
+    _report_skipped(cached, skip_bad, fix)
     return cached
 
 
 def _build(split: FolderSplit, files, key: str, entry: str, mode: str, size: int,
-           workers: int | None, skip_bad: bool) -> CachedSplit:
+           workers: int | None, skip_bad: bool, fix: str | None) -> CachedSplit:
     cache_dir = os.path.dirname(entry)
     channels = 1 if mode == "L" else 3
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -429,7 +429,7 @@ def _build(split: FolderSplit, files, key: str, entry: str, mode: str, size: int
                           f"decoding {split.root}")
         if bad and not skip_bad:
             row, reason = next(iter(bad.items()))
-            raise BadImage(split.files[row], reason).error()
+            raise BadImage(split.files[row], reason).error(*[fix] if fix else [])
         keep = [i for i in range(len(split.files)) if i not in bad]
         if bad:
             _drop_rows(npy, keep)

@@ -145,9 +145,8 @@ class BadImage:
     path: str
     reason: str
 
-    def error(self) -> UserError:
-        return UserError(f"image {self.path} cannot be read ({self.reason}); remove or replace it, "
-                         "or set data.skip_bad_images=true")
+    def error(self, fix: str = "remove or replace it, or set data.skip_bad_images=true") -> UserError:
+        return UserError(f"image {self.path} cannot be read ({self.reason}); {fix}")
 
 
 def class_folders(directory: str) -> list[str]:
