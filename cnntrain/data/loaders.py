@@ -54,7 +54,7 @@ class BatchLoader:
     """Batches of `images[index]` (uint8 N,C,S,S; `index` None = all rows) with `labels`.
 
     `images` on the training device: batches are indexed there. `streamed`: `images` are in host
-    memory (a memory map, say) and batches are gathered by a background thread, `prefetch` ahead.
+    memory (a memory map, say) and batches are gathered by a background thread, `prefetch` at a time.
 
     Under torchrun (`world` > 1) a shuffled (training) loader draws the global batch of
     batch_size * world images that one process would, transforms it with the same random
@@ -64,7 +64,7 @@ class BatchLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform, *,
                  device: torch.device, index: torch.Tensor | None = None, names: list[str] | None = None,
                  streamed: bool = False, shuffle: bool = False, drop_last: bool = False, seed: int = 0,
-                 rank: int = 0, world: int = 1, prefetch: int = 4):
+                 rank: int = 0, world: int = 1, prefetch: int = 8):
         self.images, self.index, self.names = images, index, names
         self.labels = labels.to(device)
         self.batch_size, self.transform, self.device = batch_size, transform, device
@@ -126,10 +126,12 @@ class BatchLoader:
             yield self.images[r.to(self.device, non_blocking=True)]
 
     def _streamed(self, rows: list[torch.Tensor]):
-        """The batches gathered from host storage by a background thread (index_select releases
-        the GIL, so gathering overlaps the step). A consumer that stops early (max_steps, a
-        signal) stops the thread too."""
-        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        """The batches gathered from host storage by a background thread, `prefetch` batches per
+        gather: index_select releases the GIL, so gathering overlaps the step, and gathering
+        several batches at once keeps the two threads from trading the GIL at every batch (each
+        trade can cost the training thread a whole switch interval). A consumer that stops early
+        (max_steps, a signal) stops the thread too."""
+        ready: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
         def put(item) -> bool:
@@ -143,10 +145,15 @@ class BatchLoader:
 
         def gather():
             try:
-                for r in rows:
-                    out = torch.empty((len(r), *self.images.shape[1:]), dtype=self.images.dtype,
+                for i in range(0, len(rows), self.prefetch):
+                    group = rows[i:i + self.prefetch]
+                    wanted = torch.cat(group)
+                    out = torch.empty((len(wanted), *self.images.shape[1:]), dtype=self.images.dtype,
                                       pin_memory=self._pin)
-                    if not put(torch.index_select(self.images, 0, r, out=out)):
+                    # numpy's take: one thread, GIL released; torch's index_select here would
+                    # start a second OpenMP team beside the training step's, on the same cores
+                    np.take(self.images.numpy(), wanted.numpy(), axis=0, out=out.numpy())
+                    if not put(out.split([len(r) for r in group])):
                         return
                 put(None)
             except BaseException as e:  # handed to the consumer, raised in its thread
@@ -155,10 +162,11 @@ class BatchLoader:
         worker = threading.Thread(target=gather, name="cnntrain-prefetch", daemon=True)
         worker.start()
         try:
-            while (x := ready.get()) is not None:
-                if isinstance(x, BaseException):
-                    raise x
-                yield x.to(self.device, non_blocking=True)
+            while (group := ready.get()) is not None:
+                if isinstance(group, BaseException):
+                    raise group
+                for x in group:
+                    yield x.to(self.device, non_blocking=True)
         finally:
             stop.set()
             worker.join()
