@@ -76,7 +76,8 @@ def test_signal_then_resume_equals_an_uninterrupted_run(data_root, tmp_path, sig
 
 def test_mid_epoch_resume_on_an_augmented_image_folder_is_exact(folder_root, tmp_path, signal_at_batch):
     """90 training images decoded once, batches of 16 (5 per epoch), every augmentation on:
-    stopped in the middle of epoch 2 and resumed, the run ends as one that never stopped."""
+    stopped in the middle of epoch 2 and resumed (streaming from the cache this time, as a
+    folder larger than the memory budget is), the run ends as one that never stopped."""
     def cfg(*extra):
         with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
             return compose(config_name="train", overrides=[
@@ -91,7 +92,7 @@ def test_mid_epoch_resume_on_an_augmented_image_folder_is_exact(folder_root, tmp
         train(cfg(), run_dir=part)
     assert load_checkpoint(part / "checkpoints/last.pt")["partial"]["state"]["step"] == 3
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-    train(cfg("resume=auto"), run_dir=part)
+    train(cfg("resume=auto", "data.memory_budget_gb=0"), run_dir=part)  # resumed streaming
     a, b = (load_checkpoint(d / "checkpoints/last.pt") for d in (full, part))
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
