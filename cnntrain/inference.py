@@ -114,7 +114,8 @@ def find_images(inputs) -> list[Path]:
 class Preprocess:
     """Any image file (any size, any mode) -> the input the checkpoint's model was trained on:
     gray or RGB as its data, shorter side resized and center-cropped to image_size as evaluation
-    saw it (image folders stored for crop-based training: resized to 1.14 x), then normalized with the checkpoint's mean/std."""
+    saw it (folders stored for crop-based training: resized to 1.14 x first), then normalized
+    with the checkpoint's mean/std."""
 
     def __init__(self, trained: DictConfig, device: torch.device):
         from torchvision.transforms import v2
