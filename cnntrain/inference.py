@@ -159,7 +159,7 @@ class Preprocess:
         root = root if os.path.isdir(root) else os.path.dirname(root)
         split = FolderSplit(root, ["inputs"], paths, [0] * len(paths))
         cached = load_split(split, size=self.stored, channels=1 if self.mode == "L" else 3,
-                            cache_dir=default_cache_dir(), fix="remove it from inputs=")
+                            cache_dir=default_cache_dir(), fix="remove it from inputs=", prune=False)
         with warnings.catch_warnings():  # read-only memory map: never written through the tensor
             warnings.simplefilter("ignore", UserWarning)
             pixels = torch.from_numpy(cached.images)

@@ -135,3 +135,19 @@ def test_cnnpredict_decodes_its_inputs_once_into_the_cache(tmp_path, monkeypatch
     assert torch.equal(first, torch.stack([prep.pixels(f) for f in files]))
     monkeypatch.setattr(cache, "decode", lambda *args: pytest.fail("decoded again"))
     assert torch.equal(prep.decoded(files), first)
+
+
+def test_cnnpredict_on_a_split_folder_leaves_the_training_cache_alone(tmp_path, monkeypatch):
+    """Both decode the same folder at the same size under different keys: neither replaces the other."""
+    from cnntrain.data import cache
+
+    root = write_folder(tmp_path, 20, "RGB")
+    data_cfg = cfg("imagefolder", root, image_size=20, mean=[0.5] * 3, std=[0.25] * 3)
+    build_data(data_cfg, None, device=CPU, seed=0, splits=("test",))
+    prep = Preprocess(OmegaConf.create({"data": data_cfg}), CPU)
+    files = sorted((root / "test").rglob("*.png"))
+    prep.decoded(files[:3])
+    prep.decoded(files[3:])  # another subset of the same folder
+    monkeypatch.setattr(cache, "decode", lambda *args: pytest.fail("decoded again"))
+    build_data(data_cfg, None, device=CPU, seed=0, splits=("test",))
+    prep.decoded(files[:3])

@@ -382,13 +382,16 @@ def _report_skipped(cached: CachedSplit, skip_bad: bool, fix: str | None) -> Non
 
 
 def load_split(split: FolderSplit, *, size: int, channels: int, cache_dir: str,
-               workers: int | None = None, skip_bad: bool = False, fix: str | None = None) -> CachedSplit:
+               workers: int | None = None, skip_bad: bool = False, fix: str | None = None,
+               prune: bool = True) -> CachedSplit:
     """The split decoded (decode) into a memory-mapped uint8 (N, channels, size, size) array: from
     the cache entry of exactly these files, classes, size and channels when there is one, else
     decoded now over `workers` processes (None: one per core; 0 or 1: in this process) and
     stored. An unreadable file stops with a UserError naming it, or with skip_bad is left out,
     listed in one warning each time the split is loaded. `fix`: what that UserError tells the
-    user to do (default: remove or replace it, or set data.skip_bad_images=true)."""
+    user to do (default: remove or replace it, or set data.skip_bad_images=true). `prune`: remove
+    the entries this one replaces (the split's files changed); not for arbitrary file lists
+    (cnnpredict's), several of which may share a folder."""
     mode = "L" if channels == 1 else "RGB"
     files = _file_list(split)
     key = _key(files, split.classes, size, mode)
@@ -403,7 +406,8 @@ def load_split(split: FolderSplit, *, size: int, channels: int, cache_dir: str,
                 if cached is None:
                     _remove_stale_temps(cache_dir)
                     cached = _build(split, files, key, entry, mode, size, workers, skip_bad, fix)
-                    _prune(cache_dir, key, split.root, size, mode)
+                    if prune:
+                        _prune(cache_dir, key, split.root, split.classes, size, mode)
                     _report_skipped(cached, skip_bad, fix)
                     return cached
         except OSError as e:
@@ -473,10 +477,10 @@ def _drop_rows(npy: str, keep: list[int], chunk: int = 1024) -> None:
     os.replace(out_path, npy)
 
 
-def _prune(cache_dir: str, key: str, root: str, size: int, mode: str) -> None:
-    """Remove the entries of the same split folder, size and mode under another key: built from
-    files since changed, added or removed, they would never be used again (a run still reading
-    one keeps its memory map: the data goes when it closes it)."""
+def _prune(cache_dir: str, key: str, root: str, classes: list[str], size: int, mode: str) -> None:
+    """Remove the entries of the same split folder, classes, size and mode under another key:
+    built from files since changed, added or removed, they would never be used again (a run
+    still reading one keeps its memory map: the data goes when it closes it)."""
     for name in os.listdir(cache_dir):
         path = os.path.join(cache_dir, name)
         if name == key or name.startswith("tmp-") or not os.path.isdir(path):
@@ -486,7 +490,7 @@ def _prune(cache_dir: str, key: str, root: str, size: int, mode: str) -> None:
                 meta = json.load(f)
         except (OSError, ValueError):
             continue  # not an entry, or one being replaced: leave it
-        if (meta.get("root"), meta.get("size"), meta.get("mode")) == (root, size, mode):
+        if (meta.get("root"), meta.get("classes"), meta.get("size"), meta.get("mode")) == (root, classes, size, mode):
             log.debug("removing cache entry %s: its files have changed", path)
             shutil.rmtree(path, ignore_errors=True)
 
