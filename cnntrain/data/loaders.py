@@ -127,9 +127,9 @@ class BatchLoader:
 
     def _streamed(self, rows: list[torch.Tensor]):
         """The batches gathered from host storage by a background thread, `prefetch` batches per
-        gather: index_select releases the GIL, so gathering overlaps the step, and gathering
-        several batches at once keeps the two threads from trading the GIL at every batch (each
-        trade can cost the training thread a whole switch interval). A consumer that stops early
+        gather: the gather releases the GIL, so it overlaps the step, and gathering several
+        batches at once keeps the two threads from trading the GIL at every batch (each trade can
+        cost the training thread a whole switch interval). A consumer that stops early
         (max_steps, a signal) stops the thread too."""
         ready: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
