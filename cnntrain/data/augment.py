@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 # Private torchvision helpers, reused so the ops stay torchvision's own (checked against
 # torchvision 0.29; the tests compare with its public functionals).
 from torchvision.transforms.v2.functional._color import _rgb_to_hsv
@@ -372,11 +373,11 @@ class BatchTransform:
         if self.jitter:
             x.mul_(p["brightness"].view(b, 1, 1, 1)).clamp_(0, 255)
             f = p["contrast"].view(b, 1, 1, 1)
-            mean = (_gray(x) if c == 3 else x).mean((1, 2, 3), keepdim=True)
+            mean = (TF.rgb_to_grayscale(x) if c == 3 else x).mean((1, 2, 3), keepdim=True)
             x = x.mul_(f).add_(mean * (1 - f)).clamp_(0, 255)
             if c == 3:
                 f = p["saturation"].view(b, 1, 1, 1)
-                gray = _gray(x)  # before x changes in place
+                gray = TF.rgb_to_grayscale(x)  # before x changes in place
                 x = x.mul_(f).add_(gray * (1 - f)).clamp_(0, 255)
         if self.hue and c == 3:
             hsv = _rgb_to_hsv(x.div_(255))
@@ -494,8 +495,3 @@ def _hsv_to_rgb(hsv):
         k = (h * 6 + n).remainder_(6)
         out.append(v - v * s * torch.minimum(k, 4 - k).clamp_(0, 1))
     return torch.stack(out, 1)
-
-
-def _gray(x):
-    """rgb_to_grayscale's weights, (B,3,H,W) float -> (B,1,H,W)."""
-    return (x[:, 0] * 0.2989 + x[:, 1] * 0.587 + x[:, 2] * 0.114).unsqueeze(1)
