@@ -118,8 +118,6 @@ class Preprocess:
     with the checkpoint's mean/std."""
 
     def __init__(self, trained: DictConfig, device: torch.device):
-        from torchvision.transforms import v2
-
         from cnntrain.data import storage_size
         from cnntrain.data.augment import Normalize
 
@@ -128,30 +126,29 @@ class Preprocess:
         # as evaluation saw them: stored at storage_size, then the central size x size
         self.size = size
         self.stored = storage_size(data.get("name"), size, len(data.mean), trained.get("aug"))
-        self.resize = v2.Compose([v2.Resize(self.stored, antialias=True), v2.CenterCrop(self.stored),
-                                  v2.CenterCrop(size)])
         self.normalize = Normalize(list(data.mean), list(data.std), device)
         self.device = device
 
-    def pixels(self, path: Path) -> torch.Tensor:
-        """uint8 (C, S, S) pixels of one file; an unreadable file is a UserError naming it."""
+    def _center(self, pixels: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
 
-        from cnntrain.data.folder import BadImage, read_image
+        return pixels if self.stored == self.size else TF.center_crop(pixels, [self.size, self.size])
 
-        img = read_image(str(path), self.mode)  # the conversion of training (to_mode)
-        if isinstance(img, BadImage):
-            raise img.error("remove it from inputs=")
-        return self.resize(TF.pil_to_tensor(img))
+    def pixels(self, path: Path) -> torch.Tensor:
+        """uint8 (C, S, S) pixels of one file, decoded as image folders are (data.cache.decode);
+        an unreadable file is a UserError naming it."""
+        from cnntrain.data.cache import decode
+        from cnntrain.data.folder import BadImage
+
+        pixels = decode(str(path), self.mode, self.stored)
+        if isinstance(pixels, BadImage):
+            raise pixels.error("remove it from inputs=")
+        return self._center(torch.from_numpy(pixels))
 
     def decoded(self, files: list[Path]) -> torch.Tensor:
         """uint8 (N, C, size, size) pixels of `files`, as pixels() gives them, decoded in parallel
         through the cache of image folders (data/cache.py): a later call on the same files (an
         unchanged folder) decodes nothing. The tensor maps the cache file: index it in batches."""
-        import warnings
-
-        from torchvision.transforms.v2 import functional as TF
-
         from cnntrain.data.cache import FolderSplit, default_cache_dir, load_split
 
         paths = [os.path.abspath(f) for f in files]
@@ -160,10 +157,7 @@ class Preprocess:
         split = FolderSplit(root, ["inputs"], paths, [0] * len(paths))
         cached = load_split(split, size=self.stored, channels=1 if self.mode == "L" else 3,
                             cache_dir=default_cache_dir(), fix="remove it from inputs=", prune=False)
-        with warnings.catch_warnings():  # read-only memory map: never written through the tensor
-            warnings.simplefilter("ignore", UserWarning)
-            pixels = torch.from_numpy(cached.images)
-        return pixels if self.stored == self.size else TF.center_crop(pixels, [self.size, self.size])
+        return self._center(cached.pixels())
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, S, S) -> normalized float on the device."""

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -271,10 +269,7 @@ def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _S
     for split in wanted:
         cached = load_split(scanned[split], size=storage, channels=channels, cache_dir=_cache_dir(data),
                             workers=data.get("num_workers"), skip_bad=bool(data.get("skip_bad_images", False)))
-        with warnings.catch_warnings():  # read-only memory map: never written through the tensor
-            warnings.simplefilter("ignore", UserWarning)
-            images = torch.from_numpy(cached.images)
-        cache[split] = (images, torch.from_numpy(np.asarray(cached.labels, dtype=np.int64)), cached.files)
+        cache[split] = (cached.pixels(), torch.from_numpy(cached.labels), cached.files)
     parts = {}
     for split in wanted:
         images, labels, files = cache[split]

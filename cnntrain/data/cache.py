@@ -347,6 +347,16 @@ class CachedSplit:
     path: str  # the cache entry folder
     reasons: dict[str, str] = field(default_factory=dict, repr=False)  # skipped file -> why
 
+    def pixels(self):
+        """`images` as a torch tensor over the same memory map (no copy)."""
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():  # read-only memory map: never written through the tensor
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(self.images)
+
 
 def _open_entry(entry: str, key: str, split: FolderSplit, channels: int, size: int) -> CachedSplit | None:
     """The entry's arrays, or None when anything about it is not what meta.json promises."""
