@@ -20,15 +20,17 @@ STALE_TEMP_S = 60.0
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", what: str = "", **open_kwargs):
+def atomic_write(path: str | os.PathLike, mode: str = "w", what: str = "",
+                 setting: str = "hydra.run.dir=", **open_kwargs):
     """`with atomic_write(path, "wb") as f: ...`: the file appears under `path` only once the
-    block has finished without an exception. `what` names the kind of file in errors."""
+    block has finished without an exception. `what` names the kind of file in errors, `setting`
+    the key that chooses where it goes."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise write_error(path, e, what) from None
+        raise write_error(path, e, what, setting) from None
     try:
         started = os.fstat(fd).st_mtime
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
@@ -41,7 +43,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", what: str = "", **ope
         Path(tmp).unlink(missing_ok=True)
         error = os_error(e)
         if error is not None and not isinstance(e, UserError):
-            raise write_error(path, error, what) from None
+            raise write_error(path, error, what, setting) from None
         raise
     _remove_stale_temps(path, started - STALE_TEMP_S)
 
@@ -65,11 +67,11 @@ def os_error(e: BaseException | None) -> OSError | None:
     return e
 
 
-def write_error(path: Path, error: OSError, what: str = "") -> UserError:
+def write_error(path: Path, error: OSError, what: str = "", setting: str = "hydra.run.dir=") -> UserError:
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        why = "disk full; free space or choose another hydra.run.dir="
+        why = f"disk full; free space or choose another {setting}"
     else:
-        why = f"{error.strerror or error}; choose a writable hydra.run.dir="
+        why = f"{error.strerror or error}; choose a writable {setting}"
     return UserError(f"cannot write {what + ' ' if what else ''}{path}: {why}")
 
 

@@ -388,3 +388,15 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert cache.default_cache_dir() == str(tmp_path / "xdg" / "cnntrain")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache.default_cache_dir() == os.path.expanduser("~/.cache/cnntrain")
+
+
+def test_a_failed_facts_write_names_the_cache_setting(folder, tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache.json, "dump", full)
+    with pytest.raises(UserError, match=r"disk full; free space or choose another data.cache_dir=") as e:
+        folder_facts(scan_split(str(folder), "train"), str(tmp_path / "c"))
+    assert "\n" not in str(e.value) and not [p for p in (tmp_path / "c").iterdir() if p.suffix == ".tmp"]

@@ -221,7 +221,7 @@ def _folder_root(data: DictConfig) -> str:
     return os.path.abspath(os.path.expanduser(str(data.root)))
 
 
-def _folder_geometry(data: DictConfig, split) -> tuple[int, int]:
+def _folder_geometry(data: DictConfig, split, facts=None) -> tuple[int, int]:
     """(channels, image size) of a folder: data.channels / data.image_size, or from the image
     headers (auto): 1 channel when every image is gray (and data.mean does not give 3 values,
     as a pretrained RGB model's does), the images' common size or their median short side."""
@@ -231,7 +231,7 @@ def _folder_geometry(data: DictConfig, split) -> tuple[int, int]:
     if channels == "auto" and data.mean is not None:
         channels = len(data.mean)
     if channels == "auto" or size is None:
-        facts = folder_facts(split, _cache_dir(data))
+        facts = facts or folder_facts(split, _cache_dir(data))
         channels = (1 if facts.gray else 3) if channels == "auto" else channels
         size = size or facts.native_size()
     return int(channels), int(size)
@@ -261,9 +261,11 @@ def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _S
     for split in SPLITS:
         if scanned[split] is not None:
             check_same_classes(classes, scanned[split].classes, f"{root}/{split}")
-    channels, size = _folder_geometry(data, scanned[wanted[0]])
-    for split in wanted:  # header facts are cached with the file list: cheap after the first run
-        folder_facts(scanned[split], _cache_dir(data)).warn_mixed_modes("L" if channels == 1 else "RGB")
+    # header facts are cached with the file list: cheap after the first run
+    facts = {split: folder_facts(scanned[split], _cache_dir(data)) for split in wanted}
+    channels, size = _folder_geometry(data, scanned[wanted[0]], facts[wanted[0]])
+    for split in wanted:
+        facts[split].warn_mixed_modes("L" if channels == 1 else "RGB")
     storage = storage_size(data.name, size, channels, aug)
     cache = {}
     for split in wanted:

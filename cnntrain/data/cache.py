@@ -4,7 +4,7 @@ Layout of a cache folder (data.cache_dir):
     <key>/images.npy, labels.npy, meta.json   one decoded split; key: files, classes, size, mode
     <key>.lock                                 held while <key> is built (flock)
     facts-<key>.json                           header facts of a file list (folder_facts)
-    tmp-<pid>@<host>-*                         a build (or facts file) under way, renamed when done
+    tmp-<pid>@<host>-*                         a build under way, renamed when done
 
 An entry is trusted only when its meta.json (written last) says what its arrays hold; a build
 happens in a temporary folder renamed into place, so a build that dies leaves at worst a
@@ -32,6 +32,7 @@ from cnntrain.data.folder import (
     DECODE_ERRORS, BadImage, class_folders, class_samples, image_mode, log_mixed_modes, read_image,
     split_folder)
 from cnntrain.errors import UserError
+from cnntrain.files import atomic_write
 
 log = logging.getLogger("cnntrain")
 
@@ -49,12 +50,14 @@ class FolderSplit:
     classes: list[str]
     files: list[str]  # image paths, in the sorted order ImageFolder would give
     labels: list[int]
+    # _file_list, taken once per scan: the facts and the decoded cache are keyed by the same stats
+    stats: list | None = field(default=None, repr=False, compare=False)
 
 
 def scan_split(root: str, split: str, required: bool = False) -> FolderSplit | None:
-    """The files of root/split by the rules of CleanImageFolder (hidden files ignored, symbolic
-    links followed but not around a loop, empty class folders named); None when the folder does
-    not exist and is not required."""
+    """The files of root/split by the rules of folder.class_samples (hidden files ignored,
+    symbolic links followed but not around a loop, empty class folders named); None when the
+    folder does not exist and is not required."""
     path = split_folder(os.path.abspath(os.path.expanduser(root)), split, required)
     if path is None:
         return None
@@ -66,6 +69,8 @@ def scan_split(root: str, split: str, required: bool = False) -> FolderSplit | N
 def _file_list(split: FolderSplit) -> list[tuple[str, int, int, int]]:
     """(path relative to the split, label, size in bytes, mtime_ns) of every file: what a cache
     key covers. Relative paths, so a copied folder (cp -a keeps mtimes) reuses the entries."""
+    if split.stats is not None:
+        return split.stats
     rows = []
     prefix = os.path.join(split.root, "")
     for path, label in zip(split.files, split.labels):
@@ -77,6 +82,7 @@ def _file_list(split: FolderSplit) -> list[tuple[str, int, int, int]]:
         # scan_split's paths start with the split folder: slicing is 10x faster than relpath
         rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, split.root)
         rows.append((rel, label, size, mtime))
+    split.stats = rows
     return rows
 
 
@@ -249,13 +255,8 @@ def folder_facts(split: FolderSplit, cache_dir: str) -> Facts:
             raw["modes"][mode] = raw["modes"].get(mode, 0) + 1
             raw["examples"].setdefault(mode, os.path.relpath(path, split.root))
         raw["gray"] &= bool(raw["sizes"])
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(), suffix=".json", dir=cache_dir)
-            os.close(fd)
-            _write_json(tmp, raw)
-            os.replace(tmp, stored)
-        except OSError as e:
-            raise _unusable(cache_dir, e) from None
+        with atomic_write(stored, what="cache file", setting="data.cache_dir= (or $CNNTRAIN_CACHE)") as f:
+            json.dump(raw, f)
     sizes = {tuple(int(v) for v in k.split("x")): n for k, n in raw["sizes"].items()}
     examples = {m: os.path.join(split.root, p) for m, p in raw["examples"].items()}
     return Facts(raw["gray"], sizes, raw["modes"], examples, split.root)
