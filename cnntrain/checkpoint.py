@@ -22,7 +22,19 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Writes `state` to `path` atomically; a failed write (disk full, no permission) is one
     UserError naming the path, with the previous file intact and no temp file left."""
     with atomic_write(path, "wb", what="checkpoint") as f:
-        torch.save(state, f)
+        torch.save(on_cpu(state), f)
+
+
+def on_cpu(obj):
+    """`obj` with every tensor in it moved to the CPU: a checkpoint written on a GPU then loads
+    with a plain torch.load(path, weights_only=True) on a machine without one."""
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -69,8 +81,10 @@ def nonfinite(state_dict: dict) -> str | None:
     return None if not bad else bad[0] + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
 
 
-def rng_state() -> dict:
-    """All RNG states, as weights-only-loadable values."""
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states (Python, NumPy, the CPU's and `device`'s generators), as
+    weights-only-loadable values. Only the training device's CUDA state: a checkpoint must
+    resume on a machine with another number of visible GPUs."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -78,18 +92,22 @@ def rng_state() -> dict:
                   int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restores what rng_state saved; a CUDA state only onto a CUDA device."""
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # older checkpoints: one state per visible GPU
+        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 class CheckpointSaver:

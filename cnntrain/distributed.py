@@ -5,11 +5,14 @@ summed exactly over the ranks (no padded duplicates), and rank 0 alone logs, wri
 TensorBoard and saves checkpoints. Outside torchrun every function is a no-op."""
 from __future__ import annotations
 
+import io
 import os
 import time
 
 import torch
 import torch.distributed as dist
+
+from cnntrain.errors import UserError
 
 
 def launched() -> bool:
@@ -23,12 +26,10 @@ def init() -> None:
     ${now:} would give each rank the second it started in (lightning-hydra-template #393)."""
     if not launched() or dist.is_initialized():
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "cpu:gloo,cuda:nccl"  # gloo for CPU tensors (device=cpu), NCCL for CUDA ones
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend)
+    # gloo for CPU tensors (device=cpu, and the small collectives below), NCCL for CUDA ones.
+    # No CUDA device is made current here: the config (device=) is not known yet, and a CPU run
+    # must not touch the GPUs; runtime.select_device makes this rank's GPU current.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     start = [time.time()]
     dist.broadcast_object_list(start, src=0)
     os.environ["CNNTRAIN_RUN_TIME"] = repr(start[0])
@@ -51,11 +52,9 @@ def shard() -> dict:
     return {"rank": rank(), "world": world_size()}
 
 
-def local_device(device: torch.device) -> torch.device:
-    """This rank's GPU (LOCAL_RANK) when training on CUDA under torchrun."""
-    if device.type == "cuda" and launched():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+def local_rank() -> int:
+    """This process's index on its machine (torchrun's LOCAL_RANK): its GPU."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def summed(*values) -> list[float]:
@@ -68,9 +67,31 @@ def summed(*values) -> list[float]:
     return t.tolist()
 
 
+def largest(value: float) -> float:
+    """The largest of the ranks' values, on every rank."""
+    if world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any (a signal reached one rank first)."""
     return summed(flag)[0] > 0
+
+
+def gathered(obj) -> list:
+    """Every rank's `obj` (containers of tensors and plain values), in rank order, on every rank.
+    Sent as torch.save bytes: all_gather_object's plain pickle cannot carry a uint32 tensor (the
+    NumPy RNG state) in torch 2.14, and weights_only loading runs no code from other ranks."""
+    if world_size() == 1:
+        return [obj]
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, buffer.getvalue())
+    return [torch.load(io.BytesIO(part), weights_only=True) for part in parts]
 
 
 def gather_cat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -78,14 +99,42 @@ def gather_cat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     chunks of a split, so the result is in the split's own order, each sample once."""
     if world_size() == 1:
         return tensors
-    parts = [None] * world_size()
-    dist.all_gather_object(parts, [t.cpu() for t in tensors])
+    parts = gathered([t.cpu() for t in tensors])
     return [torch.cat([p[i] for p in parts]).to(tensors[i].device) for i in range(len(tensors))]
 
 
+def on_main(fn):
+    """fn() on rank 0 alone (None elsewhere); its UserError ends every rank, which would
+    otherwise wait for rank 0 in the next collective."""
+    return _first(fn, is_main())[0]
+
+
+def local_first(fn):
+    """fn() on local rank 0 of each machine, then on the other ranks: a download into the folder
+    the ranks of a machine share happens once, and the others then read what it put there. A
+    UserError of local rank 0 ends every rank."""
+    value, first = _first(fn, local_rank() == 0)
+    return value if first else fn()
+
+
+def _first(fn, mine: bool):
+    if world_size() == 1:
+        return fn(), True
+    value, error = None, None
+    if mine:
+        try:
+            value = fn()
+        except UserError as e:
+            error = e
+    if any_rank(error is not None):
+        raise error or UserError(f"rank {rank()} stops: another rank failed (its error line says why)")
+    return value, mine
+
+
 def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
+    """Every rank waits for all. A CPU all-reduce rather than dist.barrier(), which with NCCL
+    beside gloo runs on the current GPU: a device=cpu run must not touch the GPUs."""
+    summed(0)
 
 
 def destroy() -> None:

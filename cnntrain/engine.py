@@ -42,7 +42,11 @@ class EpochState:
 class _Progress:
     """The batches of `loader` from batch `start` on (in channels_last layout if asked) under a
     tqdm bar. Reading the device's sums waits for it, so on a GPU the postfix and the
-    non-finite-loss check happen at most once a second; on the CPU the check is free, every step."""
+    non-finite-loss check happen at most once a second; on the CPU the check is free, every step.
+    Under torchrun the check is an all-reduce that every rank makes at the same steps (each
+    CHECK_EVERY-th on a GPU), so that all stop together."""
+
+    CHECK_EVERY = 32
 
     def __init__(self, loader, desc: str, enabled: bool, channels_last: bool, max_steps=None,
                  start: int = 0, device: torch.device = torch.device("cpu")):
@@ -53,6 +57,7 @@ class _Progress:
                         dynamic_ncols=True)
         self.total, self.desc, self.channels_last = total, desc, channels_last
         self.every_step = device.type == "cpu"
+        self.ranks = distributed.world_size() > 1
         self.last = time.monotonic()
 
     def __iter__(self):
@@ -64,15 +69,22 @@ class _Progress:
     def check(self, state: EpochState, on_nan: str, final: bool = False, lr: float = 0.0) -> None:
         now = time.monotonic()
         due = now - self.last >= 1.0
-        if not (final or due or self.every_step):
+        if self.ranks:  # a clock would have the ranks check at different steps
+            checked = final or self.every_step or state.step % self.CHECK_EVERY == 0
+        else:
+            checked = final or due or self.every_step
+        if not (checked or due):
             return
         loss = float(state.loss_sum)
-        if not math.isfinite(loss) and on_nan == "stop":
-            where = "step" if self.every_step else "by step"
-            raise UserError(f"training loss became {loss} at {self.desc}, {where} {state.step} "
-                            f"(lr {lr:.4g}): the training diverged; stopped, the checkpoints "
-                            "of the last complete epoch are untouched (lower optim.lr, set "
-                            "grad_clip=, or on_nan=skip_batch)")
+        if checked and on_nan == "stop":
+            # a non-finite sum on any rank makes the sum over the ranks non-finite
+            total = distributed.summed(loss)[0] if self.ranks else loss
+            if not math.isfinite(total):
+                where = "step" if self.every_step else "by step"
+                raise UserError(f"training loss became {total} at {self.desc}, {where} {state.step} "
+                                f"(lr {lr:.4g}): the training diverged; stopped, the checkpoints "
+                                "of the last complete epoch are untouched (lower optim.lr, set "
+                                "grad_clip=, or on_nan=skip_batch)")
         if due:
             self.last = now
             if not self.bar.disable:
@@ -93,7 +105,9 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
     every batch whether to end the epoch early (a signal). A non-finite loss stops training
     (UserError) or, with on_nan="skip_batch", skips that batch's update. A batch mixed by MixUp /
     CutMix comes with soft targets; its accuracy counts each image's larger share.
-    `ema` (an AveragedModel) is updated after every optimizer step.
+    `ema` (a ModelEma) is updated after every optimizer step.
+    Under torchrun the ranks decide about a non-finite loss together, at the same step: one rank
+    skipping (or stopping) alone would pair its next gradient all-reduce with another's current one.
     Returns {"loss", "acc"} averaged over the samples seen, the throughput "img_per_s", and
     "state" (its step < "total" if stopped early)."""
     model.train()
@@ -108,7 +122,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
             out = model(x)
             loss = criterion(out, target)
         # skip_batch reads the loss every step (a device sync on a GPU): only when asked for
-        if on_nan == "skip_batch" and not torch.isfinite(loss):
+        if on_nan == "skip_batch" and distributed.any_rank(not torch.isfinite(loss)):
             state.skipped += 1
         else:
             optimizer.zero_grad(set_to_none=True)
@@ -125,7 +139,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
             if ema is not None:
-                ema.update_parameters(model)
+                ema.update(model)
             state.loss_sum += loss.detach() * len(y)
             state.correct += (out.argmax(1) == y).sum()
             state.n += len(y)

@@ -1,12 +1,14 @@
 """`evaluate(cfg)`: the test-accuracy report of a checkpoint (cnneval)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from cnntrain import distributed
 from cnntrain.checkpoint import load_checkpoint, require_file
 from cnntrain.data import build_data
 from cnntrain.engine import evaluate_loader
@@ -47,7 +49,9 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict | list[
     check(cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
     paths = checkpoint_paths(cfg.ckpt)  # before the folder is claimed: a typo fails in a second
-    with fresh_run(run_dir, cfg):
+    # under torchrun each rank evaluates a chunk of the split; rank 0 alone reports and writes
+    with contextlib.ExitStack() as claimed:
+        distributed.on_main(lambda: claimed.enter_context(fresh_run(run_dir, cfg)))
         return _evaluate(cfg, paths, run_dir)
 
 
@@ -57,10 +61,9 @@ def _evaluate(cfg: DictConfig, paths: list[Path], run_dir: Path) -> dict | list[
     reports = []
     for i, path in enumerate(paths):
         folder = run_dir / f"{i}_{path.parent.parent.name}"
-        folder.mkdir(parents=True, exist_ok=True)
         reports.append(evaluate_checkpoint(cfg, path, folder, verbose=False))
-    table = write_comparison(reports, run_dir)
-    print(table, flush=True)
+    if distributed.is_main():
+        print(write_comparison(reports, run_dir), flush=True)
     return reports
 
 
@@ -93,8 +96,11 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
                              keep_predictions=True, tta=cfg.get("tta"))
     report = build_report(result, classes=data.classes, split=cfg.split, dataset=trained.data.name,
                           model=trained.model.name, checkpoint=path.resolve())
+    if not distributed.is_main():
+        return report
     if verbose:
         print(format_report(report), flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_report(report, run_dir)
     write_figures(report, result, loader, run_dir)
     if cfg.predictions:

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import torch
 
+from cnntrain import distributed
 from cnntrain.errors import Interrupted, UserError
 
 log = logging.getLogger("cnntrain")
@@ -17,14 +18,24 @@ log = logging.getLogger("cnntrain")
 
 def select_device(name: str) -> torch.device:
     """`auto` picks CUDA when present, else the CPU; an explicit cuda without a GPU is an error
-    rather than a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    rather than a silent CPU run. Under torchrun, `cuda` is this rank's GPU (LOCAL_RANK)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} but no CUDA GPU is available; use device=cpu or device=auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device={name} but MPS is not available; use device=cpu or device=auto")
+    return use_device(device)
+
+
+def use_device(device: torch.device) -> torch.device:
+    """Makes a CUDA device the current one: pinned memory, CUDA contexts and anything else that
+    takes the current device would otherwise go to GPU 0 (device=cuda:1 in a sweep job, a
+    torchrun rank). Returns the device with its index."""
+    if device.type == "cuda":
+        if device.index is None:
+            local = distributed.local_rank() if distributed.launched() else torch.cuda.current_device()
+            device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
     return device
 
 
@@ -39,7 +50,8 @@ def amp_dtype(enabled: bool, device: torch.device, choice: str = "auto") -> torc
         return torch.float16
     if choice == "bf16" or device.type == "cpu":
         return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    # emulated bf16 (V100, T4: no bf16 tensor cores) runs slow fallback kernels; fp16 there
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float16
 

@@ -19,6 +19,7 @@ from cnntrain import distributed
 from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
 from cnntrain.data import Data, build_data
+from cnntrain.ema import ModelEma
 from cnntrain.engine import EpochState, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted, UserError
 from cnntrain.files import write_text
@@ -106,19 +107,6 @@ def _claim(cfg: DictConfig, folder: RunFolder, resume: Path | None) -> bool:
     return False
 
 
-def _on_rank0(fn):
-    """fn() on rank 0 alone; its UserError ends every rank, which would otherwise wait for it."""
-    value, error = None, None
-    if distributed.is_main():
-        try:
-            value = fn()
-        except UserError as e:
-            error = e
-    if distributed.any_rank(error is not None):
-        raise error or UserError("rank 0 stopped with an error (see its log)")
-    return value
-
-
 def _load_resumed(resume: Path) -> dict:
     state = load_checkpoint(resume)
     if "optimizer" not in state:
@@ -167,7 +155,7 @@ def _restore_training(cfg, resumed: dict, changed: list[str], optimizer, schedul
         return scheduler
     done = resumed["epoch"] * (steps if interval == "step" else 1)
     if resumed.get("partial") and interval == "step":
-        done += resumed["partial"]["state"]["step"]
+        done += _epoch_state(resumed["partial"]).step
     for group in optimizer.param_groups:
         group["lr"] = cfg.optim.lr
         group.pop("initial_lr", None)
@@ -200,7 +188,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     resume = _resume_path(cfg, run_dir / "checkpoints")
     folder, task_cfg = RunFolder(run_dir), copy.deepcopy(cfg)
     try:
-        in_place = distributed.any_rank(bool(_on_rank0(lambda: _claim(cfg, folder, resume))))
+        in_place = distributed.any_rank(bool(distributed.on_main(lambda: _claim(cfg, folder, resume))))
         if distributed.is_main() and not in_place:
             folder.write_hydra_files(task_cfg)
         return _train(cfg, folder, resume, in_place, task_cfg)
@@ -211,7 +199,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bool, task_cfg) -> dict:
     run_dir, ckpt_dir = folder.path, folder.path / "checkpoints"
     resumed = _load_resumed(resume) if resume is not None else None
-    device = distributed.local_device(select_device(cfg.device))
+    device = select_device(cfg.device)
     # one seed per rank for dropout & co; the data order comes from cfg.seed alone, on every rank
     seed_everything(cfg.seed + distributed.rank(), cfg.deterministic)
     dtype = amp_dtype(cfg.amp, device, cfg.amp_dtype)
@@ -255,7 +243,7 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
         scheduler = _restore_training(cfg, resumed, changed, optimizer, scheduler, steps, interval)
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
-        set_rng_state(resumed["rng"])
+        _restore_rng(resumed["rng"], device)
         start, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best_metric"]
         partial, since_best = resumed.get("partial"), resumed.get("since_best", 0)
 
@@ -289,10 +277,11 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
         core = {"model": (ema.module if ema is not None else model).state_dict(), "config": config,
                 "classes": data.classes, "epoch": epoch, "metrics": metrics}
         resume_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
+                        "scaler": scaler.state_dict() if scaler else None,
+                        "rng": distributed.gathered(rng_state(device)),  # one per rank
                         "history": tracker.history, "since_best": since_best}
         if ema is not None:
-            resume_state.update(train_model=model.state_dict(), ema_n_averaged=int(ema.n_averaged))
+            resume_state.update(train_model=model.state_dict(), ema_n_averaged=ema.n_averaged)
         return core, resume_state
 
     started = time.perf_counter()
@@ -315,12 +304,11 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
                 log.warning("epoch %d: skipped %d batches with a non-finite loss (on_nan=skip_batch)",
                             epoch, tr["state"].skipped)
             if tr["state"].step < tr["total"]:  # stopped by a signal in the middle of the epoch
-                done = tr["state"].state_dict()
-                done["loss_sum"], done["correct"], done["n"] = tr["loss_sum"], tr["correct"], tr["n"]
+                done = distributed.gathered(tr["state"].state_dict())  # each rank's own sums
                 core, resume_state = state(epoch - 1, tracker.history[-1] if tracker.history else {})
                 saver.save_last({**core, **resume_state, "partial": {"epoch": epoch, "lr": lr, "state": done}})
                 distributed.barrier()
-                raise _interrupted(signals.signum, saver.last, f"epoch {epoch}, step {done['step']}")
+                raise _interrupted(_signal(signals), saver.last, f"epoch {epoch}, step {tr['state'].step}")
             if interval == "epoch":
                 scheduler.step()
             va = evaluate_loader(eval_model, val_loader, num_classes=len(data.classes),
@@ -341,7 +329,7 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
                          epoch, "val" if val_loader else "train", patience)
                 break
             if distributed.any_rank(signals.requested()) and epoch < cfg.epochs:
-                raise _interrupted(signals.signum or signal.SIGTERM, saver.last, f"the end of epoch {epoch}")
+                raise _interrupted(_signal(signals), saver.last, f"the end of epoch {epoch}")
     results, confusion = _final_test(model, data, saver, common)
     results.update(model=cfg.model.name, dataset=cfg.data.name, epochs=cfg.epochs,
                    epochs_run=tracker.history[-1]["epoch"] if tracker.history else 0,
@@ -355,29 +343,51 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
     return results
 
 
-def _ema(decay, model: nn.Module, resumed: dict | None):
-    """torch's AveragedModel as an exponential moving average of the weights and BN buffers
-    (None without ema.decay); a resumed run restores it from the checkpoint's model."""
+def _ema(decay, model: nn.Module, resumed: dict | None) -> ModelEma | None:
+    """The exponential moving average of the weights and BN buffers (None without ema.decay); a
+    resumed run restores it from the checkpoint's model."""
     if not decay:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema = ModelEma(model, decay)
     if resumed is not None and "ema_n_averaged" in resumed:
         ema.module.load_state_dict(resumed["model"])
-        ema.n_averaged.fill_(resumed["ema_n_averaged"])
+        ema.n_averaged = resumed["ema_n_averaged"]
     return ema
 
 
+def _restore_rng(states, device: torch.device) -> None:
+    """Each rank continues its own random streams (dropout & co.; each rank has its own seed).
+    A run resumed by another number of processes cannot: the ranks without a saved state keep
+    their fresh seeds, and the run is no longer exactly the uninterrupted one."""
+    states = states if isinstance(states, list) else [states]  # older checkpoints: rank 0's only
+    if len(states) != distributed.world_size():
+        log.warning("the checkpoint was written by %d process(es) and is resumed by %d: dropout "
+                    "and other random streams do not continue exactly", len(states),
+                    distributed.world_size())
+    if distributed.rank() < len(states):
+        set_rng_state(states[distributed.rank()], device)
+
+
 def _epoch_state(partial: dict | None) -> EpochState | None:
-    """Where a resumed epoch stopped. Its sums are the stopped run's totals over all ranks, so
-    under torchrun rank 0 carries them and the other ranks start from zero."""
+    """Where a resumed epoch stopped. Each rank continues its own running sums, so the epoch's
+    numbers are those of a run that never stopped, to the last bit. Resumed by another number
+    of ranks (or from a checkpoint that kept only the totals), rank 0 carries the totals."""
     if partial is None:
         return None
-    state = EpochState(**partial["state"])
+    states = partial["state"] if isinstance(partial["state"], list) else [partial["state"]]
+    if len(states) == distributed.world_size():
+        return EpochState(**states[distributed.rank()])
+    step = states[0]["step"]
     if not distributed.is_main():
-        state = EpochState(step=state.step)
-    return state
+        return EpochState(step=step)
+    return EpochState(step=step, loss_sum=sum(float(s["loss_sum"]) for s in states),
+                      correct=sum(int(s["correct"]) for s in states), n=sum(s["n"] for s in states),
+                      skipped=states[0]["skipped"])
+
+
+def _signal(signals: StopSignals) -> int:
+    """The signal that stops the run, on every rank: under torchrun perhaps one rank alone got it."""
+    return int(distributed.largest(signals.signum or 0)) or signal.SIGTERM
 
 
 def _interrupted(signum: int, last: Path, where: str) -> Interrupted:

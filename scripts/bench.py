@@ -75,7 +75,7 @@ def config(overrides: list[str]):
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 class Case:
@@ -435,7 +435,7 @@ def main() -> None:
     if device.type == "cuda":
         extra.update({"cnntrain amp fp16": ["amp=true", "amp_dtype=fp16"],
                       "cnntrain amp fp16 NCHW": ["amp=true", "amp_dtype=fp16", "channels_last=false"]})
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             extra["cnntrain amp bf16"] = ["amp=true", "amp_dtype=bf16"]
     cases = [
         ("lenet5_fmnist_b64", ["model=lenet5", "data=fashion_mnist", f"data.root={fmnist}",

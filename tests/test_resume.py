@@ -61,7 +61,7 @@ def test_signal_then_resume_equals_an_uninterrupted_run(data_root, tmp_path, sig
     saved = load_checkpoint(part / "checkpoints/last.pt")
     if stop_batch == 7:  # epoch 2 stopped after its 2nd batch
         assert saved["epoch"] == 1 and saved["partial"]["epoch"] == 2
-        assert saved["partial"]["state"]["step"] == 2
+        assert saved["partial"]["state"][0]["step"] == 2
     else:  # the signal came with the last batch of epoch 2: the epoch is finished and saved
         assert saved["epoch"] == 2 and "partial" not in saved
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # the handler is gone after train() returns
@@ -90,7 +90,7 @@ def test_mid_epoch_resume_on_an_augmented_image_folder_is_exact(folder_root, tmp
     signal_at_batch(8)
     with pytest.raises(Interrupted):
         train(cfg(), run_dir=part)
-    assert load_checkpoint(part / "checkpoints/last.pt")["partial"]["state"]["step"] == 3
+    assert load_checkpoint(part / "checkpoints/last.pt")["partial"]["state"][0]["step"] == 3
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     train(cfg("resume=auto", "data.memory_budget_gb=0"), run_dir=part)  # resumed streaming
     a, b = (load_checkpoint(d / "checkpoints/last.pt") for d in (full, part))

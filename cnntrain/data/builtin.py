@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torchvision import datasets
 
+from cnntrain import distributed
 from cnntrain.errors import UserError
 
 
@@ -51,7 +52,13 @@ BUILTIN = {
 
 
 def load_builtin(name: str, root: str, train: bool, download: bool):
-    """Return (images uint8 (N,C,H,W), labels int64 (N,), class names) of one split."""
+    """Return (images uint8 (N,C,H,W), labels int64 (N,), class names) of one split. Under
+    torchrun one process per machine reads (and downloads) first, and the others then read the
+    files it put there: ranks downloading into one folder at once would corrupt each other's files."""
+    return distributed.local_first(lambda: _load(name, root, train, download))
+
+
+def _load(name: str, root: str, train: bool, download: bool):
     spec = BUILTIN[name]
     where = os.path.join(os.path.abspath(root), spec.folder)
     files = ", ".join(spec.files)
