@@ -313,8 +313,22 @@ def test_refuses_inconsistent_settings():
         BatchTransform(**RGB, size=8, mixup_alpha=1.0)
     with pytest.raises(ValueError, match="crop_scale"):
         BatchTransform(**RGB, size=8, crop_scale=(0.5, 1), shift=2)
-    with pytest.raises(ValueError, match="smaller"):
-        BatchTransform(**RGB, size=40)(images(2), torch.zeros(2, dtype=torch.long), 0)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(shift=4, hflip=True), dict(degrees=10), dict(crop_scale=(0.3, 1.0)),
+                                dict(policy="randaugment", cutmix_alpha=1.0, num_classes=4)],
+                         ids=["eval", "shift_flip", "rotation", "rrc", "policy_cutmix"])
+def test_smaller_images_are_resized_up_first_as_the_host_once_did(kw):
+    """Built-in datasets are stored at their native size: the batch resized on the device is
+    bitwise the set resized on the host (TF.resize of uint8, antialiased), then transformed."""
+    x, y = images(16, s=20), torch.arange(16) % 4
+    t = BatchTransform(**RGB, size=36, **kw)
+    stored = TF.resize(x, [36, 36], antialias=True)
+    for seed in range(3):
+        out, target = t(x, y, seed)
+        want, want_target = t(stored, y, seed)
+        assert out.shape == (16, 3, 36, 36)
+        assert torch.equal(out, want) and torch.equal(target, want_target)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

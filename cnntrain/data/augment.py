@@ -47,10 +47,12 @@ _GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 class BatchTransform:
     """uint8 batch (B,C,S,S) on the training device -> normalized float (B,C,size,size), plus targets.
 
-    In order: geometry (random-resized crop, or center crop + shift/flip/rotation), the policy
-    (randaugment | autoaugment) on uint8 pixels, colour jitter (brightness, contrast, saturation,
-    hue, in that fixed order; torchvision's ColorJitter shuffles it), normalization, random
-    erasing, then MixUp/CutMix with soft targets."""
+    In order: images smaller than size resized up to it (built-in datasets are stored at their
+    native size, so a 32 px set is not held at 224 px on the device), geometry (random-resized
+    crop, or center crop + shift/flip/rotation), the policy (randaugment | autoaugment) on uint8
+    pixels, colour jitter (brightness, contrast, saturation, hue, in that fixed order;
+    torchvision's ColorJitter shuffles it), normalization, random erasing, then MixUp/CutMix
+    with soft targets."""
 
     def __init__(self, mean, std, device, *, size: int, shift: int = 0, degrees: float = 0.0,
                  hflip: bool = False, crop_scale=None, crop_ratio=(3 / 4, 4 / 3),
@@ -93,6 +95,7 @@ class BatchTransform:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dtype != torch.uint8 or x.ndim != 4:
             raise TypeError(f"want uint8 images (B,C,H,W), got {x.dtype} {tuple(x.shape)}")
+        x = self._upsize(x)
         if not self.random:
             return self.normalize(self._center_crop(x)), y
         b, c, h, w = x.shape
@@ -303,12 +306,17 @@ class BatchTransform:
 
     # ------------------------------------------------------------------ device-side ops
 
+    def _upsize(self, x):
+        """Images smaller than size resized to it, as the whole set once was on the host
+        (TF.resize of uint8, antialiased): on the CPU bitwise the same pixels."""
+        h, w = x.shape[-2:]
+        s = self.size
+        return TF.resize(x, [s, s], antialias=True) if h < s or w < s else x
+
     def _center_crop(self, x):
         """As CenterCrop (a view, no copy)."""
         h, w = x.shape[-2:]
         s = self.size
-        if h < s or w < s:
-            raise ValueError(f"images of {h}x{w} px are smaller than size={s}: resize them first")
         top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
         return x[..., top:top + s, left:left + s]
 
