@@ -313,8 +313,51 @@ def test_refuses_inconsistent_settings():
         BatchTransform(**RGB, size=8, mixup_alpha=1.0)
     with pytest.raises(ValueError, match="crop_scale"):
         BatchTransform(**RGB, size=8, crop_scale=(0.5, 1), shift=2)
-    with pytest.raises(ValueError, match="smaller"):
-        BatchTransform(**RGB, size=40)(images(2), torch.zeros(2, dtype=torch.long), 0)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(shift=4, hflip=True), dict(degrees=10), dict(crop_scale=(0.3, 1.0)),
+                                dict(policy="randaugment", cutmix_alpha=1.0, num_classes=4)],
+                         ids=["eval", "shift_flip", "rotation", "rrc", "policy_cutmix"])
+def test_smaller_images_are_resized_up_first_as_the_host_once_did(kw):
+    """Built-in datasets are stored at their native size: the batch resized on the device is
+    bitwise the set resized on the host (TF.resize of uint8, antialiased), then transformed."""
+    x, y = images(16, s=20), torch.arange(16) % 4
+    t = BatchTransform(**RGB, size=36, **kw)
+    stored = TF.resize(x, [36, 36], antialias=True)
+    for seed in range(3):
+        out, target = t(x, y, seed)
+        want, want_target = t(stored, y, seed)
+        assert out.shape == (16, 3, 36, 36)
+        assert torch.equal(out, want) and torch.equal(target, want_target)
+
+
+# settings whose parts must be bitwise the whole batch's: each op and mix alone, and everything
+EVERYTHING = dict(hflip=True, color_jitter=0.4, hue=0.1, random_erasing=0.5, mixup_alpha=0.2, cutmix_alpha=1.0)
+PARTS = {**OPS, **MIXES,
+         "everything_rrc_randaugment": dict(crop_scale=(0.08, 1), policy="randaugment", **EVERYTHING),
+         "everything_affine_autoaugment": dict(shift=3, degrees=10, policy="autoaugment", **EVERYTHING),
+         "everything_shift_autoaugment": dict(shift=3, policy="autoaugment", **EVERYTHING),
+         "everything_upsized": dict(shift=3, policy="randaugment", **EVERYTHING, size=36)}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("setting", PARTS)
+def test_a_part_of_a_batch_is_that_part_of_the_batch_transformed_whole(setting, world):
+    """A rank transforms only the images of its share of the global batch (and a mix partner):
+    the outputs are exactly its share of the whole batch's outputs, parameters and all."""
+    kw = {"size": 24, "num_classes": 10, **PARTS[setting]}
+    t = BatchTransform(**RGB, **kw)
+    b = 24
+    x, y = images(b, s=28), torch.arange(b) % 10
+    for seed in range(3):
+        whole, target = t(x, y, seed)
+        for rank in range(world):
+            part = slice(rank * b // world, (rank + 1) * b // world)
+            pos = t.positions(b, part)
+            assert len(pos) == b // world + bool(t.mix_alphas)
+            out, out_target = t(x[pos], y[pos], seed, positions=pos, batch=b)
+            assert torch.equal(out, whole[part]), (seed, rank)
+            assert torch.equal(out_target, target[part])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,4 +1,5 @@
 """Datasets read from files in their real formats through torchvision, and the batched pipeline."""
+import copy
 
 import pytest
 import torch
@@ -116,10 +117,36 @@ def test_no_val_split_means_no_val_loader(data_root):
     assert "val" not in data.loaders and data.loaders["train"].num_samples == 500
 
 
-def test_image_size_resizes_in_memory(data_root):
-    data = build_data(data_cfg("cifar10", data_root, image_size=48), None, device=CPU, seed=0)
+@pytest.mark.parametrize("aug", ["none", "basic", "crop"])
+def test_a_larger_image_size_keeps_native_storage_and_resizes_each_batch(data_root, aug):
+    """CIFAR at 64 px (224 for pretrained weights) is held at 32 px: each batch is resized on
+    the device, to exactly the batches of the whole set resized on the host as it once was."""
+    from torchvision.transforms.v2 import functional as TF
+
+    augment = aug_cfg("basic" if aug == "crop" else aug)
+    if aug == "crop":
+        augment.rgb.update(shift=0, crop_scale=[0.3, 1.0])
+    data = build_data(data_cfg("cifar10", data_root, image_size=64), augment, device=CPU, seed=0)
+    assert data.image_size == 64
+    for split, loader in data.loaders.items():
+        assert loader.images.shape[-1] == 32 and loader.sample(0).shape == (32, 32, 3)
+        old = copy.copy(loader)
+        old.images = TF.resize(loader.images, [64, 64], antialias=True)  # per image: chunks alike
+        for epoch in (1, 2):
+            loader.set_epoch(epoch)
+            old.set_epoch(epoch)
+            batches = list(zip(loader, old))
+            assert len(batches) > 0
+            for (x, y), (want, want_y) in batches:
+                assert x.shape[-2:] == (64, 64)
+                assert torch.equal(x, want) and torch.equal(y, want_y)
+
+
+def test_a_smaller_image_size_is_stored_small(data_root):
+    data = build_data(data_cfg("mnist", data_root, image_size=16), None, device=CPU, seed=0)
+    assert data.image_size == 16 and data.loaders["train"].images.shape[-1] == 16
     x, _ = next(iter(data.loaders["val"]))
-    assert x.shape[-2:] == (48, 48) and data.image_size == 48
+    assert x.shape[-2:] == (16, 16)
 
 
 def test_train_order_depends_on_seed_and_epoch_only(data_root):

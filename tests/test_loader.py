@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from cnntrain.data import build_data
+from cnntrain.data.augment import BatchTransform
 from cnntrain.data.loaders import BatchLoader, Loader
 from cnntrain.inference import Preprocess
 from fakedata import make_images, write_image_folder
@@ -59,6 +60,56 @@ def test_streaming_gives_the_batches_of_the_in_memory_path(data_root, folder_roo
         same(epoch(loaders[0][split]), epoch(loaders[1][split]))
     same(epoch(loaders[0]["train"], 2, start=2), epoch(loaders[1]["train"], 2)[2:])
     assert not torch.equal(epoch(loaders[0]["train"], 1)[0][0], epoch(loaders[0]["train"], 2)[0][0])
+
+
+def everything(**kw):
+    """A BatchTransform with every random operation, mixing included."""
+    return BatchTransform([0.5] * 3, [0.25] * 3, CPU, size=24, shift=2, degrees=10.0, hflip=True,
+                          policy="randaugment", color_jitter=0.3, hue=0.05, random_erasing=0.5,
+                          mixup_alpha=0.2, cutmix_alpha=1.0, num_classes=10, **kw)
+
+
+def ranks_loaders(n, batch_size, world, transform, **kw):
+    """A shuffled loader of n images (rows `index` of a larger set) for each rank of `world`."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n + 7, 3, 28, 28), dtype=torch.uint8, generator=gen)
+    index = torch.randperm(n + 7, generator=gen)[:n]
+    labels = torch.randint(0, 10, (n + 7,), generator=gen)[index]
+    return [BatchLoader(images, labels, batch_size, transform, device=CPU, index=index, shuffle=True,
+                        drop_last=True, seed=3, rank=rank, world=world, **kw) for rank in range(world)]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["resident", "streamed"])
+@pytest.mark.parametrize("n", [100, 12, 6], ids=["full", "short", "an_empty_rank"])
+def test_ranks_together_see_the_batches_of_one_process(streamed, n):
+    """Two ranks of 8 give exactly one process's batches of 16, augmented and mixed, from a
+    resumed batch too; a split smaller than the global batch makes one short batch, which a
+    rank may have no share of."""
+    one, = ranks_loaders(n, 16, 1, everything(), streamed=streamed, prefetch=2)
+    ranks = ranks_loaders(n, 8, 2, everything(), streamed=streamed, prefetch=2)
+    for start in (0, 2) if n == 100 else (0,):
+        together = [(torch.cat(xs), torch.cat(ys))
+                    for xs, ys in (zip(*b) for b in zip(*(epoch(r, 2, start) for r in ranks)))]
+        same(epoch(one, 2, start), together)
+
+
+def test_a_rank_transforms_only_its_share_of_the_global_batch():
+    class Counting:
+        def __init__(self, transform):
+            self.transform, self.sizes = transform, []
+
+        def positions(self, batch, part):
+            return self.transform.positions(batch, part)
+
+        def __call__(self, x, y, seed, **part):
+            self.sizes.append(len(x))
+            return self.transform(x, y, seed, **part)
+
+    for mix, share in ((True, 9), (False, 8)):  # a mix needs one partner image more
+        transform = Counting(everything() if mix else BatchTransform([0.5] * 3, [0.25] * 3, CPU, size=24, shift=2))
+        rank, _ = ranks_loaders(100, 8, 2, transform)
+        assert [len(y) for _, y in epoch(rank)] == [8] * 6
+        assert transform.sizes == [share] * 6
 
 
 def test_a_stream_cut_short_stops_its_thread(data_root):

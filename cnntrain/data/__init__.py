@@ -186,10 +186,12 @@ def _train_transform(aug: DictConfig, source: _Source, mean, std, device) -> Bat
         num_classes=len(source.classes))
 
 
-def _resize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
+def _downsize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
+    """Images larger than `size` resized to it; smaller ones are kept, and BatchTransform resizes
+    each batch up on the device (a 32 px set held at 224 px would take 49 times the memory)."""
     from torchvision.transforms.v2 import functional as TF
 
-    if images.shape[-1] == size and images.shape[-2] == size:
+    if images.shape[-1] <= size and images.shape[-2] <= size:
         return images
     return torch.cat([TF.resize(images[i:i + chunk], [size, size], antialias=True)
                       for i in range(0, len(images), chunk)])
@@ -201,7 +203,7 @@ def _builtin_source(data: DictConfig, spec, splits, seed) -> _Source:
     parts, classes = {}, None
     if "train" in splits or "val" in splits or data.mean is None:
         images, labels, classes = load_builtin(data.name, root, train=True, download=data.download)
-        images = _resize(images, size)
+        images = _downsize(images, size)
         train_idx, val_idx = stratified_split(labels, data.val_split, seed)
         where = f"{spec.title} train"
         parts["train"] = _Split(images, labels[train_idx], train_idx, where=where)
@@ -209,7 +211,7 @@ def _builtin_source(data: DictConfig, spec, splits, seed) -> _Source:
             parts["val"] = _Split(images, labels[val_idx], val_idx, where=where)
     if "test" in splits:
         images, labels, classes = load_builtin(data.name, root, train=False, download=data.download)
-        parts["test"] = _Split(_resize(images, size), labels, where=f"{spec.title} test")
+        parts["test"] = _Split(_downsize(images, size), labels, where=f"{spec.title} test")
     channels = spec.shape[0]
     source = _Source(classes, channels, size, parts)
     if data.mean is None:

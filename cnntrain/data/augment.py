@@ -7,7 +7,9 @@ op per transform (the way airbench and other fast trainers do it); the per-image
 
 Every random number is drawn on the host from a generator seeded by the caller, and the batch's
 parameters reach the device in one small copy: the output depends only on (images, labels,
-seed), on every device type, and nothing waits for the device."""
+seed), on every device type, and nothing waits for the device. A part of a batch (a rank's
+share under torchrun) can be transformed alone: its images get the parameters they would get
+in the whole batch (BatchTransform.positions)."""
 from __future__ import annotations
 
 import math
@@ -47,10 +49,12 @@ _GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 class BatchTransform:
     """uint8 batch (B,C,S,S) on the training device -> normalized float (B,C,size,size), plus targets.
 
-    In order: geometry (random-resized crop, or center crop + shift/flip/rotation), the policy
-    (randaugment | autoaugment) on uint8 pixels, colour jitter (brightness, contrast, saturation,
-    hue, in that fixed order; torchvision's ColorJitter shuffles it), normalization, random
-    erasing, then MixUp/CutMix with soft targets."""
+    In order: images smaller than size resized up to it (built-in datasets are stored at their
+    native size, so a 32 px set is not held at 224 px on the device), geometry (random-resized
+    crop, or center crop + shift/flip/rotation), the policy (randaugment | autoaugment) on uint8
+    pixels, colour jitter (brightness, contrast, saturation, hue, in that fixed order;
+    torchvision's ColorJitter shuffles it), normalization, random erasing, then MixUp/CutMix
+    with soft targets."""
 
     def __init__(self, mean, std, device, *, size: int, shift: int = 0, degrees: float = 0.0,
                  hflip: bool = False, crop_scale=None, crop_ratio=(3 / 4, 4 / 3),
@@ -90,14 +94,30 @@ class BatchTransform:
 
     # ------------------------------------------------------------------ call
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def positions(self, batch: int, part: slice) -> torch.Tensor:
+        """Which images of a batch of `batch` the outputs `part` (a contiguous slice) are made
+        from: those of `part`, led, with MixUp/CutMix (image i mixed with image i - 1), by the
+        partner of its first."""
+        pos = torch.arange(batch)[part]
+        if self.mix_alphas and len(pos):
+            pos = torch.cat([(pos[:1] - 1) % batch, pos])
+        return pos
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, seed: int, positions: torch.Tensor | None = None,
+                 batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`positions` (from self.positions) given: x and y are those images of a batch of `batch`,
+        and the result is exactly the outputs `part` of transforming the whole batch."""
         if x.dtype != torch.uint8 or x.ndim != 4:
             raise TypeError(f"want uint8 images (B,C,H,W), got {x.dtype} {tuple(x.shape)}")
+        x = self._upsize(x)
         if not self.random:
             return self.normalize(self._center_crop(x)), y
+        if not len(x):  # a rank's empty share of a short last batch; grid ops refuse no images
+            target = torch.zeros(0, self.num_classes, device=x.device) if self.mix_alphas else y
+            return self.normalize(self._center_crop(x)), target
         b, c, h, w = x.shape
         gen = torch.Generator().manual_seed(seed)
-        host, plan = self._draw(gen, seed, b, c, h, w)
+        host, plan = self._draw(gen, seed, b if positions is None else batch, c, h, w, positions)
         p = _to_device(host, x.device)
 
         if self.crop_scale is not None:
@@ -119,17 +139,22 @@ class BatchTransform:
             x = self._erase(x, p)
         if self.mix_alphas:
             x, y = self._mix(x, y, plan["mix"])
+            if positions is not None:  # the leading image was only a partner
+                x, y = x[1:], y[1:]
         return x, y
 
     # ------------------------------------------------------------------ host-side draws
 
-    def _draw(self, gen: torch.Generator, seed: int, b: int, c: int, h: int, w: int):
-        """Every random parameter of a batch, as host tensors (moved to the device together)
-        and a plan of host-side Python values (groups, mix box): nothing here reads the device."""
+    def _draw(self, gen: torch.Generator, seed: int, b: int, c: int, h: int, w: int,
+              positions: torch.Tensor | None = None):
+        """Every random parameter of a batch of b images, as host tensors (moved to the device
+        together) and a plan of host-side Python values (groups, mix box): nothing here reads the
+        device. With `positions`, the per-image ones are those images' rows: each is drawn for
+        the whole batch, so that the generator's sequence is the whole batch's."""
         def uniform(shape, lo, hi, dtype=torch.float32):
             return torch.rand(shape, generator=gen, dtype=dtype) * (hi - lo) + lo
 
-        host, plan = {}, {}
+        host, plan, grouped = {}, {}, {}  # host: per image, batch-first; grouped: the policy's
         s = self.size
         if self.crop_scale is not None:
             host["box"] = self._draw_boxes(gen, b, h, w)
@@ -149,11 +174,11 @@ class BatchTransform:
                 torch.stack([sin * flip, cos, 2 * shift[1] / s], 1),
             ], 1)
         elif self.shift or self.hflip:
-            host["dydx"] = torch.randint(0, 2 * self.shift + 1, (2, b, 1), generator=gen)
+            host["dy"], host["dx"] = torch.randint(0, 2 * self.shift + 1, (2, b, 1), generator=gen)
             if self.hflip:
                 host["flip"] = torch.rand(b, 1, generator=gen) < 0.5
         if self.policy is not None:
-            plan["policy"] = self._plan_policy(gen, b, host)
+            plan["policy"] = self._plan_policy(gen, b, grouped, positions)
         if self.jitter:
             lo, hi = max(0.0, 1 - self.jitter), 1 + self.jitter
             host["brightness"], host["contrast"] = uniform((2, b), lo, hi)
@@ -179,7 +204,11 @@ class BatchTransform:
                 box = (x1, y1, x2, y2)
                 lam = 1.0 - (x2 - x1) * (y2 - y1) / (s * s)
             plan["mix"] = (lam, box)
-        return host, plan
+        if positions is not None:
+            host = {k: v[positions] for k, v in host.items()}
+            if "box" in host:  # roi_align's rows name their image: now its place in the part
+                host["box"][:, 0] = torch.arange(len(positions))
+        return {**host, **grouped}, plan
 
     def _draw_boxes(self, gen, b, h, w) -> torch.Tensor:
         """RandomResizedCrop.get_params for b images at once: 10 tries of (area, log-ratio) per
@@ -224,11 +253,11 @@ class BatchTransform:
         top = (torch.rand(b, generator=gen, dtype=torch.float64) * (s - eh + 1)).floor()
         left = (torch.rand(b, generator=gen, dtype=torch.float64) * (s - ew + 1)).floor()
         eh = torch.where(apply & ok.any(1), eh, 0.0)
-        return torch.stack([top, left, eh, ew]).float()
+        return torch.stack([top, left, eh, ew], 1).float()
 
-    def _draw_policy(self, gen, b) -> list:
-        """Per stage (op slot) and image, the (op, magnitude) that torchvision's policy would
-        draw for it, ("Identity", 0.0) for none."""
+    def _draw_policy(self, gen, b, positions=None) -> list:
+        """Per stage (op slot) and image (those at `positions` of the b), the (op, magnitude)
+        that torchvision's policy would draw for it, ("Identity", 0.0) for none."""
         space, cache = self.policy._AUGMENTATION_SPACE, self._magnitudes
 
         def mag(name, bins, index, negative) -> float:
@@ -241,23 +270,26 @@ class BatchTransform:
             m, signed = cache[key]
             return -m if signed and negative else m
 
+        def mine(v):  # drawn for all b images (the generator's sequence), kept for positions
+            return (v if positions is None else v[..., positions]).tolist()
+
         stages = []
         if isinstance(self.policy, v2.RandAugment):
             ra = self.policy
             names = list(space)
-            ops = torch.randint(len(names), (ra.num_ops, b), generator=gen).tolist()
-            neg = (torch.rand(ra.num_ops, b, generator=gen) <= 0.5).tolist()
+            ops = mine(torch.randint(len(names), (ra.num_ops, b), generator=gen))
+            neg = mine(torch.rand(ra.num_ops, b, generator=gen) <= 0.5)
             for k in range(ra.num_ops):
                 stages.append([(names[op], mag(names[op], ra.num_magnitude_bins, ra.magnitude, n))
                                for op, n in zip(ops[k], neg[k])])
         else:
             policies = self.policy._policies
-            which = torch.randint(len(policies), (b,), generator=gen).tolist()
-            u_apply = torch.rand(2, b, generator=gen).tolist()
-            neg = (torch.rand(2, b, generator=gen) <= 0.5).tolist()
+            which = mine(torch.randint(len(policies), (b,), generator=gen))
+            u_apply = mine(torch.rand(2, b, generator=gen))
+            neg = mine(torch.rand(2, b, generator=gen) <= 0.5)
             for k in range(2):
                 stage = []
-                for i in range(b):
+                for i in range(len(which)):
                     name, prob, idx = policies[which[i]][k]
                     if u_apply[k][i] <= prob:
                         stage.append((name, mag(name, 10, idx, neg[k][i])))
@@ -266,13 +298,14 @@ class BatchTransform:
                 stages.append(stage)
         return stages
 
-    def _plan_policy(self, gen, b, host) -> list:
-        """Per stage, a permutation of the batch that makes the images with the same
-        (op, magnitude) contiguous, so each op runs once on a slice (no boolean masks, no
-        per-group index tensors). Returns per stage a list of (op, magnitude, start, stop);
-        the permutations (and the geometric ops' matrices) go into `host`."""
-        stages = self._draw_policy(gen, b)
-        plan, cur = [], list(range(b))  # cur[k]: the original index of the image at position k
+    def _plan_policy(self, gen, b, host, positions=None) -> list:
+        """Per stage, a permutation of the batch (of its images at `positions`) that makes the
+        images with the same (op, magnitude) contiguous, so each op runs once on a slice (no
+        boolean masks, no per-group index tensors). Returns per stage a list of (op, magnitude,
+        start, stop); the permutations (and the geometric ops' matrices) go into `host`."""
+        stages = self._draw_policy(gen, b, positions)
+        n = b if positions is None else len(positions)
+        plan, cur = [], list(range(n))  # cur[k]: the original index of the image at position k
         for k, stage in enumerate(stages):
             groups: dict = {}
             for pos, i in enumerate(cur):
@@ -303,12 +336,17 @@ class BatchTransform:
 
     # ------------------------------------------------------------------ device-side ops
 
+    def _upsize(self, x):
+        """Images smaller than size resized to it, as the whole set once was on the host
+        (TF.resize of uint8, antialiased): on the CPU bitwise the same pixels."""
+        h, w = x.shape[-2:]
+        s = self.size
+        return TF.resize(x, [s, s], antialias=True) if h < s or w < s else x
+
     def _center_crop(self, x):
         """As CenterCrop (a view, no copy)."""
         h, w = x.shape[-2:]
         s = self.size
-        if h < s or w < s:
-            raise ValueError(f"images of {h}x{w} px are smaller than size={s}: resize them first")
         top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
         return x[..., top:top + s, left:left + s]
 
@@ -319,7 +357,7 @@ class BatchTransform:
         dev, pad = x.device, self.shift
         if pad:
             x = F.pad(x, (pad, pad, pad, pad))
-        dy, dx = p["dydx"]
+        dy, dx = p["dy"], p["dx"]
         rows = torch.arange(h, device=dev) + dy
         cols = torch.arange(w, device=dev).expand(b, w)
         if self.hflip:
@@ -387,7 +425,7 @@ class BatchTransform:
 
     def _erase(self, x, p):
         b, _, h, w = x.shape
-        top, left, eh, ew = (v.view(b, 1, 1) for v in p["erase"])
+        top, left, eh, ew = (v.view(b, 1, 1) for v in p["erase"].unbind(1))
         rows = torch.arange(h, device=x.device).view(1, h, 1)
         cols = torch.arange(w, device=x.device).view(1, 1, w)
         box = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)

@@ -57,9 +57,11 @@ class BatchLoader:
     memory (a memory map, say) and batches are gathered by a background thread, `prefetch` at a time.
 
     Under torchrun (`world` > 1) a shuffled (training) loader draws the global batch of
-    batch_size * world images that one process would, transforms it with the same random
-    parameters and yields this rank's slice, so N ranks see exactly one process's batches; an
-    evaluation loader covers this rank's consecutive chunk of the split, every sample once."""
+    batch_size * world images that one process would and yields this rank's slice of it, as
+    transformed with the whole batch's random parameters, so N ranks see exactly one process's
+    batches; it gathers and transforms only the images of its slice (transform.positions), not
+    world times the work. An evaluation loader covers this rank's consecutive chunk of the
+    split, every sample once."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform, *,
                  device: torch.device, index: torch.Tensor | None = None, names: list[str] | None = None,
@@ -113,13 +115,16 @@ class BatchLoader:
 
     def iter_from(self, start: int):
         batches = self._batch_indices()[start:]
+        parts = [{}] * len(batches)  # the transform's arguments beyond (x, y, seed)
+        if self.shuffle and self.world > 1:
+            mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+            parts = [dict(positions=self.transform.positions(len(b), mine), batch=len(b)) for b in batches]
+            batches = [b[part["positions"]] for b, part in zip(batches, parts)]
         rows = batches if self.index is None else [self.index[b] for b in batches]
         pixels = self._resident(rows) if self.resident else self._streamed(rows)
-        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        for i, (b, x) in enumerate(zip(batches, pixels), start):
+        for i, (b, x, part) in enumerate(zip(batches, pixels, parts), start):
             y = self.labels[b.to(self.device, non_blocking=True)]
-            x, y = self.transform(x, y, batch_seed(self.seed, self.epoch, i))
-            yield (x[mine], y[mine]) if self.shuffle and self.world > 1 else (x, y)
+            yield self.transform(x, y, batch_seed(self.seed, self.epoch, i), **part)
 
     def _resident(self, rows: list[torch.Tensor]):
         for r in rows:
