@@ -8,6 +8,18 @@ import pytest
 from fakedata import write_cifar, write_image_folder, write_mnist
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where a GPU is visible (CI on a GPU machine) and are skipped here."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
     """Image folders are decoded into a cache under the test session's temporary folder, never
@@ -30,6 +42,28 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def folder_root(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.fixture
+def signal_at_batch(monkeypatch):
+    """Sends a real signal to this process while training batch number `n` (1-based, counted
+    across epochs) is being prepared: the loop trains on it, then stops."""
+    import signal
+
+    from cnntrain.data.loaders import BatchLoader
+
+    def arm(n, signum=signal.SIGUSR1):
+        original, seen = BatchLoader.iter_from, [0]
+
+        def iter_from(self, start):
+            for batch in original(self, start):
+                if self.shuffle:  # the training loader
+                    seen[0] += 1
+                    if seen[0] == n:
+                        signal.raise_signal(signum)
+                yield batch
+        monkeypatch.setattr(BatchLoader, "iter_from", iter_from)
+    return arm
 
 
 def run_cli(*args, cwd=None, check=True, timeout=600) -> subprocess.CompletedProcess:

@@ -360,7 +360,7 @@ def test_a_part_of_a_batch_is_that_part_of_the_batch_transformed_whole(setting, 
             assert torch.equal(out_target, target[part])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu_and_never_syncs():
     kw = dict(size=24, hflip=True, color_jitter=0.4, hue=0.1, random_erasing=0.5, mixup_alpha=0.2,
               cutmix_alpha=1.0, num_classes=4)

@@ -12,7 +12,6 @@ import torch
 from hydra import compose, initialize_config_module
 
 from cnntrain.checkpoint import load_checkpoint
-from cnntrain.data.loaders import BatchLoader
 from cnntrain.errors import Interrupted, UserError
 from cnntrain.train import train
 
@@ -30,24 +29,6 @@ def make_cfg(data_root, *overrides):
 def rows(run_dir):
     return [{k: v for k, v in r.items() if k not in ("time", "img_per_s")}
             for r in csv.DictReader(open(run_dir / "metrics.csv"))]
-
-
-@pytest.fixture
-def signal_at_batch(monkeypatch):
-    """Sends a real signal to this process while training batch number `n` (1-based, counted
-    across epochs) is being prepared: the loop trains on it, then stops."""
-    def arm(n, signum=signal.SIGUSR1):
-        original, seen = BatchLoader.iter_from, [0]
-
-        def iter_from(self, start):
-            for batch in original(self, start):
-                if self.shuffle:  # the training loader
-                    seen[0] += 1
-                    if seen[0] == n:
-                        signal.raise_signal(signum)
-                yield batch
-        monkeypatch.setattr(BatchLoader, "iter_from", iter_from)
-    return arm
 
 
 @pytest.mark.parametrize("stop_batch", [7, STEPS_PER_EPOCH * 2], ids=["mid-epoch", "epoch-end"])

@@ -1,0 +1,143 @@
+"""The rules of the GPU path, proved on the CPU: which CUDA device a process makes current and
+when, bf16 only where the GPU has it, the configured fused flag under a GradScaler after a
+resume, and an EMA that never reads the device. torch.cuda is stood in for where needed."""
+import copy
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from torch import nn
+
+from cnntrain import distributed
+from cnntrain.ema import ModelEma
+from cnntrain.optim import create_optimizer, create_scheduler
+from cnntrain.runtime import amp_dtype, select_device
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda as on a machine with 4 GPUs; returns the devices made current, in order."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    return current
+
+
+def test_an_explicit_cuda_device_is_made_current(fake_cuda, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert select_device("cuda:2") == torch.device("cuda", 2)
+    assert select_device("cuda") == torch.device("cuda", 0)
+    assert fake_cuda == [torch.device("cuda", 2), torch.device("cuda", 0)]
+    assert select_device("cpu") == torch.device("cpu") and len(fake_cuda) == 2
+
+
+def test_under_torchrun_cuda_is_the_ranks_own_gpu(fake_cuda, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert select_device("auto") == torch.device("cuda", 3) and fake_cuda == [torch.device("cuda", 3)]
+
+
+def test_joining_the_process_group_touches_no_gpu(fake_cuda, monkeypatch):
+    """A device=cpu job under torchrun on a machine with GPUs: neither joining nor the barriers
+    may make a GPU current or run an NCCL collective."""
+    import torch.distributed as dist
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda objects, src: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: pytest.fail("dist.barrier runs on the current GPU"))
+    reduced = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, **k: reduced.append(t.device))
+    distributed.init()
+    distributed.barrier()
+    assert joined == ["cpu:gloo,cuda:nccl"] and fake_cuda == [] and reduced == [torch.device("cpu")]
+
+
+def test_amp_picks_bf16_only_where_the_gpu_has_it(monkeypatch):
+    cuda = torch.device("cuda")
+    # a V100 / T4: torch 2.14 says bf16 is "supported" when emulation is counted
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert amp_dtype(True, cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # A100, H100
+    assert amp_dtype(True, cuda) == torch.bfloat16
+    assert amp_dtype(True, cuda, "fp16") == torch.float16 and amp_dtype(False, cuda) is None
+
+
+def test_a_resume_under_a_grad_scaler_uses_the_configured_fused_flag():
+    """Saved with optim.fused=false, resumed with fused=auto (fused SGD exists on the CPU): the
+    optimizer's state loads with the saved flag, which GradScaler would not match."""
+    from cnntrain.train import _restore_training
+
+    def cfg(fused):
+        with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+            return compose(config_name="train", overrides=["optim=sgd", f"optim.fused={fused}", "sched=none"])
+
+    torch.manual_seed(0)
+    model, x = nn.Linear(4, 3), torch.randn(8, 4)
+
+    def step(optimizer, scaler=None):
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    saved_with = create_optimizer(cfg("false").optim, model)
+    step(saved_with)
+    resumed = {"optimizer": saved_with.state_dict()}
+    expected, reference = copy.deepcopy((model, saved_with))  # the unscaled, unfused step
+
+    new = cfg("auto")
+    optimizer = create_optimizer(new.optim, model)
+    assert optimizer.param_groups[0]["fused"]
+    scheduler, interval = create_scheduler(new.sched, optimizer, epochs=1, steps_per_epoch=1)
+    _restore_training(new, {**resumed, "scheduler": scheduler.state_dict()}, [], optimizer, scheduler, 1, interval)
+    step(optimizer, torch.amp.GradScaler("cpu"))  # with the saved fused=False: RuntimeError
+    assert all(group["fused"] for group in optimizer.param_groups)
+    loss = expected(x).square().mean()
+    loss.backward()
+    reference.step()
+    for a, b in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def _bn_net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+def test_the_ema_is_torchs_averaged_model_without_reading_the_device(monkeypatch):
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = _bn_net()
+    ours = ModelEma(model, 0.9)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(12):
+        loss = model(torch.randn(6, 3, 8, 8)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ours.update(model)
+        torchs.update_parameters(model)
+    assert ours.n_averaged == int(torchs.n_averaged) == 12
+    for (name, a), b in zip(ours.module.state_dict().items(), torchs.module.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+    # a read of a tensor's value on the host is a host-device sync on a GPU
+    def read(*args):
+        raise AssertionError("a tensor's value was read on the host")
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, read)
+    ours.update(model)
+    with pytest.raises(AssertionError, match="read on the host"):
+        torchs.update_parameters(model)  # its `n_averaged == 0`, on the device, every step
