@@ -44,6 +44,7 @@ def test_joining_the_process_group_touches_no_gpu(fake_cuda, monkeypatch):
     import torch.distributed as dist
 
     joined = []
+    monkeypatch.setenv("CNNTRAIN_RUN_TIME", "")  # init() shares rank 0's start time: undone after the test
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(dist, "is_initialized", lambda: bool(joined))
