@@ -194,6 +194,32 @@ OmegaConf.register_new_resolver("cnntrain.unique", rundir.unique_dir, use_cache=
 OmegaConf.register_new_resolver("cnntrain.run_dir", _default_run_dir, use_cache=True, replace=True)
 
 
+def _keys_help(app: str, _root_) -> str:
+    """--help's table of every key: its value in this composition and its meaning (schema)."""
+    from cnntrain.schema import help_table
+
+    return help_table(app, _root_).replace("$", "$$")  # Hydra fills the help in as a string.Template
+
+
+def _groups_help(_root_) -> str:
+    """--help's groups: each group's options and the one chosen, without the schema/ groups
+    (declarations, not choices)."""
+    from importlib.resources import files
+
+    chosen = OmegaConf.select(_root_, "hydra.runtime.choices", default={}) or {}
+    configs = files("cnntrain.configs")
+    lines = []
+    for group in sorted(p.name for p in configs.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")):
+        options = sorted(p.name[:-5] for p in (configs / group).iterdir() if p.name.endswith(".yaml"))
+        now = chosen.get(group)
+        lines.append(f"  {group}={now or '...'}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("cnntrain.keys_help", _keys_help, replace=True)
+OmegaConf.register_new_resolver("cnntrain.groups_help", _groups_help, replace=True)
+
+
 # --------------------------------------------------------------------------- console scripts
 def _exit() -> None:
     from cnntrain.callbacks import FAILED_JOBS

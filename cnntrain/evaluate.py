@@ -14,6 +14,7 @@ from cnntrain.data import build_data
 from cnntrain.engine import evaluate_loader
 from cnntrain.errors import UserError
 from cnntrain.inference import model_from_checkpoint, trained_config
+from cnntrain.logs import log_outputs
 from cnntrain.report import (build_report, format_report, write_comparison, write_figures,
                              write_predictions, write_report)
 from cnntrain.runtime import amp_dtype, channels_last, select_device
@@ -64,6 +65,7 @@ def _evaluate(cfg: DictConfig, paths: list[Path], run_dir: Path) -> dict | list[
         reports.append(evaluate_checkpoint(cfg, path, folder, verbose=False))
     if distributed.is_main():
         print(write_comparison(reports, run_dir), flush=True)
+        log_outputs(run_dir, [])
     return reports
 
 
@@ -105,5 +107,6 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
     write_figures(report, result, loader, run_dir)
     if cfg.predictions:
         write_predictions(result, loader, data.classes, run_dir)
-    log.info("report written to %s", run_dir / "report.json")
+    if verbose:
+        log_outputs(run_dir, [])
     return report

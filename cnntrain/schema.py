@@ -215,7 +215,7 @@ class TrainConfig(RuntimeConfig):
     aug: AugConfig = field(default_factory=AugConfig)
     epochs: int = key(10, "number of training epochs", ge=1)
     seed: int = key(42, "seed of every random generator", ge=0, lt=2**32)
-    amp: Any = flag(False, "mixed precision: bf16 where supported, else fp16 + GradScaler")
+    amp: Any = flag(False, "mixed precision: bf16 where the GPU has it natively, else fp16 + GradScaler")
     amp_dtype: str = key("auto", "precision of amp", choices=("auto", "bf16", "fp16"))
     channels_last: Any = key("auto", "NHWC memory format: auto | true | false", choices=("auto", True, False))
     compile: Any = flag(False, "wrap the model with torch.compile")
@@ -513,3 +513,39 @@ def type_error(app: str, path: str, value: str) -> UserError:
         f"null or {_TYPE_NAMES.get(hint[0], 'a value')}" if hint and type(None) in hint else "another value")
     rules = _allowed(_rules(f))
     return _fail(path, value, f, kind + (f", {rules}" if rules else ""))
+
+
+# --------------------------------------------------------------------------- --help
+def help_table(app: str, cfg: DictConfig) -> str:
+    """Every key of the composed config `cfg` with its value now and its meaning (and what is
+    allowed) from the declarations, the top-level keys first, then one block per group: the
+    part of `--help` that Hydra would print as a bare YAML dump."""
+    values = OmegaConf.to_container(cfg, resolve=False)
+    values.pop("hydra", None)
+    leaves = []
+
+    def walk(node, prefix):
+        for name, value in node.items():
+            path = f"{prefix}{name}"
+            if name in ("_target_", "_partial_"):
+                continue
+            if isinstance(value, dict) and value and _fields_at(app, path.split(".")):
+                walk(value, path + ".")
+            else:
+                leaves.append((path, value))
+    walk(values, "")
+    leaves.sort(key=lambda leaf: "." in leaf[0])  # stable: the top-level keys, then the groups
+    width = min(34, max(len(p) + len(show(v)) + 3 for p, v in leaves))
+    lines, section = [], None
+    for path, value in leaves:
+        top = path.split(".")[0] if "." in path else "run"
+        if top != section:
+            section = top
+            lines.append(f"{top}:")
+        f = declaration(app, path)
+        meaning, rules = (f.metadata.get("help", ""), _rules(f)) if f is not None else ("", {})
+        allowed = _allowed({k: v for k, v in rules.items() if k != "pattern"})  # patterns: in the meaning
+        if allowed:
+            meaning += f" [{allowed}]"
+        lines.append(f"  {f'{path}={show(value)}':<{width}}  {meaning}".rstrip())
+    return "\n".join(lines)

@@ -23,6 +23,7 @@ from cnntrain.ema import ModelEma
 from cnntrain.engine import EpochState, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted, UserError
 from cnntrain.files import write_text
+from cnntrain.logs import log_outputs, shown
 from cnntrain.models import resolve_stem
 from cnntrain.optim import create_optimizer, create_scheduler, fast_forward
 from cnntrain.resume import changed_keys, replans_schedule
@@ -226,7 +227,8 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
             else:
                 _carry_over(resume, resumed, ckpt_dir)
         distributed.barrier()  # rank 0 may have copied files into ckpt_dir
-        log.info("resuming from %s (epoch %d)", resume, resumed["epoch"])
+        train_steps = min(len(data.loaders["train"]), cfg.max_steps_per_epoch or len(data.loaders["train"]))
+        log.info("resuming from %s: %s", resume, _resume_point(resumed, cfg.epochs, train_steps))
     train_loader, val_loader = data.loaders["train"], data.loaders.get("val")
     model, summary = build_model(cfg.model, data.in_channels, len(data.classes), data.image_size, device)
     nhwc = channels_last(cfg.channels_last, device, dtype)
@@ -252,6 +254,9 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
              data.image_size, train_loader.num_samples, val_loader.num_samples if val_loader else 0,
              device, f", amp {dtype}".replace("torch.", "") if dtype else "", format_summary(summary))
     log.info("run dir: %s", run_dir)
+    recipe = experiment_settings()
+    if recipe:
+        log.info("%s", recipe)
 
     step_model = model
     if distributed.world_size() > 1:
@@ -308,7 +313,8 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
                 core, resume_state = state(epoch - 1, tracker.history[-1] if tracker.history else {})
                 saver.save_last({**core, **resume_state, "partial": {"epoch": epoch, "lr": lr, "state": done}})
                 distributed.barrier()
-                raise _interrupted(_signal(signals), saver.last, f"epoch {epoch}, step {tr['state'].step}")
+                raise _interrupted(_signal(signals), saver.last,
+                                   f"in epoch {epoch}/{cfg.epochs} after step {tr['state'].step} of {tr['total']}")
             if interval == "epoch":
                 scheduler.step()
             va = evaluate_loader(eval_model, val_loader, num_classes=len(data.classes),
@@ -329,7 +335,7 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
                          epoch, "val" if val_loader else "train", patience)
                 break
             if distributed.any_rank(signals.requested()) and epoch < cfg.epochs:
-                raise _interrupted(_signal(signals), saver.last, f"the end of epoch {epoch}")
+                raise _interrupted(_signal(signals), saver.last, f"after epoch {epoch}/{cfg.epochs}")
     results, confusion = _final_test(model, data, saver, common)
     results.update(model=cfg.model.name, dataset=cfg.data.name, epochs=cfg.epochs,
                    epochs_run=tracker.history[-1]["epoch"] if tracker.history else 0,
@@ -340,6 +346,8 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
         write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     tracker.log_final(hparams(cfg), results, confusion, data.classes)
     tracker.close()
+    if main:
+        log_outputs(run_dir, [f"cnneval ckpt={shown(saver.best)}", f"tensorboard --logdir {shown(run_dir)}"])
     return results
 
 
@@ -385,13 +393,22 @@ def _epoch_state(partial: dict | None) -> EpochState | None:
                       skipped=states[0]["skipped"])
 
 
+def _resume_point(resumed: dict, epochs: int, steps: int) -> str:
+    """Where the resumed run continues, in the words of the stop message."""
+    partial = resumed.get("partial")
+    if partial:
+        return (f"epoch {partial['epoch']}/{epochs} continues after step "
+                f"{_epoch_state(partial).step} of {steps}")
+    return f"epoch {resumed['epoch'] + 1}/{epochs} starts ({resumed['epoch']} done)"
+
+
 def _signal(signals: StopSignals) -> int:
     """The signal that stops the run, on every rank: under torchrun perhaps one rank alone got it."""
     return int(distributed.largest(signals.signum or 0)) or signal.SIGTERM
 
 
 def _interrupted(signum: int, last: Path, where: str) -> Interrupted:
-    return Interrupted(f"stopped by {signal.Signals(signum).name} at {where}; state saved to {last}. "
+    return Interrupted(f"stopped by {signal.Signals(signum).name} {where}; state saved to {last}. "
                        f"{_resume_hint(last.parent.parent)}", signum)
 
 
@@ -404,6 +421,33 @@ def _resume_hint(run_dir: Path) -> str:
         return (f"Resume the sweep with the same arguments plus resume=auto "
                 f"hydra.sweep.dir={HydraConfig.get().sweep.dir} (finished jobs keep their results)")
     return f"Resume with the same arguments plus resume=auto hydra.run.dir={run_dir}"
+
+
+def experiment_settings() -> str | None:
+    """What `experiment=<name>` turns on, read from its file: the recipe is otherwise invisible
+    in the run's header (overrides on the command line win over it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    name = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    if not name:
+        return None
+    import importlib.resources
+
+    path = importlib.resources.files("cnntrain.configs") / "experiment" / f"{name}.yaml"
+    if not path.is_file():  # an experiment from another config search path
+        return f"experiment={name}"
+    recipe = OmegaConf.to_container(OmegaConf.load(str(path)))
+    settings = [f"{group.rpartition('/')[2]}={option}" for entry in recipe.pop("defaults", [])
+                if isinstance(entry, dict) for group, option in entry.items()]
+
+    def flat(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}={json.dumps(v) if isinstance(v, (bool, list)) or v is None else v}"
+    settings += flat(recipe)
+    return f"experiment={name} sets {' '.join(settings)} (command-line overrides win)"
 
 
 def hparams(cfg: DictConfig) -> dict:
@@ -426,7 +470,12 @@ def _final_test(model, data: Data, saver: CheckpointSaver, common) -> dict:
     te = evaluate_loader(model, test_loader, num_classes=len(data.classes), desc="test",
                          **common)
     out.update(test_acc=te["acc"], test_top5=te["top5"], test_loss=te["loss"],
-               test_images=te["num_samples"])
-    log.info("test accuracy of best.pt (epoch %d): %.4f (loss %.4f, %d images)", best["epoch"],
-             te["acc"], te["loss"], te["num_samples"])
+               test_images=te["num_samples"], test_capped=te["num_samples"] < test_loader.num_samples)
+    if out["test_capped"]:  # max_eval_steps: a quick look, not the test score
+        log.info("test accuracy of best.pt (epoch %d): %.4f (loss %.4f) on only %d of the %d test "
+                 "images (max_eval_steps=%d); the full test: cnneval ckpt=%s", best["epoch"], te["acc"],
+                 te["loss"], te["num_samples"], test_loader.num_samples, common["max_steps"], shown(saver.best))
+    else:
+        log.info("test accuracy of best.pt (epoch %d): %.4f (loss %.4f, %d images)", best["epoch"],
+                 te["acc"], te["loss"], te["num_samples"])
     return out, te["confusion"]

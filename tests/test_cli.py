@@ -54,6 +54,13 @@ def test_run_writes_every_file(trained):
     results = json.loads((run_dir / "results.json").read_text())
     assert 0 <= results["test_acc"] <= 1 and results["dataset"] == dataset
     assert f"test accuracy of best.pt (epoch {results['best_epoch']}): {results['test_acc']:.4f}" in proc.stdout
+    assert results["test_capped"] is False
+    # the end says where everything is and what to run next, in paths relative to where it ran
+    end, shown = proc.stdout.strip().splitlines()[-3:], run_dir.name
+    assert f"results saved to {shown}: checkpoints/best.pt, checkpoints/last.pt, curves.png" in end[0]
+    assert "results.json" in end[0] and "train.log" in end[0]
+    assert end[1].endswith(f"next: cnneval ckpt={shown}/checkpoints/best.pt")
+    assert end[2].endswith(f"next: tensorboard --logdir {shown}")
 
 
 def test_checkpoints_are_plain_weights_only_dicts(trained):
@@ -122,7 +129,8 @@ def test_resume_continues_to_the_same_result(data_root, tmp_path):
     proc = run_cli(*train_args("mnist", data_root, None, resumed, "epochs=3", *common,
                                "resume_allow_changes=[epochs]", f"resume={part}/checkpoints/last.pt"),
                    cwd=tmp_path)
-    assert "resuming from" in proc.stdout and "epoch 1/3" not in proc.stdout
+    assert f"resuming from {part}/checkpoints/last.pt: epoch 2/3 starts (1 done)" in proc.stdout
+    assert "epoch 1/3" not in proc.stdout
     a = torch.load(full / "checkpoints/last.pt", weights_only=True)
     b = torch.load(resumed / "checkpoints/last.pt", weights_only=True)
     assert b["epoch"] == 3
@@ -174,3 +182,41 @@ def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
     assert [(r["job"], r["status"]) for r in rows] == [("1", "ok"), ("0", "failed")]
     assert rows[1]["error"].startswith("optim.lr=-1.0 is not allowed")
+
+
+def test_a_capped_test_says_it_is_capped_and_how_to_get_the_full_one(data_root, tmp_path):
+    proc = run_cli(*train_args("mnist", data_root, None, tmp_path / "run", "epochs=1", "max_eval_steps=1"),
+                   cwd=tmp_path)
+    results = json.loads((tmp_path / "run/results.json").read_text())
+    assert results["test_capped"] is True and results["test_images"] == 32
+    assert ("on only 32 of the 200 test images (max_eval_steps=1); the full test: cnneval "
+            "ckpt=run/checkpoints/best.pt") in proc.stdout
+
+
+def test_an_experiment_run_says_what_the_recipe_turned_on(data_root, tmp_path):
+    proc = run_cli("cnntrain", "experiment=mnist_lenet5", f"data.root={data_root}", "data.download=false",
+                   "epochs=1", "max_steps_per_epoch=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    line = next(line for line in proc.stdout.splitlines() if "experiment=mnist_lenet5 sets" in line)
+    assert "model=lenet5" in line and "data=mnist" in line and "(command-line overrides win)" in line
+
+
+def test_help_lists_groups_and_every_key_with_its_meaning(tmp_path):
+    out = run_cli("cnntrain", "optim=adam", "--help", cwd=tmp_path).stdout
+    assert "optim=adam: adam, adamw, sgd" in out and "schema/" not in out
+    assert "optim.betas=[0.9, 0.999]" in out and "optim.momentum" not in out
+    lr = next(line for line in out.splitlines() if line.strip().startswith("optim.lr="))
+    assert "learning rate [> 0]" in lr
+    assert "$CNNTRAIN_CACHE" in out  # a meaning with a $ survives Hydra's string.Template
+    assert not list(tmp_path.iterdir())  # --help leaves no folder
+    out = run_cli("cnneval", "--help", cwd=tmp_path).stdout
+    assert "ckpt=???" in out and "a checkpoint, a run or multirun folder" in out
+
+
+def test_sweep_lines_share_one_time_format(data_root, tmp_path):
+    import re
+
+    proc = run_cli("cnntrain", "-m", "model=lenet5", f"data.root={data_root}", "data.download=false",
+                   "epochs=1", "max_steps_per_epoch=1", cwd=tmp_path)
+    stamped = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert any("Launching 1 jobs locally" in line for line in stamped)
+    assert all(re.match(r"\[\d\d:\d\d:\d\d\] ", line) for line in stamped), stamped

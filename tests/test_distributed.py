@@ -71,7 +71,7 @@ def test_each_rank_resumes_its_own_random_streams_exactly(data_root, tmp_path):
     ranks.run(_train, data_root, full, [])
     # the ranks compare notes every 8 steps: the signal at step 6 stops both after step 8
     stopped = ranks.run(_train, data_root, part, [], 6)
-    assert all(r[0] == "raised" and "stopped by SIGUSR1 at epoch 2, step 3" in r[1] for r in stopped), stopped
+    assert all(r[0] == "raised" and "stopped by SIGUSR1 in epoch 2/3 after step 3 of 5" in r[1] for r in stopped), stopped
     saved = load_checkpoint(part / "checkpoints/last.pt")
     assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
     resumed = ranks.run(_train, data_root, part, ["resume=auto"])

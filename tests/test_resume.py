@@ -32,7 +32,7 @@ def rows(run_dir):
 
 
 @pytest.mark.parametrize("stop_batch", [7, STEPS_PER_EPOCH * 2], ids=["mid-epoch", "epoch-end"])
-def test_signal_then_resume_equals_an_uninterrupted_run(data_root, tmp_path, signal_at_batch, stop_batch):
+def test_signal_then_resume_equals_an_uninterrupted_run(data_root, tmp_path, signal_at_batch, stop_batch, caplog):
     full, part = tmp_path / "full", tmp_path / "part"
     train(make_cfg(data_root), run_dir=full)
     signal_at_batch(stop_batch)
@@ -43,10 +43,15 @@ def test_signal_then_resume_equals_an_uninterrupted_run(data_root, tmp_path, sig
     if stop_batch == 7:  # epoch 2 stopped after its 2nd batch
         assert saved["epoch"] == 1 and saved["partial"]["epoch"] == 2
         assert saved["partial"]["state"][0]["step"] == 2
+        stop, resume = "in epoch 2/3 after step 2 of 5", "epoch 2/3 continues after step 2 of 5"
     else:  # the signal came with the last batch of epoch 2: the epoch is finished and saved
         assert saved["epoch"] == 2 and "partial" not in saved
+        stop, resume = "after epoch 2/3", "epoch 3/3 starts (2 done)"
+    assert f"stopped by SIGUSR1 {stop}; state saved to" in str(stopped.value)
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # the handler is gone after train() returns
+    caplog.set_level("INFO", logger="cnntrain")
     train(make_cfg(data_root, "resume=auto"), run_dir=part)
+    assert f"resuming from {part}/checkpoints/last.pt: {resume}" in caplog.text  # the stop's own terms
 
     a, b = (load_checkpoint(d / "checkpoints/last.pt") for d in (full, part))
     assert b["epoch"] == 3 and "partial" not in b
