@@ -139,6 +139,14 @@ def filters_figure(model: nn.Module, plt):
     return fig
 
 
+def layer_maps(model: nn.Module, outputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The first channels of image k's map at each layer, labelled with what the layer is and the
+    size of its whole output, e.g. "features.1 (ReLU) → 6×28×28": names alone are cryptic."""
+    modules = dict(model.named_modules())
+    return {f"{name} ({type(modules[name]).__name__}) → {'×'.join(map(str, out.shape[1:]))}":
+            out[k, :FEATURE_CHANNELS].float().cpu() for name, out in outputs.items()}
+
+
 def feature_maps_figure(pixels: torch.Tensor, maps: dict[str, torch.Tensor], title: str, plt):
     """The input, then one block per layer (`maps`: row label -> (C, H, W) activations): its
     channels in rows of up to 8, on one colour scale per layer so that they compare."""
@@ -220,11 +228,8 @@ def _visualize(cfg: DictConfig, files: list[Path], run_dir: Path, plt) -> list[P
     finally:
         for h in hooks:
             h.remove()
-    modules = dict(model.named_modules())
     for k, path in enumerate(files):
-        # a row says what the module is and the size of its whole output, of which it shows the first channels
-        maps = {f"{name} ({type(modules[name]).__name__}) → {'×'.join(map(str, out.shape[1:]))}":
-                out[k, :FEATURE_CHANNELS].float().cpu() for name, out in outputs.items()}
+        maps = layer_maps(model, outputs, k)
         shown = probs[k].argmax().item() if target is None else target
         title = f"{path.name}: {classes[shown]} ({probs[k, shown]:.3f})"
         written.append(run_dir / f"feature_maps_{k}.png")
