@@ -117,7 +117,10 @@ def samples_figure(loader, indices: list[int], titles: list[str], title: str, co
     """A grid of the loader's samples (original pixels) with a caption each."""
     plt = _pyplot()
     rows = max(1, -(-len(indices) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    # constrained layout reserves room for each two-line caption above its image (with
+    # tight_layout the second row's captions ran into the first row's images)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.75 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, i, caption in zip(axes.flat, indices, titles):
@@ -127,13 +130,28 @@ def samples_figure(loader, indices: list[int], titles: list[str], title: str, co
     if not indices:
         axes.flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
 def prediction_captions(result: dict, classes: list[str], indices: list[int]) -> list[str]:
     return [f"true: {classes[result['target'][i]]}\npred: {classes[result['predicted'][i]]} "
             f"({result['confidence'][i]:.2f})" for i in indices]
+
+
+def per_class_figure(report: dict):
+    """Accuracy per class as bars, each with its value."""
+    plt = _pyplot()
+    classes = report["classes"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(classes)), 4), layout="constrained")
+    bars = ax.bar(range(len(classes)), [c["accuracy"] for c in report["per_class"]])
+    # beyond 20 bars horizontal values would run into each other
+    ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2, rotation=0 if len(classes) <= 20 else 90)
+    labels = classes if len(classes) <= 40 else []  # beyond that the names are unreadable anyway
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set(ylim=(0, 1.15), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1], ylabel="accuracy",  # room for labels over 1.0
+           title=f"Accuracy per class: {report['model']} on {report['dataset']} ({report['split']}), "
+                 f"top-1 {report['top1']:.4f}")
+    return fig
 
 
 def write_figures(report: dict, result: dict, loader, folder: Path, max_mistakes: int = 16) -> None:
@@ -144,13 +162,7 @@ def write_figures(report: dict, result: dict, loader, folder: Path, max_mistakes
     title = f"{report['model']} on {report['dataset']} ({report['split']}): top-1 {report['top1']:.4f}"
     figures = {"confusion_matrix.png": confusion_figure(result["confusion"], classes, title)}
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(classes)), 4))
-    ax.bar(range(len(classes)), [c["accuracy"] for c in report["per_class"]])
-    labels = classes if len(classes) <= 40 else []
-    ax.set_xticks(range(len(labels)), labels, rotation=90)
-    ax.set(ylim=(0, 1), ylabel="accuracy", title="accuracy per class")
-    fig.tight_layout()
-    figures["per_class.png"] = fig
+    figures["per_class.png"] = per_class_figure(report)
 
     wrong = (result["predicted"] != result["target"]).nonzero().flatten()
     wrong = wrong[result["confidence"][wrong].argsort(descending=True)][:max_mistakes].tolist()

@@ -26,13 +26,18 @@ def format_row(row: dict, epochs: int) -> str:
 class RunTracker:
     """`history` is every epoch's row so far (restored on resume), so the CSV and the plot are
     always rewritten whole and a resumed run's files match an uninterrupted one's.
-    With write=False (ranks > 0 under torchrun) it only keeps the history."""
+    With write=False (ranks > 0 under torchrun) it only keeps the history. curves.png is headed
+    by `title` (e.g. "resnet20 on cifar10") and the run folder (its last two parts, the date and
+    time of outputs/<date>/<time>, since the time alone says little)."""
 
-    def __init__(self, run_dir: Path, epochs: int, history: list[dict] | None = None, write: bool = True):
+    def __init__(self, run_dir: Path, epochs: int, history: list[dict] | None = None, write: bool = True,
+                 title: str | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.epochs, self.write = Path(run_dir), epochs, write
         self.history = list(history or [])
+        folder = "/".join(self.run_dir.parts[-2:])
+        self.title = f"{title} ({folder})" if title else folder
         self.tb = SummaryWriter(str(self.run_dir / "tb")) if write else None
         if self.history and write:  # resumed into a new folder: carry the earlier epochs over
             self._write_csv()
@@ -63,9 +68,11 @@ class RunTracker:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         epochs = [r["epoch"] for r in self.history]
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.3), layout="constrained")
+        fig.suptitle(self.title)
         for ax, metric in zip(axes, ("loss", "acc")):
             for split in ("train", "val"):
                 values = [r.get(f"{split}_{metric}") for r in self.history]
@@ -77,8 +84,8 @@ class RunTracker:
         axes[2].set_ylabel("learning rate (start of epoch)")
         for ax in axes:
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
             ax.grid(alpha=0.3)
-        fig.tight_layout()
         try:
             save_figure(fig, self.run_dir / "curves.png", dpi=100)
         finally:

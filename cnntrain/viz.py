@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from cnntrain.errors import UserError
-from cnntrain.files import atomic_write, save_figure
+from cnntrain.files import save_figure
 from cnntrain.inference import Preprocess, find_images, load_trained_model
 from cnntrain.runtime import select_device
 from cnntrain.rundir import fresh_run
@@ -99,59 +99,95 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module | str, target: 
     return cam / cam.max() if cam.max() > 0 else cam
 
 
-def _normalized(t: torch.Tensor, dims) -> torch.Tensor:
-    low, high = t.amin(dims, keepdim=True), t.amax(dims, keepdim=True)
-    return (t - low) / (high - low).clamp_min(1e-12)
-
-
 def _display(pixels: torch.Tensor):
     """uint8 (C, H, W) -> what imshow takes: (H, W, 3) or gray (H, W)."""
     return pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
 
 
-def write_filters(model: nn.Module, path: Path) -> None:
-    """The first Conv2d's filters in a grid, each min-max normalized on its own: RGB for 3 input
-    channels, else the mean over the input channels in gray. Upscaled so that 3x3 filters show."""
-    from matplotlib import image as mpimg
+def filters_figure(model: nn.Module, plt):
+    """The first Conv2d's filters in one grid image, drawn with nearest-neighbour upscaling so that
+    even 3x3 filters show. Three input channels: RGB, each filter min-max scaled on its own (RGB
+    has no colour scale to share). Otherwise the mean over the input channels on one diverging
+    scale centred on 0, so that a colour bar can give the weight values."""
     from torchvision.utils import make_grid
 
-    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     w = conv.weight.detach().float().cpu()
-    w = w if w.shape[1] == 3 else w.mean(1, keepdim=True).expand(-1, 3, -1, -1)
-    w = _normalized(w, (1, 2, 3))
-    scale = max(1, 32 // max(w.shape[-2:]))
-    w = w.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    grid = make_grid(w, nrow=math.ceil(math.sqrt(len(w))), padding=2, pad_value=1.0)
-    with atomic_write(path, "wb") as f:
-        mpimg.imsave(f, grid.permute(1, 2, 0).numpy(), format="png")
+    shape = "x".join(map(str, w.shape[1:]))
+    rgb = w.shape[1] == 3
+    if rgb:
+        low, high = w.amin((1, 2, 3), keepdim=True), w.amax((1, 2, 3), keepdim=True)
+        w = (w - low) / (high - low).clamp_min(1e-12)
+    else:
+        w = w.mean(1, keepdim=True)
+    # NaN gaps are drawn in the colour map's "bad" colour, outside the value scale
+    grid = make_grid(w, nrow=math.ceil(math.sqrt(len(w))), padding=1, pad_value=1.0 if rgb else math.nan)
+    # 5 inches of filters (500 px), plus the colour bar and the title
+    fig, ax = plt.subplots(figsize=(5 if rgb else 6.3, 0.9 + 5 * grid.shape[1] / grid.shape[2]), layout="constrained")
+    title = f"{name}: {len(w)} filters {shape}"
+    if rgb:
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"{title}\nRGB, each filter min-max scaled to 0..1 on its own", fontsize=10)
+    else:
+        limit = float(w.abs().max()) or 1.0
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
+        image = ax.imshow(grid[0].numpy(), cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+        mean = f", mean over the {w.shape[1]} input channels" if conv.weight.shape[1] > 1 else ""
+        ax.set_title(title + mean, fontsize=10)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="weight")
+    ax.axis("off")
+    return fig
 
 
-def write_feature_maps(pixels: torch.Tensor, maps: dict[str, torch.Tensor], title: str, path: Path, plt) -> None:
-    """One row per layer: the input, then the first channels of the layer's activation map."""
-    cols = 1 + max(fmap.shape[0] for fmap in maps.values())
-    fig, axes = plt.subplots(len(maps), cols, figsize=(1.1 * cols, 1.3 * len(maps)), squeeze=False)
-    for row, (name, fmap) in zip(axes, maps.items()):
-        row[0].imshow(_display(pixels), cmap="gray")
-        row[0].set_title(name, fontsize=7, loc="left")
-        for c, ax in enumerate(row[1:]):
-            if c < fmap.shape[0]:
-                ax.imshow(fmap[c].numpy(), cmap="viridis")
-        for ax in row:
+def layer_maps(model: nn.Module, outputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The first channels of image k's map at each layer, labelled with what the layer is and the
+    size of its whole output, e.g. "features.1 (ReLU) → 6×28×28": names alone are cryptic."""
+    modules = dict(model.named_modules())
+    return {f"{name} ({type(modules[name]).__name__}) → {'×'.join(map(str, out.shape[1:]))}":
+            out[k, :FEATURE_CHANNELS].float().cpu() for name, out in outputs.items()}
+
+
+def feature_maps_figure(pixels: torch.Tensor, maps: dict[str, torch.Tensor], title: str, plt):
+    """The input, then one block per layer (`maps`: row label -> (C, H, W) activations): its
+    channels in rows of up to 8, on one colour scale per layer so that they compare."""
+    from matplotlib.colors import Normalize
+
+    cols = min(8, max(len(fmap) for fmap in maps.values()))
+    lines = [math.ceil(len(fmap) / cols) for fmap in maps.values()]
+    fig = plt.figure(figsize=(1.1 * cols + 1.2, 1.7 + sum(1.1 * n + 0.35 for n in lines)), layout="constrained")
+    top, *blocks = fig.subfigures(len(maps) + 1, 1, height_ratios=[1.6, *(1.1 * n + 0.35 for n in lines)])
+    ax = top.subplots()
+    ax.imshow(_display(pixels), cmap="gray")
+    ax.axis("off")
+    top.suptitle(title, fontsize=10)
+    for block, n, (label, fmap) in zip(blocks, lines, maps.items()):
+        axes = block.subplots(n, cols, squeeze=False)
+        norm = Normalize(float(fmap.min()), float(fmap.max()))
+        for c, ax in enumerate(axes.flat):
             ax.axis("off")
-    fig.suptitle(title, fontsize=8)
-    save_figure(fig, path, dpi=100)
-    plt.close(fig)
+            if c < len(fmap):
+                image = ax.imshow(fmap[c].numpy(), cmap="viridis", norm=norm)
+        block.suptitle(label, fontsize=9, x=0.02, ha="left")
+        block.colorbar(image, ax=axes, shrink=0.9, aspect=8 * n).set_label("activation", fontsize=8)
+    return fig
 
 
-def write_grad_cam(pixels: torch.Tensor, cam: torch.Tensor, title: str, path: Path, plt) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3.3))
+def grad_cam_figure(pixels: torch.Tensor, cam: torch.Tensor, title: str, plt):
+    fig, axes = plt.subplots(1, 2, figsize=(6.5, 3.3), layout="constrained")
     for ax in axes:
         ax.imshow(_display(pixels), cmap="gray")
         ax.axis("off")
-    axes[1].imshow(cam.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-    fig.suptitle(title, fontsize=8)
-    save_figure(fig, path, dpi=100)
-    plt.close(fig)
+    heat = axes[1].imshow(cam.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    fig.colorbar(heat, ax=axes[1], label="importance for the class (0..1)")
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def _save(fig, path: Path, plt) -> None:
+    try:
+        save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def visualize(cfg: DictConfig, run_dir: str | Path | None = None) -> list[Path]:
@@ -184,7 +220,7 @@ def _visualize(cfg: DictConfig, files: list[Path], run_dir: Path, plt) -> list[P
     layers = _choose_layers(model, x[:1], cfg.layers)
 
     written = [run_dir / "filters.png"]
-    write_filters(model, written[0])
+    _save(filters_figure(model, plt), written[0], plt)
     outputs, hooks = _capture(model, layers)
     try:
         with torch.inference_mode():
@@ -193,14 +229,14 @@ def _visualize(cfg: DictConfig, files: list[Path], run_dir: Path, plt) -> list[P
         for h in hooks:
             h.remove()
     for k, path in enumerate(files):
-        maps = {name: out[k, :FEATURE_CHANNELS].float().cpu() for name, out in outputs.items()}
+        maps = layer_maps(model, outputs, k)
         shown = probs[k].argmax().item() if target is None else target
         title = f"{path.name}: {classes[shown]} ({probs[k, shown]:.3f})"
         written.append(run_dir / f"feature_maps_{k}.png")
-        write_feature_maps(pixels[k], maps, title, written[-1], plt)
+        _save(feature_maps_figure(pixels[k], maps, title, plt), written[-1], plt)
         cam = grad_cam(model, x[k], layers[-1], shown).cpu()
         written.append(run_dir / f"gradcam_{k}.png")
-        write_grad_cam(pixels[k], cam, f"Grad-CAM at {layers[-1]} for {title}", written[-1], plt)
+        _save(grad_cam_figure(pixels[k], cam, f"Grad-CAM at {layers[-1]} for {title}", plt), written[-1], plt)
         log.info("%d: %s", k, path)
     print(*written, sep="\n", flush=True)
     return written

@@ -127,6 +127,8 @@ def test_viz_writes_pngs(resnet, images, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == sorted(names)
     for name in names:
         assert (out / name).read_bytes()[:8] == PNG and str(out / name) in proc.stdout
+    with Image.open(out / "filters.png") as img:  # 64 filters 3x7x7, upscaled to be seen
+        assert min(img.size) >= 400
 
 
 def test_viz_lenet_with_chosen_layers(lenet, images, tmp_path):
@@ -134,6 +136,8 @@ def test_viz_lenet_with_chosen_layers(lenet, images, tmp_path):
     run_cli("cnnviz", f"ckpt={lenet}", f"inputs={images}/rgb_0.png", "layers=[features.0,features.3]",
             f"hydra.run.dir={out}", "device=cpu", cwd=tmp_path)
     assert all((out / n).read_bytes()[:8] == PNG for n in ("filters.png", "feature_maps_0.png", "gradcam_0.png"))
+    with Image.open(out / "filters.png") as img:  # 6 filters 1x5x5: was a 98x66 thumbnail
+        assert img.size[0] >= 400
 
 
 def test_viz_bad_layer_is_one_line_error(lenet, images, tmp_path):
