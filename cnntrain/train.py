@@ -272,7 +272,7 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
     common = dict(device=device, amp_dtype=dtype, channels_last=nhwc,
                   max_steps=cfg.max_eval_steps)
     main = distributed.is_main()  # the one process that writes files
-    tracker = RunTracker(run_dir, cfg.epochs, history, write=main)
+    tracker = RunTracker(run_dir, cfg.epochs, history, write=main, title=f"{cfg.model.name} on {cfg.data.name}")
     saver = CheckpointSaver(ckpt_dir, best, cfg.checkpoint.keep_top_k,
                             resumed.get("top_k", []) if resumed else [], write=main)
     if val_loader is None:
