@@ -145,12 +145,12 @@ def test_rerun_into_a_run_dir_with_checkpoints_is_refused(data_root, tmp_path):
 def test_multirun_two_jobs(data_root, tmp_path):
     proc = run_cli("cnntrain", "-m", "model=lenet5,resnet18", f"data.root={data_root}", "data.download=false",
                    "epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
-    for job, model in (("0", "lenet5"), ("1", "resnet18")):
+    for job, model in (("0_lenet5_mnist", "lenet5"), ("1_resnet18_mnist", "resnet18")):
         results = json.loads((tmp_path / "sweep" / job / "results.json").read_text())
         assert results["model"] == model and (tmp_path / "sweep" / job / "checkpoints/best.pt").is_file()
     assert "#1 : model=resnet18" in proc.stdout + proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
-    assert sorted(r["job"] for r in rows) == ["0", "1"] and all(r["status"] == "ok" for r in rows)
+    assert sorted(r["job"] for r in rows) == ["0_lenet5_mnist", "1_resnet18_mnist"] and all(r["status"] == "ok" for r in rows)
     accs = [float(r["test_acc"]) for r in rows]
     assert accs == sorted(accs, reverse=True)
     assert "| model=lenet5 | ok |" in proc.stdout and (tmp_path / "sweep" / "summary.md").is_file()
@@ -168,9 +168,10 @@ def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
                    "epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "1 job(s) failed" in proc.stderr and "optim.lr=-1.0 is not allowed" in proc.stderr
-    assert not (tmp_path / "sweep" / "0" / "results.json").exists()
-    assert json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())["test_acc"] is not None
+    assert not (tmp_path / "sweep" / "0_lenet5_mnist" / "results.json").exists()
+    assert json.loads((tmp_path / "sweep" / "1_lenet5_mnist" / "results.json").read_text())["test_acc"] is not None
     assert "Traceback" not in proc.stdout + proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
-    assert [(r["job"], r["status"]) for r in rows] == [("1", "ok"), ("0", "failed")]
+    assert [(r["job"], r["status"]) for r in rows] == [("1_lenet5_mnist", "ok"), ("0_lenet5_mnist", "failed")]
     assert rows[1]["error"].startswith("optim.lr=-1.0 is not allowed")
+
