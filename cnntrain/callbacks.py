@@ -39,8 +39,14 @@ def summarize_sweep(sweep_dir: Path) -> list[dict]:
     common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if rows else set()
     for r in rows:  # what this job changed, without the overrides every job shares
         r["swept"] = " ".join(o for o in r["overrides"].split() if o not in common)
-    rows.sort(key=lambda r: (r["status"] != "ok", -(r.get("test_acc") or 0), int(r["job"]) if r["job"].isdigit() else 0))
+    rows.sort(key=lambda r: (r["status"] != "ok", -(r.get("test_acc") or 0), _job_number(r["job"])))
     return rows
+
+
+def _job_number(folder: str) -> int:
+    """The job number of a job folder (<n>_<model>_<data>, or <n> before the names)."""
+    number = folder.split("_", 1)[0]
+    return int(number) if number.isdigit() else 0
 
 
 def _cell(value, column: str) -> str:

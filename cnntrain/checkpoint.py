@@ -69,7 +69,7 @@ def require_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found (pass ckpt=/resume= a .pt file written by "
-                        "cnntrain, e.g. outputs/<date>/<time>/checkpoints/best.pt)")
+                        "cnntrain, e.g. outputs/<date>/<time>_<model>_<data>/checkpoints/best.pt)")
     return path
 
 

@@ -15,6 +15,7 @@ import re
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +37,7 @@ def _job(task, cfg: DictConfig, app: str):
 
     run_dir = _output_dir()
     rundir.new_job()
+    failed_start = False  # a bad input after the claim: its default folder goes (no results yet)
     try:
         check(cfg)  # before torch is imported: a bad value fails in a second
         return task(cfg)
@@ -46,7 +48,9 @@ def _job(task, cfg: DictConfig, app: str):
         if cfg.get("debug") is True:
             _job_debug = True  # the boundary shows the traceback too
             raise
-        if isinstance(e, rundir.RunFolderRefused) or (
+        failed_start = (_is_user_error(e) and rundir.claimed() is not None and not rundir.in_sweep()
+                        and rundir.is_default(rundir.claimed()) and not rundir.results(rundir.claimed()))
+        if isinstance(e, rundir.RunFolderRefused) or failed_start or (
                 rundir.claimed() is None and not (rundir.in_sweep() and rundir.keep_failed_job(run_dir, cfg))):
             logs.drop_file_handlers()  # no folder of its own: stderr only, and no empty folder left
         message = f"error: {one_line(e, app)}"
@@ -60,6 +64,8 @@ def _job(task, cfg: DictConfig, app: str):
     finally:
         if rundir.claimed() is None:
             rundir.remove_if_empty(run_dir)
+        elif failed_start:
+            rundir.discard_failed_start(rundir.claimed())
 
 
 def _output_dir() -> str | None:
@@ -174,13 +180,51 @@ def _run_time() -> float:
 _STARTED = repr(time.time())
 
 
+def _safe(text) -> str:
+    """`text` as a part of a folder name: letters, digits and . _ + - kept, the rest one '-'."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(text)).strip("-._")[:80]
 
 
-def _default_run_dir(job: str) -> str:
-    """A run's folder when hydra.run.dir is not given: outputs/<date>/<time> for training,
-    outputs/<job>/<date>/<time> for cnneval, cnnpredict and cnnviz; claimed by rundir.unique_dir."""
+def _select(root, key: str):
+    try:
+        value = OmegaConf.select(root, key, default=None, throw_on_missing=False)
+    except Exception:  # a broken interpolation fails later, with its own message
+        return None
+    return value if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+
+
+def _ckpt_run_name(ckpt) -> str:
+    """The run name in a checkpoint's path (.../<time>_<name>/checkpoints/best.pt or a sweep
+    job's .../<n>_<name>/...): what cnneval, cnnpredict and cnnviz add to their folders."""
+    if not isinstance(ckpt, str) or not ckpt or ckpt == "???":
+        return ""
+    path = Path(ckpt)
+    run = path.parent.parent if path.parent.name == "checkpoints" else path
+    return re.sub(r"^(\d{2}-\d{2}-\d{2}(-\d+)?|\d+)(_|$)", "", run.name)
+
+
+def run_name(_root_=None) -> str:
+    """What tells a run apart in `ls` and TensorBoard: `name=` when set, else <model>_<data>
+    (model.name, data.name); for cnneval, cnnpredict and cnnviz the checkpoint's run name.
+    Filename-safe; "" when there is nothing to name."""
+    if _root_ is None:
+        return ""
+    given = _select(_root_, "name")
+    if given not in (None, ""):
+        return _safe(given)
+    parts = [_select(_root_, "model.name"), _select(_root_, "data.name")]
+    if any(p is not None for p in parts):
+        return "_".join(_safe(p) for p in parts if p is not None and _safe(p))
+    return _safe(_ckpt_run_name(_select(_root_, "ckpt")))
+
+
+def _default_run_dir(job: str, name: str = "") -> str:
+    """A run's folder when hydra.run.dir is not given: outputs/<date>/<time>_<name> for training,
+    outputs/<job>/<date>/<time>_<name> for cnneval, cnnpredict and cnnviz (<name>: run_name);
+    claimed by rundir.unique_dir."""
     when = datetime.fromtimestamp(_run_time())
-    return rundir.unique_dir(f"outputs/{'' if job == 'train' else job + '/'}{when:%Y-%m-%d}/{when:%H-%M-%S}")
+    return rundir.unique_dir(f"outputs/{'' if job == 'train' else job + '/'}{when:%Y-%m-%d}/"
+                             f"{when:%H-%M-%S}{'_' + name if name else ''}")
 
 
 # Cached: Hydra copies the resolver cache into every job's config (also in joblib or SLURM
@@ -192,6 +236,8 @@ OmegaConf.register_new_resolver("cnntrain.unique", rundir.unique_dir, use_cache=
 # Defined once (hydra/default.yaml) and never merged over: OmegaConf evaluates an interpolation
 # that a later config merges into, and this one creates a folder.
 OmegaConf.register_new_resolver("cnntrain.run_dir", _default_run_dir, use_cache=True, replace=True)
+# Not cached: each job of a sweep names its own subfolder (hydra.sweep.subdir).
+OmegaConf.register_new_resolver("cnntrain.run_name", run_name, use_cache=False, replace=True)
 
 
 def _keys_help(app: str, _root_) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from cnntrain.errors import UserError
 
-FREE = ("device", "amp", "amp_dtype", "channels_last", "compile", "sync_batchnorm", "deterministic",
+FREE = ("name", "device", "amp", "amp_dtype", "channels_last", "compile", "sync_batchnorm", "deterministic",
         "debug", "resume", "resume_allow_changes", "on_nan", "max_eval_steps", "summary",
         "optimized_metric", "data.root", "data.download", "data.num_workers", "data.skip_bad_images",
         "data.cache_dir", "data.memory_budget_gb",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -184,6 +185,23 @@ def unique_dir(path: str) -> str:
 
 
 _made: dict[str, str] = {}  # default folders this process created: asked path -> folder
+
+
+def is_default(path: str | os.PathLike) -> bool:
+    """Whether `path` is a default folder this process made (unique_dir), not one a user named."""
+    return os.path.relpath(path) in _made.values()
+
+
+def discard_failed_start(path: str | os.PathLike) -> None:
+    """A default folder of a run that failed on a bad input before it had any result (its error
+    is on stderr): its `.hydra/`, log and lock go, then the folder and its empty parents."""
+    path = Path(path)
+    if not is_default(path) or results(path):
+        return
+    shutil.rmtree(path / ".hydra", ignore_errors=True)
+    for log in path.glob("*.log"):
+        log.unlink(missing_ok=True)
+    remove_if_empty(path)
 
 
 def remove_if_empty(path: str | os.PathLike | None) -> None:

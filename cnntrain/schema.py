@@ -208,6 +208,7 @@ class RuntimeConfig:
 
 @dataclass
 class TrainConfig(RuntimeConfig):
+    name: Optional[str] = key(None, "the run's name in its folder and in TensorBoard (null: <model>_<data>)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: Any = None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from pathlib import Path
 
 from cnntrain.files import atomic_write, save_figure
@@ -113,8 +114,30 @@ class RunTracker:
             self.tb.add_figure("test/confusion_matrix", confusion_figure(confusion, classes, "test"))
         metrics = {f"hparam/{k}": results[k] for k in ("test_acc", "best_val_acc")
                    if results.get(k) is not None}
-        self.tb.add_hparams(hparams, metrics, run_name=".")
+        for summary in hparams_summaries(hparams, trial=str(self.run_dir)):
+            self.tb.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            self.tb.add_scalar(tag, value)
+        self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def hparams_summaries(hparams: dict, trial: str) -> list:
+    """The HParams plugin's session start (each value with its type: bool, number or string) and
+    end records of one run. Not SummaryWriter.add_hparams: it logs bools as numbers, and it writes
+    an experiment record per run, from which TensorBoard takes the columns of one run, all marked
+    as not differing; so its dashboard, which ticks 5 columns, differing ones first, ticked the
+    first 5 by name. Without that record TensorBoard derives the columns from all runs and
+    ticks those whose values differ (a sweep's model, lr) first."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2, summary_v2
+
+    start = summary_v2.hparams_pb(hparams, trial_id=trial)
+    end = plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(
+        status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time()))
+    end = Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG,
+                                       metadata=metadata.create_summary_metadata(end))])
+    return [start, end]

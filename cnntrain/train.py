@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from cnntrain import distributed
@@ -450,12 +450,61 @@ def experiment_settings() -> str | None:
     return f"experiment={name} sets {' '.join(settings)} (command-line overrides win)"
 
 
+# TensorBoard HParams columns: name -> config key (class names for optim and sched)
+HPARAMS = {"model": "model.name", "data": "data.name", "optim": "optim._target_", "optim.lr": "optim.lr",
+           "optim.weight_decay": "optim.weight_decay", "sched": "sched._target_", "aug": "aug.name",
+           "data.batch_size": "data.batch_size", "epochs": "epochs", "seed": "seed", "amp": "amp",
+           "name": "name"}
+# overrides that say where things are, not what was trained: not columns
+NOT_HPARAMS = ("data.root", "data.cache_dir", "data.download", "data.num_workers", "resume", "debug")
+
+
+def _hparam_value(value):
+    """A value as TensorBoard's hparams plugin takes it: bool, int, float or str (the rest as text)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return json.dumps(OmegaConf.to_container(value, resolve=True))
+    if value is None:
+        return "null"
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _overridden_keys() -> dict:
+    """The keys the command line set (a sweep's varied keys among them), with the group
+    choices (model=resnet18, experiment=...) as the group's name: key -> the config key or None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.get()
+    keys = {}
+    for override in hydra.overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra.") or key in NOT_HPARAMS:
+            continue
+        keys[key] = None if key in hydra.runtime.choices else key
+    return keys
+
+
 def hparams(cfg: DictConfig) -> dict:
-    """The settings a sweep usually varies, as TensorBoard hparams (scalars and strings only)."""
-    keys = ("model.name", "data.name", "data.batch_size", "optim._target_", "optim.lr",
-            "optim.weight_decay", "sched._target_", "aug.name", "epochs", "seed", "amp")
-    values = {key: OmegaConf.select(cfg, key) for key in keys}
-    return {k: v.rpartition(".")[2] if isinstance(v, str) else v for k, v in values.items() if v is not None}
+    """The run's settings for TensorBoard's HParams tab, each with its own type: the model, data,
+    optimizer and schedule (class names), lr, weight decay, augmentation, batch size, epochs,
+    seed, amp, `name` when set, and every key set on the command line (what a sweep varies),
+    with its resolved value."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = {}
+    for column, key in HPARAMS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            out[column] = value.rpartition(".")[2] if key.endswith("._target_") else _hparam_value(value)
+    for key, config_key in _overridden_keys().items():
+        if key in out or key in HPARAMS:
+            continue
+        if config_key is None:  # a group choice (model=, optim=: already columns; experiment=, ...)
+            out[key] = _hparam_value(HydraConfig.get().runtime.choices.get(key))
+        else:
+            out[key] = _hparam_value(OmegaConf.select(cfg, key, default=None))
+    return out
 
 
 def _final_test(model, data: Data, saver: CheckpointSaver, common) -> dict:

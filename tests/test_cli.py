@@ -152,16 +152,23 @@ def test_rerun_into_a_run_dir_with_checkpoints_is_refused(data_root, tmp_path):
 
 def test_multirun_two_jobs(data_root, tmp_path):
     proc = run_cli("cnntrain", "-m", "model=lenet5,resnet18", f"data.root={data_root}", "data.download=false",
-                   "epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
-    for job, model in (("0", "lenet5"), ("1", "resnet18")):
+                   "epochs=1", "label_smoothing=0.05", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    for job, model in (("0_lenet5_mnist", "lenet5"), ("1_resnet18_mnist", "resnet18")):
         results = json.loads((tmp_path / "sweep" / job / "results.json").read_text())
         assert results["model"] == model and (tmp_path / "sweep" / job / "checkpoints/best.pt").is_file()
     assert "#1 : model=resnet18" in proc.stdout + proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
-    assert sorted(r["job"] for r in rows) == ["0", "1"] and all(r["status"] == "ok" for r in rows)
+    assert sorted(r["job"] for r in rows) == ["0_lenet5_mnist", "1_resnet18_mnist"] and all(r["status"] == "ok" for r in rows)
     accs = [float(r["test_acc"]) for r in rows]
     assert accs == sorted(accs, reverse=True)
     assert "| model=lenet5 | ok |" in proc.stdout and (tmp_path / "sweep" / "summary.md").is_file()
+    # TensorBoard HParams: each setting with its own type, and what the command line set
+    hparams, kinds, scalars = _hparams(tmp_path / "sweep" / "1_resnet18_mnist" / "tb")
+    assert hparams == {"model": "resnet18", "data": "mnist", "optim": "SGD", "optim.lr": 0.05,
+                       "optim.weight_decay": 0.0005, "sched": "CosineAnnealingLR", "aug": "basic",
+                       "data.batch_size": 64, "epochs": 1, "seed": 42, "amp": False, "label_smoothing": 0.05}
+    assert kinds["amp"] == "bool_value" and kinds["model"] == "string_value" and kinds["epochs"] == "number_value"
+    assert {"hparam/test_acc", "hparam/best_val_acc"} <= set(scalars)
     # cnneval on the sweep folder compares every job's best.pt in one table
     run_cli("cnneval", f"ckpt={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'cmp'}", cwd=tmp_path)
     compared = list(csv.DictReader(open(tmp_path / "cmp" / "comparison.csv")))
@@ -176,11 +183,11 @@ def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
                    "epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "1 job(s) failed" in proc.stderr and "optim.lr=-1.0 is not allowed" in proc.stderr
-    assert not (tmp_path / "sweep" / "0" / "results.json").exists()
-    assert json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())["test_acc"] is not None
+    assert not (tmp_path / "sweep" / "0_lenet5_mnist" / "results.json").exists()
+    assert json.loads((tmp_path / "sweep" / "1_lenet5_mnist" / "results.json").read_text())["test_acc"] is not None
     assert "Traceback" not in proc.stdout + proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
-    assert [(r["job"], r["status"]) for r in rows] == [("1", "ok"), ("0", "failed")]
+    assert [(r["job"], r["status"]) for r in rows] == [("1_lenet5_mnist", "ok"), ("0_lenet5_mnist", "failed")]
     assert rows[1]["error"].startswith("optim.lr=-1.0 is not allowed")
 
 
@@ -220,3 +227,19 @@ def test_sweep_lines_share_one_time_format(data_root, tmp_path):
     stamped = [line for line in proc.stdout.splitlines() if line.startswith("[")]
     assert any("Launching 1 jobs locally" in line for line in stamped)
     assert all(re.match(r"\[\d\d:\d\d:\d\d\] ", line) for line in stamped), stamped
+
+
+def _hparams(tb_dir: Path):
+    """A run's HParams record read back from its event file: values, their kinds, scalar tags."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    # no per-run experiment record: TensorBoard then derives the columns from all runs and
+    # ticks the ones that differ (see tracking.hparams_summaries)
+    assert metadata.EXPERIMENT_TAG not in content and metadata.SESSION_END_INFO_TAG in content
+    info = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+    return values, {k: v.WhichOneof("kind") for k, v in info.hparams.items()}, events.Tags()["scalars"]

@@ -4,6 +4,7 @@ run's files, a full disk, bad values of every kind. Every case: one `error:` lin
 a non-zero exit code, no traceback, and every file of an earlier run byte for byte intact."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -79,6 +80,8 @@ def test_two_plain_runs_in_the_same_second_get_two_folders(data_root, tmp_path):
     assert [code for code, _, _ in results] == [0, 0], results
     runs = sorted(p.parent.parent for p in (tmp_path / "outputs").rglob("checkpoints/last.pt"))
     assert len(runs) == 2
+    # outputs/<date>/<time>_<model>_<data>, the second one -2 when they started in one second
+    assert all(re.fullmatch(r"\d\d-\d\d-\d\d_lenet5_mnist(-2)?", r.name) for r in runs), runs
     seeds = {torch.load(r / "checkpoints/last.pt", weights_only=True)["config"]["seed"] for r in runs}
     assert seeds == {1, 2}
 
@@ -282,6 +285,39 @@ def test_other_tools_bad_values(tmp_path, args, needle):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize("args", [
+    ("cnntrain", "data.root=/nonexistent", *TRAIN),  # fails after it claimed its folder
+    ("cnntrain", "summary=true", "device=cpu"),
+    ("cnntrain", "--cfg", "job"),
+    ("cnntrain", "--help"),
+    ("cnneval", "ckpt=missing.pt"),
+    ("cnnpredict", "ckpt=missing.pt", "inputs=."),
+    ("cnnviz", "ckpt=missing.pt", "inputs=."),
+])
+def test_starts_that_end_before_any_result_leave_no_folder(tmp_path, args):
+    """A bad input found after the run claimed its default folder (a missing dataset or
+    checkpoint) removes that folder again, with its .hydra/ and log: the error is on stderr."""
+    proc = run_cli(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == (0 if "--help" in args or "--cfg" in args or "summary=true" in args else 1)
+    assert list(tmp_path.iterdir()) == [], proc.stderr
+
+
+def test_run_names():
+    from omegaconf import OmegaConf
+
+    from cnntrain.cli import run_name
+
+    def name(**cfg):
+        return run_name(OmegaConf.create(cfg))
+    assert name(model={"name": "resnet18"}, data={"name": "cifar10"}, name=None) == "resnet18_cifar10"
+    assert name(model={"name": "resnet18"}, data={"name": "cifar10"}, name="my run/2 ") == "my-run-2"
+    assert name(model={"name": "???"}, data={"name": "mnist"}) == "mnist"  # model=timm without a name
+    # cnneval, cnnpredict, cnnviz: the run of the checkpoint
+    assert name(ckpt="outputs/2026-11-22/10-00-00_lenet5_mnist-2/checkpoints/best.pt") == "lenet5_mnist-2"
+    assert name(ckpt="multirun/2026-11-22/10-00-00/3_resnet20_cifar10/checkpoints/last.pt") == "resnet20_cifar10"
+    assert name(ckpt="multirun/2026-11-22/10-00-00") == "" and name(ckpt=["a.pt", "b.pt"]) == ""
+
+
 def test_a_validation_split_that_leaves_no_training_image(data_root, tmp_path):
     proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, "data.val_split=0.9999", cwd=tmp_path,
                    check=False)
@@ -389,13 +425,13 @@ def test_an_interrupted_sweep_resumes_as_a_whole(data_root, tmp_path):
     code, out, err = _wait([_popen([*args, f"hydra.sweep.dir={sweep}"], tmp_path, env)])[0]
     assert code == 143, err
     assert f"resume=auto hydra.sweep.dir={sweep}" in err, err
-    first = everything(sweep / "0")
-    assert (sweep / "0/results.json").is_file() and not (sweep / "1/results.json").exists()
+    first = everything(sweep / "0_lenet5_mnist")
+    assert (sweep / "0_lenet5_mnist/results.json").is_file() and not (sweep / "1_lenet5_mnist/results.json").exists()
     code, out, err = _wait([_popen([*args, f"hydra.sweep.dir={sweep}", "resume=auto"], tmp_path,
                                    {"STOP_SEED": ""})])[0]
     assert code == 0, err
-    assert {k: v for k, v in everything(sweep / "0").items() if k.suffix != ".log"} == {
+    assert {k: v for k, v in everything(sweep / "0_lenet5_mnist").items() if k.suffix != ".log"} == {
         k: v for k, v in first.items() if k.suffix != ".log"}
-    assert "resuming from" in (sweep / "1/train.log").read_text()
-    assert (sweep / "1/results.json").is_file()
+    assert "resuming from" in (sweep / "1_lenet5_mnist/train.log").read_text()
+    assert (sweep / "1_lenet5_mnist/results.json").is_file()
     assert (sweep / "summary.md").read_text().count("| ok |") == 2

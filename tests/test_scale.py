@@ -72,7 +72,7 @@ def test_two_sweeps_started_together_get_two_folders(data_root, tmp_path):
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stdout.read()
     sweeps = sorted(tmp_path.glob("multirun/*/*"))
-    assert len(sweeps) == 2 and all((s / "0" / "results.json").is_file() for s in sweeps)
+    assert len(sweeps) == 2 and all((s / "0_lenet5_mnist" / "results.json").is_file() for s in sweeps)
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(data_root, tmp_path):
@@ -80,7 +80,8 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(data_root, tmp_path):
     run_cli("cnntrain", "-m", "launcher=joblib", "model=lenet5,resnet20", f"data.root={data_root}",
             "data.download=false", "device=cpu", "epochs=1", "max_steps_per_epoch=2",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
-    models = {json.loads((tmp_path / "sweep" / j / "results.json").read_text())["model"] for j in "01"}
+    models = {json.loads((tmp_path / "sweep" / j / "results.json").read_text())["model"]
+              for j in ("0_lenet5_mnist", "1_resnet20_mnist")}
     assert models == {"lenet5", "resnet20"}
     assert "summary.csv" in {p.name for p in (tmp_path / "sweep").iterdir()}
 
@@ -92,7 +93,7 @@ def test_optuna_sweep_maximizes_the_validation_accuracy(data_root, tmp_path):
             "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
-    trials = [json.loads((tmp_path / "sweep" / str(j) / "results.json").read_text())["best_val_acc"]
+    trials = [json.loads(next((tmp_path / "sweep").glob(f"{j}_*_fashion_mnist/results.json")).read_text())["best_val_acc"]
               for j in range(3)]
     assert best["best_value"] == max(trials)
     assert set(best["best_params"]) == {"optim.lr", "optim.weight_decay", "data.batch_size"}
@@ -109,5 +110,5 @@ def test_submitit_slurm_preset_composes_and_its_jobs_run_with_the_local_executor
     run_cli("cnntrain", "-m", "hydra/launcher=submitit_local", "model=lenet5", f"data.root={data_root}",
             "data.download=false", "device=cpu", "epochs=1", "max_steps_per_epoch=2",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.timeout_min=10", cwd=tmp_path)
-    assert (tmp_path / "sweep" / "0" / "results.json").is_file()
+    assert (tmp_path / "sweep" / "0_lenet5_mnist" / "results.json").is_file()
     assert list((tmp_path / "sweep" / ".submitit").rglob("*_submitted.pkl"))
