@@ -15,7 +15,7 @@ from cnntrain.files import atomic_write, write_text
 FAILED_JOBS: list[str] = []
 
 COLUMNS = ("job", "overrides", "status", "test_acc", "best_val_acc", "best_epoch", "epochs",
-           "params", "train_time_s", "run_dir", "error")
+           "params", "train_time_s", "run_dir", "error", "note")
 
 
 def _job_row(job_dir: Path) -> dict:
@@ -25,6 +25,9 @@ def _job_row(job_dir: Path) -> dict:
     if results.is_file():
         data = json.loads(results.read_text())
         row.update({k: data.get(k) for k in COLUMNS if k in data}, status="ok")
+        if data.get("val_at_chance"):  # trained, but its best checkpoint validates at chance
+            row.update(status="chance", note="val accuracy at chance while train accuracy rose: "
+                       "BatchNorm statistics not settled (few steps?) or val data unlike train")
         return row
     errors = [line.split("error: ", 1)[1] for log in job_dir.glob("*.log")
               for line in log.read_text(errors="replace").splitlines() if "error: " in line]
@@ -33,13 +36,15 @@ def _job_row(job_dir: Path) -> dict:
 
 
 def summarize_sweep(sweep_dir: Path) -> list[dict]:
-    """Rows of every job folder under sweep_dir, best test accuracy first, failed jobs last."""
+    """Rows of every job folder under sweep_dir, best test accuracy first, then the jobs whose
+    val accuracy is at chance (status `chance`, see tracking.at_chance), failed jobs last."""
     jobs = [d for d in Path(sweep_dir).iterdir() if (d / ".hydra" / "overrides.yaml").is_file()]
     rows = [_job_row(d) for d in jobs]
     common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if rows else set()
     for r in rows:  # what this job changed, without the overrides every job shares
         r["swept"] = " ".join(o for o in r["overrides"].split() if o not in common)
-    rows.sort(key=lambda r: (r["status"] != "ok", -(r.get("test_acc") or 0), _job_number(r["job"])))
+    order = {"ok": 0, "chance": 1}  # then failed
+    rows.sort(key=lambda r: (order.get(r["status"], 2), -(r.get("test_acc") or 0), _job_number(r["job"])))
     return rows
 
 
@@ -57,7 +62,7 @@ def _cell(value, column: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     cols = ("job", "swept", "status", "test_acc", "best_val_acc", "epochs", "params", "train_time_s",
-            "run_dir", "error")
+            "run_dir", "error", "note")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c), c) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -81,6 +86,6 @@ class SweepSummary(Callback):
         rows = summarize_sweep(sweep_dir)
         if not rows:
             return
-        FAILED_JOBS[:] = [f"job {r['job']}: error: {r['error']}" for r in rows if r["status"] != "ok"]
+        FAILED_JOBS[:] = [f"job {r['job']}: error: {r['error']}" for r in rows if r["status"] == "failed"]
         write_summary(sweep_dir, rows)
         print(f"\nsweep summary ({sweep_dir / 'summary.md'}):\n{format_table(rows)}", flush=True)

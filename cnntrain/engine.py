@@ -5,7 +5,9 @@ the host wait for the GPU at every step."""
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -16,6 +18,22 @@ from tqdm import tqdm
 
 from cnntrain import distributed
 from cnntrain.errors import UserError
+
+log = logging.getLogger("cnntrain")
+
+# Off a terminal (a log file, a pipe, SLURM, CI) there is no bar: a progress line is logged
+# instead, every PROGRESS_EVERY_S seconds, and further apart in long epochs, so that an epoch
+# gets at most PROGRESS_LINES of them: one every 30 s says the run is alive, while more than a
+# few lines per epoch would bury the epoch lines.
+PROGRESS_EVERY_S = 30.0
+PROGRESS_LINES = 4
+
+
+def duration(seconds: float) -> str:
+    """`m:ss`, or `h:mm:ss` from an hour on."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -44,12 +62,19 @@ class _Progress:
     tqdm bar. Reading the device's sums waits for it, so on a GPU the postfix and the
     non-finite-loss check happen at most once a second; on the CPU the check is free, every step.
     Under torchrun the check is an all-reduce that every rank makes at the same steps (each
-    CHECK_EVERY-th on a GPU), so that all stop together."""
+    CHECK_EVERY-th on a GPU), so that all stop together.
+    Where the bar is not shown (stderr is not a terminal), rank 0 logs a progress line at one of
+    those once-a-second reads, every PROGRESS_EVERY_S seconds (see there): step, running loss and
+    accuracy (its own batches), img/s (all ranks), and the ETA of the epoch and of the run. The
+    run's ETA assumes that each of the `epochs_after` epochs after this one takes the median of
+    `epoch_times` (the seconds of the epochs done, validation included), or as long as this
+    epoch's training before any is done."""
 
     CHECK_EVERY = 32
 
     def __init__(self, loader, desc: str, enabled: bool, channels_last: bool, max_steps=None,
-                 start: int = 0, device: torch.device = torch.device("cpu")):
+                 start: int = 0, device: torch.device = torch.device("cpu"), first_n: int = 0,
+                 epochs_after: int | None = None, epoch_times=()):
         total = min(len(loader), max_steps or len(loader))
         # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
         self.bar = tqdm(itertools.islice(loader.iter_from(start), total - start), total=total,
@@ -58,7 +83,11 @@ class _Progress:
         self.total, self.desc, self.channels_last = total, desc, channels_last
         self.every_step = device.type == "cpu"
         self.ranks = distributed.world_size() > 1
-        self.last = time.monotonic()
+        self.last = self.t0 = self.last_line = time.monotonic()
+        self.start, self.first_n, self.lines = start, first_n, 0
+        self.log_lines = enabled and self.bar.disable and distributed.is_main()
+        self.epochs_after = epochs_after
+        self.epoch_s = statistics.median(epoch_times) if epoch_times else None
 
     def __iter__(self):
         for x, y in self.bar:
@@ -85,11 +114,44 @@ class _Progress:
                                 f"(lr {lr:.4g}): the training diverged; stopped, the checkpoints "
                                 "of the last complete epoch are untouched (lower optim.lr, set "
                                 "grad_clip=, or on_nan=skip_batch)")
-        if due:
+        if due:  # the device was read just now: the bar's numbers or a progress line are free
             self.last = now
+            n = max(state.n, 1)
             if not self.bar.disable:
-                n = max(state.n, 1)
-                self.bar.set_postfix(loss=f"{loss / n:.4f}", acc=f"{int(state.correct) / n:.4f}")
+                postfix = {"loss": f"{loss / n:.4f}", "acc": f"{int(state.correct) / n:.4f}"}
+                etas = self._etas(now, state)
+                if etas and etas[2] is not None:  # tqdm shows the epoch's own ETA
+                    postfix["run ETA"] = duration(etas[2])
+                self.bar.set_postfix(postfix)
+            elif self.log_lines and not final and state.n and state.step < self.total:
+                self._log_line(now, state, loss / n, int(state.correct) / n)
+
+    def _etas(self, now: float, state: EpochState):
+        """(this epoch's estimated length, seconds left in it, seconds left in the run or None)."""
+        done = state.step - self.start
+        if done <= 0:
+            return None
+        step_s = (now - self.t0) / done
+        epoch_left = step_s * (self.total - state.step)
+        run_left = None
+        if self.epochs_after is not None:
+            run_left = epoch_left + self.epochs_after * (self.epoch_s or step_s * self.total)
+        return step_s * self.total, epoch_left, run_left
+
+    def _log_line(self, now: float, state: EpochState, loss: float, acc: float) -> None:
+        etas = self._etas(now, state)
+        if etas is None or self.lines >= PROGRESS_LINES:
+            return
+        epoch_s, epoch_left, run_left = etas
+        # every PROGRESS_EVERY_S, or a quarter of the epoch when that is longer: at most a few
+        # lines an epoch (and none in an epoch shorter than PROGRESS_EVERY_S)
+        if now - self.last_line < max(PROGRESS_EVERY_S, epoch_s / PROGRESS_LINES):
+            return
+        self.last_line, self.lines = now, self.lines + 1
+        img_s = (state.n - self.first_n) * distributed.world_size() / max(now - self.t0, 1e-9)
+        run = f", run ETA {duration(run_left)}" if run_left is not None else ""
+        log.info("%s step %d/%d loss %.4f acc %.4f %.0f img/s, epoch ETA %s%s", self.desc,
+                 state.step, self.total, loss, acc, img_s, duration(epoch_left), run)
 
     def close(self):
         self.bar.close()
@@ -99,13 +161,15 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
                     scheduler=None, scaler=None, amp_dtype=None, channels_last: bool = False,
                     grad_clip: float | None = None, max_steps: int | None = None, desc: str = "train",
                     progress: bool = True, on_nan: str = "stop", state: EpochState | None = None,
-                    stop=None, ema=None) -> dict:
+                    stop=None, ema=None, epochs_after: int | None = None, epoch_times=()) -> dict:
     """One pass over `loader` (or its first `max_steps` batches), continuing `state` (a resumed
     epoch) if given; `scheduler`, if given, is stepped after every batch. `stop()` is asked after
     every batch whether to end the epoch early (a signal). A non-finite loss stops training
     (UserError) or, with on_nan="skip_batch", skips that batch's update. A batch mixed by MixUp /
     CutMix comes with soft targets; its accuracy counts each image's larger share.
-    `ema` (a ModelEma) is updated after every optimizer step.
+    `ema` (a ModelEma) is updated after every optimizer step. `epochs_after` (the epochs left
+    after this one) and `epoch_times` (the seconds of the epochs done) give the run's ETA to the
+    progress bar or line (_Progress).
     Under torchrun the ranks decide about a non-finite loss together, at the same step: one rank
     skipping (or stopping) alone would pair its next gradient all-reduce with another's current one.
     Returns {"loss", "acc"} averaged over the samples seen, the throughput "img_per_s", and
@@ -115,7 +179,8 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
     state.loss_sum = torch.as_tensor(state.loss_sum, dtype=torch.float32, device=device)
     state.correct = torch.as_tensor(state.correct, dtype=torch.long, device=device)
     first, start = state.n, time.perf_counter()
-    bar = _Progress(loader, desc, progress, channels_last, max_steps, state.step, device)
+    bar = _Progress(loader, desc, progress, channels_last, max_steps, state.step, device,
+                    first_n=state.n, epochs_after=epochs_after, epoch_times=epoch_times)
     for x, target in bar:
         y = target if target.ndim == 1 else target.argmax(1)
         with autocast(device, amp_dtype):

@@ -24,18 +24,38 @@ def format_row(row: dict, epochs: int) -> str:
     return " ".join(parts)
 
 
+def at_chance(val_acc, train_acc, num_classes: int | None) -> bool:
+    """Whether validation accuracy sits at chance (1/K for K classes) while training accuracy
+    has clearly risen: val_acc <= 1.5/K and train_acc >= 2.5/K. A network that learned anything
+    validates well above 1.5/K after an epoch, and 2.5/K means the training batches are being
+    learned, so the gap points at eval mode or the data, not at slow learning. The usual cause:
+    BatchNorm running statistics that have not settled (few steps, a small momentum), or val data
+    that differ from train. Never true for two classes (train_acc would need to exceed 1)."""
+    if val_acc is None or train_acc is None or not num_classes:
+        return False
+    return val_acc <= 1.5 / num_classes and train_acc >= 2.5 / num_classes
+
+
+def chance_warning(row: dict, num_classes: int) -> str:
+    return (f"val accuracy {row['val_acc']:.3f} is at chance (1/{num_classes}) while train "
+            f"accuracy is {row['train_acc']:.3f}: BatchNorm running statistics may not have "
+            "settled (few steps) or the val data differ from train")
+
+
 class RunTracker:
     """`history` is every epoch's row so far (restored on resume), so the CSV and the plot are
     always rewritten whole and a resumed run's files match an uninterrupted one's.
     With write=False (ranks > 0 under torchrun) it only keeps the history. curves.png is headed
     by `title` (e.g. "resnet20 on cifar10") and the run folder (its last two parts, the date and
-    time of outputs/<date>/<time>, since the time alone says little)."""
+    time of outputs/<date>/<time>, since the time alone says little). Given `num_classes`, the
+    first epoch whose val accuracy is at chance (`at_chance`) logs a warning."""
 
     def __init__(self, run_dir: Path, epochs: int, history: list[dict] | None = None, write: bool = True,
-                 title: str | None = None):
+                 title: str | None = None, num_classes: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.epochs, self.write = Path(run_dir), epochs, write
+        self.num_classes, self.warned = num_classes, False
         self.history = list(history or [])
         folder = "/".join(self.run_dir.parts[-2:])
         self.title = f"{title} ({folder})" if title else folder
@@ -49,6 +69,9 @@ class RunTracker:
         if not self.write:
             return
         log.info(format_row(row, self.epochs))
+        if not self.warned and self.at_chance(row["epoch"]):
+            self.warned = True
+            log.warning(chance_warning(row, self.num_classes))
         self._write_csv()
         for key in COLUMNS[1:]:
             if row.get(key) is not None:
@@ -57,6 +80,11 @@ class RunTracker:
                 self.tb.add_scalar(tag, row[key], row["epoch"])
         self.tb.flush()
         self._plot()
+
+    def at_chance(self, epoch: int | None) -> bool:
+        """Whether that epoch's val accuracy was at chance (`at_chance`)."""
+        row = next((r for r in self.history if r["epoch"] == epoch), None)
+        return row is not None and at_chance(row.get("val_acc"), row.get("train_acc"), self.num_classes)
 
     def _write_csv(self) -> None:
         with atomic_write(self.run_dir / "metrics.csv", newline="") as f:

@@ -272,7 +272,8 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
     common = dict(device=device, amp_dtype=dtype, channels_last=nhwc,
                   max_steps=cfg.max_eval_steps)
     main = distributed.is_main()  # the one process that writes files
-    tracker = RunTracker(run_dir, cfg.epochs, history, write=main, title=f"{cfg.model.name} on {cfg.data.name}")
+    tracker = RunTracker(run_dir, cfg.epochs, history, write=main, title=f"{cfg.model.name} on {cfg.data.name}",
+                         num_classes=len(data.classes))
     saver = CheckpointSaver(ckpt_dir, best, cfg.checkpoint.keep_top_k,
                             resumed.get("top_k", []) if resumed else [], write=main)
     if val_loader is None:
@@ -303,7 +304,8 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
                                  scheduler=scheduler if interval == "step" else None, scaler=scaler,
                                  desc=f"epoch {epoch}/{cfg.epochs}", device=device, amp_dtype=dtype,
                                  channels_last=nhwc, max_steps=cfg.max_steps_per_epoch,
-                                 on_nan=cfg.on_nan, state=_epoch_state(partial), stop=stop, ema=ema)
+                                 on_nan=cfg.on_nan, state=_epoch_state(partial), stop=stop, ema=ema,
+                                 epochs_after=cfg.epochs - epoch, epoch_times=[r["time"] for r in tracker.history])
             partial = None
             if tr["state"].skipped:
                 log.warning("epoch %d: skipped %d batches with a non-finite loss (on_nan=skip_batch)",
@@ -341,7 +343,7 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
                    epochs_run=tracker.history[-1]["epoch"] if tracker.history else 0,
                    train_time_s=round(time.perf_counter() - started, 2), params=summary["params"],
                    trainable_params=summary["trainable"], macs=summary["macs"],
-                   run_dir=str(run_dir))
+                   run_dir=str(run_dir), val_at_chance=tracker.at_chance(results["best_epoch"]))
     if main:
         write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     tracker.log_final(hparams(cfg), results, confusion, data.classes)

@@ -152,3 +152,23 @@ def test_auto_stem_is_small_up_to_64px():
     assert stem_kernel(image_size=65) == (7, 7)
     assert stem_kernel(image_size=32, stem="imagenet") == (7, 7)
     assert stem_kernel(image_size=224, stem="small") == (3, 3)
+
+
+@pytest.mark.parametrize("name, eps", [("mobilenet_v3_small", 1e-3), ("mobilenet_v3_large", 1e-3),
+                                       ("mnasnet", 1e-5), ("mobilenet_v2", 1e-5), ("efficientnet_b0", 1e-5)])
+def test_mobile_families_use_pytorchs_bn_momentum(name, eps, monkeypatch):
+    """torchvision's MobileNetV3 (0.01) and MnasNet (0.0003) BatchNorm momenta leave eval mode at
+    chance for hundreds of steps: cnntrain builds them with 0.1, torchvision's eps kept, from
+    scratch and with pretrained weights (a fresh ImageNet model's state stands in for them)."""
+    from torchvision.models import get_model
+
+    from cnntrain.models import transfer
+
+    def bns(model):
+        return {(m.momentum, m.eps) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+    assert bns(create_model(name, in_channels=1, num_classes=10, image_size=32)) == {(0.1, eps)}
+    tv_name = transfer.TORCHVISION_NAMES.get(name, name)
+    monkeypatch.setattr(transfer, "download_state_dict", lambda weights: get_model(tv_name).state_dict())
+    model = create_model(name, in_channels=3, num_classes=10, image_size=32, pretrained="IMAGENET1K_V1")
+    assert bns(model) == {(0.1, eps)}

@@ -148,3 +148,84 @@ def test_evaluate_loader_matches_the_textbook_metrics():
     torch.testing.assert_close(r["confidence"], out.softmax(1).max(1).values)
     assert torch.equal(r["predicted"], out.argmax(1)) and r["confusion"].sum() == 50
     assert r["confusion"][labels[0], out[0].argmax()] >= 1
+
+
+def test_progress_lines_off_a_terminal(data_root, tmp_path, monkeypatch, caplog):
+    """pytest's stderr is no terminal: no tqdm bar, but progress lines, on a clock that runs 10 s
+    a read (so a 20-step epoch "takes" 200 s: a line every max(30 s, 200 s / 4) = 50 s, none at
+    its last step)."""
+    import logging
+    import re
+    import time
+    from types import SimpleNamespace
+
+    from cnntrain import engine
+
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(engine, "time", SimpleNamespace(monotonic=lambda: next(clock),
+                                                         perf_counter=time.perf_counter))
+    caplog.set_level(logging.INFO, logger="cnntrain")
+    run(data_root, tmp_path, "epochs=2", "data.batch_size=8", "max_steps_per_epoch=20", "max_eval_steps=1")
+    pattern = (r"epoch (\d)/2 step (\d+)/20 loss \d\.\d{4} acc \d\.\d{4} \d+ img/s, "
+               r"epoch ETA (\d+):(\d\d), run ETA (\d+):(\d\d)$")
+    lines = [m for m in (re.match(pattern, r.getMessage()) for r in caplog.records) if m]
+    for epoch in ("1", "2"):
+        steps = [int(m[2]) for m in lines if m[1] == epoch]
+        assert 2 <= len(steps) <= engine.PROGRESS_LINES and steps == sorted(steps) and steps[-1] < 20
+    first = lines[0]
+    epoch_left, run_left = int(first[3]) * 60 + int(first[4]), int(first[5]) * 60 + int(first[6])
+    # epoch 1 knows no epoch time yet: the run's ETA counts epoch 2 as long as epoch 1
+    assert epoch_left > 0 and run_left == pytest.approx(epoch_left + 200, abs=3)
+    assert lines[-1].groups()[2:4] == lines[-1].groups()[4:]  # the last epoch: the run ends with it
+
+
+def test_progress_lines_need_a_few_seconds(data_root, tmp_path, caplog):
+    """Real time: these short epochs log no progress line, only epoch lines."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="cnntrain")
+    run(data_root, tmp_path, "max_steps_per_epoch=3", "max_eval_steps=1")
+    assert not [r for r in caplog.records if "img/s, epoch ETA" in r.getMessage()]
+    assert [r for r in caplog.records if r.getMessage().startswith("epoch 1/1 train_loss")]
+
+
+def test_val_accuracy_at_chance_is_flagged(data_root, tmp_path, monkeypatch, caplog):
+    """Val accuracy at chance while train accuracy rises: one warning in the epoch lines,
+    val_at_chance in results.json, status `chance` (not failed) in the sweep summary."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from cnntrain import callbacks
+    from cnntrain import train as train_module
+    from cnntrain.tracking import at_chance
+
+    assert at_chance(0.117, 0.65, 10) and not at_chance(0.2, 0.65, 10) and not at_chance(0.1, 0.2, 10)
+    assert not at_chance(0.5, 0.99, 2) and not at_chance(None, 0.9, 10)
+    real_train, real_eval = train_module.train_one_epoch, train_module.evaluate_loader
+
+    def trained(*args, **kwargs):
+        return {**real_train(*args, **kwargs), "acc": 0.65}
+
+    def evaluated(*args, **kwargs):
+        result = real_eval(*args, **kwargs)
+        return {**result, "acc": 0.117} if kwargs.get("desc") == "val" else result
+
+    monkeypatch.setattr(train_module, "train_one_epoch", trained)
+    monkeypatch.setattr(train_module, "evaluate_loader", evaluated)
+    caplog.set_level(logging.INFO, logger="cnntrain")
+    job = tmp_path / "sweep" / "0"
+    results = run(data_root, job, "epochs=2", "max_steps_per_epoch=2", "max_eval_steps=1")
+    assert results["val_at_chance"] is True
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["val accuracy 0.117 is at chance (1/10) while train accuracy is 0.650: BatchNorm "
+                        "running statistics may not have settled (few steps) or the val data differ from train"]
+    (job / ".hydra").mkdir(exist_ok=True)  # Hydra writes it in a real sweep
+    OmegaConf.save(OmegaConf.create(["model=lenet5"]), job / ".hydra" / "overrides.yaml")
+    ok = tmp_path / "sweep" / "1"
+    (ok / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(["model=resnet18"]), ok / ".hydra" / "overrides.yaml")
+    (ok / "results.json").write_text(json.dumps({"test_acc": 0.01, "val_at_chance": False}))
+    rows = callbacks.summarize_sweep(tmp_path / "sweep")
+    assert [(r["job"], r["status"]) for r in rows] == [("1", "ok"), ("0", "chance")]
+    assert "at chance" in rows[1]["note"] and "| chance |" in callbacks.format_table(rows)

@@ -103,6 +103,15 @@ def adapt_stem(
     return model
 
 
+def set_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:
+    """Set the running-statistics momentum of every BatchNorm layer of ``model`` (eps and weights
+    stay); returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+    return model
+
+
 def torchvision_factory(
     builder: Callable[..., nn.Module],
     conv: str,
@@ -110,14 +119,26 @@ def torchvision_factory(
     init: Callable[[nn.Conv2d], None] | None = None,
     pool: str | None = None,
     unstride_next: bool = False,
+    bn_momentum: float | None = None,
 ) -> Callable[..., nn.Module]:
     """A registry factory for torchvision's ``builder``: untrained, ``num_classes`` outputs,
-    options passed on, and the stem adapted by ``adapt_stem`` (see there for the arguments)."""
+    options passed on, and the stem adapted by ``adapt_stem`` (see there for the arguments).
+    ``bn_momentum``: the BatchNorm momentum in place of torchvision's (see ``set_bn_momentum``)."""
 
     def factory(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
         model = builder(weights=None, num_classes=num_classes, **kwargs)
+        if bn_momentum is not None:
+            set_bn_momentum(model, bn_momentum)
         return adapt_stem(
             model, conv, in_channels, small, init=init, pool=pool, unstride_next=unstride_next
         )
 
     return factory
+
+
+# PyTorch's default BatchNorm momentum. MobileNetV3 (0.01) and MnasNet (0.0003) come from
+# TensorFlow's ImageNet recipes of hundreds of thousands of steps; with them the running
+# statistics take hundreds to thousands of steps to settle, so eval-mode (validation) accuracy
+# stays at chance through short runs while training accuracy rises. The momentum is no weight:
+# pretrained weights load the same, and fine-tuning re-estimates the statistics as fast.
+BN_MOMENTUM = 0.1

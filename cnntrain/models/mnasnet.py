@@ -3,6 +3,8 @@
 Adapted: the first conv takes any number of input channels. For small inputs the overall
 stride of 32 would leave 1 px of a 32 px image, so the 3x3/2 stem conv and the first block
 that halves the resolution (the first 24-channel block) become stride 1: stride 8, 32 -> 4 px.
+BatchNorm momentum 0.1 (PyTorch's default) in place of torchvision's 1 - 0.9997, from scratch
+and with pretrained weights alike: see ``_utils.BN_MOMENTUM``.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 from torchvision import models as tvm
 
 from . import register_model
-from ._utils import kaiming_fan_out_init, torchvision_factory
+from ._utils import BN_MOMENTUM, kaiming_fan_out_init, torchvision_factory
 
 # kaiming_fan_out_init is torchvision's MNASNet init.
 register_model(
     torchvision_factory(
-        tvm.mnasnet1_0, "layers.0", init=kaiming_fan_out_init, unstride_next=True
+        tvm.mnasnet1_0, "layers.0", init=kaiming_fan_out_init, unstride_next=True,
+        bn_momentum=BN_MOMENTUM,
     ),
     name="mnasnet",
 )

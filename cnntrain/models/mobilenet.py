@@ -6,6 +6,8 @@ stride of 32 would leave 1 px of a 32 px image, so the 3x3/2 stem conv and the f
 that halves the resolution (the first 24-channel block in V2 and V3-large, the first block in
 V3-small) become stride 1, as in kuangliu/pytorch-cifar's MobileNetV2: stride 8, 32 -> 4 px.
 Option: ``dropout`` (0.2).
+BatchNorm momentum 0.1 (PyTorch's default) in place of MobileNetV3's 0.01, from scratch and
+with pretrained weights alike: see ``_utils.BN_MOMENTUM`` (MobileNetV2 has 0.1 already).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 from torchvision import models as tvm
 
 from . import register_model
-from ._utils import kaiming_fan_out_init, torchvision_factory
+from ._utils import BN_MOMENTUM, kaiming_fan_out_init, torchvision_factory
 
 # One registry entry per variant; each takes (in_channels=, num_classes=, small=, **kwargs).
 for _name in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"):
     # torchvision's mode="fan_out" with the default leaky_relu(0) gain is the ReLU gain, so
     # kaiming_fan_out_init is the family's own init.
     _factory = torchvision_factory(
-        getattr(tvm, _name), "features.0.0", init=kaiming_fan_out_init, unstride_next=True
+        getattr(tvm, _name), "features.0.0", init=kaiming_fan_out_init, unstride_next=True,
+        bn_momentum=BN_MOMENTUM,
     )
     register_model(_factory, name=_name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -96,7 +97,9 @@ def load_matching(model: nn.Module, state: dict, source: str) -> None:
     if bad:
         raise UserError(f"{source} holds non-finite weights ({bad}); use other weights")
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    usable = OrderedDict((k, v) for k, v in state.items() if k in own and own[k].shape == v.shape)
+    if hasattr(state, "_metadata"):  # module versions: MNASNet refuses weights without them
+        usable._metadata = state._metadata
     skipped = sorted(set(state) - set(usable))
     missing = sorted(set(own) - set(usable))
     if not usable or len(usable) < len(own) // 2:
