@@ -49,7 +49,7 @@ def test_wheel_in_a_fresh_venv_runs_from_another_directory(wheel, data_root, tmp
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = run_cli(str(env_dir / "bin/cnntrain"), "--help", cwd=elsewhere)
-    assert "model: " in proc.stdout and "lenet5" in proc.stdout
+    assert "model=lenet5: alexnet," in proc.stdout and "model.name=lenet5" in proc.stdout  # configs in the wheel
     run_cli(str(env_dir / "bin/cnntrain"), f"data.root={data_root}", "data.download=false", "epochs=1",
             cwd=elsewhere)
     run_dir = next((elsewhere / "outputs").glob("*/*"))
