@@ -60,8 +60,10 @@ def _evaluate(cfg: DictConfig, paths: list[Path], run_dir: Path) -> dict | list[
     if len(paths) == 1:
         return evaluate_checkpoint(cfg, paths[0], run_dir, verbose=True)
     reports = []
-    for i, path in enumerate(paths):
-        folder = run_dir / f"{i}_{path.parent.parent.name}"
+    runs = [path.parent.parent.name for path in paths]
+    unique = len(set(runs)) == len(runs)  # a sweep's jobs (0_lenet5_mnist, ...) are already told apart
+    for i, (path, run) in enumerate(zip(paths, runs)):
+        folder = run_dir / (run if unique else f"{i}_{run}")
         reports.append(evaluate_checkpoint(cfg, path, folder, verbose=False))
     if distributed.is_main():
         print(write_comparison(reports, run_dir), flush=True)
