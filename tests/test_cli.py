@@ -172,7 +172,7 @@ def test_multirun_two_jobs(data_root, tmp_path):
     # cnneval on the sweep folder compares every job's best.pt in one table
     run_cli("cnneval", f"ckpt={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'cmp'}", cwd=tmp_path)
     compared = list(csv.DictReader(open(tmp_path / "cmp" / "comparison.csv")))
-    assert sorted(p.name for p in (tmp_path / "cmp").iterdir() if p.is_dir()) == ["0_lenet5_mnist", "1_resnet18_mnist"]
+    assert sorted(p.name for p in (tmp_path / "cmp").glob("[!.]*/")) == ["0_lenet5_mnist", "1_resnet18_mnist"]
     assert sorted(r["model"] for r in compared) == ["lenet5", "resnet18"]
     for r in compared:
         job = Path(r["checkpoint"]).parents[1]
