@@ -210,6 +210,8 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
     if "stem" in cfg.model:  # stored resolved: a checkpoint rebuilds the same network
         cfg.model.stem = resolve_stem(cfg.model.stem, data.image_size, cfg.model.pretrained)
     config = stored_config(cfg, data)
+    train_loader, val_loader = data.loaders["train"], data.loaders.get("val")
+    steps = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))  # per epoch
     changed = []
     if resumed is not None:
         if resumed["classes"] != data.classes:
@@ -227,15 +229,12 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
             else:
                 _carry_over(resume, resumed, ckpt_dir)
         distributed.barrier()  # rank 0 may have copied files into ckpt_dir
-        train_steps = min(len(data.loaders["train"]), cfg.max_steps_per_epoch or len(data.loaders["train"]))
-        log.info("resuming from %s: %s", resume, _resume_point(resumed, cfg.epochs, train_steps))
-    train_loader, val_loader = data.loaders["train"], data.loaders.get("val")
+        log.info("resuming from %s: %s", resume, _resume_point(resumed, cfg.epochs, steps))
     model, summary = build_model(cfg.model, data.in_channels, len(data.classes), data.image_size, device)
     nhwc = channels_last(cfg.channels_last, device, dtype)
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(cfg.optim, model)
-    steps = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
     scheduler, interval = create_scheduler(cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=steps)
     scaler = grad_scaler(dtype, device)
     start, history, best, partial, since_best = 1, [], None, None, 0
