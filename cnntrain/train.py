@@ -19,6 +19,7 @@ from cnntrain import distributed
 from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
 from cnntrain.data import Data, build_data
+from cnntrain.data.builtin import BUILTIN
 from cnntrain.ema import ModelEma
 from cnntrain.engine import EpochState, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted, UserError
@@ -348,8 +349,20 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
     tracker.log_final(hparams(cfg), results, confusion, data.classes)
     tracker.close()
     if main:
-        log_outputs(run_dir, [f"cnneval ckpt={shown(saver.best)}", f"tensorboard --logdir {shown(run_dir)}"])
+        log_outputs(run_dir, [f"cnneval ckpt={shown(saver.best)}", f"tensorboard --logdir {shown(run_dir)}",
+                              *_full_datasets(cfg.data)])
     return results
+
+
+def _full_datasets(data: DictConfig) -> list[str]:
+    """After a run on the bundled sample (the default, the first run of most users): the full
+    datasets are one override away."""
+    if not getattr(BUILTIN.get(data.name), "bundled", False):
+        return []
+    log.info("this run trained on the small %s that ships with cnntrain; the full sets are one "
+             "override away (downloaded into %s/, or data.root=):", BUILTIN[data.name].title, shown(data.root))
+    return ["cnntrain data=fashion_mnist   # all 60,000 Fashion-MNIST images",
+            "cnntrain data=mnist           # handwritten digits"]
 
 
 def _ema(decay, model: nn.Module, resumed: dict | None) -> ModelEma | None:

@@ -66,10 +66,11 @@ def signal_at_batch(monkeypatch):
     return arm
 
 
-def run_cli(*args, cwd=None, check=True, timeout=600) -> subprocess.CompletedProcess:
-    """Run a console script (cnntrain/cnneval) as a user would, from `cwd`. The scripts of the
-    environment running the tests are used, whether or not it is activated."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_cli(*args, cwd=None, check=True, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run a console script (cnntrain/cnneval) as a user would, from `cwd`, with `env` added to
+    the environment (a None value removes that variable). The scripts of the environment running
+    the tests are used, whether or not it is activated."""
+    env = {k: v for k, v in {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}.items() if v is not None}
     script = Path(sys.executable).parent / args[0]
     if script.is_file():
         args = (str(script), *args[1:])

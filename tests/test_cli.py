@@ -151,7 +151,7 @@ def test_rerun_into_a_run_dir_with_checkpoints_is_refused(data_root, tmp_path):
 
 
 def test_multirun_two_jobs(data_root, tmp_path):
-    proc = run_cli("cnntrain", "-m", "model=lenet5,resnet18", f"data.root={data_root}", "data.download=false",
+    proc = run_cli("cnntrain", "-m", "model=lenet5,resnet18", "data=mnist", f"data.root={data_root}", "data.download=false",
                    "epochs=1", "label_smoothing=0.05", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     for job, model in (("0_lenet5_mnist", "lenet5"), ("1_resnet18_mnist", "resnet18")):
         results = json.loads((tmp_path / "sweep" / job / "results.json").read_text())
@@ -180,7 +180,7 @@ def test_multirun_two_jobs(data_root, tmp_path):
 
 
 def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
-    proc = run_cli("cnntrain", "-m", "optim.lr=-1,0.05", f"data.root={data_root}", "data.download=false",
+    proc = run_cli("cnntrain", "-m", "optim.lr=-1,0.05", "data=mnist", f"data.root={data_root}", "data.download=false",
                    "epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "1 job(s) failed" in proc.stderr and "optim.lr=-1.0 is not allowed" in proc.stderr
@@ -202,7 +202,7 @@ def test_a_capped_test_says_it_is_capped_and_how_to_get_the_full_one(data_root, 
 
 
 def test_an_experiment_run_says_what_the_recipe_turned_on(data_root, tmp_path):
-    proc = run_cli("cnntrain", "experiment=mnist_lenet5", f"data.root={data_root}", "data.download=false",
+    proc = run_cli("cnntrain", "experiment=mnist_lenet5", "data=mnist", f"data.root={data_root}", "data.download=false",
                    "epochs=1", "max_steps_per_epoch=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     line = next(line for line in proc.stdout.splitlines() if "experiment=mnist_lenet5 sets" in line)
     assert "model=lenet5" in line and "data=mnist" in line and "(command-line overrides win)" in line
@@ -223,7 +223,7 @@ def test_help_lists_groups_and_every_key_with_its_meaning(tmp_path):
 def test_sweep_lines_share_one_time_format(data_root, tmp_path):
     import re
 
-    proc = run_cli("cnntrain", "-m", "model=lenet5", f"data.root={data_root}", "data.download=false",
+    proc = run_cli("cnntrain", "-m", "model=lenet5", "data=mnist", f"data.root={data_root}", "data.download=false",
                    "epochs=1", "max_steps_per_epoch=1", cwd=tmp_path)
     stamped = [line for line in proc.stdout.splitlines() if line.startswith("[")]
     assert any("Launching 1 jobs locally" in line for line in stamped)

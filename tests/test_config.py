@@ -25,7 +25,7 @@ def make_cfg(*overrides):
 def test_contract_options_exist():
     assert set(options("model")) >= {"lenet5", "alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "vgg16_bn",
                                      "googlenet", "resnet18", "resnet34", "resnet50"}
-    assert options("data") == ["cifar10", "cifar100", "fashion_mnist", "imagefolder", "mnist"]
+    assert options("data") == ["cifar10", "cifar100", "fashion_mnist", "fashion_mnist_mini", "imagefolder", "mnist"]
     assert options("optim") == ["adam", "adamw", "sgd"]
     assert options("sched") == ["cosine", "multistep", "none", "onecycle", "step"]
     assert options("aug") == ["basic", "none", "strong"]
@@ -33,7 +33,7 @@ def test_contract_options_exist():
 
 def test_defaults():
     cfg = make_cfg()
-    assert cfg.model.name == "lenet5" and cfg.data.name == "mnist"
+    assert cfg.model.name == "lenet5" and cfg.data.name == "fashion_mnist_mini"  # bundled: runs offline
     for key in ("epochs", "seed", "device", "amp", "channels_last", "resume"):
         assert key in cfg
     assert cfg.device == "auto" and cfg.resume is None and cfg.amp is False

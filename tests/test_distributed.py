@@ -61,7 +61,7 @@ def _train(data_root, run_dir, overrides, signal_at=None, poison=None):
     handler.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger("cnntrain").addHandler(handler)
     with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"data.root={data_root}", *COMMON, *overrides])
+        cfg = compose(config_name="train", overrides=["data=mnist", f"data.root={data_root}", *COMMON, *overrides])
     results = train(cfg, run_dir=run_dir)
     return {"warnings": warnings, "test_acc": results["test_acc"]}
 
@@ -93,7 +93,7 @@ def test_a_resume_by_another_number_of_ranks_says_it_is_not_exact(data_root, tmp
     from cnntrain.train import train
 
     with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"data.root={data_root}", *COMMON, "epochs=2",
+        cfg = compose(config_name="train", overrides=["data=mnist", f"data.root={data_root}", *COMMON, "epochs=2",
                                                       "resume=auto", "resume_allow_changes=[epochs]"])
     train(cfg, run_dir=tmp_path)  # one process: it continues rank 0's streams
     assert "the checkpoint was written by 2 process(es) and is resumed by 1: dropout" in caplog.text
@@ -162,7 +162,7 @@ def test_a_failed_download_ends_every_rank():
 def test_cnneval_under_torchrun_reports_once_from_rank_0(data_root, tmp_path):
     from conftest import run_cli
 
-    run_cli("cnntrain", f"data.root={data_root}", "data.download=false", "device=cpu", "epochs=1",
+    run_cli("cnntrain", "data=mnist", f"data.root={data_root}", "data.download=false", "device=cpu", "epochs=1",
             "model=lenet5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "cnneval"),

@@ -12,7 +12,7 @@ from conftest import run_cli
 def existing_run(data_root, tmp_path_factory):
     """A finished run whose files must survive every bad command aimed at its folder."""
     run_dir = tmp_path_factory.mktemp("existing")
-    run_cli("cnntrain", f"data.root={data_root}", "data.download=false", "epochs=1",
+    run_cli("cnntrain", "data=mnist", f"data.root={data_root}", "data.download=false", "epochs=1",
             f"hydra.run.dir={run_dir}", cwd=run_dir)
     return run_dir
 
@@ -50,7 +50,7 @@ def assert_one_line_error(proc, *needles):
 ])
 def test_bad_values(existing_run, data_root, override, needle):
     before = snapshot(existing_run)
-    proc = run_cli("cnntrain", f"data.root={data_root}", "data.download=false", override,
+    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", "data.download=false", override,
                    f"hydra.run.dir={existing_run}", "resume=auto", cwd=existing_run, check=False)
     assert_one_line_error(proc, needle)
     assert snapshot(existing_run) == before
@@ -107,14 +107,14 @@ def test_bad_checkpoint_for_cnneval(bad_checkpoints, name, needle):
 
 
 def test_bad_checkpoint_for_resume(bad_checkpoints, data_root):
-    proc = run_cli("cnntrain", f"data.root={data_root}", "data.download=false",
+    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", "data.download=false",
                    f"resume={bad_checkpoints / 'truncated.pt'}", f"hydra.run.dir={bad_checkpoints / 'r'}",
                    cwd=bad_checkpoints, check=False)
     assert_one_line_error(proc, "truncated")
 
 
 def test_resume_with_another_model_is_refused(existing_run, data_root, tmp_path):
-    proc = run_cli("cnntrain", f"data.root={data_root}", "data.download=false", "model=resnet18",
+    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", "data.download=false", "model=resnet18",
                    f"resume={existing_run}/checkpoints/last.pt", f"hydra.run.dir={tmp_path / 'r'}",
                    cwd=tmp_path, check=False)
     assert_one_line_error(proc, "model.name=lenet5")

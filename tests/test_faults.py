@@ -438,7 +438,7 @@ def test_disk_full_during_training_is_one_line(tmp_path, data_root, monkeypatch)
     """))
     monkeypatch.setenv("PYTHONPATH", str(inject))
     run = tmp_path / "run"
-    proc = run_cli("cnntrain", f"data.root={data_root}", "data.download=false", "epochs=1",
+    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", "data.download=false", "epochs=1",
                    "max_steps_per_epoch=2", f"hydra.run.dir={run}", cwd=tmp_path, check=False)
     # whichever file is written first (.hydra/config.yaml, since it is written atomically too)
     assert_one_line_error(proc, f"error: cannot write {run}{os.sep}",

@@ -27,11 +27,15 @@ def test_wheel_contains_the_configs(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("cnntrain/configs/train.yaml", "cnntrain/configs/eval.yaml",
                  "cnntrain/configs/model/lenet5.yaml", "cnntrain/configs/data/imagefolder.yaml",
-                 "cnntrain/configs/hydra/default.yaml", "cnntrain/configs/sched/onecycle.yaml"):
+                 "cnntrain/configs/hydra/default.yaml", "cnntrain/configs/sched/onecycle.yaml",
+                 "cnntrain/configs/data/fashion_mnist_mini.yaml",
+                 *(f"cnntrain/data/fashion_mnist_mini/{f}" for f in (
+                     "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                     "t10k-labels-idx1-ubyte.gz", "LICENSE"))):
         assert name in names, name
 
 
-def test_wheel_in_a_fresh_venv_runs_from_another_directory(wheel, data_root, tmp_path):
+def test_wheel_in_a_fresh_venv_runs_from_another_directory(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     site = Path(subprocess.check_output(
@@ -50,10 +54,13 @@ def test_wheel_in_a_fresh_venv_runs_from_another_directory(wheel, data_root, tmp
     elsewhere.mkdir()
     proc = run_cli(str(env_dir / "bin/cnntrain"), "--help", cwd=elsewhere)
     assert "model=lenet5: alexnet," in proc.stdout and "model.name=lenet5" in proc.stdout  # configs in the wheel
-    run_cli(str(env_dir / "bin/cnntrain"), f"data.root={data_root}", "data.download=false", "epochs=1",
-            cwd=elsewhere)
+    # the default dataset is the sample inside the wheel: nothing to download, real images
+    run_cli(str(env_dir / "bin/cnntrain"), "epochs=1", cwd=elsewhere)
     run_dir = next((elsewhere / "outputs").glob("*/*"))
     results = json.loads((run_dir / "results.json").read_text())
+    assert results["dataset"] == "fashion_mnist_mini" and results["test_images"] == 1000
+    assert results["test_acc"] > 0.6  # one epoch of real clothing images (chance: 0.1)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["outputs"]  # no data/ folder: no download
     run_cli(str(env_dir / "bin/cnneval"), f"ckpt={run_dir}/checkpoints/best.pt", cwd=elsewhere)
     report = json.loads(next((elsewhere / "outputs" / "eval").glob("*/*/report.json")).read_text())
     assert report["top1"] == results["test_acc"]

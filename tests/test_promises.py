@@ -39,7 +39,7 @@ def assert_refused(proc, *needles):
 @pytest.fixture(scope="module")
 def finished_run(data_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    run_cli("cnntrain", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    run_cli("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
     return run_dir
 
 
@@ -57,7 +57,7 @@ def _wait(procs):
 # ------------------------------------------------------------------------- data lost before
 def test_two_runs_started_together_into_one_folder(data_root, tmp_path):
     run_dir = tmp_path / "shared"
-    args = ["cnntrain", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={run_dir}"]
+    args = ["cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={run_dir}"]
     results = _wait([_popen([*args, f"seed={seed}"], tmp_path) for seed in (1, 2)])
     assert sorted(code for code, _, _ in results) == [0, 1], results
     winner = 1 + [code for code, _, _ in results].index(0)
@@ -75,7 +75,7 @@ def test_two_runs_started_together_into_one_folder(data_root, tmp_path):
 def test_two_plain_runs_in_the_same_second_get_two_folders(data_root, tmp_path):
     while time.time() % 1 > 0.2:  # start both early in one second: they compute the same name
         time.sleep(0.05)
-    results = _wait([_popen(["cnntrain", f"data.root={data_root}", *TRAIN, f"seed={s}"], tmp_path)
+    results = _wait([_popen(["cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"seed={s}"], tmp_path)
                      for s in (1, 2)])
     assert [code for code, _, _ in results] == [0, 0], results
     runs = sorted(p.parent.parent for p in (tmp_path / "outputs").rglob("checkpoints/last.pt"))
@@ -88,9 +88,9 @@ def test_two_plain_runs_in_the_same_second_get_two_folders(data_root, tmp_path):
 
 def test_resume_into_another_runs_folder_is_refused(finished_run, data_root, tmp_path):
     other = tmp_path / "other"
-    run_cli("cnntrain", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={other}", cwd=tmp_path)
+    run_cli("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={other}", cwd=tmp_path)
     before = everything(other)
-    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, f"resume={finished_run}/checkpoints/last.pt",
+    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"resume={finished_run}/checkpoints/last.pt",
                    f"hydra.run.dir={other}", cwd=tmp_path, check=False)
     assert_refused(proc, str(other), "already holds files that are not this run's", "continues into a new folder")
     assert everything(other) == before
@@ -112,7 +112,7 @@ def test_a_folder_with_any_result_but_no_last_pt_is_refused(data_root, tmp_path,
     (run_dir / ".hydra/config.yaml").write_text("seed: 7\n")
     before = everything(run_dir)
     with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"data.root={data_root}", *TRAIN,
+        cfg = compose(config_name="train", overrides=["data=mnist", f"data.root={data_root}", *TRAIN,
                                                        *([f"resume={resume}"] if resume else [])])
     with pytest.raises(RunFolderRefused, match=leftover.split("/")[0]) as refused:
         train(cfg, run_dir=run_dir)
@@ -125,7 +125,7 @@ def test_the_cli_refuses_such_a_folder_too(data_root, tmp_path):
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints/best.pt").write_bytes(b"the only copy of something")
     before = everything(run_dir)
-    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, "resume=auto", f"hydra.run.dir={run_dir}",
+    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, "resume=auto", f"hydra.run.dir={run_dir}",
                    cwd=tmp_path, check=False)
     assert_refused(proc, str(run_dir), "checkpoints/best.pt", "no checkpoints/last.pt to resume from")
     assert everything(run_dir) == before
@@ -135,10 +135,10 @@ def test_refused_reruns_leave_every_file_of_the_run_untouched(finished_run, data
     """.hydra/*.yaml and train.log included: Hydra writes nothing before the folder is claimed."""
     before = everything(finished_run)
     attempts = [
-        ("cnntrain", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={finished_run}", "seed=3"),
-        ("cnntrain", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={finished_run}", "resume=auto",
+        ("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={finished_run}", "seed=3"),
+        ("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={finished_run}", "resume=auto",
          "model=resnet20"),
-        ("cnntrain", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={finished_run}", "resume=auto",
+        ("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={finished_run}", "resume=auto",
          "epochs=3"),
         ("cnneval", f"ckpt={finished_run}/checkpoints/best.pt", f"hydra.run.dir={finished_run}"),
         ("cnnpredict", f"ckpt={finished_run}/checkpoints/best.pt", f"inputs={finished_run}/curves.png",
@@ -158,7 +158,7 @@ def test_refused_reruns_leave_every_file_of_the_run_untouched(finished_run, data
 
 def test_resume_auto_of_a_finished_run_keeps_its_results(finished_run, data_root, tmp_path):
     before = everything(finished_run)
-    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={finished_run}",
+    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={finished_run}",
                    "resume=auto", cwd=tmp_path)
     assert "has finished already" in proc.stdout
     after = everything(finished_run)
@@ -215,7 +215,7 @@ def test_full_disk_while_curves_png_is_written(tiny_disk):
 def test_full_disk_during_a_run_is_one_line(tiny_disk, data_root, tmp_path):
     _fill(tiny_disk)
     os.unlink(tiny_disk / "filler")  # free, then a run far larger than 2 MB (its checkpoints)
-    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, "model=resnet20", "max_steps_per_epoch=1",
+    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, "model=resnet20", "max_steps_per_epoch=1",
                    "max_eval_steps=1", f"hydra.run.dir={tiny_disk / 'run'}", cwd=tmp_path, check=False)
     assert_refused(proc, "disk full")
     assert not list(tiny_disk.rglob(".*.tmp"))
@@ -265,7 +265,7 @@ def test_bad_values_are_one_line_naming_the_key(override, needle):
     "amp=1", "epochs=2.0", "optim.lr=${nope}", "+optim.learning_rate=0.1", "model=resnet81", "epochs=[")])
 def test_bad_values_through_the_cli_leave_nothing(data_root, tmp_path, override, needle):
     """Composition errors, schema errors and Hydra's own: one line on stderr, no folder."""
-    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, override, cwd=tmp_path, check=False)
+    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, override, cwd=tmp_path, check=False)
     assert_refused(proc, needle)
     assert list(tmp_path.iterdir()) == []
 
@@ -286,7 +286,7 @@ def test_other_tools_bad_values(tmp_path, args, needle):
 
 
 @pytest.mark.parametrize("args", [
-    ("cnntrain", "data.root=/nonexistent", *TRAIN),  # fails after it claimed its folder
+    ("cnntrain", "data=mnist", "data.root=/nonexistent", *TRAIN),  # fails after it claimed its folder
     ("cnntrain", "summary=true", "device=cpu"),
     ("cnntrain", "--cfg", "job"),
     ("cnntrain", "--help"),
@@ -319,7 +319,7 @@ def test_run_names():
 
 
 def test_a_validation_split_that_leaves_no_training_image(data_root, tmp_path):
-    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, "data.val_split=0.9999", cwd=tmp_path,
+    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, "data.val_split=0.9999", cwd=tmp_path,
                    check=False)
     assert_refused(proc, "data.val_split=0.9999 holds out all")
 
@@ -333,7 +333,7 @@ def test_cnneval_batch_size_zero(finished_run, tmp_path):
 def test_run_dir_that_is_a_file_or_read_only(data_root, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
-    proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={a_file}", cwd=tmp_path,
+    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={a_file}", cwd=tmp_path,
                    check=False)
     assert_refused(proc, str(a_file), "hydra.run.dir=")
     assert a_file.read_text() == "keep me"
@@ -341,7 +341,7 @@ def test_run_dir_that_is_a_file_or_read_only(data_root, tmp_path):
     if not _mount_tmpfs(read_only, "1m", "ro"):
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
     try:
-        proc = run_cli("cnntrain", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={read_only}/run",
+        proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={read_only}/run",
                        cwd=tmp_path, check=False)
         assert_refused(proc, "Read-only file system", "hydra.run.dir=")
     finally:
@@ -362,7 +362,7 @@ def test_ctrl_c_during_start_up(data_root, tmp_path):
         "data.build_data = build_data\n"
         "import cnntrain.train\n"
         "cnntrain.train.build_data = build_data\n")
-    proc = _popen(["cnntrain", f"data.root={data_root}", *TRAIN], tmp_path,
+    proc = _popen(["cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN], tmp_path,
                   env={"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     code, out, err = _wait([proc])[0]
     assert code == 130, (out, err)
@@ -383,8 +383,8 @@ def nan_checkpoint(finished_run, tmp_path):
 def test_non_finite_weights_are_refused_by_every_tool(nan_checkpoint, finished_run, data_root, tmp_path):
     path, name = nan_checkpoint
     for args in (("cnneval", f"ckpt={path}"), ("cnnpredict", f"ckpt={path}", f"inputs={finished_run}/curves.png"),
-                 ("cnntrain", f"data.root={data_root}", *TRAIN, "epochs=2", f"resume={path}"),
-                 ("cnntrain", f"data.root={data_root}", *TRAIN, f"model.pretrained={path}")):
+                 ("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, "epochs=2", f"resume={path}"),
+                 ("cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"model.pretrained={path}")):
         proc = run_cli(*args, cwd=tmp_path, check=False)
         assert_refused(proc, "non-finite weights", name)
 
@@ -394,7 +394,7 @@ def test_non_finite_weights_are_refused_by_every_tool(nan_checkpoint, finished_r
                                       ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]])
 def test_sweep_exit_code_counts_failed_jobs(data_root, tmp_path, launcher):
     sweep = tmp_path / "sweep"
-    proc = run_cli("cnntrain", "-m", f"data.root={data_root}", *TRAIN, "max_steps_per_epoch=1",
+    proc = run_cli("cnntrain", "-m", "data=mnist", f"data.root={data_root}", *TRAIN, "max_steps_per_epoch=1",
                    "max_eval_steps=1", "optim.lr=0.05,-1", *launcher, f"hydra.sweep.dir={sweep}",
                    cwd=tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr
@@ -420,7 +420,7 @@ def test_an_interrupted_sweep_resumes_as_a_whole(data_root, tmp_path):
         "            yield batch\n"
         "    BatchLoader.iter_from = iter_from\n")
     sweep = tmp_path / "sweep"
-    args = ["cnntrain", "-m", f"data.root={data_root}", *TRAIN, "epochs=2", "seed=1,2"]
+    args = ["cnntrain", "-m", "data=mnist", f"data.root={data_root}", *TRAIN, "epochs=2", "seed=1,2"]
     env = {"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "STOP_SEED": "2"}
     code, out, err = _wait([_popen([*args, f"hydra.sweep.dir={sweep}"], tmp_path, env)])[0]
     assert code == 143, err

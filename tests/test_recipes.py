@@ -22,7 +22,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs/exper
 def make_cfg(data_root, *overrides):
     with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
         return compose(config_name="train", overrides=[
-            f"data.root={data_root}", "data.download=false", "device=cpu", *overrides])
+            "data=mnist", f"data.root={data_root}", "data.download=false", "device=cpu", *overrides])
 
 
 def batch(n=16):

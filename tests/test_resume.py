@@ -22,7 +22,7 @@ STEPS_PER_EPOCH = 5
 def make_cfg(data_root, *overrides):
     with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
         return compose(config_name="train", overrides=[
-            f"data.root={data_root}", "data.download=false", "device=cpu", "deterministic=true",
+            "data=mnist", f"data.root={data_root}", "data.download=false", "device=cpu", "deterministic=true",
             "epochs=3", *overrides])
 
 
@@ -87,7 +87,7 @@ def test_mid_epoch_resume_on_an_augmented_image_folder_is_exact(folder_root, tmp
 
 def test_sigterm_from_outside_saves_and_resume_auto_continues(data_root, tmp_path):
     run_dir = tmp_path / "run"
-    args = [str(os.path.join(os.path.dirname(sys.executable), "cnntrain")), f"data.root={data_root}",
+    args = [str(os.path.join(os.path.dirname(sys.executable), "cnntrain")), "data=mnist", f"data.root={data_root}",
             "data.download=false", "device=cpu", "model=resnet20", "epochs=50", "sched=step",
             f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

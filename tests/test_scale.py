@@ -25,7 +25,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_ro
     # one process draws (augmented with the same random numbers), so DDP's averaged gradient
     # is the one-process gradient up to float32 rounding of sums taken in another order
     # (~1e-7 relative per step): after 10 steps the weights agree to 1e-5.
-    common = [f"data.root={data_root}", "data.download=false", "device=cpu", "epochs=2",
+    common = ["data=mnist", f"data.root={data_root}", "data.download=false", "device=cpu", "epochs=2",
               "model=lenet5", "deterministic=true"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli("cnntrain", *common, "data.batch_size=64", f"hydra.run.dir={one}", cwd=tmp_path)
@@ -65,7 +65,7 @@ def test_run_folders_of_ranks_and_sweeps(tmp_path, monkeypatch):
 
 
 def test_two_sweeps_started_together_get_two_folders(data_root, tmp_path):
-    args = [str(BIN / "cnntrain"), "-m", "model=lenet5", f"data.root={data_root}", "data.download=false",
+    args = [str(BIN / "cnntrain"), "-m", "model=lenet5", "data=mnist", f"data.root={data_root}", "data.download=false",
             "device=cpu", "epochs=1", "max_steps_per_epoch=1"]
     procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for _ in range(2)]
@@ -77,7 +77,7 @@ def test_two_sweeps_started_together_get_two_folders(data_root, tmp_path):
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(data_root, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    run_cli("cnntrain", "-m", "launcher=joblib", "model=lenet5,resnet20", f"data.root={data_root}",
+    run_cli("cnntrain", "-m", "launcher=joblib", "model=lenet5,resnet20", "data=mnist", f"data.root={data_root}",
             "data.download=false", "device=cpu", "epochs=1", "max_steps_per_epoch=2",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     models = {json.loads((tmp_path / "sweep" / j / "results.json").read_text())["model"]
@@ -107,7 +107,7 @@ def test_submitit_slurm_preset_composes_and_its_jobs_run_with_the_local_executor
     assert launcher["_target_"].endswith("SlurmLauncher") and launcher["partition"] == "gpu"
     assert launcher["max_num_timeout"] == 3 and launcher["signal_delay_s"] == 120
     # the same job through submitit's local executor: a pickled job, a submission script, logs
-    run_cli("cnntrain", "-m", "hydra/launcher=submitit_local", "model=lenet5", f"data.root={data_root}",
+    run_cli("cnntrain", "-m", "hydra/launcher=submitit_local", "model=lenet5", "data=mnist", f"data.root={data_root}",
             "data.download=false", "device=cpu", "epochs=1", "max_steps_per_epoch=2",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.timeout_min=10", cwd=tmp_path)
     assert (tmp_path / "sweep" / "0_lenet5_mnist" / "results.json").is_file()

@@ -130,7 +130,7 @@ def test_any_value_of_any_key_is_a_run_or_one_line_naming_it(tiny_data, data):
     option, key, f = data.draw(st.sampled_from(KEYS), label="key")
     value = data.draw(values_for(f), label="value")
     override = f"{key}={render(value)}"
-    base = [f"data.root={tiny_data}", "data.download=false", "device=cpu", "data.batch_size=16",
+    base = ["data=mnist", f"data.root={tiny_data}", "data.download=false", "device=cpu", "data.batch_size=16",
             "max_eval_steps=1", *([option] if option else [])]
     try:
         with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):

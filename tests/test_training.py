@@ -20,7 +20,7 @@ def make_cfg(*overrides):
 
 
 def run(data_root, tmp_path, *overrides):
-    cfg = make_cfg(f"data.root={data_root}", "data.download=false", "epochs=1", "device=cpu", *overrides)
+    cfg = make_cfg("data=mnist", f"data.root={data_root}", "data.download=false", "epochs=1", "device=cpu", *overrides)
     return train(cfg, run_dir=tmp_path)
 
 

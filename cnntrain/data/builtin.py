@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
 from torchvision import datasets
+from torchvision.datasets.mnist import read_image_file, read_label_file
+from torchvision.datasets.utils import extract_archive
 
 from cnntrain import distributed
 from cnntrain.errors import UserError
@@ -29,13 +32,42 @@ class _CIFAR100(datasets.CIFAR100):
     meta = {**datasets.CIFAR100.meta, "md5": None}
 
 
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist_mini")
+
+
+class _FashionMNISTMini(datasets.FashionMNIST):
+    """The Fashion-MNIST sample inside the package (scripts/make_fashion_mnist_mini.py): gzipped
+    IDX files in BUNDLED, whatever root says. torchvision reads only uncompressed IDX files, so
+    each is unpacked into a temporary folder (a few ms) and read there by torchvision's own
+    readers, with their format checks; the package folder itself is never written to."""
+
+    @property
+    def raw_folder(self) -> str:
+        return BUNDLED
+
+    @property
+    def processed_folder(self) -> str:  # torchvision's legacy .pt files: never here
+        return os.path.join(BUNDLED, "processed")
+
+    def _check_exists(self) -> bool:
+        return all(os.path.isfile(os.path.join(BUNDLED, f)) for f in BUILTIN["fashion_mnist_mini"].files)
+
+    def _load_data(self):
+        prefix = "train" if self.train else "t10k"
+        with tempfile.TemporaryDirectory() as tmp:
+            images = extract_archive(os.path.join(BUNDLED, f"{prefix}-images-idx3-ubyte.gz"), tmp)
+            labels = extract_archive(os.path.join(BUNDLED, f"{prefix}-labels-idx1-ubyte.gz"), tmp)
+            return read_image_file(images), read_label_file(labels)
+
+
 @dataclass(frozen=True)
 class _Spec:
     title: str
     cls: type
-    folder: str  # where the files live under root
+    folder: str  # where the files live under root (bundled: the absolute folder in the package)
     files: tuple[str, ...]
     shape: tuple[int, int, int]  # (channels, image size, classes), known without reading the files
+    bundled: bool = False  # shipped inside the package: root and download do not apply
 
 
 BUILTIN = {
@@ -45,6 +77,10 @@ BUILTIN = {
     "fashion_mnist": _Spec("Fashion-MNIST", datasets.FashionMNIST, "FashionMNIST/raw",
                            ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), (1, 28, 10)),
+    "fashion_mnist_mini": _Spec("Fashion-MNIST sample", _FashionMNISTMini, BUNDLED,
+                                ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), (1, 28, 10),
+                                bundled=True),
     "cifar10": _Spec("CIFAR-10", _CIFAR10, "cifar-10-batches-py",
                      ("data_batch_1", "...", "data_batch_5", "test_batch", "batches.meta"), (3, 32, 10)),
     "cifar100": _Spec("CIFAR-100", _CIFAR100, "cifar-100-python", ("train", "test", "meta"), (3, 32, 100)),
@@ -65,6 +101,12 @@ def _load(name: str, root: str, train: bool, download: bool):
     try:
         ds = spec.cls(root, train=train, download=False)
     except Exception as e:
+        if spec.bundled:  # a broken installation, not something data.root or a download can fix
+            missing = [f for f in spec.files if not os.path.isfile(os.path.join(where, f))]
+            problem = f"lacks {', '.join(missing)}" if missing else f"cannot be read ({type(e).__name__}: {e})"
+            raise UserError(f"{spec.title} in {where} {problem}: the installation is damaged; "
+                            "reinstall cnntrain (pip install --force-reinstall cnntrain) or use "
+                            "another dataset, e.g. data=fashion_mnist") from None
         if "not found" not in str(e):  # truncated/garbled files fail inside torchvision's readers
             raise UserError(f"{spec.title} files in {where} could not be read ({type(e).__name__}: "
                             f"{e}); delete them and download again") from None
