@@ -3,6 +3,9 @@
 Modern variant: ReLU and max-pooling instead of tanh and subsampling, and the first conv padded
 so 28 px MNIST gives the paper's 32 px geometry. An adaptive pool in front of the classifier
 lets other input sizes reach the 16x5x5 = 400 features the fully connected layers expect.
+`lenet5_bn` adds batch normalization (Ioffe & Szegedy, 2015) after every convolution and hidden
+fully connected layer, as d2l.ai's "LeNet with batch normalization": the same 62 k weights, but
+it tolerates learning rates several times larger and converges in fewer epochs.
 """
 
 from __future__ import annotations
@@ -24,23 +27,26 @@ class PoolTo(nn.AdaptiveAvgPool2d):
 
 
 class LeNet5(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, batch_norm: bool = False) -> None:
         super().__init__()
+
+        def block(layer: nn.Module, width: int, norm: type[nn.Module]) -> list[nn.Module]:
+            # a layer followed by BN carries no bias: BN's shift replaces it
+            if batch_norm:
+                layer.bias = None
+            return [layer, *([norm(width)] if batch_norm else []), nn.ReLU(inplace=True)]
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, kernel_size=5, padding=2),
-            nn.ReLU(inplace=True),
+            *block(nn.Conv2d(in_channels, 6, kernel_size=5, padding=2), 6, nn.BatchNorm2d),
             nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, kernel_size=5),
-            nn.ReLU(inplace=True),
+            *block(nn.Conv2d(6, 16, kernel_size=5), 16, nn.BatchNorm2d),
             nn.MaxPool2d(2),
             PoolTo(5),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(16 * 5 * 5, 120),
-            nn.ReLU(inplace=True),
-            nn.Linear(120, 84),
-            nn.ReLU(inplace=True),
+            *block(nn.Linear(16 * 5 * 5, 120), 120, nn.BatchNorm1d),
+            *block(nn.Linear(120, 84), 84, nn.BatchNorm1d),
             nn.Linear(84, num_classes),
         )
 
@@ -48,9 +54,19 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register_model
-def lenet5(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
+def _no_options(name: str, kwargs: dict) -> None:
     # One architecture for every input size, so `small` is ignored; there are no options.
     if kwargs:
-        raise TypeError(f"lenet5() got an unexpected keyword argument {next(iter(kwargs))!r}")
+        raise TypeError(f"{name}() got an unexpected keyword argument {next(iter(kwargs))!r}")
+
+
+@register_model
+def lenet5(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
+    _no_options("lenet5", kwargs)
     return LeNet5(in_channels, num_classes)
+
+
+@register_model
+def lenet5_bn(*, in_channels: int, num_classes: int, small: bool, **kwargs: Any) -> nn.Module:
+    _no_options("lenet5_bn", kwargs)
+    return LeNet5(in_channels, num_classes, batch_norm=True)
