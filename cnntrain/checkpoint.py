@@ -57,12 +57,36 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise UserError(f"{path} is not a cnntrain checkpoint (it lacks the keys "
                         f"{', '.join(REQUIRED_KEYS)})")
+    state["config"] = upgrade_config(state["config"])
     for key in ("model", "train_model"):
         bad = nonfinite(state.get(key) or {})
         if bad:
             raise UserError(f"checkpoint {path} holds non-finite weights ({bad}): the run it comes "
                             "from diverged; use an earlier checkpoint or retrain with a lower optim.lr")
     return state
+
+
+# data.kind of the checkpoints written before it existed, from their data.name
+OLD_KINDS = {"mnist": "digits", "fashion_mnist": "clothing"}
+
+
+def upgrade_config(config):
+    """A stored config of a checkpoint written before data.kind, when aug.gray applied to
+    1-channel data and aug.rgb to the rest, in today's keys: data.kind from data.name and
+    aug.<kind> the section that run trained with (it had no random zoom). Every tool reads
+    stored configs through load_checkpoint, so they all see the upgraded one."""
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or "kind" in data:
+        return config
+    kind = OLD_KINDS.get(data.get("name"), "natural")
+    config = {**config, "data": {**data, "kind": kind}}
+    aug = config.get("aug")
+    if isinstance(aug, dict) and ("gray" in aug or "rgb" in aug):
+        channels = data.get("channels")  # written by every run; the mean's length says it too
+        gray = (channels if isinstance(channels, int) else len(data.get("mean") or ())) == 1
+        config["aug"] = {k: v for k, v in aug.items() if k not in ("gray", "rgb")}
+        config["aug"][kind] = {"scale": None, **aug.get("gray" if gray else "rgb", {})}
+    return config
 
 
 def require_file(path: str | os.PathLike) -> Path:

@@ -125,7 +125,7 @@ class Preprocess:
         self.mode = "L" if len(data.mean) == 1 else "RGB"
         # as evaluation saw them: stored at storage_size, then the central size x size
         self.size = size
-        self.stored = storage_size(data.get("name"), size, len(data.mean), trained.get("aug"))
+        self.stored = storage_size(data, size, trained.get("aug"))
         self.normalize = Normalize(list(data.mean), list(data.std), device)
         self.device = device
 

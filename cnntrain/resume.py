@@ -3,10 +3,13 @@ with the new one:
 - FREE keys say where or how fast to compute, not what: they may differ (a resume on another
   device, with more workers or another `max_eval_steps`).
 - FIXED keys define the network and what it learns from: a change is always refused.
-- Every other key (epochs, seed, batch size, optimizer and schedule settings, augmentation,
-  regularizers) may change only on purpose, listed in `resume_allow_changes` (a key, or a whole
-  group such as `sched`). A change to a SCHEDULE key re-plans the learning-rate schedule for the
-  new settings, continuing from the step the run has reached."""
+- Every other key (epochs, seed, batch size, optimizer and schedule settings, augmentation and
+  data.kind, which picks the augmentation, regularizers) may change only on purpose, listed in
+  `resume_allow_changes` (a key, or a whole group such as `sched`). A change to a SCHEDULE key
+  re-plans the learning-rate schedule for the new settings, continuing from the step the run has
+  reached.
+The aug sections of other kinds of data than the run's (aug.natural of an MNIST run) are not
+compared: the run never applies them."""
 from __future__ import annotations
 
 from cnntrain.errors import UserError
@@ -53,11 +56,20 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def _seen(flat: dict, kinds: set) -> dict:
+    """`flat` without the aug sections of kinds of data other than `kinds`."""
+    from cnntrain.schema import KINDS
+
+    return {k: v for k, v in flat.items()
+            if not (k.startswith("aug.") and k.split(".")[1] in KINDS and k.split(".")[1] not in kinds)}
+
+
 def changed_keys(old: dict, new: dict, allowed: list[str], path, partial: bool) -> list[str]:
     """The keys whose values differ between the config a checkpoint was trained with (`old`) and
     the new one, once each change is found legitimate; a change that is not is a UserError
     naming the key, both values and the way out. Keys an older checkpoint lacks are skipped."""
-    was, now = _flat(old), _flat(new)
+    kinds = {config.get("data", {}).get("kind") for config in (old, new)}
+    was, now = _seen(_flat(old), kinds), _seen(_flat(new), kinds)
     # the keys that define the network first: the most telling refusal
     changed = sorted((k for k in set(was) & set(now) if was[k] != now[k] and not _under(k, FREE)),
                      key=lambda k: (not _under(k, FIXED), k))

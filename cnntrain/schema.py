@@ -37,6 +37,11 @@ def flag(default, help: str):
 
 
 # --------------------------------------------------------------------------- train groups
+# What a dataset's images are: each kind has its own aug.<kind> geometry (clothing wants flips
+# and no rotation, digits the opposite), chosen by data.kind rather than by channel count.
+KINDS = ("digits", "clothing", "natural")
+
+
 @dataclass
 class ModelConfig:
     _target_: str = "cnntrain.models.create_model"
@@ -62,6 +67,8 @@ class ModelConfig:
 class DataConfig:
     # no choices here: the datasets are those of cnntrain/data (build_data names them)
     name: str = key(MISSING, "the dataset (data=<option>)")
+    kind: str = key("natural", "which aug.<kind> section aug=basic/strong apply to these images",
+                    choices=KINDS)
     root: Optional[str] = key("data", "folder handed to torchvision as root (image folders: the "
                                       "folder with train/, val/, test/)")
     download: Any = flag(True, "fetch the files with torchvision if they are missing")
@@ -94,13 +101,16 @@ class GeometryConfig:
                                                   "[0.08, 1]; null: no such crop; image folders are "
                                                   "then stored at 1.14 x image_size)", gt=0, le=1,
                                             length=(2,))
+    scale: Optional[List[float]] = key(None, "random zoom factor range [min, max] per image (e.g. "
+                                             "[0.9, 1.1]; null: none)", gt=0, length=(2,))
 
 
 @dataclass
 class AugConfig:
     name: str = key("none", "the augmentation preset (aug=<option>)")
-    gray: GeometryConfig = field(default_factory=GeometryConfig)
-    rgb: GeometryConfig = field(default_factory=GeometryConfig)
+    digits: GeometryConfig = field(default_factory=GeometryConfig)
+    clothing: GeometryConfig = field(default_factory=GeometryConfig)
+    natural: GeometryConfig = field(default_factory=GeometryConfig)
     policy: Optional[str] = key(None, "per-image policy", choices=(None, "randaugment", "autoaugment"))
     color_jitter: float = key(0.0, "brightness, contrast and saturation factors drawn from "
                                    "[1 - x, 1 + x] per image", ge=0, le=1)
@@ -436,14 +446,8 @@ def _check_train(cfg: DictConfig) -> None:
     if data.name == "imagefolder" and data.root is None:
         raise UserError("data=imagefolder needs data.root=/path/to/images "
                         "(a folder with train/<class>/<image> and optional val/, test/)")
-    for kind in ("gray", "rgb"):
-        scale = cfg.aug[kind].crop_scale
-        if scale is not None and scale[0] > scale[1]:
-            raise UserError(f"aug.{kind}.crop_scale={show(scale)}: give [min, max] with min <= max")
-        if scale is not None and (cfg.aug[kind].shift or cfg.aug[kind].degrees):
-            raise UserError(f"aug.{kind}.crop_scale replaces aug.{kind}.shift and aug.{kind}.degrees "
-                            f"(the random-resized crop moves and scales the image itself): set "
-                            f"aug.{kind}.shift=0 aug.{kind}.degrees=0")
+    for kind in KINDS:
+        _check_geometry(cfg.aug[kind], f"aug.{kind}.")
     if (data.mean is None) != (data.std is None) or (data.mean is not None and len(data.mean) != len(data.std)):
         raise UserError(f"data.mean={show(data.mean)} and data.std={show(data.std)} must both be "
                         "null or lists of the same length (1 value per channel)")
@@ -457,6 +461,21 @@ def _check_train(cfg: DictConfig) -> None:
     from cnntrain.resume import check_allowed_changes
 
     check_allowed_changes(list(cfg.resume_allow_changes))
+
+
+def _check_geometry(geo: DictConfig, prefix: str) -> None:
+    for name in ("crop_scale", "scale"):
+        if geo[name] is not None and geo[name][0] > geo[name][1]:
+            raise UserError(f"{prefix}{name}={show(geo[name])}: give [min, max] with min <= max")
+    if geo.crop_scale is None:
+        return
+    # the random-resized crop moves and scales the image itself
+    clash = [name for name in ("shift", "degrees", "scale") if geo[name]]
+    if clash:
+        keys = " and ".join(prefix + name for name in clash)
+        unset = " ".join(f"{prefix}{name}={'null' if name == 'scale' else 0}" for name in clash)
+        raise UserError(f"{prefix}crop_scale replaces {keys} (the random-resized crop moves and "
+                        f"scales the image itself): set {unset}")
 
 
 def _fields_at(app: str, parts: list[str]) -> dict:

@@ -18,7 +18,7 @@ from torch import nn
 from cnntrain import distributed
 from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
-from cnntrain.data import Data, build_data
+from cnntrain.data import Data, build_data, describe
 from cnntrain.data.builtin import BUILTIN
 from cnntrain.ema import ModelEma
 from cnntrain.engine import EpochState, evaluate_loader, train_one_epoch
@@ -249,12 +249,13 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
         start, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best_metric"]
         partial, since_best = resumed.get("partial"), resumed.get("since_best", 0)
 
-    log.info("%s on %s: %s classes, input %dx%dx%d, %d train / %d val images; device %s%s\n%s",
+    log.info("%s on %s: %s classes, input %dx%dx%d, %d train / %d val images, %s; device %s%s\n%s",
              cfg.model.name, cfg.data.name, len(data.classes), data.in_channels, data.image_size,
              data.image_size, train_loader.num_samples, val_loader.num_samples if val_loader else 0,
-             device, f", amp {dtype}".replace("torch.", "") if dtype else "", format_summary(summary))
+             describe(cfg.aug, cfg.data), device, f", amp {dtype}".replace("torch.", "") if dtype else "",
+             format_summary(summary))
     log.info("run dir: %s", run_dir)
-    recipe = experiment_settings()
+    recipe = experiment_settings(cfg)
     if recipe:
         log.info("%s", recipe)
 
@@ -437,9 +438,10 @@ def _resume_hint(run_dir: Path) -> str:
     return f"Resume with the same arguments plus resume=auto hydra.run.dir={run_dir}"
 
 
-def experiment_settings() -> str | None:
+def experiment_settings(cfg: DictConfig | None = None) -> str | None:
     """What `experiment=<name>` turns on, read from its file: the recipe is otherwise invisible
-    in the run's header (overrides on the command line win over it)."""
+    in the run's header (overrides on the command line win over it). Its aug preset comes with
+    the geometry it applies to the run's data (`cfg`), unless the command line chose another."""
     from hydra.core.hydra_config import HydraConfig
 
     name = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
@@ -453,6 +455,8 @@ def experiment_settings() -> str | None:
     recipe = OmegaConf.to_container(OmegaConf.load(str(path)))
     settings = [f"{group.rpartition('/')[2]}={option}" for entry in recipe.pop("defaults", [])
                 if isinstance(entry, dict) for group, option in entry.items()]
+    if cfg is not None and f"aug={cfg.aug.name}" in settings:
+        settings[settings.index(f"aug={cfg.aug.name}")] = describe(cfg.aug, cfg.data)
 
     def flat(node, prefix=""):
         for k, v in node.items():

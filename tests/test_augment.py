@@ -1,4 +1,6 @@
 """BatchTransform: per-image random parameters, seeded on the host, against torchvision."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,7 @@ OPS = {
     "shift": dict(shift=4),
     "flip": dict(hflip=True),
     "rotation": dict(degrees=20),
+    "scale": dict(scale=(0.7, 1.3)),
     "rrc": dict(crop_scale=(0.08, 1.0)),
     "brightness_contrast_saturation": dict(color_jitter=0.4),
     "hue": dict(hue=0.2),
@@ -116,6 +119,26 @@ def test_rotation_keeps_the_centre_and_zero_fills():
     out = pixels(t(x, torch.zeros(16, dtype=torch.long), seed=0)[0])
     assert (out[:, :, 12:20, 12:20] == 200).all()
     assert (out[:, :, 0, 0] == 0).sum() > 0  # some corners rotated out
+
+
+@pytest.mark.parametrize("kw", [dict(scale=(0.5, 0.8)), dict(scale=(1.2, 1.6)), dict(degrees=30, scale=(0.6, 1.4))],
+                         ids=["shrink", "enlarge", "rotation_and_scale"])
+def test_affine_per_image_equals_functional_affine(kw):
+    """Each image gets what torchvision's affine gives it alone with the angle and zoom drawn
+    for it (ranges on one side of 1: zooming by z and by 1/z must not pass for each other)."""
+    b, seed = 12, 3
+    x = TF.resize(images(b, s=8), [24, 24], interpolation=InterpolationMode.BICUBIC)  # smooth
+    t = BatchTransform(**RGB, size=24, **kw)
+    out = t(x, torch.zeros(b, dtype=torch.long), seed)[0] * 255
+    _, angle, zoom, _ = t._draw_affine(torch.Generator().manual_seed(seed), b)
+    lo, hi = kw["scale"]
+    assert lo <= zoom.min() and zoom.max() <= hi and zoom.std() > 0
+    for i in range(b):
+        # torchvision turns counter-clockwise for a positive angle, our matrices clockwise; the
+        # angles are drawn symmetric around 0
+        want = TF.affine(x[i].float(), angle=-math.degrees(angle[i]), translate=[0, 0], scale=float(zoom[i]),
+                         shear=[0.0, 0.0], interpolation=InterpolationMode.BILINEAR)
+        torch.testing.assert_close(out[i], want, atol=2e-3, rtol=0)
 
 
 def test_rrc_whole_image_is_a_resize():
@@ -284,7 +307,7 @@ def test_no_global_rng_and_everything_on():
     torch.manual_seed(0)
     np.random.seed(0)
     state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
-    for kw in (dict(crop_scale=(0.08, 1)), dict(shift=3, degrees=10)):
+    for kw in (dict(crop_scale=(0.08, 1)), dict(shift=3, degrees=10, scale=(0.9, 1.1))):
         t = BatchTransform(**RGB, size=24, hflip=True, color_jitter=0.4, hue=0.1, policy="autoaugment",
                            random_erasing=0.5, mixup_alpha=0.2, cutmix_alpha=1.0, num_classes=4, **kw)
         t(images(8, s=28), torch.arange(8) % 4, seed=11)
@@ -300,7 +323,7 @@ def test_parameters_survive_the_packed_copy(monkeypatch):
               cutmix_alpha=1.0, num_classes=4)
     x, y = images(32, s=28), torch.arange(32) % 4
     configs = (dict(crop_scale=(0.08, 1), policy="randaugment"), dict(shift=3, policy="autoaugment"),
-               dict(shift=3, degrees=10))
+               dict(shift=3, degrees=10, scale=(0.9, 1.1)))
     want = [BatchTransform(**RGB, **kw, **extra)(x, y, 4) for extra in configs]
     monkeypatch.setattr(augment, "_to_device", lambda host, device: augment._unpack(augment._pack(host), host))
     for extra, (out, target) in zip(configs, want):
@@ -313,11 +336,15 @@ def test_refuses_inconsistent_settings():
         BatchTransform(**RGB, size=8, mixup_alpha=1.0)
     with pytest.raises(ValueError, match="crop_scale"):
         BatchTransform(**RGB, size=8, crop_scale=(0.5, 1), shift=2)
+    with pytest.raises(ValueError, match="crop_scale"):
+        BatchTransform(**RGB, size=8, crop_scale=(0.5, 1), scale=(0.9, 1.1))
+    with pytest.raises(ValueError, match="scale"):
+        BatchTransform(**RGB, size=8, scale=(1.1, 0.9))
 
 
-@pytest.mark.parametrize("kw", [{}, dict(shift=4, hflip=True), dict(degrees=10), dict(crop_scale=(0.3, 1.0)),
-                                dict(policy="randaugment", cutmix_alpha=1.0, num_classes=4)],
-                         ids=["eval", "shift_flip", "rotation", "rrc", "policy_cutmix"])
+@pytest.mark.parametrize("kw", [{}, dict(shift=4, hflip=True), dict(degrees=10), dict(scale=(0.9, 1.1)),
+                                dict(crop_scale=(0.3, 1.0)), dict(policy="randaugment", cutmix_alpha=1.0, num_classes=4)],
+                         ids=["eval", "shift_flip", "rotation", "scale", "rrc", "policy_cutmix"])
 def test_smaller_images_are_resized_up_first_as_the_host_once_did(kw):
     """Built-in datasets are stored at their native size: the batch resized on the device is
     bitwise the set resized on the host (TF.resize of uint8, antialiased), then transformed."""
@@ -335,7 +362,8 @@ def test_smaller_images_are_resized_up_first_as_the_host_once_did(kw):
 EVERYTHING = dict(hflip=True, color_jitter=0.4, hue=0.1, random_erasing=0.5, mixup_alpha=0.2, cutmix_alpha=1.0)
 PARTS = {**OPS, **MIXES,
          "everything_rrc_randaugment": dict(crop_scale=(0.08, 1), policy="randaugment", **EVERYTHING),
-         "everything_affine_autoaugment": dict(shift=3, degrees=10, policy="autoaugment", **EVERYTHING),
+         "everything_affine_autoaugment": dict(shift=3, degrees=10, scale=(0.9, 1.1), policy="autoaugment",
+                                               **EVERYTHING),
          "everything_shift_autoaugment": dict(shift=3, policy="autoaugment", **EVERYTHING),
          "everything_upsized": dict(shift=3, policy="randaugment", **EVERYTHING, size=36)}
 
@@ -366,7 +394,7 @@ def test_cuda_matches_cpu_and_never_syncs():
               cutmix_alpha=1.0, num_classes=4)
     x, y = images(32, s=28), torch.arange(32) % 4
     for extra in (dict(crop_scale=(0.08, 1), policy="randaugment"), dict(shift=3, policy="autoaugment"),
-                  dict(shift=3, degrees=10)):
+                  dict(shift=3, degrees=10, scale=(0.9, 1.1))):
         cpu = BatchTransform(**RGB, **kw, **extra)
         gpu = BatchTransform([0.0] * 3, [1.0] * 3, "cuda", **kw, **extra)
         xc, yc = x.cuda(), y.cuda()

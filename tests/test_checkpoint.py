@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from cnntrain.checkpoint import CheckpointSaver, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                                 upgrade_config)
 from cnntrain.errors import UserError
 
 
@@ -66,3 +67,24 @@ def test_load_refusals_name_the_path(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(UserError, match="not a cnntrain checkpoint"):
         load_checkpoint(tmp_path / "list.pt")
+
+
+def old_config(name, channels, gray=None, rgb=None):
+    """A stored config as runs wrote it before data.kind: aug.gray for 1 channel, aug.rgb else."""
+    off = dict(shift=0, degrees=0.0, hflip=False, crop_scale=None)
+    return {"data": {"name": name, "channels": channels, "mean": [0.5] * channels, "std": [0.25] * channels},
+            "aug": {"name": "basic", "gray": {**off, **(gray or {})}, "rgb": {**off, **(rgb or {})},
+                    "policy": None}}
+
+
+@pytest.mark.parametrize("name,channels,kind,section", [
+    ("mnist", 1, "digits", "gray"), ("fashion_mnist", 1, "clothing", "gray"), ("cifar10", 3, "natural", "rgb"),
+    ("imagefolder", 1, "natural", "gray"), ("imagefolder", 3, "natural", "rgb")])
+def test_an_old_stored_config_is_upgraded_to_data_kind(tmp_path, name, channels, kind, section):
+    config = old_config(name, channels, gray=dict(shift=1), rgb=dict(shift=4, hflip=True))
+    save_checkpoint({**core(), "config": config}, tmp_path / "old.pt")
+    upgraded = load_checkpoint(tmp_path / "old.pt")["config"]
+    assert upgraded["data"] == {**config["data"], "kind": kind}
+    assert upgraded["aug"] == {"name": "basic", "policy": None,  # the section it trained with, no zoom then
+                               kind: {**config["aug"][section], "scale": None}}
+    assert upgrade_config(upgraded) == upgraded  # a config with data.kind is left as it is

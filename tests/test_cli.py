@@ -206,6 +206,7 @@ def test_an_experiment_run_says_what_the_recipe_turned_on(data_root, tmp_path):
                    "epochs=1", "max_steps_per_epoch=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     line = next(line for line in proc.stdout.splitlines() if "experiment=mnist_lenet5 sets" in line)
     assert "model=lenet5" in line and "data=mnist" in line and "(command-line overrides win)" in line
+    assert " aug=basic (digits: shift 2, rotate 10, scale 0.9-1.1) " in line  # the section its data uses
 
 
 def test_help_lists_groups_and_every_key_with_its_meaning(tmp_path):

@@ -102,3 +102,51 @@ def test_experiment_config_sets_several_groups():
     assert (cfg.model.name, cfg.data.name, cfg.epochs, cfg.optim.lr, cfg.data.batch_size) == (
         "resnet18", "cifar10", 200, 0.1, 128)
     assert make_cfg("experiment=cifar10_resnet18", "epochs=3").epochs == 3
+
+
+# what aug=basic applies to each kind of image (configs/aug/basic.yaml): (shift, degrees, scale, hflip)
+BASIC = {"digits": (2, 10.0, (0.9, 1.1), False), "clothing": (1, 0.0, None, True), "natural": (4, 0.0, None, True)}
+
+
+@pytest.mark.parametrize("overrides,kind", [
+    (["data=mnist"], "digits"), (["data=fashion_mnist"], "clothing"), (["data=cifar10"], "natural"),
+    (["data=imagefolder", "data.kind=digits", "data.image_size=28"], "digits")])
+def test_data_kind_picks_the_geometry_the_training_transform_gets(data_root, folder_root, overrides, kind):
+    import torch
+
+    from cnntrain.data import build_data
+
+    root = folder_root if "data=imagefolder" in overrides else data_root
+    cfg = make_cfg(*overrides, f"data.root={root}", "data.download=false", "aug=basic")
+    validate_train(cfg)
+    assert cfg.data.kind == kind
+    data = build_data(cfg.data, cfg.aug, device=torch.device("cpu"), seed=0, splits=("train",))
+    t = data.loaders["train"].transform
+    assert (t.shift, t.degrees, t.scale, t.hflip) == BASIC[kind]
+
+
+def test_strong_is_basic_with_larger_distortions_and_the_policy():
+    cfg = make_cfg("aug=strong")
+    assert cfg.aug.policy == "randaugment" and cfg.aug.random_erasing == 0.25
+    assert (cfg.aug.digits.shift, cfg.aug.digits.degrees, list(cfg.aug.digits.scale)) == (3, 15, [0.85, 1.15])
+    assert (cfg.aug.clothing.shift, cfg.aug.clothing.hflip, cfg.aug.clothing.degrees) == (2, True, 0)
+    assert cfg.aug.natural == make_cfg("aug=basic").aug.natural
+    none = make_cfg("aug=none").aug
+    assert all(not any(none[kind].values()) for kind in ("digits", "clothing", "natural"))
+
+
+@pytest.mark.parametrize("override,start", [
+    ("data.kind=photos", "data.kind=photos is not allowed: it must be one of digits, clothing, natural"),
+    ("aug.digits.scale=[0,1.1]", "aug.digits.scale=[0.0, 1.1] is not allowed: it must be > 0"),
+    ("aug.digits.scale=[0.9]", "aug.digits.scale=[0.9] is not allowed: it must be > 0, a list of 2 value(s)"),
+    ("aug.digits.scale=[1.1,0.9]", "aug.digits.scale=[1.1, 0.9]: give [min, max] with min <= max"),
+    ("aug.natural.crop_scale=[0.08,1]", "aug.natural.crop_scale replaces aug.natural.shift (the random-resized "
+                                        "crop moves and scales the image itself): set aug.natural.shift=0"),
+])
+def test_bad_kind_or_scale_is_one_line_naming_the_key(override, start):
+    assert refusal(override).startswith(start), refusal(override)
+
+
+def test_every_data_option_says_what_kind_of_images_it_has():
+    for option in options("data"):
+        assert (CONFIGS / "data" / f"{option}.yaml").read_text().count("\nkind: ") == 1, option

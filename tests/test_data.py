@@ -14,8 +14,9 @@ CPU = torch.device("cpu")
 
 
 def data_cfg(name, root, **kw):
-    base = dict(name=name, root=str(root), download=False, batch_size=32, num_workers=0,
-                val_split=0.1, image_size=None, mean=[0.5], std=[0.25])
+    base = dict(name=name, kind={"mnist": "digits", "fashion_mnist": "clothing"}.get(name, "natural"),
+                root=str(root), download=False, batch_size=32, num_workers=0, val_split=0.1,
+                image_size=None, mean=[0.5], std=[0.25])
     if name.startswith("cifar"):
         base.update(mean=[0.5] * 3, std=[0.25] * 3)
     if name == "imagefolder":
@@ -125,7 +126,7 @@ def test_a_larger_image_size_keeps_native_storage_and_resizes_each_batch(data_ro
 
     augment = aug_cfg("basic" if aug == "crop" else aug)
     if aug == "crop":
-        augment.rgb.update(shift=0, crop_scale=[0.3, 1.0])
+        augment.natural.update(shift=0, crop_scale=[0.3, 1.0])
     data = build_data(data_cfg("cifar10", data_root, image_size=64), augment, device=CPU, seed=0)
     assert data.image_size == 64
     for split, loader in data.loaders.items():

@@ -17,7 +17,8 @@ CPU = torch.device("cpu")
 
 
 def cfg(name, root, **kw):
-    base = dict(name=name, root=str(root), download=False, batch_size=16, num_workers=0, val_split=0.2,
+    base = dict(name=name, kind="digits" if name == "mnist" else "natural", root=str(root), download=False,
+                batch_size=16, num_workers=0, val_split=0.2,
                 image_size=None, channels="auto", mean=[0.5], std=[0.25], skip_bad_images=False,
                 cache_dir=None, memory_budget_gb=None)
     if name == "imagefolder":
@@ -27,8 +28,8 @@ def cfg(name, root, **kw):
 
 def strong(**kw):
     """Every random operation at once, mixing included."""
-    geo = dict(shift=2, degrees=10.0, hflip=True, crop_scale=None)
-    return OmegaConf.create({"gray": geo, "rgb": geo, "policy": "randaugment", "color_jitter": 0.3,
+    geo = dict(shift=2, degrees=10.0, scale=[0.9, 1.1], hflip=True, crop_scale=None)
+    return OmegaConf.create({"digits": geo, "natural": geo, "policy": "randaugment", "color_jitter": 0.3,
                              "hue": 0.05, "random_erasing": 0.5, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, **kw})
 
 
@@ -153,7 +154,7 @@ def test_image_size_auto_of_mixed_sizes_is_the_median_short_side(tmp_path):
 def test_crop_recipes_store_larger_images_and_evaluate_their_center_as_cnnpredict_does(tmp_path):
     root = write_folder(tmp_path, 40, "RGB", sizes=[(60, 45), (45, 60)])
     aug = strong(policy=None, mixup_alpha=0.0, cutmix_alpha=0.0,
-                 rgb=dict(shift=0, degrees=0.0, hflip=True, crop_scale=[0.3, 1.0]))
+                 natural=dict(shift=0, degrees=0.0, scale=None, hflip=True, crop_scale=[0.3, 1.0]))
     data_cfg = cfg("imagefolder", root, image_size=28, mean=[0.5] * 3, std=[0.25] * 3)
     data = build_data(data_cfg, aug, device=CPU, seed=0)
     test = data.loaders["test"]
@@ -177,7 +178,7 @@ def test_cnnpredict_decodes_its_inputs_once_into_the_cache(tmp_path, monkeypatch
     from cnntrain.data import cache
 
     root = write_folder(tmp_path, 40, "RGB", sizes=[(60, 45), (45, 60)])
-    crop = strong(rgb=dict(shift=0, degrees=0.0, hflip=True, crop_scale=[0.3, 1.0]))
+    crop = strong(natural=dict(shift=0, degrees=0.0, scale=None, hflip=True, crop_scale=[0.3, 1.0]))
     prep = Preprocess(OmegaConf.create({"data": cfg("imagefolder", root, image_size=28, mean=[0.5] * 3,
                                                     std=[0.25] * 3), "aug": crop}), CPU)
     files = sorted(root.rglob("*.png"))

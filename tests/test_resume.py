@@ -167,7 +167,8 @@ def one_epoch(data_root, tmp_path_factory):
 @pytest.mark.parametrize("override, key, fixed", [
     ("data.batch_size=32", "data.batch_size", False), ("optim.lr=0.1", "optim.lr", False),
     ("epochs=4", "epochs", False), ("sched=cosine", "sched._target_", False),
-    ("optim.weight_decay=0.01", "optim.weight_decay", False), ("aug=none", "aug.gray.shift", False),
+    ("optim.weight_decay=0.01", "optim.weight_decay", False), ("aug=none", "aug.digits.degrees", False),
+    ("data.kind=natural", "data.kind", False),
     ("optim=adam", "optim._target_", True), ("model=resnet20", "model.name", True),
     ("data.image_size=32", "data.image_size", True), ("ema.decay=0.9", "ema.decay", True),
     ("data.val_split=0.2", "data.val_split", True)])
@@ -178,6 +179,44 @@ def test_resume_with_a_changed_setting_is_refused_naming_it(data_root, one_epoch
               run_dir=tmp_path)
     assert ("resume_allow_changes" in str(refused.value)) == (not fixed)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def old_run(one_epoch, tmp_path_factory):
+    """one_epoch's checkpoints as a run from before data.kind stored them: aug.gray (what the
+    1-channel data trained with, then without zoom) and aug.rgb, no data.kind."""
+    run_dir = tmp_path_factory.mktemp("old")
+    (run_dir / "checkpoints").mkdir()
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(one_epoch / "checkpoints" / name, weights_only=True)
+        config = state["config"]
+        del config["data"]["kind"]
+        aug = config["aug"]
+        aug["gray"] = {k: v for k, v in aug.pop("digits").items() if k != "scale"}
+        aug["rgb"] = {k: v for k, v in aug.pop("natural").items() if k != "scale"}
+        del aug["clothing"]
+        torch.save(state, run_dir / "checkpoints" / name)
+    return run_dir
+
+
+def test_an_old_checkpoint_evaluates_predicts_and_resumes_under_the_new_keys(data_root, old_run, tmp_path):
+    from cnntrain.evaluate import evaluate
+    from cnntrain.inference import Preprocess, trained_config
+
+    best = old_run / "checkpoints/best.pt"
+    with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[f"ckpt={best}", "device=cpu"])
+    assert evaluate(cfg, run_dir=tmp_path / "ev")["num_samples"] == 200
+    trained = trained_config(load_checkpoint(best), best)
+    assert Preprocess(trained, torch.device("cpu")).stored == 28 and trained.data.kind == "digits"
+    last = f"resume={old_run}/checkpoints/last.pt"
+    # today's aug=basic zooms digits, which that run did not: a change like any other
+    with pytest.raises(UserError, match=r"trained with aug.digits.scale=None, not \[0.9, 1.1\]; to change it "
+                                        r"on purpose add resume_allow_changes=\[aug.digits.scale\]"):
+        train(make_cfg(data_root, "epochs=2", "sched=step", last), run_dir=tmp_path / "refused")
+    results = train(make_cfg(data_root, "epochs=2", "sched=step", "aug.digits.scale=null", last,
+                             "resume_allow_changes=[epochs]"), run_dir=tmp_path / "resumed")
+    assert results["epochs_run"] == 2
 
 
 def test_resume_allow_changes_scales_the_schedule_to_the_new_lr(data_root, one_epoch, tmp_path):

@@ -57,10 +57,26 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
 CROP_STORAGE = 1.14
 
 
-def storage_size(name: str, size: int, channels: int, aug: DictConfig | None) -> int:
+def geometry(aug: DictConfig, data: DictConfig) -> DictConfig:
+    """The aug section (shift, rotation, zoom, flip, crop) for these images: aug.<data.kind>."""
+    return aug[data.kind]
+
+
+def describe(aug: DictConfig, data: DictConfig) -> str:
+    """The augmentation preset and the geometry it applies to this data, in one short phrase:
+    `aug=basic (digits: shift 2, rotate 10, scale 0.9-1.1)`."""
+    geo = geometry(aug, data)
+    parts = [f"shift {geo.shift}" if geo.shift else "", f"rotate {geo.degrees:g}" if geo.degrees else "",
+             "scale {:g}-{:g}".format(*geo.scale) if geo.get("scale") else "",
+             "crop {:g}-{:g}".format(*geo.crop_scale) if geo.get("crop_scale") else "",
+             "flip" if geo.hflip else ""]
+    return f"aug={aug.name} ({data.kind}: {', '.join(filter(None, parts)) or 'no geometry'})"
+
+
+def storage_size(data: DictConfig, size: int, aug: DictConfig | None) -> int:
     """The size images are stored (image folders: decoded) at for a model input of `size`."""
-    geo = aug["gray" if channels == 1 else "rgb"] if aug is not None else {}
-    return round(size * CROP_STORAGE) if name == "imagefolder" and geo.get("crop_scale") else size
+    crop = aug is not None and geometry(aug, data).get("crop_scale")
+    return round(size * CROP_STORAGE) if data.get("name") == "imagefolder" and crop else size
 
 
 @dataclass
@@ -111,7 +127,7 @@ def build_data(data: DictConfig, aug: DictConfig | None, *, device: torch.device
     std = list(source.std or data.std)
     out = Data(source.classes, source.channels, source.size, mean, std)
     evaluate = BatchTransform(mean, std, device, size=source.size)
-    train = evaluate if evaluation or aug is None else _train_transform(aug, source, mean, std, device)
+    train = evaluate if evaluation or aug is None else _train_transform(aug, data, source, mean, std, device)
     budget, placed = memory_budget(data, device), {}
     for split in splits:
         part = source.parts.get(split)
@@ -176,11 +192,11 @@ def _check_channels(data: DictConfig, channels: int) -> None:
                         f"{channels} channel(s): give {channels}")
 
 
-def _train_transform(aug: DictConfig, source: _Source, mean, std, device) -> BatchTransform:
-    geo = aug["gray" if source.channels == 1 else "rgb"]
+def _train_transform(aug: DictConfig, data: DictConfig, source: _Source, mean, std, device) -> BatchTransform:
+    geo = geometry(aug, data)
     return BatchTransform(
-        mean, std, device, size=source.size, shift=geo.shift, degrees=geo.degrees, hflip=geo.hflip,
-        crop_scale=geo.get("crop_scale"), color_jitter=aug.get("color_jitter", 0.0),
+        mean, std, device, size=source.size, shift=geo.shift, degrees=geo.degrees, scale=geo.get("scale"),
+        hflip=geo.hflip, crop_scale=geo.get("crop_scale"), color_jitter=aug.get("color_jitter", 0.0),
         hue=aug.get("hue", 0.0), policy=aug.policy, random_erasing=aug.random_erasing,
         mixup_alpha=aug.get("mixup_alpha", 0.0), cutmix_alpha=aug.get("cutmix_alpha", 0.0),
         num_classes=len(source.classes))
@@ -268,7 +284,7 @@ def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _S
     channels, size = _folder_geometry(data, scanned[wanted[0]], facts[wanted[0]])
     for split in wanted:
         facts[split].warn_mixed_modes("L" if channels == 1 else "RGB")
-    storage = storage_size(data.name, size, channels, aug)
+    storage = storage_size(data, size, aug)
     cache = {}
     for split in wanted:
         cached = load_split(scanned[split], size=storage, channels=channels, cache_dir=_cache_dir(data),

@@ -51,13 +51,13 @@ class BatchTransform:
 
     In order: images smaller than size resized up to it (built-in datasets are stored at their
     native size, so a 32 px set is not held at 224 px on the device), geometry (random-resized
-    crop, or center crop + shift/flip/rotation), the policy (randaugment | autoaugment) on uint8
+    crop, or center crop + shift/flip/rotation/zoom), the policy (randaugment | autoaugment) on uint8
     pixels, colour jitter (brightness, contrast, saturation, hue, in that fixed order;
     torchvision's ColorJitter shuffles it), normalization, random erasing, then MixUp/CutMix
     with soft targets."""
 
     def __init__(self, mean, std, device, *, size: int, shift: int = 0, degrees: float = 0.0,
-                 hflip: bool = False, crop_scale=None, crop_ratio=(3 / 4, 4 / 3),
+                 scale=None, hflip: bool = False, crop_scale=None, crop_ratio=(3 / 4, 4 / 3),
                  color_jitter: float = 0.0, hue: float = 0.0, policy: str | None = None,
                  random_erasing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  num_classes: int | None = None):
@@ -65,14 +65,19 @@ class BatchTransform:
         self.normalize = Normalize(mean, std, self.device)
         self.size = int(size)
         self.shift, self.degrees, self.hflip = int(shift), float(degrees), bool(hflip)
+        self.scale = None if scale is None else tuple(float(s) for s in scale)
+        if self.scale is not None and not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale={scale}: want 0 < lo <= hi")
+        # rotation and zoom resample the image (grid_sample); shifts and flips alone only re-index it
+        self.affine = self.degrees > 0 or self.scale is not None
         self.crop_scale = None if crop_scale is None else tuple(float(s) for s in crop_scale)
         self.log_ratio = tuple(math.log(float(r)) for r in crop_ratio)
         if self.crop_scale is not None:
             lo, hi = self.crop_scale
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"crop_scale={crop_scale}: want 0 < lo <= hi <= 1")
-            if self.shift or self.degrees:
-                raise ValueError("crop_scale (random-resized crop) replaces shift/degrees: give one")
+            if self.shift or self.affine:
+                raise ValueError("crop_scale (random-resized crop) replaces shift/degrees/scale: give one")
         self.jitter = float(color_jitter)
         self.hue = float(hue)
         if not 0 <= self.hue <= 0.5:
@@ -89,7 +94,7 @@ class BatchTransform:
         if self.mix_alphas and not num_classes:
             raise ValueError("mixup/cutmix need num_classes")
         self.num_classes = num_classes
-        self.random = bool(self.crop_scale or self.shift or self.degrees or self.hflip or self.jitter
+        self.random = bool(self.crop_scale or self.shift or self.affine or self.hflip or self.jitter
                            or self.hue or self.policy or self.erase_p or self.mix_alphas)
 
     # ------------------------------------------------------------------ call
@@ -122,7 +127,7 @@ class BatchTransform:
 
         if self.crop_scale is not None:
             x = self._resized_crop(x, p)
-        elif self.degrees > 0:  # before normalizing, so the zero fill is black as in RandomCrop
+        elif self.affine:  # before normalizing, so the zero fill is black as in RandomCrop
             x = self._affine(self._center_crop(x).float(), p)
         elif self.shift or self.hflip:
             x = self._shift_flip(self._center_crop(x), p)
@@ -160,19 +165,8 @@ class BatchTransform:
             host["box"] = self._draw_boxes(gen, b, h, w)
             if self.hflip:
                 host["flip"] = torch.rand(b, generator=gen) < 0.5
-        elif self.degrees > 0:
-            shift = torch.randint(-self.shift, self.shift + 1, (2, b), generator=gen).float()
-            angle = uniform(b, -1, 1) * math.radians(self.degrees)
-            flip = torch.ones(b)
-            if self.hflip:
-                flip = torch.where(torch.rand(b, generator=gen) < 0.5, -flip, flip)
-            cos, sin = torch.cos(angle), torch.sin(angle)
-            # Normalized coordinates span 2 units over s pixels, so a shift of k pixels is 2k/s.
-            # With align_corners=False, integer shifts land on pixel centres: exact copies.
-            host["theta"] = torch.stack([
-                torch.stack([cos * flip, -sin, 2 * shift[0] / s], 1),
-                torch.stack([sin * flip, cos, 2 * shift[1] / s], 1),
-            ], 1)
+        elif self.affine:
+            host["theta"] = _affine_theta(*self._draw_affine(gen, b), s)
         elif self.shift or self.hflip:
             host["dy"], host["dx"] = torch.randint(0, 2 * self.shift + 1, (2, b, 1), generator=gen)
             if self.hflip:
@@ -209,6 +203,20 @@ class BatchTransform:
             if "box" in host:  # roi_align's rows name their image: now its place in the part
                 host["box"][:, 0] = torch.arange(len(positions))
         return {**host, **grouped}, plan
+
+    def _draw_affine(self, gen, b):
+        """Per image: the shift (dx, dy) in px, the angle in radians, the zoom factor and the
+        flip (-1: mirrored, else 1). The zoom is drawn last, so runs without it keep their draws."""
+        shift = torch.randint(-self.shift, self.shift + 1, (2, b), generator=gen).float()
+        angle = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(self.degrees)
+        flip = torch.ones(b)
+        if self.hflip:
+            flip = torch.where(torch.rand(b, generator=gen) < 0.5, -flip, flip)
+        zoom = torch.ones(b)
+        if self.scale is not None:
+            lo, hi = self.scale
+            zoom = torch.rand(b, generator=gen) * (hi - lo) + lo
+        return shift, angle, zoom, flip
 
     def _draw_boxes(self, gen, b, h, w) -> torch.Tensor:
         """RandomResizedCrop.get_params for b images at once: 10 tries of (area, log-ratio) per
@@ -467,6 +475,18 @@ def _pack(host: dict) -> torch.Tensor:
 def _unpack(flat: torch.Tensor, host: dict) -> dict:
     pieces = flat.split([v.numel() for v in host.values()])
     return {k: p.view(v.shape).to(v.dtype) for (k, v), p in zip(host.items(), pieces)}
+
+
+def _affine_theta(shift, angle, zoom, flip, s) -> torch.Tensor:
+    """(b, 2, 3) sampling matrices for affine_grid: output coordinates -> input coordinates.
+    An image zoomed by z samples its input at coordinates / z, as torchvision's affine(scale=z)."""
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # Normalized coordinates span 2 units over s pixels, so a shift of k pixels is 2k/s.
+    # With align_corners=False, integer shifts land on pixel centres: exact copies.
+    return torch.stack([
+        torch.stack([cos * flip, -sin, 2 * shift[0] / s], 1),
+        torch.stack([sin * flip, cos, 2 * shift[1] / s], 1),
+    ], 1)
 
 
 def _policy_theta(name, mag, s) -> torch.Tensor:
