@@ -13,10 +13,10 @@ from PIL import Image
 from conftest import run_cli
 from cnntrain.data.builtin import load_builtin
 
-# Measured on 2 CPU cores (torch 2.14.1), `cnntrain` with no arguments: 10 epochs of LeNet-5 on
-# the sample's 5,400 training images. Seeds 42 (the default), 1, 2: see the README's table. The
-# bar leaves several points of margin for other machines and library versions.
-DEFAULT_RUN_BAR = 0.82
+# Measured on 2 CPU cores (torch 2.14.1), `cnntrain` with no arguments (10 epochs of LeNet-5 on
+# the sample's 5,400 training images): 85.3 % test accuracy with the default seed 42, 85.1 % and
+# 83.6 % with seeds 1 and 2. The bar leaves room for other machines and library versions.
+DEFAULT_RUN_BAR = 0.80
 # Every network and proxy setting a run could otherwise use is pointed at a closed port: a run
 # that tried to download anything would fail instead of passing on a machine with internet.
 OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
