@@ -212,3 +212,42 @@ def test_imagefolder_order_depends_on_seed_and_epoch_only(folder_root):
     first = labels(1)
     assert torch.equal(labels(1), first) and not torch.equal(labels(2), first)
     assert torch.equal(labels(1, start=1), first[32:])
+
+
+def test_the_bundled_sample_is_real_stratified_fashion_mnist():
+    images, labels, classes = load_builtin("fashion_mnist_mini", "/nonexistent", train=True, download=True)
+    assert images.shape == (6000, 1, 28, 28) and images.dtype == torch.uint8
+    assert torch.bincount(labels).tolist() == [600] * 10 and classes[0] == "T-shirt/top"
+    test_images, test_labels, _ = load_builtin("fashion_mnist_mini", "", train=False, download=False)
+    assert test_images.shape == (1000, 1, 28, 28) and torch.bincount(test_labels).tolist() == [100] * 10
+    # real photographs of clothes on black: half the pixels exactly 0, a garment's shades between
+    assert (images == 0).float().mean() > 0.3 and len(images[0].unique()) > 40
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("missing", "lacks train-images-idx3-ubyte.gz"),
+    ("truncated", "cannot be read"),
+    ("garbled", "cannot be read"),
+])
+def test_a_damaged_bundled_sample_says_reinstall(tmp_path, monkeypatch, damage, needle):
+    import dataclasses
+    import shutil
+
+    from cnntrain.data import builtin
+
+    copy_dir = tmp_path / "fashion_mnist_mini"
+    shutil.copytree(builtin.BUNDLED, copy_dir)
+    images = copy_dir / "train-images-idx3-ubyte.gz"
+    if damage == "missing":
+        images.unlink()
+    elif damage == "truncated":
+        images.write_bytes(images.read_bytes()[:100_000])
+    else:
+        images.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 40)
+    spec = dataclasses.replace(builtin.BUILTIN["fashion_mnist_mini"], folder=str(copy_dir))
+    monkeypatch.setitem(builtin.BUILTIN, "fashion_mnist_mini", spec)
+    with pytest.raises(UserError) as e:
+        load_builtin("fashion_mnist_mini", "data", train=True, download=True)
+    message = str(e.value)
+    assert needle in message and "reinstall cnntrain" in message and str(copy_dir) in message, message
+    assert "\n" not in message

@@ -243,7 +243,7 @@ BAD_VALUES = [
     ("data.std=[0]", "data.std=[0.0] is not allowed: it must be > 0"),
     ("data.std=[0,0,0]", "data.std=[0.0, 0.0, 0.0] is not allowed: it must be > 0"),
     ("data.mean=[0.5,0.5]", "data.mean=[0.5, 0.5] is not allowed"),
-    ("data.mean=[0.1,0.2,0.3]", "data.mean=[0.1, 0.2, 0.3] and data.std=[0.3081] must both be"),
+    ("data.mean=[0.1,0.2,0.3]", "data.mean=[0.1, 0.2, 0.3] and data.std=[0.3538] must both be"),
     ("model=resnet81", "unknown model=resnet81; did you mean model=resnet18?"),
     ("optim.nesterov=true optim.momentum=0", "optim.nesterov=true needs optim.momentum > 0"),
     ("resume_allow_changes=[model.name]", "model.name can never change"),

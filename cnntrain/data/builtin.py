@@ -36,27 +36,30 @@ BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnis
 
 
 class _FashionMNISTMini(datasets.FashionMNIST):
-    """The Fashion-MNIST sample inside the package (scripts/make_fashion_mnist_mini.py): gzipped
-    IDX files in BUNDLED, whatever root says. torchvision reads only uncompressed IDX files, so
+    """A Fashion-MNIST sample as made by scripts/make_fashion_mnist_mini.py: gzipped IDX files
+    directly in `root` (the package's BUNDLED). torchvision reads only uncompressed IDX files, so
     each is unpacked into a temporary folder (a few ms) and read there by torchvision's own
-    readers, with their format checks; the package folder itself is never written to."""
+    readers, with their format checks; `root` itself is never written to."""
+
+    FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
     @property
     def raw_folder(self) -> str:
-        return BUNDLED
+        return self.root
 
     @property
     def processed_folder(self) -> str:  # torchvision's legacy .pt files: never here
-        return os.path.join(BUNDLED, "processed")
+        return os.path.join(self.root, "processed")
 
     def _check_exists(self) -> bool:
-        return all(os.path.isfile(os.path.join(BUNDLED, f)) for f in BUILTIN["fashion_mnist_mini"].files)
+        return all(os.path.isfile(os.path.join(self.root, f)) for f in self.FILES)
 
     def _load_data(self):
         prefix = "train" if self.train else "t10k"
         with tempfile.TemporaryDirectory() as tmp:
-            images = extract_archive(os.path.join(BUNDLED, f"{prefix}-images-idx3-ubyte.gz"), tmp)
-            labels = extract_archive(os.path.join(BUNDLED, f"{prefix}-labels-idx1-ubyte.gz"), tmp)
+            images = extract_archive(os.path.join(self.root, f"{prefix}-images-idx3-ubyte.gz"), tmp)
+            labels = extract_archive(os.path.join(self.root, f"{prefix}-labels-idx1-ubyte.gz"), tmp)
             return read_image_file(images), read_label_file(labels)
 
 
@@ -77,10 +80,8 @@ BUILTIN = {
     "fashion_mnist": _Spec("Fashion-MNIST", datasets.FashionMNIST, "FashionMNIST/raw",
                            ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), (1, 28, 10)),
-    "fashion_mnist_mini": _Spec("Fashion-MNIST sample", _FashionMNISTMini, BUNDLED,
-                                ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), (1, 28, 10),
-                                bundled=True),
+    "fashion_mnist_mini": _Spec("Fashion-MNIST sample", _FashionMNISTMini, BUNDLED, _FashionMNISTMini.FILES,
+                                (1, 28, 10), bundled=True),
     "cifar10": _Spec("CIFAR-10", _CIFAR10, "cifar-10-batches-py",
                      ("data_batch_1", "...", "data_batch_5", "test_batch", "batches.meta"), (3, 32, 10)),
     "cifar100": _Spec("CIFAR-100", _CIFAR100, "cifar-100-python", ("train", "test", "meta"), (3, 32, 100)),
@@ -99,7 +100,7 @@ def _load(name: str, root: str, train: bool, download: bool):
     where = os.path.join(os.path.abspath(root), spec.folder)
     files = ", ".join(spec.files)
     try:
-        ds = spec.cls(root, train=train, download=False)
+        ds = spec.cls(spec.folder if spec.bundled else root, train=train, download=False)
     except Exception as e:
         if spec.bundled:  # a broken installation, not something data.root or a download can fix
             missing = [f for f in spec.files if not os.path.isfile(os.path.join(where, f))]
