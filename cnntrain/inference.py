@@ -111,23 +111,15 @@ def find_images(inputs) -> list[Path]:
     return files
 
 
-class Preprocess:
-    """Any image file (any size, any mode) -> the input the checkpoint's model was trained on:
-    gray or RGB as its data, shorter side resized and center-cropped to image_size as evaluation
-    saw it (folders stored for crop-based training: resized to 1.14 x first), then normalized
-    with the checkpoint's mean/std."""
+class Decode:
+    """Any image file (any size, any mode) -> uint8 pixels (C, size, size): gray (channels 1) or
+    RGB, shorter side resized to `stored` and the central size x size square, as evaluation saw
+    its images (folders stored for crop-based training: stored = 1.14 x size). What an exported
+    model, which normalizes inside its graph, takes (cnnpredict model=)."""
 
-    def __init__(self, trained: DictConfig, device: torch.device):
-        from cnntrain.data import storage_size
-        from cnntrain.data.augment import Normalize
-
-        data, size = trained.data, int(trained.data.image_size)
-        self.mode = "L" if len(data.mean) == 1 else "RGB"
-        # as evaluation saw them: stored at storage_size, then the central size x size
-        self.size = size
-        self.stored = storage_size(data, size, trained.get("aug"))
-        self.normalize = Normalize(list(data.mean), list(data.std), device)
-        self.device = device
+    def __init__(self, channels: int, size: int, stored: int):
+        self.mode = "L" if channels == 1 else "RGB"
+        self.size, self.stored = int(size), int(stored)
 
     def _center(self, pixels: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
@@ -158,6 +150,22 @@ class Preprocess:
         cached = load_split(split, size=self.stored, channels=1 if self.mode == "L" else 3,
                             cache_dir=default_cache_dir(), fix="remove it from inputs=", prune=False)
         return self._center(cached.pixels())
+
+
+class Preprocess(Decode):
+    """Any image file (any size, any mode) -> the input the checkpoint's model was trained on:
+    decoded as Decode does with the checkpoint's channels and sizes, then normalized with its
+    mean/std."""
+
+    def __init__(self, trained: DictConfig, device: torch.device):
+        from cnntrain.data import storage_size
+        from cnntrain.data.augment import Normalize
+
+        data, size = trained.data, int(trained.data.image_size)
+        # as evaluation saw them: stored at storage_size, then the central size x size
+        super().__init__(len(data.mean), size, storage_size(data, size, trained.get("aug")))
+        self.normalize = Normalize(list(data.mean), list(data.std), device)
+        self.device = device
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, S, S) -> normalized float on the device."""

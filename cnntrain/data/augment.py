@@ -148,6 +148,12 @@ class BatchTransform:
                 x, y = x[1:], y[1:]
         return x, y
 
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B,C,S,S) as stored -> the uint8 (B,C,size,size) pixels an unaugmented
+        pass normalizes (resized up if smaller, center-cropped if larger): what an exported
+        model with the normalization inside its graph takes (cnnexport)."""
+        return self._center_crop(self._upsize(x))
+
     # ------------------------------------------------------------------ host-side draws
 
     def _draw(self, gen: torch.Generator, seed: int, b: int, c: int, h: int, w: int,

@@ -96,6 +96,12 @@ class BatchLoader:
     def sample(self, index: int) -> np.ndarray:
         return self.images[self._row(index)].permute(1, 2, 0).cpu().numpy()
 
+    def pixels(self, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 (k, C, size, size) pixels of samples `indices` (unshuffled order) on the host,
+        before normalization, as an unaugmented pass gives them to it."""
+        rows = indices if self.index is None else self.index[indices]
+        return self.transform.pixels(self.images[rows.to(self.images.device)]).cpu()
+
     def __len__(self) -> int:
         lo, hi = self.part
         return (hi - lo) // self.step if self.drop_last else -(-(hi - lo) // self.step)
