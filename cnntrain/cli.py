@@ -1,5 +1,5 @@
-"""Console entry points: thin @hydra.main wrappers around train(cfg), evaluate(cfg), predict(cfg)
-and visualize(cfg), inside one error boundary.
+"""Console entry points: thin @hydra.main wrappers around train(cfg), evaluate(cfg), predict(cfg),
+visualize(cfg) and export(cfg), inside one error boundary.
 
 The boundary: any bad input (a UserError, a Hydra or OmegaConf error, an OSError, Ctrl-C before
 training) ends as one `error:` line on stderr (and in the run's log once it has a folder), exit
@@ -112,6 +112,11 @@ def _viz(cfg: DictConfig):
     return _job(_lazy("cnntrain.viz", "visualize"), cfg, "viz")
 
 
+@hydra.main(version_base="1.3", config_path="configs", config_name="export")
+def _export(cfg: DictConfig):
+    return _job(_lazy("cnntrain.export", "export"), cfg, "export")
+
+
 # --------------------------------------------------------------------------- one line per error
 def _is_user_error(e: BaseException) -> bool:
     from hydra.errors import HydraException
@@ -195,7 +200,8 @@ def _select(root, key: str):
 
 def _ckpt_run_name(ckpt) -> str:
     """The run name in a checkpoint's path (.../<time>_<name>/checkpoints/best.pt or a sweep
-    job's .../<n>_<name>/...): what cnneval, cnnpredict and cnnviz add to their folders."""
+    job's .../<n>_<name>/...): what cnneval, cnnpredict, cnnviz and cnnexport add to their
+    folders."""
     if not isinstance(ckpt, str) or not ckpt or ckpt == "???":
         return ""
     path = Path(ckpt)
@@ -203,10 +209,21 @@ def _ckpt_run_name(ckpt) -> str:
     return re.sub(r"^(\d{2}-\d{2}-\d{2}(-\d+)?|\d+)(_|$)", "", run.name)
 
 
+def _exported_run_name(exported) -> str:
+    """cnnpredict model=FILE: the run name of cnnexport's folder (.../<time>_<name>/model.onnx),
+    or the file's own name."""
+    if not isinstance(exported, str) or not exported:
+        return ""
+    path = Path(exported)
+    if path.stem != "model":
+        return path.stem
+    return re.sub(r"^(\d{2}-\d{2}-\d{2}(-\d+)?|\d+)(_|$)", "", path.parent.name)
+
+
 def run_name(_root_=None) -> str:
     """What tells a run apart in `ls` and TensorBoard: `name=` when set, else <model>_<data>
-    (model.name, data.name); for cnneval, cnnpredict and cnnviz the checkpoint's run name.
-    Filename-safe; "" when there is nothing to name."""
+    (model.name, data.name); for cnneval, cnnpredict, cnnviz and cnnexport the checkpoint's run
+    name (cnnpredict model=: the exported file's). Filename-safe; "" when there is nothing to name."""
     if _root_ is None:
         return ""
     given = _select(_root_, "name")
@@ -215,13 +232,13 @@ def run_name(_root_=None) -> str:
     parts = [_select(_root_, "model.name"), _select(_root_, "data.name")]
     if any(p is not None for p in parts):
         return "_".join(_safe(p) for p in parts if p is not None and _safe(p))
-    return _safe(_ckpt_run_name(_select(_root_, "ckpt")))
+    return _safe(_ckpt_run_name(_select(_root_, "ckpt")) or _exported_run_name(_select(_root_, "exported")))
 
 
 def _default_run_dir(job: str, name: str = "") -> str:
     """A run's folder when hydra.run.dir is not given: outputs/<date>/<time>_<name> for training,
-    outputs/<job>/<date>/<time>_<name> for cnneval, cnnpredict and cnnviz (<name>: run_name);
-    claimed by rundir.unique_dir."""
+    outputs/<job>/<date>/<time>_<name> for cnneval, cnnpredict, cnnviz and cnnexport (<name>:
+    run_name); claimed by rundir.unique_dir."""
     when = datetime.fromtimestamp(_run_time())
     return rundir.unique_dir(f"outputs/{'' if job == 'train' else job + '/'}{when:%Y-%m-%d}/"
                              f"{when:%H-%M-%S}{'_' + name if name else ''}")
@@ -281,11 +298,23 @@ def _debug_asked() -> bool:
         re.fullmatch(r"\+*debug=(true|True|TRUE)", arg) for arg in sys.argv[1:])
 
 
-def _console_script(hydra_main, app: str):
+def _renamed(args: list[str], aliases: dict[str, str]) -> list[str]:
+    """Command-line overrides `key=value` of a key in `aliases` given as its config key."""
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        out.append(f"{aliases[key]}={value}" if eq and key in aliases else arg)
+    return out
+
+
+def _console_script(hydra_main, app: str, aliases: dict[str, str] | None = None):
     """A console-script entry: the Hydra app inside the error boundary, then exit code 1 if any
     job failed. Under torchrun the ranks first join their process group; ranks > 0 log errors
-    only."""
+    only. `aliases`: keys the command line may use for config keys whose own name Hydra reads
+    otherwise (cnnpredict model=FILE.onnx: `model` is the name of a config group)."""
     def run() -> None:
+        if aliases:
+            sys.argv[1:] = _renamed(sys.argv[1:], aliases)
         debug = _debug_asked()
         # Hydra then raises what it would print as a traceback, and the boundary reports it
         os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -330,5 +359,6 @@ def _distributed(hydra_main) -> None:
 
 train_cli = _console_script(_train, "train")
 eval_cli = _console_script(_evaluate, "eval")
-predict_cli = _console_script(_predict, "predict")
+predict_cli = _console_script(_predict, "predict", aliases={"model": "exported"})
 viz_cli = _console_script(_viz, "viz")
+export_cli = _console_script(_export, "export")

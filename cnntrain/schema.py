@@ -274,7 +274,11 @@ class EvalConfig(RuntimeConfig):
 
 @dataclass
 class PredictConfig(RuntimeConfig):
-    ckpt: str = key(MISSING, "a checkpoint written by cnntrain (best.pt or last.pt)")
+    # exactly one of the two (predict.py checks): Hydra reads `model=` as the model config group,
+    # so cnnpredict's command line turns model=FILE into exported=FILE (cli.py)
+    ckpt: Optional[str] = key(None, "a checkpoint written by cnntrain (best.pt or last.pt); or model=")
+    exported: Optional[str] = key(None, "an ONNX file written by cnnexport, run with onnxruntime "
+                                        "alone; on the command line model=FILE.onnx")
     inputs: Any = key(MISSING, "an image file, a folder, a quoted glob or a [list]", kinds=(str, list))
     topk: int = key(5, "classes per image", ge=1)
     batch_size: int = key(64, "images per batch", ge=1)
@@ -290,7 +294,33 @@ class VizConfig(RuntimeConfig):
     max_images: int = key(8, "the first N input images", ge=1)
 
 
-APPS = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictConfig, "viz": VizConfig}
+EXPORT_FORMATS = ("onnx", "torchscript", "exported_program")
+
+
+@dataclass
+class ExportConfig(RuntimeConfig):
+    ckpt: str = key(MISSING, "a checkpoint written by cnntrain (best.pt or last.pt)")
+    format: Any = key("onnx", "the file format, or a list of them ('[onnx,torchscript]')",
+                      kinds=(str, list), choices=EXPORT_FORMATS)
+    layout: str = key("nchw", "the exported model's input layout: nchw, or nhwc as image decoders "
+                              "give pixels", choices=("nchw", "nhwc"))
+    input: str = key("uint8", "the exported model's input: uint8 pixels 0..255, or float 0..1 "
+                              "(normalized inside the graph either way)", choices=("uint8", "float"))
+    softmax: Any = flag(False, "output probabilities instead of logits")
+    verify_images: int = key(64, "test images the exported file is checked on against cnntrain's "
+                                 "own predictions", ge=1)
+    inputs: Any = key(None, "image files to check on instead of the test split (a file, a folder, "
+                            "a quoted glob or a [list])", kinds=(None, str, list))
+    atol: float = key(1e-3, "largest allowed difference of an output (logit or probability) "
+                            "between the exported file and cnntrain", gt=0)
+    benchmark: Any = flag(False, "also measure latency (batch 1) and throughput (batch 64) of each "
+                                 "format and of eager PyTorch")
+    device: str = key("cpu", "export, verification and benchmark run on the CPU", choices=("cpu",))
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+
+
+APPS = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictConfig, "viz": VizConfig,
+        "export": ExportConfig}
 GROUP_OPTIONS = {"optim": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
                  "sched": {"cosine": CosineConfig, "step": StepConfig, "multistep": MultiStepConfig,
                            "onecycle": OneCycleConfig, "none": ConstantConfig}}
@@ -382,7 +412,10 @@ def _check_value(path: str, value, f) -> None:
         return
     if "kinds" in rules and not any(_is_kind(value, kind) for kind in rules["kinds"]):
         raise _fail(path, value, f, " or ".join(_KIND_NAMES[kind] for kind in rules["kinds"]))
-    if "choices" in rules and not any(type(value) is type(c) and value == c for c in rules["choices"]):
+    # a list (format=[onnx,torchscript]): each of its items is one of the choices
+    chosen = list(value) if isinstance(value, ListConfig) else [value]
+    if "choices" in rules and not all(any(type(v) is type(c) and v == c for c in rules["choices"])
+                                      for v in chosen):
         raise _fail(path, value, f, _allowed(rules))
     if "pattern" in rules and isinstance(value, str) and not re.fullmatch(rules["pattern"], value):
         raise _fail(path, value, f, _allowed(rules))
