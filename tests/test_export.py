@@ -185,6 +185,27 @@ def test_cnnpredict_runs_the_onnx_file_as_the_checkpoint(lenet, lenet_export, tm
     assert table == [line for line in by_onnx.stdout.splitlines() if line.startswith("|")]
 
 
+def test_an_image_folder_model_stored_for_crops_exports_and_predicts_alike(folder_root, tmp_path):
+    """RGB folder images stored at 1.14 x the model's size (random-resized-crop training): the
+    check reads the test split's central crop, the metadata says to resize to 36 px before the
+    32 px crop, and cnnpredict model= (NHWC) gives the predictions of ckpt=."""
+    run_cli("cnntrain", "model=lenet5", "data=imagefolder", f"data.root={folder_root}", "data.image_size=32",
+            "aug.natural.crop_scale=[0.5,1]", "aug.natural.shift=0", "data.num_workers=0", "epochs=1",
+            "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    ckpt = tmp_path / "run/checkpoints/best.pt"
+    proc = export(ckpt, tmp_path / "x", "layout=nhwc")
+    meta = json.loads((tmp_path / "x/model.onnx.json").read_text())
+    assert (meta["image_size"], meta["resize"], meta["channels"], meta["input_shape"]) == (32, 36, 3, ["batch", 32, 32, 3])
+    assert "on 30 images vs cnntrain" in proc.stdout  # the whole (small) test split
+    for name, source in (("a", f"ckpt={ckpt}"), ("b", f"model={tmp_path / 'x/model.onnx'}")):
+        run_cli("cnnpredict", source, f"inputs={folder_root / 'val'}", "topk=2", "device=cpu",
+                f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+    a = list(csv.DictReader(open(tmp_path / "a/predictions.csv")))
+    b = list(csv.DictReader(open(tmp_path / "b/predictions.csv")))
+    assert len(a) == len(b) > 0 and [(x["file"], x["class"]) for x in a] == [(y["file"], y["class"]) for y in b]
+    assert max(abs(float(x["probability"]) - float(y["probability"])) for x, y in zip(a, b)) < 1e-5
+
+
 def test_cnnpredict_default_folder_is_named_after_the_export():
     from cnntrain.cli import run_name
     from omegaconf import OmegaConf
