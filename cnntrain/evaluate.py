@@ -10,10 +10,9 @@ from omegaconf import DictConfig
 
 from cnntrain import distributed
 from cnntrain.checkpoint import load_checkpoint, require_file
-from cnntrain.data import build_data
 from cnntrain.engine import evaluate_loader
 from cnntrain.errors import UserError
-from cnntrain.inference import model_from_checkpoint, trained_config
+from cnntrain.inference import checkpoint_split, model_from_checkpoint, trained_config
 from cnntrain.logs import log_outputs
 from cnntrain.report import (build_report, format_report, write_comparison, write_figures,
                              write_predictions, write_report)
@@ -74,21 +73,9 @@ def _evaluate(cfg: DictConfig, paths: list[Path], run_dir: Path) -> dict | list[
 def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: bool) -> dict:
     ckpt = load_checkpoint(path)
     trained = trained_config(ckpt, path)
-    for key, value in cfg.data.items():
-        if value is not None:
-            trained.data[key] = value
     device = select_device(cfg.device)
-    # the training run's aug decides how its images were stored (data.storage_size)
-    data = build_data(trained.data, trained.get("aug"), device=device, seed=trained.seed,
-                      splits=(cfg.split,), evaluation=True)
-    loader = data.loaders.get(cfg.split)
-    if loader is None:
-        raise UserError(f"{trained.data.name} at {trained.data.root} has no {cfg.split} split "
-                        f"(try split={'val' if cfg.split == 'test' else 'test'})")
-    if data.classes != ckpt["classes"]:
-        raise UserError(f"the data's classes differ from the checkpoint's: checkpoint "
-                        f"{ckpt['classes']} ({len(ckpt['classes'])}), data {data.classes} "
-                        f"({len(data.classes)}); point data.root= at the dataset it was trained on")
+    data, loader = checkpoint_split(trained, ckpt["classes"], cfg.data, cfg.split, device,
+                                    f"try split={'val' if cfg.split == 'test' else 'test'}")
     model = model_from_checkpoint(ckpt, trained, path, device)
     dtype = amp_dtype(cfg.amp, device)
     # the layout training evaluated in, so that the same device gives the same numbers

@@ -392,8 +392,8 @@ def verification_pixels(cfg: DictConfig, trained: DictConfig, classes: list[str]
     """The uint8 (N, C, S, S) pixels the exported files are checked on: `files` (inputs=)
     decoded as cnnpredict decodes them, or verify_images test images evenly spaced over the
     split, through cnntrain's data path as cnneval reads them (before normalization)."""
-    from cnntrain.data import build_data, storage_size
-    from cnntrain.inference import Decode
+    from cnntrain.data import storage_size
+    from cnntrain.inference import Decode, checkpoint_split
 
     data = trained.data
     size = int(data.image_size)
@@ -401,21 +401,11 @@ def verification_pixels(cfg: DictConfig, trained: DictConfig, classes: list[str]
         decode = Decode(len(data.mean), size, storage_size(data, size, trained.get("aug")))
         return {"pixels": decode.decoded(files).clone(), "labels": None,
                 "names": [str(f) for f in files], "source": f"{len(files)} image file(s) of inputs="}
-    for key, value in cfg.data.items():
-        if value is not None:
-            data[key] = value
+    fix = "or check the export on image files: inputs=..."
     try:
-        built = build_data(data, trained.get("aug"), device=torch.device("cpu"), seed=trained.seed,
-                           splits=("test",), evaluation=True)
+        _, loader = checkpoint_split(trained, classes, cfg.data, "test", torch.device("cpu"), fix)
     except UserError as e:
-        raise UserError(f"{e} (or check the export on image files: inputs=...)") from None
-    loader = built.loaders.get("test")
-    if loader is None or loader.num_samples == 0:
-        raise UserError(f"{data.name} at {data.root} has no test split to check the export on; "
-                        "give image files: inputs=...")
-    if built.classes != classes:
-        raise UserError(f"the data's classes differ from the checkpoint's: checkpoint {classes}, "
-                        f"data {built.classes}; point data.root= at the dataset it was trained on")
+        raise UserError(str(e) if fix in str(e) else f"{e} ({fix})") from None
     n = loader.num_samples
     k = min(int(cfg.verify_images), n)
     picks = torch.arange(k) * n // k  # evenly spaced: a class-sorted split gives every class

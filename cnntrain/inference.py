@@ -40,6 +40,29 @@ def trained_config(ckpt: dict, path: Path) -> DictConfig:
     return trained
 
 
+def checkpoint_split(trained: DictConfig, classes: list[str], overrides: DictConfig, split: str,
+                     device: torch.device, fix: str):
+    """(Data, loader) of `split` of a checkpoint's dataset, built as its training run built it
+    (its aug decides how image folders were stored), with the non-null `overrides` (the tool's
+    data.* keys: where the data is now, batch size, ...) applied. Data without that split, or
+    whose classes differ from the checkpoint's, is a UserError; `fix` says what to do instead."""
+    from cnntrain.data import build_data
+
+    for key, value in overrides.items():
+        if value is not None:
+            trained.data[key] = value
+    data = build_data(trained.data, trained.get("aug"), device=device, seed=trained.seed,
+                      splits=(split,), evaluation=True)
+    loader = data.loaders.get(split)
+    if loader is None or loader.num_samples == 0:
+        raise UserError(f"{trained.data.name} at {trained.data.root} has no {split} split ({fix})")
+    if data.classes != classes:
+        raise UserError(f"the data's classes differ from the checkpoint's: checkpoint {classes} "
+                        f"({len(classes)}), data {data.classes} ({len(data.classes)}); point "
+                        "data.root= at the dataset it was trained on")
+    return data, loader
+
+
 def model_from_checkpoint(ckpt: dict, trained: DictConfig, path: Path, device: torch.device) -> nn.Module:
     """The model of `trained` with the checkpoint's weights, in eval mode on `device`."""
     from cnntrain.train import build_model  # imports the model zoo: only when a model is needed
