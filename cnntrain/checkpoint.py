@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,13 @@ def on_cpu(obj):
     if torch.is_tensor(obj):
         return obj.cpu()
     if isinstance(obj, dict):
-        return {k: on_cpu(v) for k, v in obj.items()}
+        out = {k: on_cpu(v) for k, v in obj.items()}
+        if hasattr(obj, "_metadata"):
+            # a state_dict: its module versions (weights_only loading keeps them) tell a module's
+            # loader which layout the tensors have; MNASNet refuses weights without them
+            out = OrderedDict(out)
+            out._metadata = obj._metadata
+        return out
     if isinstance(obj, (list, tuple)):
         return type(obj)(on_cpu(v) for v in obj)
     return obj
@@ -68,14 +75,46 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 # data.kind of the checkpoints written before it existed, from their data.name
 OLD_KINDS = {"mnist": "digits", "fashion_mnist": "clothing"}
+# What checkpoints written before optim.name and sched.name stored, exactly: each string is
+# compared, never imported. Any other `_target_` stays, for stored.validated to refuse.
+OLD_TARGETS = {
+    "model": {"cnntrain.models.create_model": None},
+    "optim": {"torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "torch.optim.AdamW": "adamw"},
+    "sched": {f"torch.optim.lr_scheduler.{cls}": name for cls, name in (
+        ("CosineAnnealingLR", "cosine"), ("StepLR", "step"), ("MultiStepLR", "multistep"),
+        ("OneCycleLR", "onecycle"), ("ConstantLR", "none"))},
+}
 
 
 def upgrade_config(config):
-    """A stored config of a checkpoint written before data.kind, when aug.gray applied to
-    1-channel data and aug.rgb to the rest, in today's keys: data.kind from data.name and
-    aug.<kind> the section that run trained with (it had no random zoom). Every tool reads
-    stored configs through load_checkpoint, so they all see the upgraded one."""
-    data = config.get("data") if isinstance(config, dict) else None
+    """A stored config of an older checkpoint in today's keys (see _upgrade_targets and
+    _upgrade_kind). Every tool reads stored configs through load_checkpoint, so they all see the
+    upgraded one."""
+    if not isinstance(config, dict):
+        return config
+    return _upgrade_kind(_upgrade_targets(config))
+
+
+def _upgrade_targets(config: dict) -> dict:
+    """Checkpoints written before optim.name/sched.name: the `_target_` and `_partial_: true`
+    of the model, optimizer and schedule cnntrain's own configs had, as names."""
+    config = dict(config)
+    for group, known in OLD_TARGETS.items():
+        node = config.get(group)
+        if not isinstance(node, dict) or node.get("_target_") not in known or node.get("_partial_") is not True:
+            continue
+        node = {k: v for k, v in node.items() if k not in ("_target_", "_partial_")}
+        if known[config[group]["_target_"]] is not None:
+            node.setdefault("name", known[config[group]["_target_"]])
+        config[group] = node
+    return config
+
+
+def _upgrade_kind(config: dict) -> dict:
+    """A stored config written before data.kind, when aug.gray applied to 1-channel data and
+    aug.rgb to the rest: data.kind from data.name and aug.<kind> the section that run trained
+    with (it had no random zoom)."""
+    data = config.get("data")
     if not isinstance(data, dict) or "kind" in data:
         return config
     kind = OLD_KINDS.get(data.get("name"), "natural")

@@ -27,16 +27,23 @@ def load_trained_model(ckpt_path, device: torch.device) -> tuple[nn.Module, Dict
 
 
 def trained_config(ckpt: dict, path: Path) -> DictConfig:
-    """The training config stored in a checkpoint, ready to rebuild its model: the data settings
-    the model needs (image_size, mean/std, whose length is the number of input channels) are
-    checked, and pretrained weights are not fetched again (they come from the checkpoint)."""
-    trained = OmegaConf.create(ckpt["config"])
-    data = trained.get("data") or {}
-    if data.get("image_size") is None or not data.get("mean") or not data.get("std"):
+    """The training config stored in a checkpoint, validated as data (stored.validated), ready
+    to rebuild its model: the data settings the model needs (image_size, mean/std, whose length
+    is the number of input channels) are checked, and pretrained weights are not fetched again
+    (they come from the checkpoint)."""
+    from cnntrain.stored import validated
+
+    trained = validated(ckpt["config"], path)
+    data = trained.data
+    if not isinstance(data.image_size, int) or not data.mean or not data.std:
         raise UserError(f"{path}: its config lacks data.image_size/mean/std; it was not written by "
                         "this version of cnntrain")
-    if "pretrained" in trained.model:
-        trained.model.pretrained = None
+    classes = ckpt["classes"]
+    if not isinstance(classes, list) or not classes or len(set(map(str, classes))) != len(classes) \
+            or not all(isinstance(c, str) and c for c in classes):
+        raise UserError(f"{path}: its classes are not a list of distinct names ({str(classes)[:80]}); "
+                        "it was not written by cnntrain, or it was altered")
+    trained.model.pretrained = None
     return trained
 
 

@@ -1,30 +1,40 @@
-"""Optimizer and LR-schedule factories over the `optim` and `sched` configs (timm style)."""
+"""Optimizer and LR-schedule factories over the `optim` and `sched` configs (timm style): the
+class comes from the option's name in a fixed table, never from a class path in the config
+(Hydra's `instantiate` would import whatever a stored config names; see stored.py)."""
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 
-from hydra.utils import get_class, instantiate
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer, lr_scheduler
 
 from cnntrain.errors import UserError
 
+# optim=<name> and sched=<name> (schema.OPTIMIZER_NAMES / SCHEDULE_NAMES declare the same names)
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULES = {"cosine": lr_scheduler.CosineAnnealingLR, "step": lr_scheduler.StepLR,
+             "multistep": lr_scheduler.MultiStepLR, "onecycle": lr_scheduler.OneCycleLR,
+             "none": lr_scheduler.ConstantLR}
+
 
 def create_optimizer(cfg: DictConfig, model: nn.Module) -> Optimizer:
-    """`cfg` is a `_partial_` optimizer config. Biases and normalization weights (1-D tensors)
-    get no weight decay, as in timm; frozen parameters are left out. `fused: auto` picks the
-    fused kernels where this optimizer has them for these parameters."""
+    """The optimizer `cfg.name` with the other keys as its arguments. Biases and normalization
+    weights (1-D tensors) get no weight decay, as in timm; frozen parameters are left out.
+    `fused: auto` picks the fused kernels where this optimizer has them for these parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
-    overrides = {}
-    if cfg.get("fused") == "auto":
-        overrides["fused"] = True if _fused_available(get_class(cfg._target_), params) else None
-    if cfg.get("weight_decay", 0):
+    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    cls = OPTIMIZERS[kwargs.pop("name")]
+    if kwargs.get("fused") == "auto":
+        kwargs["fused"] = True if _fused_available(cls, params) else None
+    if kwargs.get("weight_decay", 0):
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         params = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return _construct("optim", instantiate(cfg, _convert_="all", **overrides), params)
+    return _construct("optim", functools.partial(cls, **kwargs), params)
 
 
 def _fused_available(cls: type, params: list) -> bool:
@@ -40,13 +50,14 @@ def create_scheduler(cfg: DictConfig, optimizer: Optimizer, *, epochs: int, step
     batch) or "epoch". Counts left null in the config are filled from the run's length; an
     optional linear warmup of `warmup_epochs` is chained in front with SequentialLR."""
     kwargs = OmegaConf.to_container(cfg, resolve=True)
+    name = kwargs.pop("name")
     interval = kwargs.pop("interval", "epoch")
     warmup_epochs = kwargs.pop("warmup_epochs", 0) or 0
     per_epoch = steps_per_epoch if interval == "step" else 1
     total, warmup = epochs * per_epoch, round(warmup_epochs * per_epoch)
     if warmup >= total and warmup > 0:  # the schema checks epochs; this is the rounded step count
         raise UserError(f"sched.warmup_epochs={warmup_epochs} leaves nothing of epochs={epochs}; lower it")
-    if kwargs["_target_"].endswith("OneCycleLR"):
+    if name == "onecycle":
         kwargs["total_steps"] = kwargs.get("total_steps") or total
         kwargs["max_lr"] = kwargs.get("max_lr") or [g["lr"] for g in optimizer.param_groups]
     if "T_max" in kwargs and kwargs["T_max"] is None:
@@ -54,7 +65,7 @@ def create_scheduler(cfg: DictConfig, optimizer: Optimizer, *, epochs: int, step
     if "milestones" in kwargs:  # fractions of the run, or epochs
         kwargs["milestones"] = [round((m * epochs if m < 1 else m) * per_epoch) - warmup
                                 for m in kwargs["milestones"]]
-    main = _construct("sched", instantiate(kwargs, _convert_="all"), optimizer)
+    main = _construct("sched", functools.partial(SCHEDULES[name], **kwargs), optimizer)
     if warmup:
         warm = lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
         main = lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[warmup])

@@ -20,7 +20,7 @@ FREE = ("name", "device", "amp", "amp_dtype", "channels_last", "compile", "sync_
         "data.cache_dir", "data.memory_budget_gb",
         "checkpoint", "early_stop", "optim.fused")
 FIXED = ("model", "data.name", "data.image_size", "data.channels", "data.mean", "data.std", "data.val_split",
-         "optim._target_", "ema")
+         "optim.name", "ema")
 SCHEDULE = ("epochs", "optim.lr", "sched", "data.batch_size", "max_steps_per_epoch")
 # the batches of an epoch: they cannot change in the middle of one
 STEPS = ("data.batch_size", "max_steps_per_epoch")
@@ -70,9 +70,10 @@ def changed_keys(old: dict, new: dict, allowed: list[str], path, partial: bool) 
     naming the key, both values and the way out. Keys an older checkpoint lacks are skipped."""
     kinds = {config.get("data", {}).get("kind") for config in (old, new)}
     was, now = _seen(_flat(old), kinds), _seen(_flat(new), kinds)
-    # the keys that define the network first: the most telling refusal
+    # the keys that define the network first, then the optimizer's or schedule's name (it
+    # explains the differences of the keys that come with it): the most telling refusal
     changed = sorted((k for k in set(was) & set(now) if was[k] != now[k] and not _under(k, FREE)),
-                     key=lambda k: (not _under(k, FIXED), k))
+                     key=lambda k: (not _under(k, FIXED), k not in ("optim.name", "sched.name"), k))
     for key in changed:
         values = f"it was trained with {key}={was.get(key)}, not {now.get(key)}"
         if _under(key, FIXED):

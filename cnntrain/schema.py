@@ -44,8 +44,9 @@ KINDS = ("digits", "clothing", "natural")
 
 @dataclass
 class ModelConfig:
-    _target_: str = "cnntrain.models.create_model"
-    _partial_: bool = True
+    """The arguments of models.create_model (in_channels, num_classes and image_size come from
+    the data), which builds the model by name: no `_target_`, so that a config read back from a
+    checkpoint names no code to run (stored.py)."""
     name: str = key(MISSING, "the architecture (model=<option>, or any torchvision/timm name with model=tv|timm)")
     stem: str = key("auto", "first layers: auto (small up to 64 px), small or imagenet",
                     choices=("auto", "small", "imagenet"))
@@ -120,11 +121,23 @@ class AugConfig:
     cutmix_alpha: float = key(0.0, "> 0: CutMix with Beta(alpha, alpha) areas", ge=0)
 
 
+# The options of optim= and sched=, each built by name (optim.OPTIMIZERS, optim.SCHEDULES)
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+SCHEDULE_NAMES = ("cosine", "step", "multistep", "onecycle", "none")
+
+
+def _optimizer(name):
+    return key(name, "the optimizer (optim=<option>)", choices=OPTIMIZER_NAMES)
+
+
+def _schedule(name):
+    return key(name, "the learning-rate schedule (sched=<option>)", choices=SCHEDULE_NAMES)
+
+
 @dataclass
 class OptimConfig:
     """Keys of every optimizer; null leaves torch's default."""
-    _target_: str = key(MISSING, "the optimizer class")
-    _partial_: bool = True
+    name: str = _optimizer(MISSING)
     lr: float = key(MISSING, "learning rate", gt=0)
     weight_decay: float = key(0.0, "L2 / decoupled weight decay (not on biases and norm weights)", ge=0)
     fused: Any = key("auto", "fused update kernels: auto | true | false", choices=("auto", True, False))
@@ -132,12 +145,14 @@ class OptimConfig:
 
 @dataclass
 class SGDConfig(OptimConfig):
+    name: str = _optimizer("sgd")
     momentum: float = key(0.0, "momentum factor", ge=0, lt=1)
     nesterov: Any = flag(False, "Nesterov momentum (needs momentum > 0)")
 
 
 @dataclass
 class AdamConfig(OptimConfig):
+    name: str = _optimizer("adam")
     betas: List[float] = key(factory=lambda: [0.9, 0.999], help="coefficients of the running "
                              "averages of the gradient and its square", ge=0, lt=1, length=(2,))
     eps: float = key(1e-8, "term added to the denominator", gt=0)
@@ -146,31 +161,34 @@ class AdamConfig(OptimConfig):
 @dataclass
 class AdamWConfig(AdamConfig):
     """AdamW: Adam's keys, with decoupled weight decay."""
+    name: str = _optimizer("adamw")
 
 
 @dataclass
 class SchedConfig:
     """Keys of every schedule; each option adds its own."""
-    _target_: str = key(MISSING, "the torch.optim.lr_scheduler class")
-    _partial_: bool = True
+    name: str = _schedule(MISSING)
     interval: str = key("epoch", "step the schedule after every batch (step) or epoch", choices=("step", "epoch"))
     warmup_epochs: float = key(0.0, "linear warmup from lr/100 to lr over this many epochs", ge=0)
 
 
 @dataclass
 class CosineConfig(SchedConfig):
+    name: str = _schedule("cosine")
     T_max: Optional[int] = key(None, "steps of the cosine (null: the rest of the run)", ge=1)
     eta_min: float = key(0.0, "lr at the end", ge=0)
 
 
 @dataclass
 class StepConfig(SchedConfig):
+    name: str = _schedule("step")
     step_size: int = key(7, "epochs (steps with interval=step) between two decays", ge=1)
     gamma: float = key(0.1, "factor of each decay", gt=0, le=1)
 
 
 @dataclass
 class MultiStepConfig(SchedConfig):
+    name: str = _schedule("multistep")
     milestones: List[float] = key(factory=lambda: [0.5, 0.75], help="where to decay: fractions "
                                   "of the run (< 1) or epoch numbers", ge=0)
     gamma: float = key(0.1, "factor of each decay", gt=0, le=1)
@@ -178,6 +196,7 @@ class MultiStepConfig(SchedConfig):
 
 @dataclass
 class OneCycleConfig(SchedConfig):
+    name: str = _schedule("onecycle")
     max_lr: Optional[float] = key(None, "peak lr (null: optim.lr)", gt=0)
     total_steps: Optional[int] = key(None, "length of the cycle (null: the whole run)", ge=1)
     pct_start: float = key(0.25, "fraction of the cycle spent warming up", gt=0, lt=1)
@@ -186,6 +205,7 @@ class OneCycleConfig(SchedConfig):
 
 @dataclass
 class ConstantConfig(SchedConfig):
+    name: str = _schedule("none")
     factor: float = key(1.0, "lr factor until total_iters", gt=0, le=1)
     total_iters: int = key(0, "steps with the factor applied", ge=0)
 
@@ -485,7 +505,11 @@ def _check_train(cfg: DictConfig) -> None:
         raise UserError(f"data.mean={show(data.mean)} and data.std={show(data.std)} must both be "
                         "null or lists of the same length (1 value per channel)")
     sched = cfg.sched
-    if str(sched._target_).endswith("OneCycleLR") and sched.warmup_epochs:
+    for group, options in GROUP_OPTIONS.items():  # the option's keys and its name go together
+        if OmegaConf.get_type(cfg[group]) is not options.get(cfg[group].name):
+            raise UserError(f"{group}.name={cfg[group].name} does not go with the keys of the "
+                            f"{group} chosen; choose it with {group}={cfg[group].name}")
+    if sched.name == "onecycle" and sched.warmup_epochs:
         raise UserError("sched=onecycle has its own warmup (sched.pct_start); set sched.warmup_epochs=0")
     if sched.warmup_epochs and sched.warmup_epochs >= cfg.epochs:
         raise UserError(f"sched.warmup_epochs={sched.warmup_epochs} leaves nothing of epochs={cfg.epochs}; lower it")

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
@@ -25,13 +24,14 @@ from cnntrain.engine import EpochState, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted, UserError
 from cnntrain.files import write_text
 from cnntrain.logs import log_outputs, shown
-from cnntrain.models import resolve_stem
-from cnntrain.optim import create_optimizer, create_scheduler, fast_forward
+from cnntrain.models import create_model, resolve_stem
+from cnntrain.optim import OPTIMIZERS, SCHEDULES, create_optimizer, create_scheduler, fast_forward
 from cnntrain.resume import changed_keys, replans_schedule
 from cnntrain.rundir import RunFolder, in_sweep
 from cnntrain.runtime import (StopSignals, amp_dtype, channels_last, grad_scaler, select_device,
                               seed_everything)
 from cnntrain.schema import check
+from cnntrain.stored import refuse_code, validated
 from cnntrain.summary import format_summary, summarize
 from cnntrain.tracking import RunTracker
 
@@ -48,8 +48,8 @@ def build_model(model_cfg: DictConfig, in_channels: int, num_classes: int, image
                 device: torch.device) -> tuple[nn.Module, dict]:
     """The model for this data and its summary; the summary's forward pass doubles as the check
     that the model can take this input, so that a mismatch fails here, in one line."""
-    model = instantiate(model_cfg)(in_channels=in_channels, num_classes=num_classes,
-                                   image_size=image_size)
+    model = create_model(**OmegaConf.to_container(model_cfg, resolve=True), in_channels=in_channels,
+                         num_classes=num_classes, image_size=image_size)
     try:
         info = summarize(model, (in_channels, image_size, image_size))
     except RuntimeError as e:
@@ -81,6 +81,7 @@ def stored_config(cfg: DictConfig, data: Data) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"]["root"] = str(Path(config["data"]["root"]).expanduser().resolve())
     config["data"].update(image_size=data.image_size, channels=data.in_channels, mean=data.mean, std=data.std)
+    refuse_code(config, "this run")  # what every tool will refuse to read (a literal '${' in a value)
     return config
 
 
@@ -111,6 +112,7 @@ def _claim(cfg: DictConfig, folder: RunFolder, resume: Path | None) -> bool:
 
 def _load_resumed(resume: Path) -> dict:
     state = load_checkpoint(resume)
+    validated(state["config"], resume)  # data, checked as the command line is, before any use
     if "optimizer" not in state:
         raise UserError(f"{resume} has no optimizer state (best.pt keeps weights only); "
                         "resume from last.pt")
@@ -469,10 +471,11 @@ def experiment_settings(cfg: DictConfig | None = None) -> str | None:
 
 
 # TensorBoard HParams columns: name -> config key (class names for optim and sched)
-HPARAMS = {"model": "model.name", "data": "data.name", "optim": "optim._target_", "optim.lr": "optim.lr",
-           "optim.weight_decay": "optim.weight_decay", "sched": "sched._target_", "aug": "aug.name",
+HPARAMS = {"model": "model.name", "data": "data.name", "optim": "optim.name", "optim.lr": "optim.lr",
+           "optim.weight_decay": "optim.weight_decay", "sched": "sched.name", "aug": "aug.name",
            "data.batch_size": "data.batch_size", "epochs": "epochs", "seed": "seed", "amp": "amp",
            "name": "name"}
+CLASSES = {"optim.name": OPTIMIZERS, "sched.name": SCHEDULES}  # columns that show the torch class
 # overrides that say where things are, not what was trained: not columns
 NOT_HPARAMS = ("data.root", "data.cache_dir", "data.download", "data.num_workers", "resume", "debug")
 
@@ -514,7 +517,7 @@ def hparams(cfg: DictConfig) -> dict:
     for column, key in HPARAMS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None:
-            out[column] = value.rpartition(".")[2] if key.endswith("._target_") else _hparam_value(value)
+            out[column] = _hparam_value(CLASSES[key][value].__name__ if key in CLASSES else value)
     for key, config_key in _overridden_keys().items():
         if key in out or key in HPARAMS:
             continue

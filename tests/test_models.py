@@ -2,7 +2,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cnntrain.errors import UserError
@@ -15,11 +14,13 @@ MODEL_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "config
                        if p.stem not in BY_NAME)
 
 
+# 1x28 and 3x32 with 10 classes: every model= option through the training loop, best.pt and back
+# (tests/test_zoo.py), with these same checks
 @pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize(
     ("in_channels", "image_size", "num_classes"),
-    [(1, 28, 10), (3, 32, 10), (3, 64, 7)],
-    ids=["1x28", "3x32", "3x64"],
+    [(3, 64, 7)],
+    ids=["3x64"],
 )
 def test_forward_backward_step(name, in_channels, image_size, num_classes):
     torch.manual_seed(0)
@@ -61,11 +62,9 @@ def test_every_registered_model_has_a_config():
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
-def test_config_instantiates(path):
+def test_config_names_its_model(path):  # and builds it: every option composed in tests/test_zoo.py
     cfg = OmegaConf.load(path)
-    assert cfg.name == path.stem
-    model = instantiate(cfg)(in_channels=1, num_classes=10, image_size=28)
-    assert isinstance(model, torch.nn.Module)
+    assert cfg.name == path.stem and set(cfg) <= {"name", "stem", "dropout", "stochastic_depth_prob"}
 
 
 @pytest.mark.parametrize(

@@ -166,10 +166,10 @@ def one_epoch(data_root, tmp_path_factory):
 
 @pytest.mark.parametrize("override, key, fixed", [
     ("data.batch_size=32", "data.batch_size", False), ("optim.lr=0.1", "optim.lr", False),
-    ("epochs=4", "epochs", False), ("sched=cosine", "sched._target_", False),
+    ("epochs=4", "epochs", False), ("sched=cosine", "sched.name", False),
     ("optim.weight_decay=0.01", "optim.weight_decay", False), ("aug=none", "aug.digits.degrees", False),
     ("data.kind=natural", "data.kind", False),
-    ("optim=adam", "optim._target_", True), ("model=resnet20", "model.name", True),
+    ("optim=adam", "optim.name", True), ("model=resnet20", "model.name", True),
     ("data.image_size=32", "data.image_size", True), ("ema.decay=0.9", "ema.decay", True),
     ("data.val_split=0.2", "data.val_split", True)])
 def test_resume_with_a_changed_setting_is_refused_naming_it(data_root, one_epoch, tmp_path, override, key, fixed):

@@ -177,8 +177,7 @@ def test_input_too_small_for_the_model_fails_before_training():
 
     from cnntrain.train import build_model
 
-    cfg = OmegaConf.create({"_target_": "cnntrain.models.create_model", "_partial_": True,
-                            "name": "alexnet", "source": "torchvision"})  # 11x11/4 stem, 3 max-pools
+    cfg = OmegaConf.create({"name": "alexnet", "source": "torchvision"})  # 11x11/4 stem, 3 max-pools
     with pytest.raises(UserError, match="cannot take 1x28x28 input.*data.image_size="):
         build_model(cfg, 1, 10, 28, torch.device("cpu"))
     model, info = build_model(cfg, 1, 10, 96, torch.device("cpu"))
