@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -76,9 +77,15 @@ def model_from_checkpoint(ckpt: dict, trained: DictConfig, path: Path, device: t
 
     data = trained.data
     model, _ = build_model(trained.model, len(data.mean), len(ckpt["classes"]), int(data.image_size), device)
+    weights = ckpt["model"]
+    if not hasattr(weights, "_metadata"):
+        # written before checkpoints kept module versions: the layout is this very architecture's
+        # (MNASNet refuses weights without a version)
+        weights = OrderedDict(weights)
+        weights._metadata = model.state_dict()._metadata
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
+        model.load_state_dict(weights)
+    except (RuntimeError, ValueError) as e:
         raise UserError(f"{path}: weights do not fit model {trained.model.name} "
                         f"({str(e).splitlines()[0]})") from None
     return model.eval()
