@@ -150,3 +150,194 @@ def test_a_file_recorded_unreadable_that_now_reads_is_decoded_again(folder, tmp_
     redigest(first.path)
     rebuilt_once(folder, tmp_path / "c", first.path, monkeypatch, caplog,
                  "recorded as unreadable, now reads", skip_bad=True)
+
+
+def test_a_tampered_entry_file_is_never_reused_nor_waited_on(folder, tmp_path, monkeypatch, caplog):
+    first = load(folder, tmp_path / "c")
+    images = os.path.join(first.path, "images.npy")
+    os.remove(images)
+    os.mkfifo(images)  # reading it would wait for a writer forever
+    with unblocked(images):
+        rebuilt_once(folder, tmp_path / "c", first.path, monkeypatch, caplog,
+                     "images.npy cannot be read: not a regular file but a FIFO")
+    with open(os.path.join(first.path, "meta.json"), "w") as f:
+        f.write("[" * 100_000)  # deeper than json's recursion limit
+    rebuilt_once(folder, tmp_path / "c", first.path, monkeypatch, caplog,
+                 "meta.json cannot be read: nested too deeply")
+
+
+# ---------------------------------------------------------------- attacks on the build
+
+class unblocked:
+    """Opens the FIFO `path` for writing after a few seconds, so that code which (wrongly) waits
+    on it fails its test instead of hanging it."""
+
+    def __init__(self, path):
+        import threading
+        self.path, self.done = path, threading.Event()
+        self.thread = threading.Thread(target=self.release, daemon=True)
+
+    def release(self):
+        while not self.done.wait(3):
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader waiting (ENXIO), or gone
+                pass
+
+    def __enter__(self):
+        self.thread.start()
+
+    def __exit__(self, *exc):
+        self.done.set()
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "character device"])
+def test_a_special_file_among_the_images_is_a_bad_image(folder, tmp_path, kind):
+    special = folder / "train" / "cat" / "special.png"
+    if kind == "FIFO":
+        os.mkfifo(special)
+    else:
+        os.symlink("/dev/zero", special)  # links are followed: a device node reached by one
+    with unblocked(special):
+        facts = cache.folder_facts(scan_split(str(folder), "train"), str(tmp_path / "c"))
+        assert sum(facts.sizes.values()) == 12  # its header is not read, nor waited on
+        with pytest.raises(cache.UserError) as e:
+            load(folder, tmp_path / "c")
+        out = load(folder, tmp_path / "c", skip_bad=True)
+    assert str(e.value) == (f"image {special} cannot be read (not a regular file but a {kind}); remove "
+                            "or replace it, or set data.skip_bad_images=true")
+    assert out.skipped == [str(special)] and len(out.files) == 12
+
+
+def _png_header(width, height) -> bytes:
+    """A PNG whose header claims width x height 8-bit gray pixels, with no pixel data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_an_image_over_the_pixel_limit_is_a_bad_image(folder, tmp_path, monkeypatch):
+    """PIL refuses an image over twice Image.MAX_IMAGE_PIXELS and decodes (with a warning) one
+    under it: a few hundred KB of PNG can take a GB. Both are bad images, with one line."""
+    cat = folder / "train" / "cat"
+    (cat / "huge.png").write_bytes(_png_header(20000, 20000))  # 400 MP: over twice the limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1100)  # 40x40 is then as 100 MP is really
+    Image.new("L", (40, 40), 7).save(cat / "large.png")
+    out = load(folder, tmp_path / "c", skip_bad=True)
+    assert out.skipped == [str(cat / "huge.png"), str(cat / "large.png")]
+    assert out.reasons[str(cat / "large.png")] == ("40x40: 1600 pixels exceed PIL's decompression bomb "
+                                                  "limit of 1100 (Image.MAX_IMAGE_PIXELS)")
+    assert "decompression bomb" in out.reasons[str(cat / "huge.png")]
+
+
+def test_a_full_cache_disk_is_one_line_and_leaves_nothing(folder, tmp_path, monkeypatch):
+    """On a full tmpfs a sparse memory-mapped file died of SIGBUS (workers=0) or hung the pool
+    (workers=2); its blocks are allocated first now (tried on a real 1 MB tmpfs)."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(cache.UserError) as e:
+        load(folder, tmp_path / "c")
+    assert str(e.value) == (f"data.cache_dir={tmp_path / 'c'} is full (No space left on device); free "
+                            "space or set data.cache_dir= (or $CNNTRAIN_CACHE) to a folder with room")
+    assert entries(tmp_path / "c") == []
+
+
+def test_a_file_changed_while_decoded_is_not_stored(folder, tmp_path, monkeypatch, caplog):
+    """Another builder, or a user, rewrites a file while this build decodes: what the entry holds
+    of it is unknown, so the entry is used by this run but not stored under the old stats."""
+    split = scan_split(str(folder), "train")
+    victim = split.files[-1]
+    real = cache.decode
+
+    def decode(path, mode, size):
+        if path == split.files[0]:
+            Image.new("RGB", (30, 30), (255, 255, 0)).save(victim, format="PNG" if victim.endswith("png") else "JPEG")
+        return real(path, mode, size)
+
+    monkeypatch.setattr(cache, "decode", decode)
+    with caplog.at_level(logging.WARNING, logger="cnntrain"):
+        out = load(folder, tmp_path / "c")
+    assert out.images.shape[0] == 12 and entries(tmp_path / "c") == []
+    rel = os.path.relpath(victim, split.root)
+    assert [m for m in caplog.messages if m.endswith(f"not stored: {rel} changed while being decoded "
+                                                     "(the next run decodes the folder again)")]
+    monkeypatch.setattr(cache, "decode", real)
+    again = load(folder, tmp_path / "c")
+    np.testing.assert_array_equal(again.images[-1], expected(victim, 16))
+    assert entries(tmp_path / "c") == [os.path.basename(again.path)]
+
+
+def test_a_copied_folder_is_decoded_again_a_moved_one_is_not(folder, tmp_path, monkeypatch):
+    import shutil
+
+    first = load(folder, tmp_path / "c")
+    shutil.copytree(folder, tmp_path / "copy")  # copy2: mtimes and sizes kept, as cp -a
+    copied = load(tmp_path / "copy", tmp_path / "c")
+    assert copied.path != first.path
+    os.rename(tmp_path / "copy", tmp_path / "moved")  # the files keep their inodes and ctimes
+    calls = count_decodes(monkeypatch)
+    moved = load(tmp_path / "moved", tmp_path / "c")
+    assert moved.path == copied.path and not calls
+    assert moved.files[0].startswith(str(tmp_path / "moved"))
+
+
+# ---------------------------------------------------------------- the header facts
+
+@pytest.mark.parametrize("text,why", [
+    ('{"gray": "yes", "sizes": {"axb": 1}, "modes": {}, "examples": {}}', "gray is not true or false"),
+    ('{"gray": false, "sizes": {"axb": 1}, "modes": {"L": 1}, "examples": {"L": "x"}}',
+     "sizes is not a table of positive counts"),
+    ('{"gray": false, "sizes": {"20x20": 12}, "modes": {"RGB": 8, "L": 4}, "examples": {"RGB": "x"}}',
+     "examples do not name one file per mode"),
+    ('{"gray": false, "sizes": {"20x20": 99}, "modes": {"RGB": 99}, "examples": {"RGB": "x"}}',
+     "its counts do not add up to at most the 12 files"),
+    ("[]", "gray is not true or false"),
+    ("[" * 100_000, "nested too deeply"),
+])
+def test_a_garbled_facts_file_is_read_again_with_a_warning(folder, tmp_path, caplog, text, why):
+    split = scan_split(str(folder), "train")
+    facts = cache.folder_facts(split, str(tmp_path / "c"))
+    [stored] = (tmp_path / "c").glob("facts-*.json")
+    stored.write_text(text)
+    with caplog.at_level(logging.WARNING, logger="cnntrain"):
+        assert cache.folder_facts(scan_split(str(folder), "train"), str(tmp_path / "c")) == facts
+    assert caplog.messages == [f"cache file {stored} is not valid ({why}); reading the image headers again"]
+
+
+def test_a_garbled_meta_of_another_entry_is_left_alone(folder, tmp_path):
+    load(folder, tmp_path / "c")
+    other = tmp_path / "c" / ("0" * 32)
+    other.mkdir()
+    (other / "meta.json").write_text("[]")
+    Image.new("RGB", (20, 20)).save(folder / "train" / "cat" / "new.png")  # a rebuild prunes the rest
+    assert len(load(folder, tmp_path / "c").files) == 13
+    assert (other / "meta.json").exists()
+
+
+# ---------------------------------------------------------------- decisions (torchvision's)
+
+def test_exif_orientation_is_not_applied_and_an_animation_gives_its_first_frame(tmp_path):
+    for c in CLASSES[:2]:
+        (tmp_path / "d" / "train" / c).mkdir(parents=True)
+    cat, dog = (tmp_path / "d" / "train" / c for c in CLASSES[:2])
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": a viewer shows it upright and 20 x 40
+    img.save(cat / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    frames = [Image.new("RGB", (20, 20), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(dog / "animated.png", save_all=True, append_images=frames[1:])  # APNG
+    with Image.open(dog / "animated.png") as anim:
+        assert anim.n_frames == 2
+    out = load(tmp_path / "d", tmp_path / "c")
+    assert out.images[0, 2, 8, 1] > 200 and out.images[0, 0, 8, 1] < 50  # stored left half: blue
+    np.testing.assert_array_equal(out.images[0], expected(cat / "rotated.jpg", 16))
+    assert (out.images[1].transpose(1, 2, 0) == (255, 0, 0)).all()

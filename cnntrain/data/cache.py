@@ -181,6 +181,16 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _read_json(path: str):
+    """A JSON file of the cache folder, read as the data it is: a FileNotFoundError, or a
+    ValueError or OSError saying why it is not JSON (a FIFO or a link in its place included)."""
+    with open_file(path, follow=False) as f:
+        try:
+            return json.load(f)
+        except RecursionError:  # [[[[... nested deeper than the parser's stack
+            raise ValueError("nested too deeply") from None
+
+
 def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f)
@@ -292,8 +302,7 @@ def folder_facts(split: FolderSplit, cache_dir: str) -> Facts:
     cache_dir = _make_cache_dir(cache_dir)
     stored = os.path.join(cache_dir, f"facts-{_key('facts', _file_list(split))}.json")
     try:
-        with open_file(stored, follow=False) as f:
-            raw = json.load(f)
+        raw = _read_json(stored)
         _check_facts(raw, len(split.files))
     except FileNotFoundError:
         raw = None
@@ -428,13 +437,12 @@ META_FIELDS = {"format": int, "key": str, "classes": list, "files": list, "skipp
 def _read_meta(entry: str, key: str) -> dict | None:
     """meta.json of an entry, checked as the data it is; None when there is no entry."""
     try:
-        with open_file(os.path.join(entry, "meta.json"), follow=False) as f:
-            meta = json.load(f)
+        meta = _read_json(os.path.join(entry, "meta.json"))
     except FileNotFoundError:
         if os.path.lexists(entry):
             raise Untrusted("it has no meta.json") from None
         return None
-    except (OSError, ValueError, RecursionError) as e:
+    except (OSError, ValueError) as e:
         raise Untrusted(f"meta.json cannot be read: {_first_line(e)}") from None
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) for k, t in META_FIELDS.items()) \
             or not all(isinstance(f, str) for f in meta["files"]) \
@@ -668,11 +676,10 @@ def _prune(cache_dir: str, key: str, root: str, classes: list[str], size: int, m
         if name == key or name.startswith("tmp-") or not os.path.isdir(path):
             continue
         try:
-            with open(os.path.join(path, "meta.json")) as f:
-                meta = json.load(f)
+            meta = _read_json(os.path.join(path, "meta.json"))
         except (OSError, ValueError):
             continue  # not an entry, or one being replaced: leave it
-        if (meta.get("root"), meta.get("classes"), meta.get("size"), meta.get("mode")) == (root, classes, size, mode):
+        if isinstance(meta, dict) and (meta.get("root"), meta.get("classes"), meta.get("size"), meta.get("mode")) == (root, classes, size, mode):
             log.debug("removing cache entry %s: its files have changed", path)
             shutil.rmtree(path, ignore_errors=True)
 

@@ -6,6 +6,7 @@ import logging
 import os
 import stat
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,6 +187,11 @@ def open_file(path: str, follow: bool = True):
         os.close(fd)
         raise OSError(f"not a regular file but {KINDS.get(kind, 'a special file')}")
     return os.fdopen(fd, "rb")
+
+
+# open_image refuses what PIL only warns about (a two-line Python warning on stderr, once per
+# decoding process): the warning would say less than the bad image's one line
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def open_image(f) -> Image.Image:
