@@ -6,12 +6,15 @@ Layout of a cache folder (data.cache_dir):
     facts-<key>.json                           header facts of a file list (folder_facts)
     tmp-<pid>@<host>-*                         a build under way, renamed when done
 
-An entry is trusted only when its meta.json (written last) says what its arrays hold; a build
-happens in a temporary folder renamed into place, so a build that dies leaves at worst a
-temporary folder, which a later build removes.
+An entry is trusted only for what it proves when it is opened: its meta.json (written last)
+names the key, the files and the digests of its arrays, and all of them, the labels and the
+files recorded as unreadable are checked against the scan; anything else is decoded again with
+one warning. A build happens in a temporary folder renamed into place, so a build that dies
+leaves at worst a temporary folder, which a later build removes.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -29,16 +32,18 @@ import numpy as np
 from PIL import Image
 
 from cnntrain.data.folder import (
-    DECODE_ERRORS, BadImage, class_folders, class_samples, image_mode, log_mixed_modes, read_image,
-    split_folder)
+    DECODE_ERRORS, BadImage, class_folders, class_samples, image_mode, log_mixed_modes, open_file,
+    open_image, read_image, split_folder)
 from cnntrain.errors import UserError
 from cnntrain.files import atomic_write
 
 log = logging.getLogger("cnntrain")
 
-FORMAT = 1  # bump when decoding or the entry layout changes: old entries then never match
+FORMAT = 2  # bump when decoding or the entry layout changes: old entries then never match
 STALE_S = 3600  # a temporary folder this old belongs to no build that is still running
 GRAY_MODES = ("1", "L", "LA", "La", "F")  # and I, I;16...: to_mode keeps them gray
+DIGEST = "sha256"  # 1.3 GB/s here with SHA-NI, blake2b 0.56 GB/s
+ARRAYS = ("images.npy", "labels.npy")
 
 
 # ---------------------------------------------------------------- scanning
@@ -66,23 +71,30 @@ def scan_split(root: str, split: str, required: bool = False) -> FolderSplit | N
     return FolderSplit(path, classes, [f for f, _ in samples], [c for _, c in samples])
 
 
-def _file_list(split: FolderSplit) -> list[tuple[str, int, int, int]]:
-    """(path relative to the split, label, size in bytes, mtime_ns) of every file: what a cache
-    key covers. Relative paths, so a copied folder (cp -a keeps mtimes) reuses the entries."""
-    if split.stats is not None:
-        return split.stats
+def _file_list(split: FolderSplit) -> list[tuple[str, int, int, int, int, int]]:
+    """(path relative to the split, label, size, mtime_ns, ctime_ns, inode) of every file (of
+    its target, for a link), taken once per scan: what a cache key covers. A user can set mtime
+    back (touch -r, cp -p, tar, rsync -t) but not ctime, which any write or rename into place
+    sets to now; the inode tells a file replaced by another apart. Not the device number, which
+    changes across reboots and remounts (NFS, overlayfs, USB disks) and would re-decode it all.
+    A copied folder (cp -a) is decoded again; a moved one (mv) keeps inodes and ctimes."""
+    if split.stats is None:
+        split.stats = _stat_rows(split)
+    return split.stats
+
+
+def _stat_rows(split: FolderSplit) -> list[tuple[str, int, int, int, int, int]]:
     rows = []
     prefix = os.path.join(split.root, "")
     for path, label in zip(split.files, split.labels):
         try:
             st = os.stat(path)
-            size, mtime = st.st_size, st.st_mtime_ns
+            facts = st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
         except OSError:  # a dangling link: keyed as such, and reported as unreadable when decoded
-            size, mtime = -1, -1
+            facts = -1, -1, -1, -1
         # scan_split's paths start with the split folder: slicing is 10x faster than relpath
         rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, split.root)
-        rows.append((rel, label, size, mtime))
-    split.stats = rows
+        rows.append((rel, label, *facts))
     return rows
 
 
@@ -101,6 +113,9 @@ def default_cache_dir() -> str:
 
 
 def _unusable(cache_dir: str, e: OSError) -> UserError:
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return UserError(f"data.cache_dir={cache_dir} is full ({e.strerror}); free space or set "
+                         "data.cache_dir= (or $CNNTRAIN_CACHE) to a folder with room")
     return UserError(f"data.cache_dir={cache_dir} cannot be written ({e.strerror or e}); set "
                      "data.cache_dir= (or $CNNTRAIN_CACHE) to a writable folder")
 
@@ -166,6 +181,16 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _read_json(path: str):
+    """A JSON file of the cache folder, read as the data it is: a FileNotFoundError, or a
+    ValueError or OSError saying why it is not JSON (a FIFO or a link in its place included)."""
+    with open_file(path, follow=False) as f:
+        try:
+            return json.load(f)
+        except RecursionError:  # [[[[... nested deeper than the parser's stack
+            raise ValueError("nested too deeply") from None
+
+
 def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f)
@@ -227,34 +252,66 @@ def _is_gray(img: Image.Image) -> bool:
 
 def _read_header(path: str):
     try:
-        with Image.open(path) as img:
+        with open_file(path) as f, open_image(f) as img:
             return image_mode(img), img.size, _is_gray(img)
     except DECODE_ERRORS:
         return None  # reported when it is decoded
 
 
+def _read_facts(split: FolderSplit) -> dict:
+    raw = {"gray": True, "sizes": {}, "modes": {}, "examples": {}}
+    for path in split.files:
+        header = _read_header(path)
+        if header is None:
+            continue
+        mode, (w, h), gray = header
+        raw["gray"] &= gray
+        raw["sizes"][f"{w}x{h}"] = raw["sizes"].get(f"{w}x{h}", 0) + 1
+        raw["modes"][mode] = raw["modes"].get(mode, 0) + 1
+        raw["examples"].setdefault(mode, os.path.relpath(path, split.root))
+    raw["gray"] &= bool(raw["sizes"])
+    return raw
+
+
+def _counts(raw, name: str, key_ok) -> dict:
+    counts = raw.get(name)
+    if not isinstance(counts, dict) or not all(
+            key_ok(k) and type(n) is int and n > 0 for k, n in counts.items()):
+        raise ValueError(f"{name} is not a table of positive counts")
+    return counts
+
+
+def _check_facts(raw, n_files: int) -> None:
+    """A stored facts file is data: a ValueError saying what in it cannot be what _read_facts wrote."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("gray"), bool):
+        raise ValueError("gray is not true or false")
+    sizes = _counts(raw, "sizes", lambda k: (isinstance(k, str) and len(k.split("x")) == 2
+                                             and all(v.isdigit() and int(v) > 0 for v in k.split("x"))))
+    modes = _counts(raw, "modes", lambda k: isinstance(k, str))
+    if not sum(sizes.values()) == sum(modes.values()) <= n_files:
+        raise ValueError(f"its counts do not add up to at most the {n_files} files")
+    examples = raw.get("examples")
+    if not isinstance(examples, dict) or set(examples) != set(modes) or not all(
+            isinstance(p, str) for p in examples.values()):
+        raise ValueError("examples do not name one file per mode")
+
+
 def folder_facts(split: FolderSplit, cache_dir: str) -> Facts:
     """Facts of a split from its image headers, stored in the cache folder under the file list
-    (paths, sizes, mtimes), so that a second run opens no image."""
+    (_file_list), so that a second run opens no image."""
     cache_dir = _make_cache_dir(cache_dir)
     stored = os.path.join(cache_dir, f"facts-{_key('facts', _file_list(split))}.json")
     try:
-        with open(stored) as f:
-            raw = json.load(f)
-    except (OSError, ValueError):
+        raw = _read_json(stored)
+        _check_facts(raw, len(split.files))
+    except FileNotFoundError:
+        raw = None
+    except (OSError, ValueError) as e:
+        log.warning("cache file %s is not valid (%s); reading the image headers again", stored,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
         raw = None
     if raw is None:
-        raw = {"gray": True, "sizes": {}, "modes": {}, "examples": {}}
-        for path in split.files:
-            header = _read_header(path)
-            if header is None:
-                continue
-            mode, (w, h), gray = header
-            raw["gray"] &= gray
-            raw["sizes"][f"{w}x{h}"] = raw["sizes"].get(f"{w}x{h}", 0) + 1
-            raw["modes"][mode] = raw["modes"].get(mode, 0) + 1
-            raw["examples"].setdefault(mode, os.path.relpath(path, split.root))
-        raw["gray"] &= bool(raw["sizes"])
+        raw = _read_facts(split)
         with atomic_write(stored, what="cache file", setting="data.cache_dir= (or $CNNTRAIN_CACHE)") as f:
             json.dump(raw, f)
     sizes = {tuple(int(v) for v in k.split("x")): n for k, n in raw["sizes"].items()}
@@ -359,25 +416,116 @@ class CachedSplit:
             return torch.from_numpy(self.images)
 
 
-def _open_entry(entry: str, key: str, split: FolderSplit, channels: int, size: int) -> CachedSplit | None:
-    """The entry's arrays, or None when anything about it is not what meta.json promises."""
+class Untrusted(Exception):
+    """Why an entry that is there is not trusted: one line, for the warning that rebuilds it."""
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def file_digest(path: str) -> str:
+    """The hex DIGEST of a file of an entry (never a link or a special file)."""
+    with open_file(path, follow=False) as f:
+        return hashlib.file_digest(f, DIGEST).hexdigest()
+
+
+META_FIELDS = {"format": int, "key": str, "classes": list, "files": list, "skipped": list,
+               "digests": dict}
+
+
+def _read_meta(entry: str, key: str) -> dict | None:
+    """meta.json of an entry, checked as the data it is; None when there is no entry."""
     try:
-        with open(os.path.join(entry, "meta.json")) as f:
-            meta = json.load(f)
-        if meta["format"] != FORMAT or meta["key"] != key:
-            return None
-        n = len(meta["files"])
+        meta = _read_json(os.path.join(entry, "meta.json"))
+    except FileNotFoundError:
+        if os.path.lexists(entry):
+            raise Untrusted("it has no meta.json") from None
+        return None
+    except (OSError, ValueError) as e:
+        raise Untrusted(f"meta.json cannot be read: {_first_line(e)}") from None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) for k, t in META_FIELDS.items()) \
+            or not all(isinstance(f, str) for f in meta["files"]) \
+            or not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, str) for v in s)
+                       for s in meta["skipped"]) \
+            or not all(isinstance(meta["digests"].get(name), str) for name in ARRAYS):
+        raise Untrusted("meta.json is not valid: a field is missing or of the wrong type")
+    if meta["format"] != FORMAT or meta["key"] != key:
+        raise Untrusted("meta.json is not valid: it names another format or key")
+    return meta
+
+
+def _kept_rows(meta: dict, split: FolderSplit) -> list[int]:
+    """The rows of the scan the entry holds: all but those it records as unreadable."""
+    if meta["classes"] != split.classes:
+        raise Untrusted("its classes differ from the folder's")
+    names = [row[0] for row in _file_list(split)]
+    skipped = {name for name, _ in meta["skipped"]}
+    kept = [i for i, name in enumerate(names) if name not in skipped]
+    if len(skipped) != len(meta["skipped"]) or len(kept) + len(skipped) != len(names) \
+            or meta["files"] != [names[i] for i in kept]:
+        raise Untrusted("its file list differs from the folder's")
+    return kept
+
+
+def _open_arrays(entry: str, meta: dict, shape: tuple, verify: bool):
+    """(images memory-mapped, labels) of an entry, checked against its digests when `verify`."""
+    for name in ARRAYS if verify else ():
+        try:
+            if file_digest(os.path.join(entry, name)) != meta["digests"][name]:
+                raise Untrusted(f"{name} does not match its digest")
+        except OSError as e:
+            raise Untrusted(f"{name} cannot be read: {_first_line(e)}") from None
+    try:
         images = np.load(os.path.join(entry, "images.npy"), mmap_mode="r")
         labels = np.load(os.path.join(entry, "labels.npy"))
-        skipped = {os.path.join(split.root, f): why for f, why in meta["skipped"]}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError) as e:
+        raise Untrusted(f"its arrays cannot be read: {_first_line(e)}") from None
+    n = len(meta["files"])
+    if images.shape != (n, *shape) or images.dtype != np.uint8 or labels.shape != (n,) \
+            or labels.dtype != np.int64:
+        raise Untrusted("its arrays are not of the shape and type meta.json gives")
+    return images, labels
+
+
+def _check_labels(labels: np.ndarray, split: FolderSplit, kept: list[int]) -> None:
+    outside = labels[(labels < 0) | (labels >= len(split.classes))]
+    if len(outside):
+        raise Untrusted(f"label {outside[0]} is not one of the {len(split.classes)} classes")
+    if not np.array_equal(labels, np.asarray(split.labels, dtype=np.int64)[kept]):
+        raise Untrusted("its labels differ from the folder's")
+
+
+def _open_entry(entry: str, key: str, split: FolderSplit, channels: int, size: int,
+                verify: bool = True) -> CachedSplit | None:
+    """The entry's arrays; None when there is no entry; Untrusted when it does not prove what it
+    holds: its meta.json, files, classes, array digests (`verify`), labels, and (`verify`) that
+    every file it records as unreadable still is (they are few)."""
+    meta = _read_meta(entry, key)
+    if meta is None:
         return None
-    if images.shape != (n, channels, size, size) or images.dtype != np.uint8 \
-            or labels.shape != (n,) or labels.dtype != np.int64:
-        return None
-    # paths under this split folder: the entry may have been built from a copy of it
-    files = [os.path.join(split.root, f) for f in meta["files"]]
+    kept = _kept_rows(meta, split)
+    images, labels = _open_arrays(entry, meta, (channels, size, size), verify)
+    _check_labels(labels, split, kept)
+    index = {row[0]: i for i, row in enumerate(_file_list(split))}
+    skipped = {split.files[index[name]]: why for name, why in meta["skipped"]}
+    for path in skipped if verify else ():
+        if not isinstance(read_image(path), BadImage):
+            raise Untrusted(f"{os.path.relpath(path, split.root)}, recorded as unreadable, now reads")
+    files = [split.files[i] for i in kept]
     return CachedSplit(images, labels, files, list(meta["classes"]), list(skipped), entry, skipped)
+
+
+def _trusted(entry: str, key: str, split: FolderSplit, channels: int, size: int,
+             warn: bool) -> CachedSplit | None:
+    """_open_entry, None for an entry not trusted, with a warning when `warn` (under the lock,
+    where it is rebuilt: an entry being replaced by another process is not worth one)."""
+    try:
+        return _open_entry(entry, key, split, channels, size)
+    except Untrusted as e:
+        if warn:
+            log.warning("decoded cache %s is not trusted (%s); decoding it again", entry, e)
+        return None
 
 
 def _report_skipped(cached: CachedSplit, skip_bad: bool, fix: str | None) -> None:
@@ -408,12 +556,12 @@ def load_split(split: FolderSplit, *, size: int, channels: int, cache_dir: str,
     key = _key(files, split.classes, size, mode)
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
     entry = os.path.join(cache_dir, key)
-    cached = _open_entry(entry, key, split, channels, size)  # no lock: entries appear whole
+    cached = _trusted(entry, key, split, channels, size, warn=False)  # no lock: entries appear whole
     if cached is None:
         cache_dir = _make_cache_dir(cache_dir)
         try:
             with _locked(entry + ".lock"):
-                cached = _open_entry(entry, key, split, channels, size)  # built while we waited?
+                cached = _trusted(entry, key, split, channels, size, warn=True)  # built while we waited?
                 if cached is None:
                     _remove_stale_temps(cache_dir)
                     cached = _build(split, files, key, entry, mode, size, workers, skip_bad, fix)
@@ -432,37 +580,35 @@ def _build(split: FolderSplit, files, key: str, entry: str, mode: str, size: int
            workers: int | None, skip_bad: bool, fix: str | None) -> CachedSplit:
     cache_dir = os.path.dirname(entry)
     channels = 1 if mode == "L" else 3
-    workers = (os.cpu_count() or 1) if workers is None else workers
     tmp = tempfile.mkdtemp(prefix=_temp_prefix(), dir=cache_dir)
     try:
         start = time.perf_counter()
-        npy = os.path.join(tmp, "images.npy")
-        # preallocated, so that every worker writes its rows in place
-        np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8,
-                                  shape=(len(split.files), channels, size, size)).flush()
-        bad = _decode_all(split.files, npy, mode, size, workers, not skip_bad,
-                          f"decoding {split.root}")
-        if bad and not skip_bad:
-            row, reason = next(iter(bad.items()))
-            raise BadImage(split.files[row], reason).error(*[fix] if fix else [])
+        bad = _decode_into(tmp, split, channels, mode, size, workers, skip_bad, fix)
         keep = [i for i in range(len(split.files)) if i not in bad]
-        if bad:
-            _drop_rows(npy, keep)
         np.save(os.path.join(tmp, "labels.npy"), np.asarray(split.labels, dtype=np.int64)[keep])
-        for name in ("images.npy", "labels.npy"):
+        digests = {}
+        for name in ARRAYS:
             _fsync(os.path.join(tmp, name))
+            digests[name] = file_digest(os.path.join(tmp, name))
+        # stated again now that all is decoded: a file written meanwhile may have given its new
+        # pixels, or its old ones, to an entry keyed by its old stats
+        changed = [now[0] for now, then in zip(_stat_rows(split), files) if now != then]
         elapsed = time.perf_counter() - start
         _write_json(os.path.join(tmp, "meta.json"), {  # last: what makes the entry trusted
             "format": FORMAT, "key": key, "root": split.root, "classes": split.classes,
             "files": [files[i][0] for i in keep],
             "skipped": [[files[i][0], reason] for i, reason in sorted(bad.items())],
-            "size": size, "channels": channels, "mode": mode,
+            "size": size, "channels": channels, "mode": mode, "digest": DIGEST, "digests": digests,
             "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(elapsed, 3)})
         _fsync(tmp)
-        # opened before the rename: the memory map follows the file, whatever happens to the name
-        cached = _open_entry(tmp, key, split, channels, size)
-        if cached is None:
-            raise OSError(f"the entry just written in {tmp} does not read back")
+        try:  # opened before the rename: the memory map follows the file, whatever happens to the name
+            cached = _open_entry(tmp, key, split, channels, size, verify=False)
+        except Untrusted as e:
+            raise OSError(f"the entry just written in {tmp} does not read back ({e})") from None
+        if changed:
+            log.warning("decoded cache %s not stored: %s changed while being decoded (the next run "
+                        "decodes the folder again)", entry, ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""))
+            return cached
         if os.path.exists(entry):  # not trusted (checked under the lock): replace it
             shutil.rmtree(entry)
         os.replace(tmp, entry)
@@ -476,11 +622,44 @@ def _build(split: FolderSplit, files, key: str, entry: str, mode: str, size: int
     return cached
 
 
+def _decode_into(tmp: str, split: FolderSplit, channels: int, mode: str, size: int,
+                 workers: int | None, skip_bad: bool, fix: str | None) -> dict[int, str]:
+    """Every file decoded into tmp/images.npy; -> {row: reason} of the unreadable ones, left
+    out (skip_bad), else a UserError naming the first."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    npy = os.path.join(tmp, "images.npy")
+    # preallocated, so that every worker writes its rows in place
+    _new_npy(npy, (len(split.files), channels, size, size))
+    bad = _decode_all(split.files, npy, mode, size, workers, not skip_bad, f"decoding {split.root}")
+    if bad and not skip_bad:
+        row, reason = next(iter(bad.items()))
+        raise BadImage(split.files[row], reason).error(*[fix] if fix else [])
+    if bad:
+        _drop_rows(npy, [i for i in range(len(split.files)) if i not in bad])
+    return bad
+
+
+def _new_npy(path: str, shape: tuple) -> np.memmap:
+    """A uint8 .npy of `shape` memory-mapped for writing, its blocks allocated now: on a full disk
+    (or tmpfs) the sparse file numpy makes fails in the first write through the map with a
+    SIGBUS, which kills a build without a word, or a decoding process, whose pool then waits
+    for it forever; allocated, it fails here with ENOSPC."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # not on macOS
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a filesystem without it
+                    raise
+    return out
+
+
 def _drop_rows(npy: str, keep: list[int], chunk: int = 1024) -> None:
     """Rewrite npy with only the rows `keep` (the readable images), a chunk at a time."""
     src = np.load(npy, mmap_mode="r")
     out_path = npy + ".kept.npy"
-    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=src.dtype, shape=(len(keep), *src.shape[1:]))
+    out = _new_npy(out_path, (len(keep), *src.shape[1:]))
     for i in range(0, len(keep), chunk):
         out[i:i + chunk] = src[keep[i:i + chunk]]
     out.flush()
@@ -497,11 +676,10 @@ def _prune(cache_dir: str, key: str, root: str, classes: list[str], size: int, m
         if name == key or name.startswith("tmp-") or not os.path.isdir(path):
             continue
         try:
-            with open(os.path.join(path, "meta.json")) as f:
-                meta = json.load(f)
+            meta = _read_json(os.path.join(path, "meta.json"))
         except (OSError, ValueError):
             continue  # not an entry, or one being replaced: leave it
-        if (meta.get("root"), meta.get("classes"), meta.get("size"), meta.get("mode")) == (root, classes, size, mode):
+        if isinstance(meta, dict) and (meta.get("root"), meta.get("classes"), meta.get("size"), meta.get("mode")) == (root, classes, size, mode):
             log.debug("removing cache entry %s: its files have changed", path)
             shutil.rmtree(path, ignore_errors=True)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,11 +172,47 @@ def class_samples(directory: str, class_to_idx: dict[str, int]) -> list[tuple[st
     return samples
 
 
+KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+         stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def open_file(path: str, follow: bool = True):
+    """path opened for binary reading, or an OSError saying why not when it is not a regular file:
+    reading a FIFO waits for a writer forever and a device node (/dev/zero) streams forever.
+    O_NONBLOCK lets a FIFO be opened (and refused) without a writer; it changes nothing for a
+    regular file. follow=False: a symbolic link is refused too."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
+    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(fd)
+        raise OSError(f"not a regular file but {KINDS.get(kind, 'a special file')}")
+    return os.fdopen(fd, "rb")
+
+
+# open_image refuses what PIL only warns about (a two-line Python warning on stderr, once per
+# decoding process): the warning would say less than the bad image's one line
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def open_image(f) -> Image.Image:
+    """Image.open of an open file, refusing (DecompressionBombError) an image over PIL's
+    Image.MAX_IMAGE_PIXELS: PIL itself refuses only twice that and decodes the rest with a warning,
+    a PNG of a few hundred KB taking hundreds of MB in each decoding process."""
+    img = Image.open(f)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise Image.DecompressionBombError(
+            f"{img.width}x{img.height}: {img.width * img.height} pixels exceed PIL's decompression "
+            f"bomb limit of {limit} (Image.MAX_IMAGE_PIXELS)")
+    return img
+
+
 def read_image(path: str, mode: str = "RGB") -> Image.Image | BadImage:
-    """The file decoded and converted by to_mode, or a BadImage saying why it cannot be."""
+    """The file decoded and converted by to_mode, or a BadImage saying why it cannot be. The
+    first frame of an animated image; EXIF orientation is not applied (as torchvision and timm)."""
     try:
-        with open(path, "rb") as f:
-            return to_mode(Image.open(f), mode)  # decodes the whole file: truncation fails here
+        with open_file(path) as f:
+            return to_mode(open_image(f), mode)  # decodes the whole file: truncation fails here
     except DECODE_ERRORS as e:
         return BadImage(path, _reason(e, path))
 
