@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,23 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", what: str = "",
             raise write_error(path, error, what, setting) from None
         raise
     _remove_stale_temps(path, started - STALE_TEMP_S)
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def irregular(path: str | os.PathLike) -> str | None:
+    """What `path` is when it is there but is not a regular file ("a FIFO", "a character
+    device", ...), else None (a regular file, or nothing there). Readers ask before opening: a
+    FIFO blocks until a writer comes and a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return "a symbolic link loop" if e.errno == errno.ELOOP else None
+    return next((kind for test, kind in _KINDS if test(mode)), None)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from cnntrain.checkpoint import load_checkpoint
 from cnntrain.errors import UserError
+from cnntrain.files import irregular
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -92,7 +93,19 @@ def model_from_checkpoint(ckpt: dict, trained: DictConfig, path: Path, device: t
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    """An image file by its name; one named as an image that is a FIFO or a device is refused,
+    since decoding it would wait for a writer, or read forever."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return False
+    kind = irregular(path)
+    if kind and kind != "a folder":
+        raise _not_regular(path, kind)
+    return path.is_file()
+
+
+def _not_regular(path: Path, kind: str) -> UserError:
+    return UserError(f"inputs: {path} is not a regular file ({kind}); give image files (remove it, "
+                     "or leave it out of inputs=)")
 
 
 def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
@@ -139,6 +152,8 @@ def find_images(inputs) -> list[Path]:
             files += _walk_images(path)
         elif path.is_file():
             files.append(path)
+        elif kind := irregular(path):
+            raise _not_regular(path, kind)
         else:
             files += _glob(os.path.expanduser(str(item)))
     if not files:

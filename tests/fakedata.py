@@ -26,7 +26,7 @@ def make_images(n: int, num_classes: int, size: int, channels: int, seed: int):
     return images, labels.astype(np.int64)
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
+def write_idx(path: Path, array: np.ndarray) -> None:
     # IDX: zero bytes, type code 0x08 (ubyte), number of dims, big-endian dims, raw bytes
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     path.write_bytes(header + array.astype(np.uint8).tobytes())
@@ -44,12 +44,12 @@ def write_idx_dataset(root: Path, folder: str, train, test) -> Path:
     raw = Path(root) / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, (images, labels) in (("train", train), ("t10k", test)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return Path(root)
 
 
-def _pickle(path: Path, obj) -> None:
+def write_pickle(path: Path, obj) -> None:
     with open(path, "wb") as f:
         pickle.dump(obj, f, protocol=2)
 
@@ -65,16 +65,16 @@ def write_cifar(root: Path, num_classes: int = 10, n_train: int = 500, n_test: i
         base = Path(root) / "cifar-10-batches-py"
         base.mkdir(parents=True, exist_ok=True)
         for b, idx in enumerate(np.array_split(np.arange(n_train), 5), 1):
-            _pickle(base / f"data_batch_{b}", {"data": rows(train[0][idx]), "labels": train[1][idx].tolist()})
-        _pickle(base / "test_batch", {"data": rows(test[0]), "labels": test[1].tolist()})
-        _pickle(base / "batches.meta", {"label_names": CIFAR10_CLASSES})
+            write_pickle(base / f"data_batch_{b}", {"data": rows(train[0][idx]), "labels": train[1][idx].tolist()})
+        write_pickle(base / "test_batch", {"data": rows(test[0]), "labels": test[1].tolist()})
+        write_pickle(base / "batches.meta", {"label_names": CIFAR10_CLASSES})
     else:
         base = Path(root) / "cifar-100-python"
         base.mkdir(parents=True, exist_ok=True)
         for name, (images, labels) in (("train", train), ("test", test)):
-            _pickle(base / name, {"data": rows(images), "fine_labels": labels.tolist(),
+            write_pickle(base / name, {"data": rows(images), "fine_labels": labels.tolist(),
                                   "coarse_labels": (labels // 5).tolist()})
-        _pickle(base / "meta", {"fine_label_names": [f"class{i:02d}" for i in range(num_classes)]})
+        write_pickle(base / "meta", {"fine_label_names": [f"class{i:02d}" for i in range(num_classes)]})
     return Path(root)
 
 

@@ -89,7 +89,7 @@ def test_truncated_idx_file_is_reported(tmp_path):
     write_mnist(tmp_path, n_train=50, n_test=20)
     path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(UserError, match="could not be read"):
+    with pytest.raises(UserError, match="train-images-idx3-ubyte holds 1000 bytes"):
         load_builtin("mnist", str(tmp_path), train=True, download=False)
 
 
