@@ -146,3 +146,76 @@ def test_cli_a_fifo_as_checkpoint_is_one_line_without_waiting(foreign, tmp_path)
                    check=False, timeout=120, env={"PYTHONWARNINGS": None})
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith(f"error: checkpoint {foreign / 'fifo.pt'} is a FIFO, not a regular file")
+
+
+# --------------------------------------------------------------------------- crafted exported files
+META = {"classes": ["a", "b"], "image_size": 4, "channels": 1, "layout": "nchw", "input_dtype": "uint8",
+        "output": "logits", "mean": [0.5], "std": [0.25], "resize": 4}
+CRAFTED = [
+    ({"classes": "ab"}, "classes='ab' is not a non-empty list of class names (strings)"),
+    ({"classes": [1, 2]}, "classes=[1, 2] is not a non-empty list of class names"),
+    ({"classes": ["a", "a"]}, "classes=['a', 'a'] is not a list of distinct names ('a' repeats)"),
+    ({"image_size": 10 ** 9}, "image_size=1000000000 is not a whole number from 1 to 4096"),
+    ({"image_size": "4"}, "image_size='4' is not a whole number from 1 to 4096"),
+    ({"image_size": True}, "image_size=True is not a whole number"),
+    ({"resize": 2}, "resize=2 is not a whole number from 4 to 4096"),
+    ({"channels": 2}, "channels=2 is not 1 or 3"),
+    ({"mean": [float("nan")]}, "mean=[nan] is not a list of 1 finite number(s)"),
+    ({"std": [0.0]}, "std=[0.0] is not a list of 1 finite number(s) > 0"),
+    ({"std": [1.0, 1.0]}, "std=[1.0, 1.0] is not a list of 1 finite number(s) > 0"),
+    ({"layout": "hwc"}, "layout='hwc' is not one of nchw, nhwc"),
+    ({"input_dtype": "float16"}, "input_dtype='float16' is not one of uint8, float32"),
+    ({"output": "scores"}, "output='scores' is not one of logits, probabilities"),
+    ({"classes": None}, "classes=None is not a non-empty list"),
+]
+
+
+@pytest.mark.parametrize("change,needle", CRAFTED, ids=[next(iter(c)) + str(i) for i, (c, _) in enumerate(CRAFTED)])
+def test_crafted_onnx_metadata_is_refused_naming_the_file_and_key(tmp_path, change, needle):
+    from cnntrain.predict import _exported
+
+    path = tiny_onnx(tmp_path / "crafted.onnx", {**META, **change}, outputs=2)
+    with pytest.raises(UserError) as e:
+        _exported(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: its metadata {needle}") and "\n" not in message, message
+    assert message.endswith("; export the checkpoint again with cnnexport, or predict with ckpt=")
+
+
+def run_exported(path, pixels=None):
+    from cnntrain.predict import _exported
+
+    classes, _, probabilities = _exported(path)
+    return probabilities(torch.zeros(1, 1, 4, 4, dtype=torch.uint8) if pixels is None else pixels)
+
+
+def test_an_onnx_graph_must_give_one_output_per_class_and_take_what_its_metadata_says(tmp_path):
+    assert run_exported(tiny_onnx(tmp_path / "ok.onnx", META)).shape == (1, 2)
+    for outputs, count in ((2, 3), (5, 1)):  # fewer outputs, or more (an index past the class list)
+        path = tiny_onnx(tmp_path / f"o{outputs}.onnx", {**META, "classes": list("abc"[:count])}, outputs=outputs)
+        with pytest.raises(UserError, match=re.escape(f"{path}: its graph gives outputs of shape (1, {outputs}) "
+                                                      f"but its metadata lists {count} classes")):
+            run_exported(path)
+    path = tiny_onnx(tmp_path / "big.onnx", {**META, "image_size": 8, "resize": 8})  # the graph takes 4 px
+    with pytest.raises(UserError, match=re.escape(f"{path}: onnxruntime cannot run it on (1, 1, 8, 8) uint8 images")):
+        run_exported(path, torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_other_files_as_model_say_what_they_are(foreign, tmp_path):
+    from cnntrain.predict import _exported
+
+    whole = tiny_onnx(tmp_path / "whole.onnx", META).read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(whole[:len(whole) // 2])
+    save_checkpoint(core(), tmp_path / "best.pt")
+    cases = [(foreign / "model.pt2", "is a torch.export ExportedProgram (cnnexport format=exported_program): "
+                                     "cnnpredict model= runs only ONNX files (cnnexport format=onnx)"),
+             (foreign / "model.torchscript.pt", "is a TorchScript model (cnnexport format=torchscript): cnnpredict "
+                                                "model= runs only ONNX files"),
+             (tmp_path / "best.pt", "is a PyTorch checkpoint, not an exported model; pass it as ckpt="),
+             (foreign / "fifo.pt", "is a FIFO, not a regular file (pass model= an .onnx file"),
+             (tmp_path / "cut.onnx", "cannot be read by onnxruntime ("),
+             (tmp_path / "none.onnx", "not found (pass model= an .onnx file")]
+    for path, needle in cases:
+        with pytest.raises(UserError) as e:
+            _exported(path)
+        assert needle in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
