@@ -36,6 +36,7 @@ from cnntrain.errors import UserError
 from cnntrain.files import atomic_write, os_error, write_error
 from cnntrain.logs import log_outputs, shown
 from cnntrain.schema import EXPORT_FORMATS, check
+from cnntrain.text import markdown_table
 
 log = logging.getLogger("cnntrain")
 
@@ -624,11 +625,3 @@ def format_table(results: dict, bench: dict | None) -> str:
                     f"{b['throughput_b64'] / bench['eager']['throughput_b64']:.2f}x"]
         rows.append(row)
     return markdown_table(header, rows)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[c])) for r in (header, *rows)) for c in range(len(header))]
-    lines = ["| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    return "\n".join(lines)

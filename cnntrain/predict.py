@@ -16,6 +16,7 @@ from cnntrain.inference import Decode, Preprocess, find_images, load_trained_mod
 from cnntrain.runtime import select_device
 from cnntrain.rundir import fresh_run
 from cnntrain.schema import check
+from cnntrain.text import markdown_table
 from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
@@ -138,8 +139,4 @@ def format_predictions(results: list[dict]) -> str:
     k = len(results[0]["top"])
     cells = [[r["file"], *(f"{name} {prob:.4f}" for name, prob in r["top"])] for r in results]
     header = ["file", *(f"top{i}" for i in range(1, k + 1))]
-    widths = [max(len(row[c]) for row in (header, *cells)) for c in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    return "\n".join(lines)
+    return markdown_table(header, cells)

@@ -219,3 +219,121 @@ def test_other_files_as_model_say_what_they_are(foreign, tmp_path):
         with pytest.raises(UserError) as e:
             _exported(path)
         assert needle in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# --------------------------------------------------------------------------- odd class names in reports
+ODD = ["a|b", "<script>alert(1)</script>", "x\ny", "*bold*", " sp ", "$x$", "$", r"$\frac$", "_u_", "[l](http://e)",
+       "&lt;", "`c`", "~~s~~", "back\\slash", "café", "\x1b[31mred", "\u202eevil"]
+
+
+def cells(markdown: str) -> list[list[str]]:
+    """The text of every cell of the tables a CommonMark renderer with GFM tables makes of `markdown`."""
+    from html.parser import HTMLParser
+
+    md = pytest.importorskip("markdown_it").MarkdownIt("commonmark").enable(["table", "strikethrough"])
+    html = md.render(markdown)
+    assert "<script" not in html and "<em>" not in html and "<a " not in html and "<s>" not in html, html
+
+    class Cells(HTMLParser):
+        rows, cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+            elif self.cell is not None:
+                self.cell += f"<{tag}>"  # markup inside a cell: it would not equal the name
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.rows[-1].append(self.cell)
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+    parser = Cells(convert_charrefs=True)
+    parser.rows = []
+    parser.feed(html)
+    return parser.rows
+
+
+def odd_report(names=ODD):
+    from cnntrain.report import build_report
+
+    k = len(names)
+    confusion = torch.eye(k, dtype=torch.long) * 2
+    result = {"acc": 1.0, "top5": 1.0, "loss": 0.1, "num_samples": 2 * k, "confusion": confusion}
+    return build_report(result, classes=names, split="test", dataset="odd|data", model="lenet5", checkpoint="/r/b`est.pt")
+
+
+def test_every_markdown_table_shows_odd_class_names_as_they_are(tmp_path):
+    from cnntrain.callbacks import format_table
+    from cnntrain.predict import format_predictions
+    from cnntrain.report import format_report, write_comparison, write_report
+    from cnntrain.text import visible
+
+    shown = [visible(n) for n in ODD]  # a newline or ESC as \n, \x1b: one line, no cursor moves
+    report = odd_report()
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    per_class, confusion = cells(md.split("## Confusion")[0]), cells(md.split("## Confusion")[1])
+    assert [row[0] for row in per_class[1:]] == shown and all(len(row) == 6 for row in per_class)
+    assert confusion[0] == ["true \\ predicted", *shown] and [row[0] for row in confusion[1:]] == shown
+    assert md.startswith("# Evaluation: lenet5 on odd\\|data (test)\n\nCheckpoint: ``/r/b`est.pt``\n")
+    console = format_report(report).splitlines()
+    assert [row[0] for row in cells("\n".join(console[2:]))[1:]] == shown and len(console) == 4 + len(ODD)
+    assert json.loads((tmp_path / "report.json").read_text())["classes"] == ODD
+    predictions = [{"file": f"/x/{n}.png", "top": [(n, 0.5), ("b", 0.25)]} for n in ODD]
+    assert [row[1] for row in cells(format_predictions(predictions))[1:]] == [f"{s} 0.5000" for s in shown]
+    sweep = [{"job": "0", "swept": f"name={n}", "status": "failed", "error": n} for n in ODD]
+    assert [row[1] for row in cells(format_table(sweep))[1:]] == [f"name={s}" for s in shown]
+    comparison = write_comparison([{**report, "model": n} for n in ODD], tmp_path)
+    assert [row[0] for row in cells(comparison)[1:]] == shown
+
+
+def test_csv_files_read_back_every_odd_class_name(tmp_path):
+    """csv quotes a field with a comma, quote or newline: each name reads back whole."""
+    import csv
+
+    from cnntrain.predict import write_predictions_csv
+    from cnntrain.report import write_predictions
+
+    class Loader:
+        def sample_name(self, i):
+            return f"/data/{ODD[i]}/{i}.png"
+
+    k = len(ODD)
+    result = {"target": torch.arange(k), "predicted": torch.arange(k).flip(0), "confidence": torch.full((k,), 0.5)}
+    write_predictions(result, Loader(), ODD, tmp_path)
+    rows = list(csv.reader(open(tmp_path / "predictions.csv", newline="")))
+    assert [r[1] for r in rows[1:]] == ODD and [r[2] for r in rows[1:]] == ODD[::-1]
+    write_predictions_csv([{"file": f"/x/{n}", "top": [(n, 0.5)]} for n in ODD], tmp_path / "p.csv")
+    assert [r[2] for r in csv.reader(open(tmp_path / "p.csv", newline=""))][1:] == ODD
+
+
+def test_plots_draw_odd_class_names_as_text_not_mathtext():
+    """`$x$` would be typeset, `$\\frac$` fails the whole figure (cnntrain's final test and
+    cnneval ended in `ValueError: \\frac`): every label is drawn as its characters."""
+    from cnntrain.report import _pyplot, confusion_figure, per_class_figure, prediction_captions, samples_figure
+    from cnntrain.text import visible
+
+    plt, report = _pyplot(), odd_report()
+    k = len(ODD)
+
+    class Loader:
+        def sample(self, i):
+            return np.zeros((4, 4, 3), np.uint8)
+
+    result = {"target": torch.arange(k), "predicted": torch.arange(k), "confidence": torch.ones(k)}
+    figures = [confusion_figure(torch.tensor(report["confusion_matrix"]), ODD, "$t$"), per_class_figure(report),
+               samples_figure(Loader(), [5, 7], prediction_captions(result, ODD, [5, 7]), "$")]
+    for fig in figures:
+        fig.canvas.draw()  # where mathtext is parsed
+        texts = [t for t in fig.findobj(plt.Text) if t.get_text()]
+        drawn = [t._preprocess_math(t.get_text()) for t in texts]  # (the string drawn, as mathtext?)
+        assert not any(math for _, math in drawn), drawn
+        plt.close(fig)
+    ticks = [t._preprocess_math(t.get_text())[0] for t in figures[0].axes[0].get_xticklabels()]
+    assert ticks == [visible(n) for n in ODD]
