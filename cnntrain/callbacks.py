@@ -9,6 +9,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cnntrain.files import atomic_write, write_text
+from cnntrain.text import markdown_table, md_cell
 
 # The failed jobs of the sweep that just ended, found by their folders: the exit code of the
 # sweep, whichever launcher ran the jobs (joblib and submitit run them in other processes).
@@ -63,9 +64,7 @@ def _cell(value, column: str) -> str:
 def format_table(rows: list[dict]) -> str:
     cols = ("job", "swept", "status", "test_acc", "best_val_acc", "epochs", "params", "train_time_s",
             "run_dir", "error", "note")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(r.get(c), c) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(cols, [[_cell(r.get(c), c) for c in cols] for r in rows], pad=False)
 
 
 def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
@@ -73,7 +72,7 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    write_text(Path(sweep_dir) / "summary.md", f"# Sweep {sweep_dir}\n\n{format_table(rows)}\n")
+    write_text(Path(sweep_dir) / "summary.md", f"# Sweep {md_cell(sweep_dir)}\n\n{format_table(rows)}\n")
 
 
 class SweepSummary(Callback):

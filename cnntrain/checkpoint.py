@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from cnntrain.errors import UserError
+from cnntrain.filekind import not_a_checkpoint, require_regular
 from cnntrain.files import atomic_write
 
 REQUIRED_KEYS = ("model", "config", "classes", "epoch", "metrics")
@@ -48,7 +50,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """A cnntrain checkpoint, loaded safely on the CPU; any problem is one UserError naming the path."""
     path = require_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's notes on a file's pickle protocol or a TorchScript archive would stand above
+            # the one line that says what the file is
+            for note in ("Detected pickle protocol", ".*looks like a TorchScript archive"):
+                warnings.filterwarnings("ignore", message=note, category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:  # the file is there but cannot be read: the bytes are not to blame
         raise UserError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
     except Exception as e:  # garbage makes the unpickler fail in many ways
@@ -59,8 +66,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             # never retried with weights_only=False: that would run the file's code
             raise UserError(f"checkpoint {path} holds Python objects ({refused[1]}) that need unsafe "
                             "loading and was refused; only weights-only checkpoints are read") from None
-        raise UserError(f"checkpoint {path} is truncated or not a PyTorch file "
-                        f"({type(e).__name__}); use another checkpoint") from None
+        reason = _not_a_checkpoint(path)
+        raise UserError(f"checkpoint {path} {reason}" if reason else f"checkpoint {path} is truncated or "
+                        f"not a PyTorch file ({type(e).__name__}); use another checkpoint") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise UserError(f"{path} is not a cnntrain checkpoint (it lacks the keys "
                         f"{', '.join(REQUIRED_KEYS)})")
@@ -129,11 +137,15 @@ def _upgrade_kind(config: dict) -> dict:
 
 
 def require_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found (pass ckpt=/resume= a .pt file written by "
-                        "cnntrain, e.g. outputs/<date>/<time>_<model>_<data>/checkpoints/best.pt)")
-    return path
+    return require_regular(Path(path), "checkpoint", "pass ckpt=/resume= a .pt file written by cnntrain, "
+                           "e.g. outputs/<date>/<time>_<model>_<data>/checkpoints/best.pt")
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    try:
+        return not_a_checkpoint(path)
+    except OSError:  # gone or unreadable since torch.load tried: the generic reason stands
+        return None
 
 
 def nonfinite(state_dict: dict) -> str | None:

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -35,6 +36,7 @@ from cnntrain.errors import UserError
 from cnntrain.files import atomic_write, os_error, write_error
 from cnntrain.logs import log_outputs, shown
 from cnntrain.schema import EXPORT_FORMATS, check
+from cnntrain.text import markdown_table
 
 log = logging.getLogger("cnntrain")
 
@@ -258,6 +260,59 @@ def _no_grad(module) -> Callable:
 
 LOADERS: dict[str, Callable] = {"onnx": load_onnx, "torchscript": load_torchscript,
                                 "exported_program": load_exported_program}
+
+
+# what an exported file's metadata may say: anything else is a crafted or damaged file
+LAYOUTS, INPUT_DTYPES, OUTPUTS = ("nchw", "nhwc"), ("uint8", "float32"), ("logits", "probabilities")
+MAX_IMAGE_SIZE = 4096  # pixels a side; beyond it decoding a batch would exhaust memory
+
+
+def checked_metadata(meta: dict, path: Path, required=("classes", "image_size", "channels", "layout",
+                                                       "input_dtype", "output")) -> dict:
+    """An exported file's metadata, each key cnnpredict reads checked as the data it is (a file
+    can be crafted to hold anything): the `required` keys there, classes a list of distinct
+    names, sizes whole numbers in range, channels 1 or 3, mean/std finite with std > 0, layout,
+    dtype and output from the known sets. A bad key is one UserError naming the file and key."""
+    fix = "export the checkpoint again with cnnexport, or predict with ckpt="
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise UserError(f"{path} lacks cnnexport's metadata ({', '.join(missing)}); {fix}")
+
+    def refuse(key: str, want: str):
+        shown = repr(meta.get(key))
+        raise UserError(f"{path}: its metadata {key}={shown[:80]}{'...' if len(shown) > 80 else ''} is not "
+                        f"{want}; {fix}")
+
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        refuse("classes", "a non-empty list of class names (strings)")
+    if len(set(classes)) < len(classes):
+        refuse("classes", f"a list of distinct names ({next(c for c in classes if classes.count(c) > 1)!r} repeats)")
+    for key in ("image_size", "resize"):  # resize: the shorter side before the central crop
+        low = 1 if key == "image_size" else meta["image_size"]
+        value = meta.get(key)
+        value = low if value is None and key == "resize" else value
+        if not _whole(value) or not low <= value <= MAX_IMAGE_SIZE:
+            refuse(key, f"a whole number from {low} to {MAX_IMAGE_SIZE}")
+    if meta["channels"] not in (1, 3) or not _whole(meta["channels"]):
+        refuse("channels", "1 or 3")
+    for key in ("mean", "std"):
+        value = meta.get(key, [1.0] * meta["channels"])
+        if (not isinstance(value, list) or len(value) != meta["channels"] or not all(_finite(v) for v in value)
+                or key == "std" and not all(v > 0 for v in value)):
+            refuse(key, f"a list of {meta['channels']} finite number(s){' > 0' if key == 'std' else ''}")
+    for key, known in (("layout", LAYOUTS), ("input_dtype", INPUT_DTYPES), ("output", OUTPUTS)):
+        if meta[key] not in known or not isinstance(meta[key], str):
+            refuse(key, f"one of {', '.join(known)}")
+    return meta
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -570,11 +625,3 @@ def format_table(results: dict, bench: dict | None) -> str:
                     f"{b['throughput_b64'] / bench['eager']['throughput_b64']:.2f}x"]
         rows.append(row)
     return markdown_table(header, rows)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[c])) for r in (header, *rows)) for c in range(len(header))]
-    lines = ["| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    return "\n".join(lines)

@@ -16,13 +16,10 @@ from cnntrain.inference import Decode, Preprocess, find_images, load_trained_mod
 from cnntrain.runtime import select_device
 from cnntrain.rundir import fresh_run
 from cnntrain.schema import check
+from cnntrain.text import markdown_table
 from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
-
-# what cnnpredict reads from an exported file's metadata
-EXPORTED_KEYS = ("classes", "image_size", "channels", "layout", "input_dtype", "output")
-
 
 def predict(cfg: DictConfig, run_dir: str | Path | None = None) -> list[dict]:
     """One dict per image: {"file", "top": [(class, probability), ...]} (best first); printed
@@ -75,36 +72,58 @@ def _checkpoint(ckpt, device: torch.device) -> tuple[list[str], Decode, Callable
 def _exported(file) -> tuple[list[str], Decode, Callable]:
     """The same for an ONNX file written by cnnexport, under onnxruntime: its metadata says the
     classes and what it takes (size, channels, layout, dtype), and its graph normalizes, so new
-    images are only decoded to uint8 pixels, as Preprocess decodes them."""
-    from cnntrain.export import graph_input, load_onnx
+    images are only decoded to uint8 pixels, as Preprocess decodes them. The metadata is checked
+    as data (export.checked_metadata) and the graph's outputs against its classes."""
+    from cnntrain.export import checked_metadata, graph_input, load_onnx
 
-    path = Path(str(file)).expanduser()
-    if not path.is_file():
-        raise UserError(f"exported model {path} not found (pass model= an .onnx file written by "
-                        "cnnexport, e.g. outputs/export/<date>/<time>_<run>/model.onnx)")
-    if path.suffix.lower() != ".onnx":
-        raise UserError(f"model={path}: cnnpredict runs ONNX files (.onnx) written by cnnexport; "
-                        "for a checkpoint use ckpt=")
+    path = _onnx_file(Path(str(file)).expanduser())
     try:
         run, meta = load_onnx(path)
     except UserError:
         raise
     except Exception as e:
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise UserError(f"{path} cannot be read by onnxruntime ({reason[:200]}); pass an .onnx file "
+        raise UserError(f"{path} cannot be read by onnxruntime ({_reason(e)}); pass an .onnx file "
                         "written by cnnexport") from None
-    missing = [key for key in EXPORTED_KEYS if key not in meta]
-    if missing:
-        raise UserError(f"{path} lacks cnnexport's metadata ({', '.join(missing)}); export the "
-                        "checkpoint with cnnexport ckpt=... or predict with ckpt=")
-    size = int(meta["image_size"])
-    decode = Decode(int(meta["channels"]), size, int(meta.get("resize") or size))
+    meta = checked_metadata(meta, path)
+    classes, size = meta["classes"], meta["image_size"]
+    decode = Decode(meta["channels"], size, meta.get("resize") or size)
     layout, dtype = meta["layout"], "uint8" if meta["input_dtype"] == "uint8" else "float"
 
     def probabilities(pixels: torch.Tensor) -> torch.Tensor:
-        out = run(graph_input(pixels, layout, dtype)).float()
+        x = graph_input(pixels, layout, dtype)
+        try:
+            out = run(x).float()
+        except Exception as e:  # a graph that does not take what its metadata describes
+            raise UserError(f"{path}: onnxruntime cannot run it on {tuple(x.shape)} {meta['input_dtype']} "
+                            f"images, as its metadata describes ({_reason(e)}); export the checkpoint "
+                            "again with cnnexport") from None
+        if out.dim() != 2 or out.shape[1] != len(classes):
+            raise UserError(f"{path}: its graph gives outputs of shape {tuple(out.shape)} but its metadata "
+                            f"lists {len(classes)} classes; export the checkpoint again with cnnexport")
         return out if meta["output"] == "probabilities" else out.softmax(1)
-    return list(meta["classes"]), decode, probabilities
+    return list(classes), decode, probabilities
+
+
+def _onnx_file(path: Path) -> Path:
+    """`path` if it can be an ONNX file; a checkpoint or another export format is named."""
+    from cnntrain.filekind import EXPORTED, identify, require_regular
+
+    require_regular(path, "exported model", "pass model= an .onnx file written by cnnexport, e.g. "
+                    "outputs/export/<date>/<time>_<run>/model.onnx")
+    kind, _ = identify(path)
+    if kind in ("torchscript", "exported_program"):
+        raise UserError(f"model={path} is {EXPORTED[kind]}: cnnpredict model= runs only ONNX files "
+                        "(cnnexport format=onnx); export one, or predict with ckpt= the checkpoint")
+    if kind in ("torch", "pickle"):
+        raise UserError(f"model={path} is a PyTorch checkpoint, not an exported model; pass it as ckpt=")
+    if kind != "onnx" and path.suffix.lower() != ".onnx":
+        raise UserError(f"model={path}: cnnpredict runs ONNX files (.onnx) written by cnnexport; "
+                        "for a checkpoint use ckpt=")
+    return path
+
+
+def _reason(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
 
 
 def write_predictions_csv(results: list[dict], path: Path) -> None:
@@ -120,8 +139,4 @@ def format_predictions(results: list[dict]) -> str:
     k = len(results[0]["top"])
     cells = [[r["file"], *(f"{name} {prob:.4f}" for name, prob in r["top"])] for r in results]
     header = ["file", *(f"top{i}" for i in range(1, k + 1))]
-    widths = [max(len(row[c]) for row in (header, *cells)) for c in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    return "\n".join(lines)
+    return markdown_table(header, cells)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from cnntrain.files import atomic_write, save_figure, write_text
+from cnntrain.text import markdown_table, md_cell, md_code, plot_text, visible
 
 
 def per_class_metrics(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
@@ -35,14 +36,10 @@ def build_report(result: dict, *, classes, split, dataset, model, checkpoint) ->
     }
 
 
-def _table(report: dict) -> list[str]:
-    width = max(8, *(len(r["name"]) for r in report["per_class"]))
-    lines = [f"| {'class':<{width}} | support | accuracy | precision | recall |     f1 |",
-             f"|{'-' * (width + 2)}|--------:|---------:|----------:|-------:|-------:|"]
-    for r in report["per_class"]:
-        lines.append(f"| {r['name']:<{width}} | {r['support']:7d} | {r['accuracy']:8.4f} | "
-                     f"{r['precision']:9.4f} | {r['recall']:6.4f} | {r['f1']:6.4f} |")
-    return lines
+def _table(report: dict) -> str:
+    rows = [[r["name"], r["support"], *(f"{r[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1"))]
+            for r in report["per_class"]]
+    return markdown_table(["class", "support", "accuracy", "precision", "recall", "f1"], rows, align="lrrrrr")
 
 
 def _summary(report: dict) -> str:
@@ -53,19 +50,18 @@ def _summary(report: dict) -> str:
 
 def format_report(report: dict) -> str:
     head = f"{report['model']} on {report['dataset']} ({report['split']}) from {report['checkpoint']}"
-    return "\n".join([head, _summary(report), *_table(report)])
+    return "\n".join([visible(head), _summary(report), _table(report)])
 
 
 def write_report(report: dict, folder: Path) -> None:
     folder = Path(folder)
     write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
-    md = [f"# Evaluation: {report['model']} on {report['dataset']} ({report['split']})", "",
-          f"Checkpoint: `{report['checkpoint']}`", "", _summary(report), "", *_table(report), "",
-          "## Confusion matrix (rows = true, columns = predicted)", "",
-          "| true \\ predicted | " + " | ".join(report["classes"]) + " |",
-          "|---|" + "---:|" * len(report["classes"])]
-    for name, row in zip(report["classes"], report["confusion_matrix"]):
-        md.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    classes = report["classes"]
+    confusion = markdown_table(["true \\ predicted", *classes], [[name, *row] for name, row in
+                               zip(classes, report["confusion_matrix"])], align="l" + "r" * len(classes), pad=False)
+    md = [f"# Evaluation: {md_cell(report['model'])} on {md_cell(report['dataset'])} ({md_cell(report['split'])})",
+          "", f"Checkpoint: {md_code(report['checkpoint'])}", "", _summary(report), "", _table(report), "",
+          "## Confusion matrix (rows = true, columns = predicted)", "", confusion]
     write_text(folder / "report.md", "\n".join(md) + "\n")
 
 
@@ -98,7 +94,7 @@ def confusion_figure(confusion: torch.Tensor, classes: list[str], title: str):
     size = min(4 + 0.45 * k, 20)
     fig, ax = plt.subplots(figsize=(size, size))
     im = ax.imshow(normalized.numpy(), cmap="Blues", vmin=0, vmax=1)
-    labels = classes if k <= 40 else []  # beyond that the names are unreadable anyway
+    labels = [plot_text(c) for c in classes] if k <= 40 else []  # beyond that the names are unreadable anyway
     ax.set_xticks(range(len(labels)), labels, rotation=90)
     ax.set_yticks(range(len(labels)), labels)
     if k <= 20:
@@ -107,7 +103,7 @@ def confusion_figure(confusion: torch.Tensor, classes: list[str], title: str):
                 v = normalized[i, j].item()
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v > 0.5 else "black")
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    ax.set(xlabel="predicted", ylabel="true", title=plot_text(title))
     fig.colorbar(im, fraction=0.046)
     fig.tight_layout()
     return fig
@@ -129,12 +125,12 @@ def samples_figure(loader, indices: list[int], titles: list[str], title: str, co
         ax.set_title(caption, fontsize=8)
     if not indices:
         axes.flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
-    fig.suptitle(title)
+    fig.suptitle(plot_text(title))
     return fig
 
 
 def prediction_captions(result: dict, classes: list[str], indices: list[int]) -> list[str]:
-    return [f"true: {classes[result['target'][i]]}\npred: {classes[result['predicted'][i]]} "
+    return [f"true: {plot_text(classes[result['target'][i]])}\npred: {plot_text(classes[result['predicted'][i]])} "
             f"({result['confidence'][i]:.2f})" for i in indices]
 
 
@@ -146,11 +142,11 @@ def per_class_figure(report: dict):
     bars = ax.bar(range(len(classes)), [c["accuracy"] for c in report["per_class"]])
     # beyond 20 bars horizontal values would run into each other
     ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2, rotation=0 if len(classes) <= 20 else 90)
-    labels = classes if len(classes) <= 40 else []  # beyond that the names are unreadable anyway
+    labels = [plot_text(c) for c in classes] if len(classes) <= 40 else []  # beyond that unreadable anyway
     ax.set_xticks(range(len(labels)), labels, rotation=90)
     ax.set(ylim=(0, 1.15), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1], ylabel="accuracy",  # room for labels over 1.0
-           title=f"Accuracy per class: {report['model']} on {report['dataset']} ({report['split']}), "
-                 f"top-1 {report['top1']:.4f}")
+           title=plot_text(f"Accuracy per class: {report['model']} on {report['dataset']} "
+                           f"({report['split']}), top-1 {report['top1']:.4f}"))
     return fig
 
 
@@ -185,7 +181,6 @@ def write_comparison(reports: list[dict], folder: Path) -> str:
         writer.writeheader()
         writer.writerows(rows)
     cell = lambda v: f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
-    table = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-                      + ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows])
+    table = markdown_table(cols, [[cell(r[c]) for c in cols] for r in rows], pad=False)
     write_text(Path(folder) / "comparison.md", f"# Checkpoint comparison\n\n{table}\n")
     return table

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from cnntrain.files import atomic_write, save_figure
+from cnntrain.text import plot_text
 
 log = logging.getLogger("cnntrain")
 
@@ -101,7 +102,7 @@ class RunTracker:
 
         epochs = [r["epoch"] for r in self.history]
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.3), layout="constrained")
-        fig.suptitle(self.title)
+        fig.suptitle(plot_text(self.title))
         for ax, metric in zip(axes, ("loss", "acc")):
             for split in ("train", "val"):
                 values = [r.get(f"{split}_{metric}") for r in self.history]

@@ -17,6 +17,7 @@ from cnntrain.inference import Preprocess, find_images, load_trained_model
 from cnntrain.runtime import select_device
 from cnntrain.rundir import fresh_run
 from cnntrain.schema import check
+from cnntrain.text import plot_text
 from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
@@ -231,7 +232,7 @@ def _visualize(cfg: DictConfig, files: list[Path], run_dir: Path, plt) -> list[P
     for k, path in enumerate(files):
         maps = layer_maps(model, outputs, k)
         shown = probs[k].argmax().item() if target is None else target
-        title = f"{path.name}: {classes[shown]} ({probs[k, shown]:.3f})"
+        title = f"{plot_text(path.name)}: {plot_text(classes[shown])} ({probs[k, shown]:.3f})"
         written.append(run_dir / f"feature_maps_{k}.png")
         _save(feature_maps_figure(pixels[k], maps, title, plt), written[-1], plt)
         cam = grad_cam(model, x[k], layers[-1], shown).cpu()
