@@ -5,6 +5,7 @@ import csv
 import json
 from pathlib import Path
 
+import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,7 +21,8 @@ COLUMNS = ("job", "overrides", "status", "test_acc", "best_val_acc", "best_epoch
 
 
 def _job_row(job_dir: Path) -> dict:
-    overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
+    # plain YAML, not a config: an override's `${...}` is shown as typed, never resolved
+    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
     row = {"job": job_dir.name, "overrides": " ".join(overrides), "run_dir": str(job_dir)}
     results = job_dir / "results.json"
     if results.is_file():

@@ -86,9 +86,11 @@ def create_model(
         else:
             raise UserError(f"unknown model source {source!r} (cnntrain, torchvision or timm)")
     except TypeError as e:
-        # An option the architecture does not have (e.g. model.dropout on a ResNet) is a
-        # config mistake, not a crash; other TypeErrors are bugs and propagate.
-        if "keyword argument" not in str(e):
+        # An option the architecture does not have (e.g. model.dropout on a ResNet), or a
+        # model.args value of a type the constructor cannot use (text where it wants a class, as
+        # a checkpoint's config may hold), is a config mistake, not a crash; other TypeErrors are
+        # bugs and propagate.
+        if "keyword argument" not in str(e) and not args:
             raise
         raise UserError(f"bad option for model {name!r}: {e}") from e
     if weights_file:
