@@ -15,12 +15,14 @@ MODEL_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "config
 
 
 # 1x28 and 3x32 with 10 classes: every model= option through the training loop, best.pt and back
-# (tests/test_zoo.py), with these same checks
-@pytest.mark.parametrize("name", list_models())
+# (tests/test_zoo.py), with these same checks; here for the networks that sweep only with -m slow
+from test_zoo import HEAVY  # noqa: E402
+
+
 @pytest.mark.parametrize(
-    ("in_channels", "image_size", "num_classes"),
-    [(3, 64, 7)],
-    ids=["3x64"],
+    ("name", "in_channels", "image_size", "num_classes"),
+    [(n, 3, 64, 7) for n in list_models()] + [(n, c, s, 10) for n in HEAVY for c, s in ((1, 28), (3, 32))],
+    ids=lambda v: str(v),
 )
 def test_forward_backward_step(name, in_channels, image_size, num_classes):
     torch.manual_seed(0)

@@ -20,6 +20,12 @@ from cnntrain.train import build_model, stored_config
 CPU = torch.device("cpu")
 MODELS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml")
                 if p.stem not in ("tv", "timm"))  # any torchvision/timm model by name: test_transfer.py
+# the largest networks (20-140 M parameters: seconds per case on 2 cores) sweep with -m slow; the
+# default run still takes each through a training step at these sizes (test_models.py)
+HEAVY = ("convnext_tiny", "densenet121", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50",
+         "se_resnet50", "wrn28_10", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
+         "vgg19", "vgg19_bn")
+SWEEP = [pytest.param(m, marks=pytest.mark.slow) if m in HEAVY else m for m in MODELS]
 
 
 def compose_train(*overrides):
@@ -35,7 +41,7 @@ def dataset(request, data_root):
     return data_args, build_data(cfg.data, cfg.aug, device=CPU, seed=0)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", SWEEP)
 def test_one_epoch_then_rebuilt_from_its_checkpoint(model, dataset, tmp_path):
     data_args, data = dataset
     cfg = compose_train(f"model={model}", *data_args)
