@@ -159,10 +159,11 @@ class Case:
                   *([transforms.Grayscale()] if d.in_channels == 1 else []), *tf]
             dataset = datasets.ImageFolder(f"{self.cfg.data.root}/train", transform=transforms.Compose(tf))
         else:
-            # spec.cls is torchvision's class (CIFAR: a subclass that skips the per-file md5,
-            # which the synthetic batches would fail)
-            dataset = BUILTIN[self.cfg.data.name].cls(str(self.cfg.data.root), train=True,
-                                                      transform=transforms.Compose(tf))
+            # spec.cls subclasses torchvision's class, replacing only how the files are read and
+            # checked (CIFAR: without the per-file md5 the synthetic batches would fail); its
+            # __getitem__ is torchvision's: PIL image, then the transform, one sample at a time
+            dataset = BUILTIN[self.cfg.data.name].cls(str(self.cfg.data.root), train=True)
+            dataset.transform = transforms.Compose(tf)
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch, shuffle=True,
                                              num_workers=self.workers,
                                              pin_memory=self.device.type == "cuda")

@@ -71,12 +71,12 @@ def same(given, got) -> bool:
     strings as written."""
     if isinstance(got, (ListConfig, list)):
         return isinstance(given, list) and len(given) == len(got) and all(map(same, given, got))
-    if isinstance(given, float) and math.isnan(given):
-        return isinstance(got, float) and math.isnan(got)
     if isinstance(got, bool):
         return type(given) is bool and got == given
-    if isinstance(got, str):  # a number or true/false given for a text key is its text
+    if isinstance(got, str):  # a number or true/false given for a text key is its text (nan too)
         return got == str(given)
+    if isinstance(given, float) and math.isnan(given):
+        return isinstance(got, float) and math.isnan(got)
     if isinstance(given, str):  # '3' for a number key: the number written as text
         try:
             return float(given) == got
