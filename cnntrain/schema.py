@@ -432,8 +432,10 @@ def _check_value(path: str, value, f) -> None:
         return
     if "kinds" in rules and not any(_is_kind(value, kind) for kind in rules["kinds"]):
         raise _fail(path, value, f, " or ".join(_KIND_NAMES[kind] for kind in rules["kinds"]))
-    # a list (format=[onnx,torchscript]): each of its items is one of the choices
-    chosen = list(value) if isinstance(value, ListConfig) else [value]
+    # a list where one is declared (format=[onnx,torchscript]): each of its items is one of the
+    # choices; anywhere else a list is one value, refused by choices like any other
+    listed = isinstance(value, ListConfig) and list in rules.get("kinds", ())
+    chosen = list(value) if listed else [value]
     if "choices" in rules and not all(any(type(v) is type(c) and v == c for c in rules["choices"])
                                       for v in chosen):
         raise _fail(path, value, f, _allowed(rules))

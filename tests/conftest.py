@@ -5,6 +5,12 @@ from pathlib import Path
 
 import pytest
 
+# xdist runs one process per core; torch's default of one OpenMP thread per core in each of
+# them (and in every console script they start) puts N spinning threads on each core, which
+# made the suite ~40 % slower. One thread per process: the workers are the parallelism.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from fakedata import write_cifar, write_image_folder, write_mnist
 
 

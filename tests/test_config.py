@@ -85,6 +85,8 @@ def test_unknown_option_lists_the_available_ones():
     ("data.val_split=1.5", "data.val_split"), ("data.num_workers=-1", "data.num_workers"),
     ("device=gpu", "device"), ("amp_dtype=fp8", "amp_dtype"),
     ("max_steps_per_epoch=0", "max_steps_per_epoch"), ("max_eval_steps=-1", "max_eval_steps"),
+    # a list for a key of choices (found by tests/test_schema_property.py: [] reached SGD)
+    ("optim.nesterov=[]", "optim.nesterov"), ("amp=[true]", "amp"), ("device=[cpu]", "device"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, key):
     message = refusal(override)

@@ -353,11 +353,13 @@ def test_ctrl_c_during_start_up(data_root, tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import os, signal\n"
+        "import signal\n"
         "import cnntrain.data as data\n"
         "original = data.build_data\n"
         "def build_data(*args, **kwargs):\n"
-        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        # to this thread, the main one, where a terminal's Ctrl-C lands: os.kill may hand it to
+        # one of torch's threads, and Python raises it in the main thread only some bytecodes on
+        "    signal.raise_signal(signal.SIGINT)\n"
         "    return original(*args, **kwargs)\n"
         "data.build_data = build_data\n"
         "import cnntrain.train\n"
