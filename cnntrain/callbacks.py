@@ -1,4 +1,5 @@
 """Hydra callbacks. SweepSummary: at the end of a multirun, one table of all jobs."""
+
 from __future__ import annotations
 
 import csv
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cnntrain.files import atomic_write, write_text
 from cnntrain.text import markdown_table, md_cell
@@ -16,8 +17,20 @@ from cnntrain.text import markdown_table, md_cell
 # sweep, whichever launcher ran the jobs (joblib and submitit run them in other processes).
 FAILED_JOBS: list[str] = []
 
-COLUMNS = ("job", "overrides", "status", "test_acc", "best_val_acc", "best_epoch", "epochs",
-           "params", "train_time_s", "run_dir", "error", "note")
+COLUMNS = (
+    "job",
+    "overrides",
+    "status",
+    "test_acc",
+    "best_val_acc",
+    "best_epoch",
+    "epochs",
+    "params",
+    "train_time_s",
+    "run_dir",
+    "error",
+    "note",
+)
 
 
 def _job_row(job_dir: Path) -> dict:
@@ -29,11 +42,18 @@ def _job_row(job_dir: Path) -> dict:
         data = json.loads(results.read_text())
         row.update({k: data.get(k) for k in COLUMNS if k in data}, status="ok")
         if data.get("val_at_chance"):  # trained, but its best checkpoint validates at chance
-            row.update(status="chance", note="val accuracy at chance while train accuracy rose: "
-                       "BatchNorm statistics not settled (few steps?) or val data unlike train")
+            row.update(
+                status="chance",
+                note="val accuracy at chance while train accuracy rose: "
+                "BatchNorm statistics not settled (few steps?) or val data unlike train",
+            )
         return row
-    errors = [line.split("error: ", 1)[1] for log in job_dir.glob("*.log")
-              for line in log.read_text(errors="replace").splitlines() if "error: " in line]
+    errors = [
+        line.split("error: ", 1)[1]
+        for log in job_dir.glob("*.log")
+        for line in log.read_text(errors="replace").splitlines()
+        if "error: " in line
+    ]
     row.update(status="failed", error=errors[-1] if errors else "no results.json (interrupted?)")
     return row
 
@@ -47,7 +67,9 @@ def summarize_sweep(sweep_dir: Path) -> list[dict]:
     for r in rows:  # what this job changed, without the overrides every job shares
         r["swept"] = " ".join(o for o in r["overrides"].split() if o not in common)
     order = {"ok": 0, "chance": 1}  # then failed
-    rows.sort(key=lambda r: (order.get(r["status"], 2), -(r.get("test_acc") or 0), _job_number(r["job"])))
+    rows.sort(
+        key=lambda r: (order.get(r["status"], 2), -(r.get("test_acc") or 0), _job_number(r["job"]))
+    )
     return rows
 
 
@@ -64,8 +86,19 @@ def _cell(value, column: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ("job", "swept", "status", "test_acc", "best_val_acc", "epochs", "params", "train_time_s",
-            "run_dir", "error", "note")
+    cols = (
+        "job",
+        "swept",
+        "status",
+        "test_acc",
+        "best_val_acc",
+        "epochs",
+        "params",
+        "train_time_s",
+        "run_dir",
+        "error",
+        "note",
+    )
     return markdown_table(cols, [[_cell(r.get(c), c) for c in cols] for r in rows], pad=False)
 
 
@@ -74,7 +107,9 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    write_text(Path(sweep_dir) / "summary.md", f"# Sweep {md_cell(sweep_dir)}\n\n{format_table(rows)}\n")
+    write_text(
+        Path(sweep_dir) / "summary.md", f"# Sweep {md_cell(sweep_dir)}\n\n{format_table(rows)}\n"
+    )
 
 
 class SweepSummary(Callback):
@@ -87,6 +122,8 @@ class SweepSummary(Callback):
         rows = summarize_sweep(sweep_dir)
         if not rows:
             return
-        FAILED_JOBS[:] = [f"job {r['job']}: error: {r['error']}" for r in rows if r["status"] == "failed"]
+        FAILED_JOBS[:] = [
+            f"job {r['job']}: error: {r['error']}" for r in rows if r["status"] == "failed"
+        ]
         write_summary(sweep_dir, rows)
         print(f"\nsweep summary ({sweep_dir / 'summary.md'}):\n{format_table(rows)}", flush=True)

@@ -1,6 +1,7 @@
 """Checkpoints: plain dicts of tensors and containers, so `torch.load(weights_only=True)` reads
 them, written atomically (a temp file in the same folder, fsync, os.replace): a crash mid-write
 leaves the previous file intact, never a truncated one under the final name."""
+
 from __future__ import annotations
 
 import os
@@ -61,23 +62,34 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as e:  # garbage makes the unpickler fail in many ways
         # torch words a refused global in several ways ("Unsupported global: GLOBAL x", "unsupported
         # GLOBAL x whose module is blocked"); the name tells a pickled model from an attack
-        refused = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        refused = (
+            re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        )
         if refused:
             # never retried with weights_only=False: that would run the file's code
-            raise UserError(f"checkpoint {path} holds Python objects ({refused[1]}) that need unsafe "
-                            "loading and was refused; only weights-only checkpoints are read") from None
+            raise UserError(
+                f"checkpoint {path} holds Python objects ({refused[1]}) that need unsafe "
+                "loading and was refused; only weights-only checkpoints are read"
+            ) from None
         reason = _not_a_checkpoint(path)
-        raise UserError(f"checkpoint {path} {reason}" if reason else f"checkpoint {path} is truncated or "
-                        f"not a PyTorch file ({type(e).__name__}); use another checkpoint") from None
+        raise UserError(
+            f"checkpoint {path} {reason}"
+            if reason
+            else f"checkpoint {path} is truncated or "
+            f"not a PyTorch file ({type(e).__name__}); use another checkpoint"
+        ) from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
-        raise UserError(f"{path} is not a cnntrain checkpoint (it lacks the keys "
-                        f"{', '.join(REQUIRED_KEYS)})")
+        raise UserError(
+            f"{path} is not a cnntrain checkpoint (it lacks the keys {', '.join(REQUIRED_KEYS)})"
+        )
     state["config"] = upgrade_config(state["config"])
     for key in ("model", "train_model"):
         bad = nonfinite(state.get(key) or {})
         if bad:
-            raise UserError(f"checkpoint {path} holds non-finite weights ({bad}): the run it comes "
-                            "from diverged; use an earlier checkpoint or retrain with a lower optim.lr")
+            raise UserError(
+                f"checkpoint {path} holds non-finite weights ({bad}): the run it comes "
+                "from diverged; use an earlier checkpoint or retrain with a lower optim.lr"
+            )
     return state
 
 
@@ -88,9 +100,16 @@ OLD_KINDS = {"mnist": "digits", "fashion_mnist": "clothing"}
 OLD_TARGETS = {
     "model": {"cnntrain.models.create_model": None},
     "optim": {"torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "torch.optim.AdamW": "adamw"},
-    "sched": {f"torch.optim.lr_scheduler.{cls}": name for cls, name in (
-        ("CosineAnnealingLR", "cosine"), ("StepLR", "step"), ("MultiStepLR", "multistep"),
-        ("OneCycleLR", "onecycle"), ("ConstantLR", "none"))},
+    "sched": {
+        f"torch.optim.lr_scheduler.{cls}": name
+        for cls, name in (
+            ("CosineAnnealingLR", "cosine"),
+            ("StepLR", "step"),
+            ("MultiStepLR", "multistep"),
+            ("OneCycleLR", "onecycle"),
+            ("ConstantLR", "none"),
+        )
+    },
 }
 
 
@@ -109,7 +128,11 @@ def _upgrade_targets(config: dict) -> dict:
     config = dict(config)
     for group, known in OLD_TARGETS.items():
         node = config.get(group)
-        if not isinstance(node, dict) or node.get("_target_") not in known or node.get("_partial_") is not True:
+        if (
+            not isinstance(node, dict)
+            or node.get("_target_") not in known
+            or node.get("_partial_") is not True
+        ):
             continue
         node = {k: v for k, v in node.items() if k not in ("_target_", "_partial_")}
         if known[config[group]["_target_"]] is not None:
@@ -137,8 +160,12 @@ def _upgrade_kind(config: dict) -> dict:
 
 
 def require_file(path: str | os.PathLike) -> Path:
-    return require_regular(Path(path), "checkpoint", "pass ckpt=/resume= a .pt file written by cnntrain, "
-                           "e.g. outputs/<date>/<time>_<model>_<data>/checkpoints/best.pt")
+    return require_regular(
+        Path(path),
+        "checkpoint",
+        "pass ckpt=/resume= a .pt file written by cnntrain, "
+        "e.g. outputs/<date>/<time>_<model>_<data>/checkpoints/best.pt",
+    )
 
 
 def _not_a_checkpoint(path: Path) -> str | None:
@@ -151,8 +178,11 @@ def _not_a_checkpoint(path: Path) -> str | None:
 def nonfinite(state_dict: dict) -> str | None:
     """Which floating-point tensors of a state_dict hold NaN or Inf ("fc.weight and 2 more"),
     or None: no tool computes or reports numbers from such weights."""
-    bad = [name for name, t in state_dict.items()
-           if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [
+        name
+        for name, t in state_dict.items()
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
+    ]
     return None if not bad else bad[0] + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
 
 
@@ -163,8 +193,13 @@ def rng_state(device: torch.device) -> dict:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].copy()),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state(),
     }
     if device.type == "cuda":
@@ -193,12 +228,20 @@ class CheckpointSaver:
     any moment leaves a last.pt whose best and top-k files exist.
     With write=False (ranks > 0 under torchrun) it keeps the same bookkeeping and writes nothing."""
 
-    def __init__(self, folder: str | os.PathLike, best_metric: float | None = None,
-                 keep_top_k: int = 0, top_k=(), write: bool = True):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        best_metric: float | None = None,
+        keep_top_k: int = 0,
+        top_k=(),
+        write: bool = True,
+    ):
         self.folder, self.write = Path(folder), write
         self.best_metric = best_metric
         self.keep_top_k = keep_top_k
-        self.top_k = [list(entry) for entry in top_k]  # [metric, epoch] of the kept epochs, best first
+        self.top_k = [
+            list(entry) for entry in top_k
+        ]  # [metric, epoch] of the kept epochs, best first
         self.last = self.folder / "last.pt"
         self.best = self.folder / "best.pt"
 
@@ -218,13 +261,17 @@ class CheckpointSaver:
         if self.keep_top_k:
             entry = [metric, core["epoch"]]
             # ties: the earlier epoch ranks first, as best.pt keeps the first best epoch
-            self.top_k = sorted([*self.top_k, entry], key=lambda e: (-e[0], e[1]))[:self.keep_top_k]
+            self.top_k = sorted([*self.top_k, entry], key=lambda e: (-e[0], e[1]))[
+                : self.keep_top_k
+            ]
             if entry in self.top_k and self.write:
                 save_checkpoint(core, self.epoch_path(core["epoch"]))
         if improved and self.write:
             save_checkpoint(core, self.best)
         self.save_last({**core, **resume_state})
-        if self.keep_top_k and self.write:  # also clears files left over by a crash between the two steps
+        if (
+            self.keep_top_k and self.write
+        ):  # also clears files left over by a crash between the two steps
             kept = {self.epoch_path(epoch) for _, epoch in self.top_k}
             for path in self.folder.glob("epoch_*.pt"):
                 if path not in kept:
@@ -233,4 +280,6 @@ class CheckpointSaver:
 
     def save_last(self, state: dict) -> None:
         if self.write:
-            save_checkpoint({**state, "best_metric": self.best_metric, "top_k": self.top_k}, self.last)
+            save_checkpoint(
+                {**state, "best_metric": self.best_metric, "top_k": self.top_k}, self.last
+            )

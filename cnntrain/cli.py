@@ -6,6 +6,7 @@ training) ends as one `error:` line on stderr (and in the run's log once it has 
 code 1 (130 for Ctrl-C); `debug=true` or HYDRA_FULL_ERROR=1 shows the traceback instead. In a
 sweep (-m) a failed job is reported and the other jobs still run; the exit code counts them
 whatever the launcher (the sweep summary finds failed jobs by their folders)."""
+
 from __future__ import annotations
 
 import importlib
@@ -48,10 +49,21 @@ def _job(task, cfg: DictConfig, app: str):
         if cfg.get("debug") is True:
             _job_debug = True  # the boundary shows the traceback too
             raise
-        failed_start = (_is_user_error(e) and rundir.claimed() is not None and not rundir.in_sweep()
-                        and rundir.is_default(rundir.claimed()) and not rundir.results(rundir.claimed()))
-        if isinstance(e, rundir.RunFolderRefused) or failed_start or (
-                rundir.claimed() is None and not (rundir.in_sweep() and rundir.keep_failed_job(run_dir, cfg))):
+        failed_start = (
+            _is_user_error(e)
+            and rundir.claimed() is not None
+            and not rundir.in_sweep()
+            and rundir.is_default(rundir.claimed())
+            and not rundir.results(rundir.claimed())
+        )
+        if (
+            isinstance(e, rundir.RunFolderRefused)
+            or failed_start
+            or (
+                rundir.claimed() is None
+                and not (rundir.in_sweep() and rundir.keep_failed_job(run_dir, cfg))
+            )
+        ):
             logs.drop_file_handlers()  # no folder of its own: stderr only, and no empty folder left
         message = f"error: {one_line(e, app)}"
         log.error(message)
@@ -92,8 +104,10 @@ def _train(cfg: DictConfig):
 
 def _lazy(module: str, function: str):
     """The task `module.function`, imported when it runs: --help and config errors stay fast."""
+
     def task(cfg: DictConfig):
         return getattr(importlib.import_module(module), function)(cfg)
+
     return task
 
 
@@ -134,8 +148,13 @@ def _first(text: str) -> str:
 def one_line(e: BaseException, app: str) -> str:
     """What went wrong and the fix, in one line, for any exception that reaches the boundary."""
     from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, InterpolationResolutionError,
-                                  MissingMandatoryValue, ValidationError)
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        InterpolationResolutionError,
+        MissingMandatoryValue,
+        ValidationError,
+    )
 
     from cnntrain import schema
     from cnntrain.errors import UserError
@@ -147,7 +166,9 @@ def one_line(e: BaseException, app: str) -> str:
     if isinstance(e, MissingConfigException) and e.missing_cfg_file:
         return _unknown_option(e)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
-        return str(schema.unknown_key(key, *schema.keys_of(app, key, getattr(cause, "object_type", None))))
+        return str(
+            schema.unknown_key(key, *schema.keys_of(app, key, getattr(cause, "object_type", None)))
+        )
     if isinstance(cause, ValidationError) and key:
         value = re.search(r"Value '(.*?)'", str(cause))
         return str(schema.type_error(app, key, value[1] if value else "?"))
@@ -156,14 +177,18 @@ def one_line(e: BaseException, app: str) -> str:
     if isinstance(cause, MissingMandatoryValue):
         return f"{key} is required (set {key}=...)"
     if isinstance(e, OverrideParseException):
-        return (f"cannot read the override {e.override!r} ({_first(e.message)}); write key=value, "
-                "and quote values with brackets or special characters for the shell")
+        return (
+            f"cannot read the override {e.override!r} ({_first(e.message)}); write key=value, "
+            "and quote values with brackets or special characters for the shell"
+        )
     if isinstance(e, OSError):
         return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
     if _is_user_error(e):
         return _first(e) + (f" ({_first(e.__cause__)})" if e.__cause__ is not None else "")
-    return (f"{type(e).__name__}: {_first(e)} (an unexpected failure: run again with debug=true "
-            "for the traceback and report it)")
+    return (
+        f"{type(e).__name__}: {_first(e)} (an unexpected failure: run again with debug=true "
+        "for the traceback and report it)"
+    )
 
 
 def _unknown_option(e) -> str:
@@ -232,7 +257,9 @@ def run_name(_root_=None) -> str:
     parts = [_select(_root_, "model.name"), _select(_root_, "data.name")]
     if any(p is not None for p in parts):
         return "_".join(_safe(p) for p in parts if p is not None and _safe(p))
-    return _safe(_ckpt_run_name(_select(_root_, "ckpt")) or _exported_run_name(_select(_root_, "exported")))
+    return _safe(
+        _ckpt_run_name(_select(_root_, "ckpt")) or _exported_run_name(_select(_root_, "exported"))
+    )
 
 
 def _default_run_dir(job: str, name: str = "") -> str:
@@ -240,15 +267,20 @@ def _default_run_dir(job: str, name: str = "") -> str:
     outputs/<job>/<date>/<time>_<name> for cnneval, cnnpredict, cnnviz and cnnexport (<name>:
     run_name); claimed by rundir.unique_dir."""
     when = datetime.fromtimestamp(_run_time())
-    return rundir.unique_dir(f"outputs/{'' if job == 'train' else job + '/'}{when:%Y-%m-%d}/"
-                             f"{when:%H-%M-%S}{'_' + name if name else ''}")
+    return rundir.unique_dir(
+        f"outputs/{'' if job == 'train' else job + '/'}{when:%Y-%m-%d}/"
+        f"{when:%H-%M-%S}{'_' + name if name else ''}"
+    )
 
 
 # Cached: Hydra copies the resolver cache into every job's config (also in joblib or SLURM
 # workers), so all jobs of a sweep resolve the same folder.
 OmegaConf.register_new_resolver(
-    "cnntrain.now", lambda pattern: datetime.fromtimestamp(_run_time()).strftime(pattern),
-    use_cache=True, replace=True)
+    "cnntrain.now",
+    lambda pattern: datetime.fromtimestamp(_run_time()).strftime(pattern),
+    use_cache=True,
+    replace=True,
+)
 OmegaConf.register_new_resolver("cnntrain.unique", rundir.unique_dir, use_cache=True, replace=True)
 # Defined once (hydra/default.yaml) and never merged over: OmegaConf evaluates an interpolation
 # that a later config merges into, and this one creates a folder.
@@ -261,7 +293,9 @@ def _keys_help(app: str, _root_) -> str:
     """--help's table of every key: its value in this composition and its meaning (schema)."""
     from cnntrain.schema import help_table
 
-    return help_table(app, _root_).replace("$", "$$")  # Hydra fills the help in as a string.Template
+    return help_table(app, _root_).replace(
+        "$", "$$"
+    )  # Hydra fills the help in as a string.Template
 
 
 def _groups_help(_root_) -> str:
@@ -272,8 +306,12 @@ def _groups_help(_root_) -> str:
     chosen = OmegaConf.select(_root_, "hydra.runtime.choices", default={}) or {}
     configs = files("cnntrain.configs")
     lines = []
-    for group in sorted(p.name for p in configs.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")):
-        options = sorted(p.name[:-5] for p in (configs / group).iterdir() if p.name.endswith(".yaml"))
+    for group in sorted(
+        p.name for p in configs.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")
+    ):
+        options = sorted(
+            p.name[:-5] for p in (configs / group).iterdir() if p.name.endswith(".yaml")
+        )
         now = chosen.get(group)
         lines.append(f"  {group}={now or '...'}: {', '.join(options)}")
     return "\n".join(lines)
@@ -295,7 +333,8 @@ def _exit() -> None:
 
 def _debug_asked() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1" or any(
-        re.fullmatch(r"\+*debug=(true|True|TRUE)", arg) for arg in sys.argv[1:])
+        re.fullmatch(r"\+*debug=(true|True|TRUE)", arg) for arg in sys.argv[1:]
+    )
 
 
 def _renamed(args: list[str], aliases: dict[str, str]) -> list[str]:
@@ -312,6 +351,7 @@ def _console_script(hydra_main, app: str, aliases: dict[str, str] | None = None)
     job failed. Under torchrun the ranks first join their process group; ranks > 0 log errors
     only. `aliases`: keys the command line may use for config keys whose own name Hydra reads
     otherwise (cnnpredict model=FILE.onnx: `model` is the name of a config group)."""
+
     def run() -> None:
         if aliases:
             sys.argv[1:] = _renamed(sys.argv[1:], aliases)
@@ -326,20 +366,27 @@ def _console_script(hydra_main, app: str, aliases: dict[str, str] | None = None)
         except KeyboardInterrupt:
             if debug or _job_debug:
                 raise
-            print("error: interrupted (Ctrl-C) before training started; nothing was saved",
-                  file=sys.stderr)
+            print(
+                "error: interrupted (Ctrl-C) before training started; nothing was saved",
+                file=sys.stderr,
+            )
             sys.exit(130)
         except Exception as e:
             if debug or _job_debug:
                 raise
-            if isinstance(e, OSError) and e.filename:  # Hydra creating the run folder or writing into it
-                message = (f"cannot use {e.filename} for this run ({e.strerror}); choose another "
-                           "hydra.run.dir= (or hydra.sweep.dir=)")
+            if (
+                isinstance(e, OSError) and e.filename
+            ):  # Hydra creating the run folder or writing into it
+                message = (
+                    f"cannot use {e.filename} for this run ({e.strerror}); choose another "
+                    "hydra.run.dir= (or hydra.sweep.dir=)"
+                )
             else:
                 message = one_line(e, app)
             print(f"error: {message}", file=sys.stderr)
             sys.exit(1)
         _exit()
+
     return run
 
 
@@ -348,9 +395,11 @@ def _distributed(hydra_main) -> None:
 
     distributed.init()
     if not distributed.is_main():
-        sys.argv += ["hydra.job_logging.root.level=ERROR",
-                     "hydra.job_logging.handlers.file.filename="
-                     f"${{hydra.runtime.output_dir}}/rank{distributed.rank()}.log"]
+        sys.argv += [
+            "hydra.job_logging.root.level=ERROR",
+            "hydra.job_logging.handlers.file.filename="
+            f"${{hydra.runtime.output_dir}}/rank{distributed.rank()}.log",
+        ]
     try:
         hydra_main()
     finally:

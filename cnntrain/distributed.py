@@ -3,6 +3,7 @@ CPU. torch.distributed does the work; this module only says who does what. Every
 its slice of each global batch, DDP averages the gradients, training and evaluation metrics are
 summed exactly over the ranks (no padded duplicates), and rank 0 alone logs, writes
 TensorBoard and saves checkpoints. Outside torchrun every function is a no-op."""
+
 from __future__ import annotations
 
 import io
@@ -127,7 +128,9 @@ def _first(fn, mine: bool):
         except UserError as e:
             error = e
     if any_rank(error is not None):
-        raise error or UserError(f"rank {rank()} stops: another rank failed (its error line says why)")
+        raise error or UserError(
+            f"rank {rank()} stops: another rank failed (its error line says why)"
+        )
     return value, mine
 
 

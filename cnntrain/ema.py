@@ -5,6 +5,7 @@ the first update copies the model, every later one is ema += (1 - decay) * (mode
 torch._foreach_lerp_ over all floating-point tensors. Hand-written because AveragedModel keeps
 its update count on the device and reads it (`n_averaged == 0`) at every update: a host-device
 sync per training step. Here the count is a host integer, so an update only queues kernels."""
+
 from __future__ import annotations
 
 import copy
@@ -32,7 +33,9 @@ class ModelEma:
         else:
             floats = [(e, c) for e, c in zip(ema, current) if e.is_floating_point()]
             if floats:
-                torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], 1.0 - self.decay)
+                torch._foreach_lerp_(
+                    [e for e, _ in floats], [c for _, c in floats], 1.0 - self.decay
+                )
             # integer buffers (BatchNorm's num_batches_tracked), as AveragedModel averages them
             for e, c in zip(ema, current):
                 if not e.is_floating_point():

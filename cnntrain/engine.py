@@ -2,6 +2,7 @@
 
 Metrics are summed on the device and read once per epoch: a `.item()` per batch would make
 the host wait for the GPU at every step."""
+
 from __future__ import annotations
 
 import itertools
@@ -20,6 +21,7 @@ from cnntrain import distributed
 from cnntrain.errors import UserError
 
 log = logging.getLogger("cnntrain")
+CPU = torch.device("cpu")
 
 # Off a terminal (a log file, a pipe, SLURM, CI) there is no bar: a progress line is logged
 # instead, every PROGRESS_EVERY_S seconds, and further apart in long epochs, so that an epoch
@@ -47,6 +49,7 @@ class EpochState:
     """The running sums of a training epoch (on the device) and how far it got. A mid-epoch
     checkpoint stores it, so that a resumed epoch continues from the next batch and ends with
     the numbers an uninterrupted one would have."""
+
     step: int = 0  # batches done
     loss_sum: torch.Tensor | float = 0.0
     correct: torch.Tensor | int = 0
@@ -72,14 +75,30 @@ class _Progress:
 
     CHECK_EVERY = 32
 
-    def __init__(self, loader, desc: str, enabled: bool, channels_last: bool, max_steps=None,
-                 start: int = 0, device: torch.device = torch.device("cpu"), first_n: int = 0,
-                 epochs_after: int | None = None, epoch_times=()):
+    def __init__(
+        self,
+        loader,
+        desc: str,
+        enabled: bool,
+        channels_last: bool,
+        max_steps=None,
+        start: int = 0,
+        device: torch.device = CPU,
+        first_n: int = 0,
+        epochs_after: int | None = None,
+        epoch_times=(),
+    ):
         total = min(len(loader), max_steps or len(loader))
         # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
-        self.bar = tqdm(itertools.islice(loader.iter_from(start), total - start), total=total,
-                        initial=start, desc=desc, leave=False, disable=None if enabled else True,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            itertools.islice(loader.iter_from(start), total - start),
+            total=total,
+            initial=start,
+            desc=desc,
+            leave=False,
+            disable=None if enabled else True,
+            dynamic_ncols=True,
+        )
         self.total, self.desc, self.channels_last = total, desc, channels_last
         self.every_step = device.type == "cpu"
         self.ranks = distributed.world_size() > 1
@@ -110,10 +129,12 @@ class _Progress:
             total = distributed.summed(loss)[0] if self.ranks else loss
             if not math.isfinite(total):
                 where = "step" if self.every_step else "by step"
-                raise UserError(f"training loss became {total} at {self.desc}, {where} {state.step} "
-                                f"(lr {lr:.4g}): the training diverged; stopped, the checkpoints "
-                                "of the last complete epoch are untouched (lower optim.lr, set "
-                                "grad_clip=, or on_nan=skip_batch)")
+                raise UserError(
+                    f"training loss became {total} at {self.desc}, {where} {state.step} "
+                    f"(lr {lr:.4g}): the training diverged; stopped, the checkpoints "
+                    "of the last complete epoch are untouched (lower optim.lr, set "
+                    "grad_clip=, or on_nan=skip_batch)"
+                )
         if due:  # the device was read just now: the bar's numbers or a progress line are free
             self.last = now
             n = max(state.n, 1)
@@ -150,18 +171,44 @@ class _Progress:
         self.last_line, self.lines = now, self.lines + 1
         img_s = (state.n - self.first_n) * distributed.world_size() / max(now - self.t0, 1e-9)
         run = f", run ETA {duration(run_left)}" if run_left is not None else ""
-        log.info("%s step %d/%d loss %.4f acc %.4f %.0f img/s, epoch ETA %s%s", self.desc,
-                 state.step, self.total, loss, acc, img_s, duration(epoch_left), run)
+        log.info(
+            "%s step %d/%d loss %.4f acc %.4f %.0f img/s, epoch ETA %s%s",
+            self.desc,
+            state.step,
+            self.total,
+            loss,
+            acc,
+            img_s,
+            duration(epoch_left),
+            run,
+        )
 
     def close(self):
         self.bar.close()
 
 
-def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: torch.device,
-                    scheduler=None, scaler=None, amp_dtype=None, channels_last: bool = False,
-                    grad_clip: float | None = None, max_steps: int | None = None, desc: str = "train",
-                    progress: bool = True, on_nan: str = "stop", state: EpochState | None = None,
-                    stop=None, ema=None, epochs_after: int | None = None, epoch_times=()) -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    criterion,
+    optimizer,
+    *,
+    device: torch.device,
+    scheduler=None,
+    scaler=None,
+    amp_dtype=None,
+    channels_last: bool = False,
+    grad_clip: float | None = None,
+    max_steps: int | None = None,
+    desc: str = "train",
+    progress: bool = True,
+    on_nan: str = "stop",
+    state: EpochState | None = None,
+    stop=None,
+    ema=None,
+    epochs_after: int | None = None,
+    epoch_times=(),
+) -> dict:
     """One pass over `loader` (or its first `max_steps` batches), continuing `state` (a resumed
     epoch) if given; `scheduler`, if given, is stepped after every batch. `stop()` is asked after
     every batch whether to end the epoch early (a signal). A non-finite loss stops training
@@ -179,8 +226,18 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
     state.loss_sum = torch.as_tensor(state.loss_sum, dtype=torch.float32, device=device)
     state.correct = torch.as_tensor(state.correct, dtype=torch.long, device=device)
     first, start = state.n, time.perf_counter()
-    bar = _Progress(loader, desc, progress, channels_last, max_steps, state.step, device,
-                    first_n=state.n, epochs_after=epochs_after, epoch_times=epoch_times)
+    bar = _Progress(
+        loader,
+        desc,
+        progress,
+        channels_last,
+        max_steps,
+        state.step,
+        device,
+        first_n=state.n,
+        epochs_after=epochs_after,
+        epoch_times=epoch_times,
+    )
     for x, target in bar:
         y = target if target.ndim == 1 else target.argmax(1)
         with autocast(device, amp_dtype):
@@ -216,17 +273,36 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, *, device: t
             break
     bar.close()
     bar.check(state, on_nan, final=True, lr=optimizer.param_groups[0]["lr"])  # waits for the device
-    loss_sum, correct, n, new = distributed.summed(state.loss_sum, state.correct, state.n, state.n - first)
-    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "state": state,
-            "loss_sum": loss_sum, "correct": int(correct), "n": int(n),  # over all ranks
-            "total": bar.total, "img_per_s": new / (time.perf_counter() - start)}
+    loss_sum, correct, n, new = distributed.summed(
+        state.loss_sum, state.correct, state.n, state.n - first
+    )
+    return {
+        "loss": loss_sum / max(n, 1),
+        "acc": correct / max(n, 1),
+        "state": state,
+        "loss_sum": loss_sum,
+        "correct": int(correct),
+        "n": int(n),  # over all ranks
+        "total": bar.total,
+        "img_per_s": new / (time.perf_counter() - start),
+    }
 
 
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, loader, *, device: torch.device, num_classes: int,
-                    amp_dtype=None, channels_last: bool = False, max_steps: int | None = None,
-                    keep_predictions: bool = False, desc: str = "eval", progress: bool = True,
-                    tta: str | None = None) -> dict:
+def evaluate_loader(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device,
+    num_classes: int,
+    amp_dtype=None,
+    channels_last: bool = False,
+    max_steps: int | None = None,
+    keep_predictions: bool = False,
+    desc: str = "eval",
+    progress: bool = True,
+    tta: str | None = None,
+) -> dict:
     """Cross-entropy loss, top-1, top-5 (None under 5 classes) and the confusion matrix
     (rows = true class, columns = predicted) over `loader` (or its first `max_steps` batches);
     with keep_predictions also each sample's "predicted" class, its "confidence" and "target".
@@ -244,9 +320,17 @@ def evaluate_loader(model: nn.Module, loader, *, device: torch.device, num_class
         top, lse = out.topk(k, 1), out.logsumexp(1)
         kept.append((top.indices, top.values[:, 0] - lse, lse - out.gather(1, y[:, None])[:, 0], y))
     bar.close()
-    parts = ([torch.cat(p) for p in zip(*kept)] if kept else  # a rank's chunk may be empty
-             [torch.empty(0, k, dtype=torch.long, device=device), torch.empty(0, device=device),
-              torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device)])
+    parts = (
+        [torch.cat(p) for p in zip(*kept)]
+        if kept
+        # a rank's chunk may be empty
+        else [
+            torch.empty(0, k, dtype=torch.long, device=device),
+            torch.empty(0, device=device),
+            torch.empty(0, device=device),
+            torch.empty(0, dtype=torch.long, device=device),
+        ]
+    )
     top, log_confidence, loss, target = distributed.gather_cat(parts)
     if not len(target):
         raise UserError(f"{desc}: no images to evaluate")
@@ -254,9 +338,15 @@ def evaluate_loader(model: nn.Module, loader, *, device: torch.device, num_class
     confusion = torch.bincount(target * num_classes + predicted, minlength=num_classes**2)
     confusion = confusion.view(num_classes, num_classes).cpu()
     n = len(target)
-    result = {"loss": loss.sum().item() / n, "acc": confusion.diag().sum().item() / n,
-              "top5": (top == target[:, None]).any(1).sum().item() / n if num_classes >= 5 else None,
-              "confusion": confusion, "num_samples": n}
+    result = {
+        "loss": loss.sum().item() / n,
+        "acc": confusion.diag().sum().item() / n,
+        "top5": (top == target[:, None]).any(1).sum().item() / n if num_classes >= 5 else None,
+        "confusion": confusion,
+        "num_samples": n,
+    }
     if keep_predictions:
-        result.update(confidence=log_confidence.exp().cpu(), predicted=predicted.cpu(), target=target.cpu())
+        result.update(
+            confidence=log_confidence.exp().cpu(), predicted=predicted.cpu(), target=target.cpu()
+        )
     return result

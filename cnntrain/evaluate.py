@@ -1,4 +1,5 @@
 """`evaluate(cfg)`: the test-accuracy report of a checkpoint (cnneval)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,10 +15,16 @@ from cnntrain.engine import evaluate_loader
 from cnntrain.errors import UserError
 from cnntrain.inference import checkpoint_split, model_from_checkpoint, trained_config
 from cnntrain.logs import log_outputs
-from cnntrain.report import (build_report, format_report, write_comparison, write_figures,
-                             write_predictions, write_report)
-from cnntrain.runtime import amp_dtype, channels_last, select_device
+from cnntrain.report import (
+    build_report,
+    format_report,
+    write_comparison,
+    write_figures,
+    write_predictions,
+    write_report,
+)
 from cnntrain.rundir import fresh_run
+from cnntrain.runtime import amp_dtype, channels_last, select_device
 from cnntrain.schema import check
 from cnntrain.train import run_dir_from_hydra
 
@@ -34,12 +41,16 @@ def checkpoint_paths(ckpt) -> list[Path]:
         if path.is_dir():
             found = sorted(path.rglob("checkpoints/best.pt"))
             if not found:
-                raise UserError(f"no checkpoints/best.pt under {path}; pass ckpt= a .pt file or a run folder")
+                raise UserError(
+                    f"no checkpoints/best.pt under {path}; pass ckpt= a .pt file or a run folder"
+                )
             paths += found
         else:
             paths.append(require_file(path))  # before the run folder is claimed
     if not paths:
-        raise UserError("ckpt=[] names no checkpoint; give a .pt file, a run folder or a list of them")
+        raise UserError(
+            "ckpt=[] names no checkpoint; give a .pt file, a run folder or a list of them"
+        )
     return paths
 
 
@@ -60,7 +71,9 @@ def _evaluate(cfg: DictConfig, paths: list[Path], run_dir: Path) -> dict | list[
         return evaluate_checkpoint(cfg, paths[0], run_dir, verbose=True)
     reports = []
     runs = [path.parent.parent.name for path in paths]
-    unique = len(set(runs)) == len(runs)  # a sweep's jobs (0_lenet5_mnist, ...) are already told apart
+    unique = len(set(runs)) == len(
+        runs
+    )  # a sweep's jobs (0_lenet5_mnist, ...) are already told apart
     for i, (path, run) in enumerate(zip(paths, runs)):
         folder = run_dir / (run if unique else f"{i}_{run}")
         reports.append(evaluate_checkpoint(cfg, path, folder, verbose=False))
@@ -74,19 +87,39 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
     ckpt = load_checkpoint(path)
     trained = trained_config(ckpt, path)
     device = select_device(cfg.device)
-    data, loader = checkpoint_split(trained, ckpt["classes"], cfg.data, cfg.split, device,
-                                    f"try split={'val' if cfg.split == 'test' else 'test'}")
+    data, loader = checkpoint_split(
+        trained,
+        ckpt["classes"],
+        cfg.data,
+        cfg.split,
+        device,
+        f"try split={'val' if cfg.split == 'test' else 'test'}",
+    )
     model = model_from_checkpoint(ckpt, trained, path, device)
     dtype = amp_dtype(cfg.amp, device)
     # the layout training evaluated in, so that the same device gives the same numbers
     nhwc = channels_last(trained.get("channels_last", False), device, dtype)
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
-    result = evaluate_loader(model, loader, device=device, num_classes=len(data.classes),
-                             desc=cfg.split, amp_dtype=dtype, channels_last=nhwc,
-                             keep_predictions=True, tta=cfg.get("tta"))
-    report = build_report(result, classes=data.classes, split=cfg.split, dataset=trained.data.name,
-                          model=trained.model.name, checkpoint=path.resolve())
+    result = evaluate_loader(
+        model,
+        loader,
+        device=device,
+        num_classes=len(data.classes),
+        desc=cfg.split,
+        amp_dtype=dtype,
+        channels_last=nhwc,
+        keep_predictions=True,
+        tta=cfg.get("tta"),
+    )
+    report = build_report(
+        result,
+        classes=data.classes,
+        split=cfg.split,
+        dataset=trained.data.name,
+        model=trained.model.name,
+        checkpoint=path.resolve(),
+    )
     if not distributed.is_main():
         return report
     if verbose:

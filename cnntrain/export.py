@@ -11,6 +11,7 @@ its own runtime (onnxruntime, torch.jit.load, torch.export.load) and run on real
 outputs are compared with cnntrain's eager predictions on the same pixels. Only when every
 requested format agrees within `atol` (and on the top-1 class of every image) are the files
 renamed into place, each with a JSON sidecar of its metadata; otherwise nothing is kept."""
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,16 @@ from cnntrain.text import markdown_table
 
 log = logging.getLogger("cnntrain")
 
-FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported_program": "model.pt2"}
-RUNTIMES = {"onnx": "onnxruntime", "torchscript": "torch.jit.load", "exported_program": "torch.export.load"}
+FILES = {
+    "onnx": "model.onnx",
+    "torchscript": "model.torchscript.pt",
+    "exported_program": "model.pt2",
+}
+RUNTIMES = {
+    "onnx": "onnxruntime",
+    "torchscript": "torch.jit.load",
+    "exported_program": "torch.export.load",
+}
 METADATA_ENTRY = "cnntrain.json"  # the metadata's name inside TorchScript and .pt2 archives
 INPUT_NAME = "images"
 EXTRA = ("onnx", "onnxscript", "onnxruntime")  # what torch's ONNX exporter and its check need
@@ -54,8 +63,16 @@ class Deployable(nn.Module):
     input="float") -> the model's logits (probabilities with softmax=True). The normalization
     is cnntrain's (data.augment.Normalize): x * 1 / (255 std) - mean / std, in float32."""
 
-    def __init__(self, model: nn.Module, mean, std, *, layout: str = "nchw", input: str = "uint8",
-                 softmax: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        mean,
+        std,
+        *,
+        layout: str = "nchw",
+        input: str = "uint8",
+        softmax: bool = False,
+    ):
         super().__init__()
         self.model = model.eval()
         self.nhwc, self.softmax = layout == "nhwc", bool(softmax)
@@ -101,8 +118,10 @@ def checkpoint_results(path: Path) -> dict:
     if not isinstance(found, dict) or Path(str(found.get("checkpoint", ""))).name != path.name:
         found = {}
     acc, images = found.get("test_acc"), found.get("test_images")
-    return {"test_acc": float(acc) if isinstance(acc, (int, float)) else None,
-            "test_images": int(images) if isinstance(images, int) else None}
+    return {
+        "test_acc": float(acc) if isinstance(acc, (int, float)) else None,
+        "test_images": int(images) if isinstance(images, int) else None,
+    }
 
 
 def _version() -> str | None:
@@ -114,8 +133,9 @@ def _version() -> str | None:
         return None
 
 
-def metadata(ckpt: dict, trained: DictConfig, path: Path, *, layout: str, input: str,
-             softmax: bool) -> dict:
+def metadata(
+    ckpt: dict, trained: DictConfig, path: Path, *, layout: str, input: str, softmax: bool
+) -> dict:
     """What a deployment needs to feed the exported model and read its output, and where it
     comes from; plain JSON types only."""
     from cnntrain.data import storage_size
@@ -131,7 +151,9 @@ def metadata(ckpt: dict, trained: DictConfig, path: Path, *, layout: str, input:
         "channels": channels,
         "layout": layout,
         "input_name": INPUT_NAME,
-        "input_shape": ["batch", channels, size, size] if layout == "nchw" else ["batch", size, size, channels],
+        "input_shape": ["batch", channels, size, size]
+        if layout == "nchw"
+        else ["batch", size, size, channels],
         "input_dtype": "uint8" if input == "uint8" else "float32",
         "input_range": [0, 255] if input == "uint8" else [0, 1],
         # new images: shorter side resized to this, then the central image_size square (cnnpredict)
@@ -159,17 +181,24 @@ def require_extra(what: str = "format=onnx", modules=EXTRA) -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise UserError(f"{what} needs {', '.join(missing)}, not installed here: "
-                        'pip install "cnntrain[export]"')
+        raise UserError(
+            f'{what} needs {", ".join(missing)}, not installed here: pip install "cnntrain[export]"'
+        )
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
     """torch's dynamo-based ONNX exporter (torch.export, then onnxscript's translation and
     optimizer); metadata as ONNX metadata_props, each value JSON-encoded."""
     with _quiet("onnxscript", "onnx_ir"):  # the optimizer's progress lines
-        program = torch.onnx.export(module, (example,), dynamo=True, verbose=False,
-                                    input_names=[INPUT_NAME], output_names=[meta["output_name"]],
-                                    dynamic_shapes=_dynamic_batch())
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            verbose=False,
+            input_names=[INPUT_NAME],
+            output_names=[meta["output_name"]],
+            dynamic_shapes=_dynamic_batch(),
+        )
     program.model.metadata_props.update({k: json.dumps(v) for k, v in meta.items()})
     program.save(str(path), external_data=False)
 
@@ -181,7 +210,9 @@ def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, met
     torch.jit.save(traced, str(path), _extra_files={METADATA_ENTRY: json.dumps(meta)})
 
 
-def export_exported_program(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
+def export_exported_program(
+    module: nn.Module, example: torch.Tensor, path: Path, meta: dict
+) -> None:
     """torch.export.export with a dynamic batch, saved with torch.export.save; metadata as its
     extra file cnntrain.json."""
     program = torch.export.export(module, (example,), dynamic_shapes=_dynamic_batch())
@@ -201,8 +232,11 @@ def _quiet(*loggers: str):
             logging.getLogger(name).setLevel(level)
 
 
-EXPORTERS: dict[str, Callable] = {"onnx": export_onnx, "torchscript": export_torchscript,
-                                  "exported_program": export_exported_program}
+EXPORTERS: dict[str, Callable] = {
+    "onnx": export_onnx,
+    "torchscript": export_torchscript,
+    "exported_program": export_exported_program,
+}
 
 
 def _json_values(items) -> dict:
@@ -234,6 +268,7 @@ def load_onnx(path: Path, *, threads: int | None = None, spinning: bool = True):
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
     return run, _json_values(session.get_modelmeta().custom_metadata_map.items())
 
 
@@ -255,11 +290,15 @@ def _no_grad(module) -> Callable:
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return module(x)
+
     return run
 
 
-LOADERS: dict[str, Callable] = {"onnx": load_onnx, "torchscript": load_torchscript,
-                                "exported_program": load_exported_program}
+LOADERS: dict[str, Callable] = {
+    "onnx": load_onnx,
+    "torchscript": load_torchscript,
+    "exported_program": load_exported_program,
+}
 
 
 # what an exported file's metadata may say: anything else is a crafted or damaged file
@@ -267,8 +306,11 @@ LAYOUTS, INPUT_DTYPES, OUTPUTS = ("nchw", "nhwc"), ("uint8", "float32"), ("logit
 MAX_IMAGE_SIZE = 4096  # pixels a side; beyond it decoding a batch would exhaust memory
 
 
-def checked_metadata(meta: dict, path: Path, required=("classes", "image_size", "channels", "layout",
-                                                       "input_dtype", "output")) -> dict:
+def checked_metadata(
+    meta: dict,
+    path: Path,
+    required=("classes", "image_size", "channels", "layout", "input_dtype", "output"),
+) -> dict:
     """An exported file's metadata, each key cnnpredict reads checked as the data it is (a file
     can be crafted to hold anything): the `required` keys there, classes a list of distinct
     names, sizes whole numbers in range, channels 1 or 3, mean/std finite with std > 0, layout,
@@ -280,14 +322,19 @@ def checked_metadata(meta: dict, path: Path, required=("classes", "image_size", 
 
     def refuse(key: str, want: str):
         shown = repr(meta.get(key))
-        raise UserError(f"{path}: its metadata {key}={shown[:80]}{'...' if len(shown) > 80 else ''} is not "
-                        f"{want}; {fix}")
+        raise UserError(
+            f"{path}: its metadata {key}={shown[:80]}{'...' if len(shown) > 80 else ''} is not "
+            f"{want}; {fix}"
+        )
 
     classes = meta["classes"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         refuse("classes", "a non-empty list of class names (strings)")
     if len(set(classes)) < len(classes):
-        refuse("classes", f"a list of distinct names ({next(c for c in classes if classes.count(c) > 1)!r} repeats)")
+        refuse(
+            "classes",
+            f"a list of distinct names ({next(c for c in classes if classes.count(c) > 1)!r} repeats)",
+        )
     for key in ("image_size", "resize"):  # resize: the shorter side before the central crop
         low = 1 if key == "image_size" else meta["image_size"]
         value = meta.get(key)
@@ -298,9 +345,17 @@ def checked_metadata(meta: dict, path: Path, required=("classes", "image_size", 
         refuse("channels", "1 or 3")
     for key in ("mean", "std"):
         value = meta.get(key, [1.0] * meta["channels"])
-        if (not isinstance(value, list) or len(value) != meta["channels"] or not all(_finite(v) for v in value)
-                or key == "std" and not all(v > 0 for v in value)):
-            refuse(key, f"a list of {meta['channels']} finite number(s){' > 0' if key == 'std' else ''}")
+        if (
+            not isinstance(value, list)
+            or len(value) != meta["channels"]
+            or not all(_finite(v) for v in value)
+            or key == "std"
+            and not all(v > 0 for v in value)
+        ):
+            refuse(
+                key,
+                f"a list of {meta['channels']} finite number(s){' > 0' if key == 'std' else ''}",
+            )
     for key, known in (("layout", LAYOUTS), ("input_dtype", INPUT_DTYPES), ("output", OUTPUTS)):
         if meta[key] not in known or not isinstance(meta[key], str):
             refuse(key, f"one of {', '.join(known)}")
@@ -332,7 +387,9 @@ def export_reason(e: BaseException) -> str:
     op = re.search(r"OpOverload\(op='([^']+)'", text)
     if op:
         text = re.sub(r"<OpOverload\(op='[^']+'[^>]*>", f"operator {op[1]}", text)
-    first = next((line.strip() for line in str(inner).splitlines() if line.strip()), type(inner).__name__)
+    first = next(
+        (line.strip() for line in str(inner).splitlines() if line.strip()), type(inner).__name__
+    )
     text = text if op else first
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)
     return f"{type(inner).__name__}: {text[:300]}"
@@ -345,9 +402,15 @@ def compare(expected: torch.Tensor, got: torch.Tensor, atol: float) -> dict:
     class is within `atol` of its best (a tie at the tolerance)."""
     expected, got = expected.float(), got.float()
     if got.shape != expected.shape:
-        return {"images": len(expected), "max_abs_diff": None, "top1_agree": 0, "top1_agreement": 0.0,
-                "ties": 0, "passed": False, "problem": f"output shape {tuple(got.shape)}, expected "
-                                                      f"{tuple(expected.shape)}"}
+        return {
+            "images": len(expected),
+            "max_abs_diff": None,
+            "top1_agree": 0,
+            "top1_agreement": 0.0,
+            "ties": 0,
+            "passed": False,
+            "problem": f"output shape {tuple(got.shape)}, expected {tuple(expected.shape)}",
+        }
     diff = (got - expected).abs()
     finite = bool(torch.isfinite(got).all())
     max_diff = float(diff.max()) if diff.numel() and finite else (0.0 if finite else None)
@@ -356,9 +419,14 @@ def compare(expected: torch.Tensor, got: torch.Tensor, atol: float) -> dict:
     tie = expected.gather(1, top_g[:, None])[:, 0] >= expected.max(1).values - atol
     ties = int((~agree & tie).sum())
     passed = finite and max_diff <= atol and ties == int((~agree).sum())
-    out = {"images": len(expected), "max_abs_diff": max_diff, "top1_agree": int(agree.sum()),
-           "top1_agreement": float(agree.float().mean()) if len(agree) else 1.0, "ties": ties,
-           "passed": passed}
+    out = {
+        "images": len(expected),
+        "max_abs_diff": max_diff,
+        "top1_agree": int(agree.sum()),
+        "top1_agreement": float(agree.float().mean()) if len(agree) else 1.0,
+        "ties": ties,
+        "passed": passed,
+    }
     if not finite:
         out["problem"] = "non-finite outputs"
     return out
@@ -366,8 +434,12 @@ def compare(expected: torch.Tensor, got: torch.Tensor, atol: float) -> dict:
 
 def run_batched(run: Callable, pixels: torch.Tensor, layout: str, input: str) -> torch.Tensor:
     """`run` (an exported model) on uint8 (N, C, S, S) pixels, CHUNK at a time."""
-    return torch.cat([run(graph_input(pixels[i:i + CHUNK], layout, input)).float()
-                      for i in range(0, len(pixels), CHUNK)])
+    return torch.cat(
+        [
+            run(graph_input(pixels[i : i + CHUNK], layout, input)).float()
+            for i in range(0, len(pixels), CHUNK)
+        ]
+    )
 
 
 def eager_outputs(model: nn.Module, mean, std, pixels: torch.Tensor, softmax: bool) -> torch.Tensor:
@@ -376,7 +448,9 @@ def eager_outputs(model: nn.Module, mean, std, pixels: torch.Tensor, softmax: bo
 
     normalize = Normalize(list(mean), list(std), "cpu")
     with torch.inference_mode():
-        out = torch.cat([model(normalize(pixels[i:i + CHUNK])).float() for i in range(0, len(pixels), CHUNK)])
+        out = torch.cat(
+            [model(normalize(pixels[i : i + CHUNK])).float() for i in range(0, len(pixels), CHUNK)]
+        )
     return out.softmax(1) if softmax else out
 
 
@@ -389,8 +463,16 @@ def _median_s(fn: Callable, x, *, min_runs: int, min_s: float, max_runs: int = 1
     return statistics.median(times)
 
 
-def benchmark(runners: dict[str, Callable], pixels: torch.Tensor, layout: str, input: str, *,
-              batch: int = 64, rounds: int = 5, round_s: float = 0.2) -> dict:
+def benchmark(
+    runners: dict[str, Callable],
+    pixels: torch.Tensor,
+    layout: str,
+    input: str,
+    *,
+    batch: int = 64,
+    rounds: int = 5,
+    round_s: float = 0.2,
+) -> dict:
     """Per runner: median latency of one image (ms) and throughput at batch `batch` (img/s), on
     these pixels (repeated to fill the batch). The runners take turns, `rounds` rounds of at
     least `round_s` s each per batch size, and each result is the median of its rounds: a burst
@@ -405,14 +487,20 @@ def benchmark(runners: dict[str, Callable], pixels: torch.Tensor, layout: str, i
         for name, run in runners.items():
             latency[name].append(_median_s(run, one, min_runs=3, min_s=round_s))
             per_batch[name].append(_median_s(run, many, min_runs=1, min_s=round_s))
-    return {name: {"latency_ms_b1": statistics.median(latency[name]) * 1000,
-                   f"throughput_b{batch}": batch / statistics.median(per_batch[name])} for name in runners}
+    return {
+        name: {
+            "latency_ms_b1": statistics.median(latency[name]) * 1000,
+            f"throughput_b{batch}": batch / statistics.median(per_batch[name]),
+        }
+        for name in runners
+    }
 
 
 def eager_runner(module: nn.Module) -> Callable:
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return module(x)
+
     return run
 
 
@@ -421,7 +509,9 @@ def formats_of(value) -> list[str]:
     """format= as a list without repeats (the schema checked each name)."""
     items = [value] if isinstance(value, str) else list(value)
     if not items:
-        raise UserError(f"format=[] names no format; give one or more of {', '.join(EXPORT_FORMATS)}")
+        raise UserError(
+            f"format=[] names no format; give one or more of {', '.join(EXPORT_FORMATS)}"
+        )
     return list(dict.fromkeys(str(f) for f in items))
 
 
@@ -454,8 +544,12 @@ def verification_pixels(cfg: DictConfig, trained: DictConfig, classes: list[str]
     size = int(data.image_size)
     if files is not None:
         decode = Decode(len(data.mean), size, storage_size(data, size, trained.get("aug")))
-        return {"pixels": decode.decoded(files).clone(), "labels": None,
-                "names": [str(f) for f in files], "source": f"{len(files)} image file(s) of inputs="}
+        return {
+            "pixels": decode.decoded(files).clone(),
+            "labels": None,
+            "names": [str(f) for f in files],
+            "source": f"{len(files)} image file(s) of inputs=",
+        }
     fix = "or check the export on image files: inputs=..."
     try:
         _, loader = checkpoint_split(trained, classes, cfg.data, "test", torch.device("cpu"), fix)
@@ -464,9 +558,13 @@ def verification_pixels(cfg: DictConfig, trained: DictConfig, classes: list[str]
     n = loader.num_samples
     k = min(int(cfg.verify_images), n)
     picks = torch.arange(k) * n // k  # evenly spaced: a class-sorted split gives every class
-    return {"pixels": loader.pixels(picks), "labels": loader.labels[picks].cpu(),
-            "names": [loader.sample_name(int(i)) for i in picks],
-            "source": f"{k} of the {n} test images of {data.name}" + (" (evenly spaced)" if k < n else "")}
+    return {
+        "pixels": loader.pixels(picks),
+        "labels": loader.labels[picks].cpu(),
+        "names": [loader.sample_name(int(i)) for i in picks],
+        "source": f"{k} of the {n} test images of {data.name}"
+        + (" (evenly spaced)" if k < n else ""),
+    }
 
 
 def _export(cfg: DictConfig, path: Path, formats: list[str], files, run_dir: Path) -> dict:
@@ -479,9 +577,19 @@ def _export(cfg: DictConfig, path: Path, formats: list[str], files, run_dir: Pat
     model = model_from_checkpoint(ckpt, trained, path, torch.device("cpu"))
     options = dict(layout=cfg.layout, input=cfg.input)
     meta = metadata(ckpt, trained, path, softmax=cfg.softmax, **options)
-    log.info("exporting %s (%s on %s, epoch %s) as %s: %s %s %s -> %s of %d classes", shown(path),
-             meta["model"], meta["dataset"], meta["epoch"], ", ".join(formats), meta["input_dtype"],
-             cfg.layout.upper(), "x".join(map(str, meta["input_shape"])), meta["output"], len(classes))
+    log.info(
+        "exporting %s (%s on %s, epoch %s) as %s: %s %s %s -> %s of %d classes",
+        shown(path),
+        meta["model"],
+        meta["dataset"],
+        meta["epoch"],
+        ", ".join(formats),
+        meta["input_dtype"],
+        cfg.layout.upper(),
+        "x".join(map(str, meta["input_shape"])),
+        meta["output"],
+        len(classes),
+    )
     sample = verification_pixels(cfg, trained, classes, files)
     pixels = sample["pixels"]
     expected = eager_outputs(model, meta["mean"], meta["std"], pixels, cfg.softmax)
@@ -491,23 +599,31 @@ def _export(cfg: DictConfig, path: Path, formats: list[str], files, run_dir: Pat
     log.info("%s", line)
     module = Deployable(model, meta["mean"], meta["std"], softmax=cfg.softmax, **options)
     module.requires_grad_(False)
-    example = graph_input(pixels[torch.arange(2) % len(pixels)], **options)  # batch 2: the batch stays dynamic
+    example = graph_input(
+        pixels[torch.arange(2) % len(pixels)], **options
+    )  # batch 2: the batch stays dynamic
     temps: dict[str, Path] = {}
     results: dict[str, dict] = {}
     runners: dict[str, Callable] = {}
     try:
         for fmt in formats:
             temps[fmt] = _temp_path(run_dir / FILES[fmt])
-            results[fmt], runners[fmt] = _export_one(fmt, module, example, temps[fmt], meta, pixels,
-                                                     expected, cfg.atol, **options)
+            results[fmt], runners[fmt] = _export_one(
+                fmt, module, example, temps[fmt], meta, pixels, expected, cfg.atol, **options
+            )
         bench = None
         if cfg.benchmark:
             log.info("benchmark: eager PyTorch and %s, taking turns", ", ".join(formats))
-            if "onnx" in runners:  # onnxruntime's idle threads must not spin on the cores the next runtime times
+            if (
+                "onnx" in runners
+            ):  # onnxruntime's idle threads must not spin on the cores the next runtime times
                 runners["onnx"] = load_onnx(temps["onnx"], spinning=False)[0]
             bench = benchmark({"eager": eager_runner(module), **runners}, pixels, **options)
-            bench.update(torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                         load_average=[round(x, 2) for x in os.getloadavg()])
+            bench.update(
+                torch_threads=torch.get_num_threads(),
+                cpu_count=os.cpu_count(),
+                load_average=[round(x, 2) for x in os.getloadavg()],
+            )
         for fmt in formats:  # every format passed: now they are kept
             _commit(temps.pop(fmt), run_dir / FILES[fmt])
             with atomic_write(run_dir / f"{FILES[fmt]}.json") as f:
@@ -515,17 +631,30 @@ def _export(cfg: DictConfig, path: Path, formats: list[str], files, run_dir: Pat
     finally:
         for temp in temps.values():
             temp.unlink(missing_ok=True)
-    report = {"checkpoint": str(path.resolve()), "model": meta["model"], "dataset": meta["dataset"],
-              "metadata": meta, "atol": float(cfg.atol), "verified_on": sample["source"],
-              "samples": sample["names"], "formats": results, "benchmark": bench}
+    report = {
+        "checkpoint": str(path.resolve()),
+        "model": meta["model"],
+        "dataset": meta["dataset"],
+        "metadata": meta,
+        "atol": float(cfg.atol),
+        "verified_on": sample["source"],
+        "samples": sample["names"],
+        "formats": results,
+        "benchmark": bench,
+    }
     with atomic_write(run_dir / "export.json") as f:
         json.dump(report, f, indent=2)
     print(format_table(results, bench), flush=True)
     if bench:
         busy = bench["load_average"][0] > bench["cpu_count"] + 0.5
-        log.info("benchmark on %d CPU core(s), %d torch thread(s), onnxruntime one per core; load "
-                 "average %.1f%s", bench["cpu_count"], bench["torch_threads"], bench["load_average"][0],
-                 ": other processes shared the CPU, the timings are noisy" if busy else "")
+        log.info(
+            "benchmark on %d CPU core(s), %d torch thread(s), onnxruntime one per core; load "
+            "average %.1f%s",
+            bench["cpu_count"],
+            bench["torch_threads"],
+            bench["load_average"][0],
+            ": other processes shared the CPU, the timings are noisy" if busy else "",
+        )
     commands = []
     if "onnx" in formats:
         commands.append(f"cnnpredict model={shown(run_dir / FILES['onnx'])} inputs=<your images>")
@@ -533,9 +662,19 @@ def _export(cfg: DictConfig, path: Path, formats: list[str], files, run_dir: Pat
     return report
 
 
-def _export_one(fmt: str, module: nn.Module, example: torch.Tensor, temp: Path, meta: dict,
-                pixels: torch.Tensor, expected: torch.Tensor, atol: float, *, layout: str,
-                input: str) -> tuple[dict, Callable]:
+def _export_one(
+    fmt: str,
+    module: nn.Module,
+    example: torch.Tensor,
+    temp: Path,
+    meta: dict,
+    pixels: torch.Tensor,
+    expected: torch.Tensor,
+    atol: float,
+    *,
+    layout: str,
+    input: str,
+) -> tuple[dict, Callable]:
     """One format: exported to `temp`, loaded back from it by its runtime and compared with
     cnntrain's outputs `expected` on `pixels`. A failure is one UserError."""
     others = " or ".join(f"format={f}" for f in EXPORT_FORMATS if f != fmt)
@@ -550,8 +689,9 @@ def _export_one(fmt: str, module: nn.Module, example: torch.Tensor, temp: Path, 
         error = os_error(e)
         if error is not None:
             raise write_error(temp.parent / FILES[fmt], error) from None
-        raise UserError(f"model {meta['model']} cannot be exported to {fmt} ({export_reason(e)}); "
-                        f"try {others}") from None
+        raise UserError(
+            f"model {meta['model']} cannot be exported to {fmt} ({export_reason(e)}); try {others}"
+        ) from None
     seconds = time.perf_counter() - start
     try:
         run, stored = LOADERS[fmt](temp)
@@ -559,27 +699,49 @@ def _export_one(fmt: str, module: nn.Module, example: torch.Tensor, temp: Path, 
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"the {fmt} export of {meta['model']} does not run under {RUNTIMES[fmt]} "
-                        f"({export_reason(e)}); try {others}") from None
-    result = {"file": FILES[fmt], "bytes": temp.stat().st_size, "export_s": round(seconds, 3),
-              "runtime": RUNTIMES[fmt], **compare(expected, got, atol)}
+        raise UserError(
+            f"the {fmt} export of {meta['model']} does not run under {RUNTIMES[fmt]} "
+            f"({export_reason(e)}); try {others}"
+        ) from None
+    result = {
+        "file": FILES[fmt],
+        "bytes": temp.stat().st_size,
+        "export_s": round(seconds, 3),
+        "runtime": RUNTIMES[fmt],
+        **compare(expected, got, atol),
+    }
     written = {"format": fmt, **meta}
     if {key: stored.get(key) for key in written} != written:
         result.update(passed=False, problem="its embedded metadata does not read back")
     diff = "n/a" if result["max_abs_diff"] is None else f"{result['max_abs_diff']:.3g}"
-    log.info("%s: %s exported in %.1f s (%.1f MB); %s on %d images vs cnntrain: max abs %s "
-             "difference %s (atol %g), top-1 agrees on %d/%d%s", fmt, FILES[fmt], seconds,
-             result["bytes"] / 1e6, RUNTIMES[fmt], result["images"],
-             "logit" if meta["output"] == "logits" else "probability", diff, atol, result["top1_agree"],
-             result["images"], f" ({result['ties']} tie(s) within atol)" if result["ties"] else "")
+    log.info(
+        "%s: %s exported in %.1f s (%.1f MB); %s on %d images vs cnntrain: max abs %s "
+        "difference %s (atol %g), top-1 agrees on %d/%d%s",
+        fmt,
+        FILES[fmt],
+        seconds,
+        result["bytes"] / 1e6,
+        RUNTIMES[fmt],
+        result["images"],
+        "logit" if meta["output"] == "logits" else "probability",
+        diff,
+        atol,
+        result["top1_agree"],
+        result["images"],
+        f" ({result['ties']} tie(s) within atol)" if result["ties"] else "",
+    )
     if not result["passed"]:
         why = result.get("problem") or (
-            f"max abs difference {diff} > atol={atol:g}" if result["max_abs_diff"] > atol else
-            f"top-1 differs on {result['images'] - result['top1_agree'] - result['ties']} of "
-            f"{result['images']} images")
-        raise UserError(f"the {fmt} export of {meta['model']} does not match cnntrain's predictions "
-                        f"on {result['images']} images ({why}); nothing was kept. Try {others}, or "
-                        "atol= if the difference is acceptable")
+            f"max abs difference {diff} > atol={atol:g}"
+            if result["max_abs_diff"] > atol
+            else f"top-1 differs on {result['images'] - result['top1_agree'] - result['ties']} of "
+            f"{result['images']} images"
+        )
+        raise UserError(
+            f"the {fmt} export of {meta['model']} does not match cnntrain's predictions "
+            f"on {result['images']} images ({why}); nothing was kept. Try {others}, or "
+            "atol= if the difference is acceptable"
+        )
     return result, run
 
 
@@ -587,7 +749,9 @@ def _temp_path(final: Path) -> Path:
     """A fresh hidden temp name beside `final`, with its extension (torch.export.save wants
     .pt2), which the exporter writes to."""
     try:
-        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=f".tmp{final.suffix}")
+        fd, name = tempfile.mkstemp(
+            dir=final.parent, prefix=f".{final.name}.", suffix=f".tmp{final.suffix}"
+        )
     except OSError as e:
         raise write_error(final, e) from None
     os.close(fd)
@@ -613,15 +777,32 @@ def format_table(results: dict, bench: dict | None) -> str:
     if bench:
         header += ["latency b1 (ms)", "throughput b64 (img/s)", "vs eager"]
         eager = bench["eager"]
-        rows.append(["eager PyTorch", "-", "-", "-", "-", f"{eager['latency_ms_b1']:.2f}",
-                     f"{eager['throughput_b64']:.0f}", "1.00x"])
+        rows.append(
+            [
+                "eager PyTorch",
+                "-",
+                "-",
+                "-",
+                "-",
+                f"{eager['latency_ms_b1']:.2f}",
+                f"{eager['throughput_b64']:.0f}",
+                "1.00x",
+            ]
+        )
     for fmt, r in results.items():
-        row = [fmt, r["file"], f"{r['bytes'] / 1e6:.1f}",
-               "n/a" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}",
-               f"{r['top1_agree']}/{r['images']} ({100 * r['top1_agreement']:.1f} %)"]
+        row = [
+            fmt,
+            r["file"],
+            f"{r['bytes'] / 1e6:.1f}",
+            "n/a" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}",
+            f"{r['top1_agree']}/{r['images']} ({100 * r['top1_agreement']:.1f} %)",
+        ]
         if bench:
             b = bench[fmt]
-            row += [f"{b['latency_ms_b1']:.2f}", f"{b['throughput_b64']:.0f}",
-                    f"{b['throughput_b64'] / bench['eager']['throughput_b64']:.2f}x"]
+            row += [
+                f"{b['latency_ms_b1']:.2f}",
+                f"{b['throughput_b64']:.0f}",
+                f"{b['throughput_b64'] / bench['eager']['throughput_b64']:.2f}x",
+            ]
         rows.append(row)
     return markdown_table(header, rows)

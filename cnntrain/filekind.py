@@ -1,6 +1,7 @@
 """What a file handed to a tool is, told from its metadata and first bytes alone (nothing in it
 is run or unpickled), so that a refusal can say "is a TorchScript model" or "is a FIFO" rather
 than "truncated" or "not found". Used for ckpt=/resume= (checkpoint.py) and cnnpredict model=."""
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,23 @@ from pathlib import Path
 from cnntrain.errors import UserError
 
 # stat's file types other than a regular file, as a sentence names them
-SPECIAL = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+SPECIAL = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 # ONNX is a protobuf ModelProto: field 1 (ir_version, a small varint), then producer_name (2),
 # producer_version (3), domain (4), graph (7) or opset_import (8)
 ONNX_HEAD = re.compile(rb"\x08[\x01-\x7f][\x12\x1a\x22\x3a\x42]")
 MAX_EMBEDDED_JSON = 1 << 20  # cnnexport's metadata is a few kB; a larger entry is not ours
 
-EXPORTED = {"torchscript": "a TorchScript model (cnnexport format=torchscript)",
-            "exported_program": "a torch.export ExportedProgram (cnnexport format=exported_program)",
-            "onnx": "an ONNX model (cnnexport format=onnx)"}
+EXPORTED = {
+    "torchscript": "a TorchScript model (cnnexport format=torchscript)",
+    "exported_program": "a torch.export ExportedProgram (cnnexport format=exported_program)",
+    "onnx": "an ONNX model (cnnexport format=onnx)",
+}
 
 
 def require_regular(path: Path, what: str, fix: str) -> Path:
@@ -100,8 +108,10 @@ def exported_from(path: Path) -> str | None:
 
 
 def resave_hint(path: Path) -> str:
-    return (f"only if you trust the file, re-save it with the default protocol: python -c "
-            f"\"import torch; p = {str(path)!r}; torch.save(torch.load(p, weights_only=False), p)\"")
+    return (
+        f"only if you trust the file, re-save it with the default protocol: python -c "
+        f'"import torch; p = {str(path)!r}; torch.save(torch.load(p, weights_only=False), p)"'
+    )
 
 
 def not_a_checkpoint(path: Path) -> str | None:
@@ -118,6 +128,8 @@ def not_a_checkpoint(path: Path) -> str | None:
     if kind == "zip":
         return "is a zip archive but not a PyTorch checkpoint (it has no data.pkl); use another checkpoint"
     if kind in ("torch", "pickle") and detail is not None and detail > 3:
-        return (f"was saved with pickle protocol {detail} (torch.save(..., pickle_protocol={detail})), "
-                f"which the safe loader torch.load(weights_only=True) cannot read; {resave_hint(path)}")
+        return (
+            f"was saved with pickle protocol {detail} (torch.save(..., pickle_protocol={detail})), "
+            f"which the safe loader torch.load(weights_only=True) cannot read; {resave_hint(path)}"
+        )
     return None

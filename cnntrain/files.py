@@ -2,6 +2,7 @@
 temp file in the same folder, flushed, fsynced and renamed over the final name (os.replace),
 so a crash, `kill -9` or a full disk leaves the previous file whole or no file, never a
 truncated one. A failed write is one UserError naming the file, with no temp file left."""
+
 from __future__ import annotations
 
 import errno
@@ -21,8 +22,13 @@ STALE_TEMP_S = 60.0
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", what: str = "",
-                 setting: str = "hydra.run.dir=", **open_kwargs):
+def atomic_write(
+    path: str | os.PathLike,
+    mode: str = "w",
+    what: str = "",
+    setting: str = "hydra.run.dir=",
+    **open_kwargs,
+):
     """`with atomic_write(path, "wb") as f: ...`: the file appears under `path` only once the
     block has finished without an exception. `what` names the kind of file in errors, `setting`
     the key that chooses where it goes."""
@@ -49,8 +55,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", what: str = "",
     _remove_stale_temps(path, started - STALE_TEMP_S)
 
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
 
 
 def irregular(path: str | os.PathLike) -> str | None:
@@ -85,7 +96,9 @@ def os_error(e: BaseException | None) -> OSError | None:
     return e
 
 
-def write_error(path: Path, error: OSError, what: str = "", setting: str = "hydra.run.dir=") -> UserError:
+def write_error(
+    path: Path, error: OSError, what: str = "", setting: str = "hydra.run.dir="
+) -> UserError:
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         why = f"disk full; free space or choose another {setting}"
     else:

@@ -1,5 +1,6 @@
 """What cnnpredict and cnnviz share: a checkpoint's model rebuilt for inference, the image files
 an `inputs=` names, and any image turned into the input the checkpoint's model was trained on."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -9,14 +10,25 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from cnntrain.checkpoint import load_checkpoint
 from cnntrain.errors import UserError
 from cnntrain.files import irregular
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+)
 
 
 def load_trained_model(ckpt_path, device: torch.device) -> tuple[nn.Module, DictConfig, list[str]]:
@@ -38,19 +50,33 @@ def trained_config(ckpt: dict, path: Path) -> DictConfig:
     trained = validated(ckpt["config"], path)
     data = trained.data
     if not isinstance(data.image_size, int) or not data.mean or not data.std:
-        raise UserError(f"{path}: its config lacks data.image_size/mean/std; it was not written by "
-                        "this version of cnntrain")
+        raise UserError(
+            f"{path}: its config lacks data.image_size/mean/std; it was not written by "
+            "this version of cnntrain"
+        )
     classes = ckpt["classes"]
-    if not isinstance(classes, list) or not classes or len(set(map(str, classes))) != len(classes) \
-            or not all(isinstance(c, str) and c for c in classes):
-        raise UserError(f"{path}: its classes are not a list of distinct names ({str(classes)[:80]}); "
-                        "it was not written by cnntrain, or it was altered")
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or len(set(map(str, classes))) != len(classes)
+        or not all(isinstance(c, str) and c for c in classes)
+    ):
+        raise UserError(
+            f"{path}: its classes are not a list of distinct names ({str(classes)[:80]}); "
+            "it was not written by cnntrain, or it was altered"
+        )
     trained.model.pretrained = None
     return trained
 
 
-def checkpoint_split(trained: DictConfig, classes: list[str], overrides: DictConfig, split: str,
-                     device: torch.device, fix: str):
+def checkpoint_split(
+    trained: DictConfig,
+    classes: list[str],
+    overrides: DictConfig,
+    split: str,
+    device: torch.device,
+    fix: str,
+):
     """(Data, loader) of `split` of a checkpoint's dataset, built as its training run built it
     (its aug decides how image folders were stored), with the non-null `overrides` (the tool's
     data.* keys: where the data is now, batch size, ...) applied. Data without that split, or
@@ -60,24 +86,36 @@ def checkpoint_split(trained: DictConfig, classes: list[str], overrides: DictCon
     for key, value in overrides.items():
         if value is not None:
             trained.data[key] = value
-    data = build_data(trained.data, trained.get("aug"), device=device, seed=trained.seed,
-                      splits=(split,), evaluation=True)
+    data = build_data(
+        trained.data,
+        trained.get("aug"),
+        device=device,
+        seed=trained.seed,
+        splits=(split,),
+        evaluation=True,
+    )
     loader = data.loaders.get(split)
     if loader is None or loader.num_samples == 0:
         raise UserError(f"{trained.data.name} at {trained.data.root} has no {split} split ({fix})")
     if data.classes != classes:
-        raise UserError(f"the data's classes differ from the checkpoint's: checkpoint {classes} "
-                        f"({len(classes)}), data {data.classes} ({len(data.classes)}); point "
-                        "data.root= at the dataset it was trained on")
+        raise UserError(
+            f"the data's classes differ from the checkpoint's: checkpoint {classes} "
+            f"({len(classes)}), data {data.classes} ({len(data.classes)}); point "
+            "data.root= at the dataset it was trained on"
+        )
     return data, loader
 
 
-def model_from_checkpoint(ckpt: dict, trained: DictConfig, path: Path, device: torch.device) -> nn.Module:
+def model_from_checkpoint(
+    ckpt: dict, trained: DictConfig, path: Path, device: torch.device
+) -> nn.Module:
     """The model of `trained` with the checkpoint's weights, in eval mode on `device`."""
     from cnntrain.train import build_model  # imports the model zoo: only when a model is needed
 
     data = trained.data
-    model, _ = build_model(trained.model, len(data.mean), len(ckpt["classes"]), int(data.image_size), device)
+    model, _ = build_model(
+        trained.model, len(data.mean), len(ckpt["classes"]), int(data.image_size), device
+    )
     weights = ckpt["model"]
     if not hasattr(weights, "_metadata"):
         # written before checkpoints kept module versions: the layout is this very architecture's
@@ -87,8 +125,9 @@ def model_from_checkpoint(ckpt: dict, trained: DictConfig, path: Path, device: t
     try:
         model.load_state_dict(weights)
     except (RuntimeError, ValueError) as e:
-        raise UserError(f"{path}: weights do not fit model {trained.model.name} "
-                        f"({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"{path}: weights do not fit model {trained.model.name} ({str(e).splitlines()[0]})"
+        ) from None
     return model.eval()
 
 
@@ -104,8 +143,10 @@ def _is_image(path: Path) -> bool:
 
 
 def _not_regular(path: Path, kind: str) -> UserError:
-    return UserError(f"inputs: {path} is not a regular file ({kind}); give image files (remove it, "
-                     "or leave it out of inputs=)")
+    return UserError(
+        f"inputs: {path} is not a regular file ({kind}); give image files (remove it, "
+        "or leave it out of inputs=)"
+    )
 
 
 def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
@@ -114,7 +155,9 @@ def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
         return not parts
     if pattern[0] == "**":
         return any(_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(pattern[1:], parts[1:])
+    return (
+        bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(pattern[1:], parts[1:])
+    )
 
 
 def _walk_images(top: Path, pattern: tuple[str, ...] | None = None) -> list[Path]:
@@ -125,9 +168,15 @@ def _walk_images(top: Path, pattern: tuple[str, ...] | None = None) -> list[Path
     from cnntrain.data.folder import walk_files
 
     files, seen, loops = [], set(), []
-    for path, real, _ in walk_files(str(top), lambda name: name.lower().endswith(IMAGE_EXTENSIONS), loops):
+    for path, real, _ in walk_files(
+        str(top), lambda name: name.lower().endswith(IMAGE_EXTENSIONS), loops
+    ):
         p = Path(path)
-        if real not in seen and _is_image(p) and (pattern is None or _match(pattern, p.relative_to(top).parts)):
+        if (
+            real not in seen
+            and _is_image(p)
+            and (pattern is None or _match(pattern, p.relative_to(top).parts))
+        ):
             seen.add(real)
             files.append(p)
     return sorted(files)
@@ -157,9 +206,11 @@ def find_images(inputs) -> list[Path]:
         else:
             files += _glob(os.path.expanduser(str(item)))
     if not files:
-        raise UserError(f"no images found for inputs={', '.join(map(str, items))} (give an image "
-                        "file, a folder or a quoted glob like 'dir/**/*.png'; "
-                        f"extensions {' '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(
+            f"no images found for inputs={', '.join(map(str, items))} (give an image "
+            "file, a folder or a quoted glob like 'dir/**/*.png'; "
+            f"extensions {' '.join(IMAGE_EXTENSIONS)})"
+        )
     return files
 
 
@@ -176,7 +227,9 @@ class Decode:
     def _center(self, pixels: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
 
-        return pixels if self.stored == self.size else TF.center_crop(pixels, [self.size, self.size])
+        return (
+            pixels if self.stored == self.size else TF.center_crop(pixels, [self.size, self.size])
+        )
 
     def pixels(self, path: Path) -> torch.Tensor:
         """uint8 (C, S, S) pixels of one file, decoded as image folders are (data.cache.decode);
@@ -199,8 +252,14 @@ class Decode:
         root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
         root = root if os.path.isdir(root) else os.path.dirname(root)
         split = FolderSplit(root, ["inputs"], paths, [0] * len(paths))
-        cached = load_split(split, size=self.stored, channels=1 if self.mode == "L" else 3,
-                            cache_dir=default_cache_dir(), fix="remove it from inputs=", prune=False)
+        cached = load_split(
+            split,
+            size=self.stored,
+            channels=1 if self.mode == "L" else 3,
+            cache_dir=default_cache_dir(),
+            fix="remove it from inputs=",
+            prune=False,
+        )
         return self._center(cached.pixels())
 
 

@@ -1,5 +1,6 @@
 """Where log records go: INFO to stdout, warnings and errors to stderr, everything to the run's
 log file, which is opened only once the run has claimed its folder (see rundir)."""
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,11 @@ def outputs(folder: str | os.PathLike, *, skip=()) -> list[str]:
         if entry.name.startswith(".") or entry.name in skip:
             continue
         if entry.is_dir() and entry.name == "checkpoints":
-            found += [f"checkpoints/{p.name}" for p in sorted(entry.iterdir()) if not p.name.startswith(".")]
+            found += [
+                f"checkpoints/{p.name}"
+                for p in sorted(entry.iterdir())
+                if not p.name.startswith(".")
+            ]
         else:
             found.append(entry.name + ("/" if entry.is_dir() else ""))
     return found

@@ -1,6 +1,7 @@
 """Optimizer and LR-schedule factories over the `optim` and `sched` configs (timm style): the
 class comes from the option's name in a fixed table, never from a class path in the config
 (Hydra's `instantiate` would import whatever a stored config names; see stored.py)."""
+
 from __future__ import annotations
 
 import functools
@@ -16,9 +17,13 @@ from cnntrain.errors import UserError
 
 # optim=<name> and sched=<name> (schema.OPTIMIZER_NAMES / SCHEDULE_NAMES declare the same names)
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-SCHEDULES = {"cosine": lr_scheduler.CosineAnnealingLR, "step": lr_scheduler.StepLR,
-             "multistep": lr_scheduler.MultiStepLR, "onecycle": lr_scheduler.OneCycleLR,
-             "none": lr_scheduler.ConstantLR}
+SCHEDULES = {
+    "cosine": lr_scheduler.CosineAnnealingLR,
+    "step": lr_scheduler.StepLR,
+    "multistep": lr_scheduler.MultiStepLR,
+    "onecycle": lr_scheduler.OneCycleLR,
+    "none": lr_scheduler.ConstantLR,
+}
 
 
 def create_optimizer(cfg: DictConfig, model: nn.Module) -> Optimizer:
@@ -41,8 +46,11 @@ def _fused_available(cls: type, params: list) -> bool:
     """One kernel launch for all parameters instead of several per parameter: on the GPU the
     fastest update (PyTorch's own advice), and measurably faster on the CPU too (LeNet-5 SGD
     step: 7 %, scripts/bench.py). Torch has fused SGD/Adam/AdamW for float CUDA and CPU tensors."""
-    return ("fused" in inspect.signature(cls).parameters and bool(params)
-            and all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params))
+    return (
+        "fused" in inspect.signature(cls).parameters
+        and bool(params)
+        and all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in params)
+    )
 
 
 def create_scheduler(cfg: DictConfig, optimizer: Optimizer, *, epochs: int, steps_per_epoch: int):
@@ -56,15 +64,18 @@ def create_scheduler(cfg: DictConfig, optimizer: Optimizer, *, epochs: int, step
     per_epoch = steps_per_epoch if interval == "step" else 1
     total, warmup = epochs * per_epoch, round(warmup_epochs * per_epoch)
     if warmup >= total and warmup > 0:  # the schema checks epochs; this is the rounded step count
-        raise UserError(f"sched.warmup_epochs={warmup_epochs} leaves nothing of epochs={epochs}; lower it")
+        raise UserError(
+            f"sched.warmup_epochs={warmup_epochs} leaves nothing of epochs={epochs}; lower it"
+        )
     if name == "onecycle":
         kwargs["total_steps"] = kwargs.get("total_steps") or total
         kwargs["max_lr"] = kwargs.get("max_lr") or [g["lr"] for g in optimizer.param_groups]
     if "T_max" in kwargs and kwargs["T_max"] is None:
         kwargs["T_max"] = total - warmup
     if "milestones" in kwargs:  # fractions of the run, or epochs
-        kwargs["milestones"] = [round((m * epochs if m < 1 else m) * per_epoch) - warmup
-                                for m in kwargs["milestones"]]
+        kwargs["milestones"] = [
+            round((m * epochs if m < 1 else m) * per_epoch) - warmup for m in kwargs["milestones"]
+        ]
     main = _construct("sched", functools.partial(SCHEDULES[name], **kwargs), optimizer)
     if warmup:
         warm = lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)

@@ -1,5 +1,6 @@
 """`predict(cfg)`: the top-k classes of image files under a checkpoint, or under an ONNX file
 written by cnnexport, run by onnxruntime alone (cnnpredict)."""
+
 from __future__ import annotations
 
 import csv
@@ -13,13 +14,14 @@ from omegaconf import DictConfig
 from cnntrain.errors import UserError
 from cnntrain.files import atomic_write
 from cnntrain.inference import Decode, Preprocess, find_images, load_trained_model
-from cnntrain.runtime import select_device
 from cnntrain.rundir import fresh_run
+from cnntrain.runtime import select_device
 from cnntrain.schema import check
 from cnntrain.text import markdown_table
 from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
+
 
 def predict(cfg: DictConfig, run_dir: str | Path | None = None) -> list[dict]:
     """One dict per image: {"file", "top": [(class, probability), ...]} (best first); printed
@@ -27,8 +29,10 @@ def predict(cfg: DictConfig, run_dir: str | Path | None = None) -> list[dict]:
     check(cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
     if (cfg.ckpt is None) == (cfg.exported is None):
-        raise UserError(f"give exactly one of ckpt= (a checkpoint written by cnntrain) and model= (an "
-                        f"ONNX file written by cnnexport); {'both were' if cfg.ckpt else 'neither was'} given")
+        raise UserError(
+            f"give exactly one of ckpt= (a checkpoint written by cnntrain) and model= (an "
+            f"ONNX file written by cnnexport); {'both were' if cfg.ckpt else 'neither was'} given"
+        )
     if cfg.exported is not None:
         from cnntrain.export import require_extra
 
@@ -48,10 +52,12 @@ def _predict(cfg: DictConfig, files: list[Path], run_dir: Path) -> list[dict]:
     results = []
     pixels = decode.decoded(files)
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        top = probabilities(pixels[start:start + batch_size]).topk(k, dim=1)
+        chunk = files[start : start + batch_size]
+        top = probabilities(pixels[start : start + batch_size]).topk(k, dim=1)
         for path, probs, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
-            results.append({"file": str(path), "top": [(classes[i], p) for i, p in zip(indices, probs)]})
+            results.append(
+                {"file": str(path), "top": [(classes[i], p) for i, p in zip(indices, probs)]}
+            )
     write_predictions_csv(results, run_dir / "predictions.csv")
     print(format_predictions(results), flush=True)
     log.info("%d images, predictions written to %s", len(results), run_dir / "predictions.csv")
@@ -66,6 +72,7 @@ def _checkpoint(ckpt, device: torch.device) -> tuple[list[str], Decode, Callable
     def probabilities(pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return model(prep(pixels)).float().softmax(1).cpu()
+
     return classes, prep, probabilities
 
 
@@ -82,8 +89,10 @@ def _exported(file) -> tuple[list[str], Decode, Callable]:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{path} cannot be read by onnxruntime ({_reason(e)}); pass an .onnx file "
-                        "written by cnnexport") from None
+        raise UserError(
+            f"{path} cannot be read by onnxruntime ({_reason(e)}); pass an .onnx file "
+            "written by cnnexport"
+        ) from None
     meta = checked_metadata(meta, path)
     classes, size = meta["classes"], meta["image_size"]
     decode = Decode(meta["channels"], size, meta.get("resize") or size)
@@ -94,13 +103,18 @@ def _exported(file) -> tuple[list[str], Decode, Callable]:
         try:
             out = run(x).float()
         except Exception as e:  # a graph that does not take what its metadata describes
-            raise UserError(f"{path}: onnxruntime cannot run it on {tuple(x.shape)} {meta['input_dtype']} "
-                            f"images, as its metadata describes ({_reason(e)}); export the checkpoint "
-                            "again with cnnexport") from None
+            raise UserError(
+                f"{path}: onnxruntime cannot run it on {tuple(x.shape)} {meta['input_dtype']} "
+                f"images, as its metadata describes ({_reason(e)}); export the checkpoint "
+                "again with cnnexport"
+            ) from None
         if out.dim() != 2 or out.shape[1] != len(classes):
-            raise UserError(f"{path}: its graph gives outputs of shape {tuple(out.shape)} but its metadata "
-                            f"lists {len(classes)} classes; export the checkpoint again with cnnexport")
+            raise UserError(
+                f"{path}: its graph gives outputs of shape {tuple(out.shape)} but its metadata "
+                f"lists {len(classes)} classes; export the checkpoint again with cnnexport"
+            )
         return out if meta["output"] == "probabilities" else out.softmax(1)
+
     return list(classes), decode, probabilities
 
 
@@ -108,22 +122,34 @@ def _onnx_file(path: Path) -> Path:
     """`path` if it can be an ONNX file; a checkpoint or another export format is named."""
     from cnntrain.filekind import EXPORTED, identify, require_regular
 
-    require_regular(path, "exported model", "pass model= an .onnx file written by cnnexport, e.g. "
-                    "outputs/export/<date>/<time>_<run>/model.onnx")
+    require_regular(
+        path,
+        "exported model",
+        "pass model= an .onnx file written by cnnexport, e.g. "
+        "outputs/export/<date>/<time>_<run>/model.onnx",
+    )
     kind, _ = identify(path)
     if kind in ("torchscript", "exported_program"):
-        raise UserError(f"model={path} is {EXPORTED[kind]}: cnnpredict model= runs only ONNX files "
-                        "(cnnexport format=onnx); export one, or predict with ckpt= the checkpoint")
+        raise UserError(
+            f"model={path} is {EXPORTED[kind]}: cnnpredict model= runs only ONNX files "
+            "(cnnexport format=onnx); export one, or predict with ckpt= the checkpoint"
+        )
     if kind in ("torch", "pickle"):
-        raise UserError(f"model={path} is a PyTorch checkpoint, not an exported model; pass it as ckpt=")
+        raise UserError(
+            f"model={path} is a PyTorch checkpoint, not an exported model; pass it as ckpt="
+        )
     if kind != "onnx" and path.suffix.lower() != ".onnx":
-        raise UserError(f"model={path}: cnnpredict runs ONNX files (.onnx) written by cnnexport; "
-                        "for a checkpoint use ckpt=")
+        raise UserError(
+            f"model={path}: cnnpredict runs ONNX files (.onnx) written by cnnexport; "
+            "for a checkpoint use ckpt="
+        )
     return path
 
 
 def _reason(e: BaseException) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[
+        :200
+    ]
 
 
 def write_predictions_csv(results: list[dict], path: Path) -> None:

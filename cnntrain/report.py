@@ -1,5 +1,6 @@
 """The cnneval report: per-class metrics from the confusion matrix, a console table,
 report.json and report.md."""
+
 from __future__ import annotations
 
 import json
@@ -19,37 +20,65 @@ def per_class_metrics(confusion: torch.Tensor, classes: list[str]) -> list[dict]
     recall = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
     precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
     denom = precision + recall
-    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), torch.zeros_like(tp))
+    f1 = torch.where(
+        denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), torch.zeros_like(tp)
+    )
     # a class's accuracy is the fraction of its images classified correctly (= recall)
-    return [{"name": name, "support": int(support[i]), "accuracy": float(recall[i]),
-             "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i])}
-            for i, name in enumerate(classes)]
+    return [
+        {
+            "name": name,
+            "support": int(support[i]),
+            "accuracy": float(recall[i]),
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+        }
+        for i, name in enumerate(classes)
+    ]
 
 
 def build_report(result: dict, *, classes, split, dataset, model, checkpoint) -> dict:
     return {
-        "top1": result["acc"], "top5": result["top5"], "loss": result["loss"],
-        "num_samples": result["num_samples"], "split": split, "dataset": dataset, "model": model,
-        "checkpoint": str(checkpoint), "classes": list(classes),
+        "top1": result["acc"],
+        "top5": result["top5"],
+        "loss": result["loss"],
+        "num_samples": result["num_samples"],
+        "split": split,
+        "dataset": dataset,
+        "model": model,
+        "checkpoint": str(checkpoint),
+        "classes": list(classes),
         "per_class": per_class_metrics(result["confusion"], classes),
         "confusion_matrix": result["confusion"].tolist(),
     }
 
 
 def _table(report: dict) -> str:
-    rows = [[r["name"], r["support"], *(f"{r[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1"))]
-            for r in report["per_class"]]
-    return markdown_table(["class", "support", "accuracy", "precision", "recall", "f1"], rows, align="lrrrrr")
+    rows = [
+        [
+            r["name"],
+            r["support"],
+            *(f"{r[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1")),
+        ]
+        for r in report["per_class"]
+    ]
+    return markdown_table(
+        ["class", "support", "accuracy", "precision", "recall", "f1"], rows, align="lrrrrr"
+    )
 
 
 def _summary(report: dict) -> str:
     top5 = "n/a (< 5 classes)" if report["top5"] is None else f"{report['top5']:.4f}"
-    return (f"top1 {report['top1']:.4f}  top5 {top5}  loss {report['loss']:.4f}  "
-            f"({report['num_samples']} {report['split']} images)")
+    return (
+        f"top1 {report['top1']:.4f}  top5 {top5}  loss {report['loss']:.4f}  "
+        f"({report['num_samples']} {report['split']} images)"
+    )
 
 
 def format_report(report: dict) -> str:
-    head = f"{report['model']} on {report['dataset']} ({report['split']}) from {report['checkpoint']}"
+    head = (
+        f"{report['model']} on {report['dataset']} ({report['split']}) from {report['checkpoint']}"
+    )
     return "\n".join([visible(head), _summary(report), _table(report)])
 
 
@@ -57,11 +86,25 @@ def write_report(report: dict, folder: Path) -> None:
     folder = Path(folder)
     write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
     classes = report["classes"]
-    confusion = markdown_table(["true \\ predicted", *classes], [[name, *row] for name, row in
-                               zip(classes, report["confusion_matrix"])], align="l" + "r" * len(classes), pad=False)
-    md = [f"# Evaluation: {md_cell(report['model'])} on {md_cell(report['dataset'])} ({md_cell(report['split'])})",
-          "", f"Checkpoint: {md_code(report['checkpoint'])}", "", _summary(report), "", _table(report), "",
-          "## Confusion matrix (rows = true, columns = predicted)", "", confusion]
+    confusion = markdown_table(
+        ["true \\ predicted", *classes],
+        [[name, *row] for name, row in zip(classes, report["confusion_matrix"])],
+        align="l" + "r" * len(classes),
+        pad=False,
+    )
+    md = [
+        f"# Evaluation: {md_cell(report['model'])} on {md_cell(report['dataset'])} ({md_cell(report['split'])})",
+        "",
+        f"Checkpoint: {md_code(report['checkpoint'])}",
+        "",
+        _summary(report),
+        "",
+        _table(report),
+        "",
+        "## Confusion matrix (rows = true, columns = predicted)",
+        "",
+        confusion,
+    ]
     write_text(folder / "report.md", "\n".join(md) + "\n")
 
 
@@ -72,8 +115,13 @@ def write_predictions(result: dict, loader, classes, folder: Path) -> None:
     with atomic_write(Path(folder) / "predictions.csv", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["sample", "true", "predicted", "confidence"])
-        for i, (t, p, c) in enumerate(zip(result["target"].tolist(), result["predicted"].tolist(),
-                                          result["confidence"].tolist())):
+        for i, (t, p, c) in enumerate(
+            zip(
+                result["target"].tolist(),
+                result["predicted"].tolist(),
+                result["confidence"].tolist(),
+            )
+        ):
             writer.writerow([loader.sample_name(i), classes[t], classes[p], f"{c:.4f}"])
 
 
@@ -94,15 +142,24 @@ def confusion_figure(confusion: torch.Tensor, classes: list[str], title: str):
     size = min(4 + 0.45 * k, 20)
     fig, ax = plt.subplots(figsize=(size, size))
     im = ax.imshow(normalized.numpy(), cmap="Blues", vmin=0, vmax=1)
-    labels = [plot_text(c) for c in classes] if k <= 40 else []  # beyond that the names are unreadable anyway
+    labels = (
+        [plot_text(c) for c in classes] if k <= 40 else []
+    )  # beyond that the names are unreadable anyway
     ax.set_xticks(range(len(labels)), labels, rotation=90)
     ax.set_yticks(range(len(labels)), labels)
     if k <= 20:
         for i in range(k):
             for j in range(k):
                 v = normalized[i, j].item()
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if v > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v > 0.5 else "black",
+                )
     ax.set(xlabel="predicted", ylabel="true", title=plot_text(title))
     fig.colorbar(im, fraction=0.046)
     fig.tight_layout()
@@ -115,8 +172,9 @@ def samples_figure(loader, indices: list[int], titles: list[str], title: str, co
     rows = max(1, -(-len(indices) // cols))
     # constrained layout reserves room for each two-line caption above its image (with
     # tight_layout the second row's captions ran into the first row's images)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.75 * rows + 0.4), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.4 * cols, 2.75 * rows + 0.4), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, i, caption in zip(axes.flat, indices, titles):
@@ -130,8 +188,11 @@ def samples_figure(loader, indices: list[int], titles: list[str], title: str, co
 
 
 def prediction_captions(result: dict, classes: list[str], indices: list[int]) -> list[str]:
-    return [f"true: {plot_text(classes[result['target'][i]])}\npred: {plot_text(classes[result['predicted'][i]])} "
-            f"({result['confidence'][i]:.2f})" for i in indices]
+    return [
+        f"true: {plot_text(classes[result['target'][i]])}\npred: {plot_text(classes[result['predicted'][i]])} "
+        f"({result['confidence'][i]:.2f})"
+        for i in indices
+    ]
 
 
 def per_class_figure(report: dict):
@@ -142,11 +203,19 @@ def per_class_figure(report: dict):
     bars = ax.bar(range(len(classes)), [c["accuracy"] for c in report["per_class"]])
     # beyond 20 bars horizontal values would run into each other
     ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2, rotation=0 if len(classes) <= 20 else 90)
-    labels = [plot_text(c) for c in classes] if len(classes) <= 40 else []  # beyond that unreadable anyway
+    labels = (
+        [plot_text(c) for c in classes] if len(classes) <= 40 else []
+    )  # beyond that unreadable anyway
     ax.set_xticks(range(len(labels)), labels, rotation=90)
-    ax.set(ylim=(0, 1.15), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1], ylabel="accuracy",  # room for labels over 1.0
-           title=plot_text(f"Accuracy per class: {report['model']} on {report['dataset']} "
-                           f"({report['split']}), top-1 {report['top1']:.4f}"))
+    ax.set(
+        ylim=(0, 1.15),
+        yticks=[0, 0.2, 0.4, 0.6, 0.8, 1],
+        ylabel="accuracy",  # room for labels over 1.0
+        title=plot_text(
+            f"Accuracy per class: {report['model']} on {report['dataset']} "
+            f"({report['split']}), top-1 {report['top1']:.4f}"
+        ),
+    )
     return fig
 
 
@@ -155,15 +224,18 @@ def write_figures(report: dict, result: dict, loader, folder: Path, max_mistakes
     with true and predicted labels)."""
     plt = _pyplot()
     folder, classes = Path(folder), report["classes"]
-    title = f"{report['model']} on {report['dataset']} ({report['split']}): top-1 {report['top1']:.4f}"
+    title = (
+        f"{report['model']} on {report['dataset']} ({report['split']}): top-1 {report['top1']:.4f}"
+    )
     figures = {"confusion_matrix.png": confusion_figure(result["confusion"], classes, title)}
 
     figures["per_class.png"] = per_class_figure(report)
 
     wrong = (result["predicted"] != result["target"]).nonzero().flatten()
     wrong = wrong[result["confidence"][wrong].argsort(descending=True)][:max_mistakes].tolist()
-    figures["misclassified.png"] = samples_figure(loader, wrong, prediction_captions(result, classes, wrong),
-                                                  "most confident mistakes")
+    figures["misclassified.png"] = samples_figure(
+        loader, wrong, prediction_captions(result, classes, wrong), "most confident mistakes"
+    )
     for name, fig in figures.items():
         save_figure(fig, folder / name, dpi=100)
         plt.close(fig)
@@ -180,7 +252,10 @@ def write_comparison(reports: list[dict], folder: Path) -> str:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
+
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
+
     table = markdown_table(cols, [[cell(r[c]) for c in cols] for r in rows], pad=False)
     write_text(Path(folder) / "comparison.md", f"# Checkpoint comparison\n\n{table}\n")
     return table

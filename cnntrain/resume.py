@@ -10,17 +10,48 @@ with the new one:
   reached.
 The aug sections of other kinds of data than the run's (aug.natural of an MNIST run) are not
 compared: the run never applies them."""
+
 from __future__ import annotations
 
 from cnntrain.errors import UserError
 
-FREE = ("name", "device", "amp", "amp_dtype", "channels_last", "compile", "sync_batchnorm", "deterministic",
-        "debug", "resume", "resume_allow_changes", "on_nan", "max_eval_steps", "summary",
-        "optimized_metric", "data.root", "data.download", "data.num_workers", "data.skip_bad_images",
-        "data.cache_dir", "data.memory_budget_gb",
-        "checkpoint", "early_stop", "optim.fused")
-FIXED = ("model", "data.name", "data.image_size", "data.channels", "data.mean", "data.std", "data.val_split",
-         "optim.name", "ema")
+FREE = (
+    "name",
+    "device",
+    "amp",
+    "amp_dtype",
+    "channels_last",
+    "compile",
+    "sync_batchnorm",
+    "deterministic",
+    "debug",
+    "resume",
+    "resume_allow_changes",
+    "on_nan",
+    "max_eval_steps",
+    "summary",
+    "optimized_metric",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "data.skip_bad_images",
+    "data.cache_dir",
+    "data.memory_budget_gb",
+    "checkpoint",
+    "early_stop",
+    "optim.fused",
+)
+FIXED = (
+    "model",
+    "data.name",
+    "data.image_size",
+    "data.channels",
+    "data.mean",
+    "data.std",
+    "data.val_split",
+    "optim.name",
+    "ema",
+)
 SCHEDULE = ("epochs", "optim.lr", "sched", "data.batch_size", "max_steps_per_epoch")
 # the batches of an epoch: they cannot change in the middle of one
 STEPS = ("data.batch_size", "max_steps_per_epoch")
@@ -36,14 +67,20 @@ def check_allowed_changes(keys: list[str]) -> None:
 
     for key in keys:
         if key.rsplit(".", 1)[-1] not in declared_keys("train", key):
-            raise UserError(f"resume_allow_changes=[{key}]: {key} is not a key of the config "
-                            "(e.g. epochs, optim.lr, data.batch_size, sched)")
+            raise UserError(
+                f"resume_allow_changes=[{key}]: {key} is not a key of the config "
+                "(e.g. epochs, optim.lr, data.batch_size, sched)"
+            )
         if _under(key, FIXED):
-            raise UserError(f"resume_allow_changes=[{key}]: {key} can never change when resuming (it "
-                            "defines the network or its data); start a new run instead")
+            raise UserError(
+                f"resume_allow_changes=[{key}]: {key} can never change when resuming (it "
+                "defines the network or its data); start a new run instead"
+            )
         if _under(key, FREE):
-            raise UserError(f"resume_allow_changes=[{key}]: {key} may change on resume anyway; "
-                            "leave it out of the list")
+            raise UserError(
+                f"resume_allow_changes=[{key}]: {key} may change on resume anyway; "
+                "leave it out of the list"
+            )
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -60,8 +97,11 @@ def _seen(flat: dict, kinds: set) -> dict:
     """`flat` without the aug sections of kinds of data other than `kinds`."""
     from cnntrain.schema import KINDS
 
-    return {k: v for k, v in flat.items()
-            if not (k.startswith("aug.") and k.split(".")[1] in KINDS and k.split(".")[1] not in kinds)}
+    return {
+        k: v
+        for k, v in flat.items()
+        if not (k.startswith("aug.") and k.split(".")[1] in KINDS and k.split(".")[1] not in kinds)
+    }
 
 
 def changed_keys(old: dict, new: dict, allowed: list[str], path, partial: bool) -> list[str]:
@@ -72,19 +112,27 @@ def changed_keys(old: dict, new: dict, allowed: list[str], path, partial: bool) 
     was, now = _seen(_flat(old), kinds), _seen(_flat(new), kinds)
     # the keys that define the network first, then the optimizer's or schedule's name (it
     # explains the differences of the keys that come with it): the most telling refusal
-    changed = sorted((k for k in set(was) & set(now) if was[k] != now[k] and not _under(k, FREE)),
-                     key=lambda k: (not _under(k, FIXED), k not in ("optim.name", "sched.name"), k))
+    changed = sorted(
+        (k for k in set(was) & set(now) if was[k] != now[k] and not _under(k, FREE)),
+        key=lambda k: (not _under(k, FIXED), k not in ("optim.name", "sched.name"), k),
+    )
     for key in changed:
         values = f"it was trained with {key}={was.get(key)}, not {now.get(key)}"
         if _under(key, FIXED):
-            raise UserError(f"cannot resume {path}: {values}, and {key} cannot change in a resumed "
-                            "run; start a new run (or resume with the old value)")
+            raise UserError(
+                f"cannot resume {path}: {values}, and {key} cannot change in a resumed "
+                "run; start a new run (or resume with the old value)"
+            )
         if not _under(key, allowed):
-            raise UserError(f"cannot resume {path}: {values}; to change it on purpose add "
-                            f"resume_allow_changes=[{key}] (or resume with the old value)")
+            raise UserError(
+                f"cannot resume {path}: {values}; to change it on purpose add "
+                f"resume_allow_changes=[{key}] (or resume with the old value)"
+            )
         if partial and _under(key, STEPS):
-            raise UserError(f"cannot change {key} when resuming {path}: it stopped in the middle of "
-                            "an epoch; resume once to the end of the epoch first")
+            raise UserError(
+                f"cannot change {key} when resuming {path}: it stopped in the middle of "
+                "an epoch; resume once to the end of the epoch first"
+            )
     return changed
 
 

@@ -8,6 +8,7 @@ the run that is there may continue in it. Hydra writes nothing of its own into t
 
 Hand-written because Hydra has no notion of an occupied output folder: two runs given the same
 `hydra.run.dir` (or started in the same second with the default one) share it silently."""
+
 from __future__ import annotations
 
 import fcntl
@@ -104,14 +105,20 @@ class RunFolder:
             if self._created:  # leave the folder exactly as it was
                 (self.path / LOCK).unlink(missing_ok=True)
             shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-            raise RunFolderRefused(f"{self.path} already holds files that are not this run's ({shown}); "
-                                   f"{hint or 'choose another hydra.run.dir= (or leave it out for a new folder)'}")
+            raise RunFolderRefused(
+                f"{self.path} already holds files that are not this run's ({shown}); "
+                f"{hint or 'choose another hydra.run.dir= (or leave it out for a new folder)'}"
+            )
 
     def take(self) -> None:
         """The folder is this run's: its lock file says whose, for a run refused meanwhile."""
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.pwrite(
+            self._fd,
+            f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+            0,
+        )
 
     def write_hydra_files(self, task_cfg: DictConfig) -> None:
         """What Hydra would have written into `.hydra/` (the job's config, Hydra's config and the
@@ -122,8 +129,11 @@ class RunFolder:
         if not HydraConfig.initialized():
             return
         hydra = HydraConfig.get()
-        for name, node in (("config.yaml", task_cfg), ("hydra.yaml", {"hydra": hydra}),
-                           ("overrides.yaml", hydra.overrides.task)):
+        for name, node in (
+            ("config.yaml", task_cfg),
+            ("hydra.yaml", {"hydra": hydra}),
+            ("overrides.yaml", hydra.overrides.task),
+        ):
             with atomic_write(self.path / ".hydra" / name) as f:
                 f.write(OmegaConf.to_yaml(node))
 
@@ -135,15 +145,19 @@ def _lock(path: Path) -> int:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise RunFolderRefused(f"cannot write into the run folder {path} ({e.strerror}); choose a "
-                               "writable hydra.run.dir=") from None
+        raise RunFolderRefused(
+            f"cannot write into the run folder {path} ({e.strerror}); choose a "
+            "writable hydra.run.dir="
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise RunFolderRefused(f"{path} is in use by another run ({owner}); wait for it to end or "
-                               "choose another hydra.run.dir=") from None
+        raise RunFolderRefused(
+            f"{path} is in use by another run ({owner}); wait for it to end or "
+            "choose another hydra.run.dir="
+        ) from None
     return fd
 
 

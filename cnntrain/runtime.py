@@ -1,4 +1,5 @@
 """Device, mixed precision, seeding and determinism: the settings around the model."""
+
 from __future__ import annotations
 
 import logging
@@ -19,9 +20,13 @@ log = logging.getLogger("cnntrain")
 def select_device(name: str) -> torch.device:
     """`auto` picks CUDA when present, else the CPU; an explicit cuda without a GPU is an error
     rather than a silent CPU run. Under torchrun, `cuda` is this rank's GPU (LOCAL_RANK)."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    )
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA GPU is available; use device=cpu or device=auto")
+        raise UserError(
+            f"device={name} but no CUDA GPU is available; use device=cpu or device=auto"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device={name} but MPS is not available; use device=cpu or device=auto")
     return use_device(device)
@@ -33,7 +38,9 @@ def use_device(device: torch.device) -> torch.device:
     torchrun rank). Returns the device with its index."""
     if device.type == "cuda":
         if device.index is None:
-            local = distributed.local_rank() if distributed.launched() else torch.cuda.current_device()
+            local = (
+                distributed.local_rank() if distributed.launched() else torch.cuda.current_device()
+            )
             device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     return device
@@ -103,8 +110,10 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
-            log.warning("received %s: saving a checkpoint and stopping after this batch",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: saving a checkpoint and stopping after this batch",
+                signal.Signals(signum).name,
+            )
             self.signum = signum
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt

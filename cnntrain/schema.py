@@ -6,6 +6,7 @@ values and extend these declarations through their defaults lists.
 
 OmegaConf checks types but not ranges, hence the small checker here; it also turns each
 failure into one line that names the key, the value, what is allowed and the default."""
+
 import difflib
 import math
 import re
@@ -47,50 +48,100 @@ class ModelConfig:
     """The arguments of models.create_model (in_channels, num_classes and image_size come from
     the data), which builds the model by name: no `_target_`, so that a config read back from a
     checkpoint names no code to run (stored.py)."""
-    name: str = key(MISSING, "the architecture (model=<option>, or any torchvision/timm name with model=tv|timm)")
-    stem: str = key("auto", "first layers: auto (small up to 64 px), small or imagenet",
-                    choices=("auto", "small", "imagenet"))
-    source: str = key("cnntrain", "where the architecture comes from",
-                      choices=("cnntrain", "torchvision", "timm"))
-    pretrained: Any = key(None, "torchvision weights name (e.g. IMAGENET1K_V1; timm: true) or a "
-                                "state_dict / checkpoint file", kinds=(None, str, bool))
-    freeze: Any = key("none", "none | backbone | all_but_head | [parameter-name prefixes]",
-                      kinds=(str, list))
-    dropout: Optional[float] = key(None, "dropout probability of models that have one (null: "
-                                         "the model's default)", ge=0, lt=1)
-    stochastic_depth_prob: Optional[float] = key(None, "EfficientNet's stochastic depth (null: "
-                                                       "its default)", ge=0, lt=1)
-    args: Dict[str, Any] = key(factory=dict, help="other keyword arguments of the model's "
-                                                  "constructor (torchvision/timm), e.g. +model.args.drop_rate=0.1")
+
+    name: str = key(
+        MISSING,
+        "the architecture (model=<option>, or any torchvision/timm name with model=tv|timm)",
+    )
+    stem: str = key(
+        "auto",
+        "first layers: auto (small up to 64 px), small or imagenet",
+        choices=("auto", "small", "imagenet"),
+    )
+    source: str = key(
+        "cnntrain", "where the architecture comes from", choices=("cnntrain", "torchvision", "timm")
+    )
+    pretrained: Any = key(
+        None,
+        "torchvision weights name (e.g. IMAGENET1K_V1; timm: true) or a "
+        "state_dict / checkpoint file",
+        kinds=(None, str, bool),
+    )
+    freeze: Any = key(
+        "none", "none | backbone | all_but_head | [parameter-name prefixes]", kinds=(str, list)
+    )
+    dropout: Optional[float] = key(
+        None, "dropout probability of models that have one (null: the model's default)", ge=0, lt=1
+    )
+    stochastic_depth_prob: Optional[float] = key(
+        None, "EfficientNet's stochastic depth (null: its default)", ge=0, lt=1
+    )
+    args: Dict[str, Any] = key(
+        factory=dict,
+        help="other keyword arguments of the model's "
+        "constructor (torchvision/timm), e.g. +model.args.drop_rate=0.1",
+    )
 
 
 @dataclass
 class DataConfig:
     # no choices here: the datasets are those of cnntrain/data (build_data names them)
     name: str = key(MISSING, "the dataset (data=<option>)")
-    kind: str = key("natural", "which aug.<kind> section aug=basic/strong apply to these images",
-                    choices=KINDS)
-    root: Optional[str] = key("data", "folder handed to torchvision as root (image folders: the "
-                                      "folder with train/, val/, test/)")
+    kind: str = key(
+        "natural", "which aug.<kind> section aug=basic/strong apply to these images", choices=KINDS
+    )
+    root: Optional[str] = key(
+        "data",
+        "folder handed to torchvision as root (image folders: the folder with train/, val/, test/)",
+    )
     download: Any = flag(True, "fetch the files with torchvision if they are missing")
     batch_size: int = key(64, "images per batch (per process under torchrun)", ge=1)
-    num_workers: Optional[int] = key(None, "image folders: processes decoding the images into the "
-                                           "cache (null: one per CPU core)", ge=0, le=256)
+    num_workers: Optional[int] = key(
+        None,
+        "image folders: processes decoding the images into the cache (null: one per CPU core)",
+        ge=0,
+        le=256,
+    )
     val_split: float = key(0.1, "fraction of train held out for validation", ge=0, lt=1)
-    image_size: Any = key(None, "model input size in px; null or auto: the native size (image "
-                                "folders: the images' common size, else their median short side, "
-                                "at most 224)", kinds=(None, int, str), pattern="auto", ge=1, le=2048)
-    channels: Any = key("auto", "image folders: 1 (gray) or 3 (RGB); auto: 1 when every image is "
-                                "gray and data.mean has no 3 values", choices=("auto", 1, 3))
-    cache_dir: Optional[str] = key(None, "where image folders are decoded to (null: $CNNTRAIN_CACHE, "
-                                         "else $XDG_CACHE_HOME/cnntrain, else ~/.cache/cnntrain)")
-    memory_budget_gb: Optional[float] = key(None, "images kept on the training device up to this "
-                                                  "size, the rest streamed from host memory (null: "
-                                                  "half the device's free memory)", ge=0)
-    mean: Optional[List[float]] = key(None, "per-channel mean of the pixels in 0..1 (1 value for "
-                                            "gray, 3 for RGB; null: measured)", length=(1, 3))
-    std: Optional[List[float]] = key(None, "per-channel std of the pixels in 0..1", gt=0, length=(1, 3))
-    skip_bad_images: Any = flag(False, "image folders: leave unreadable images out instead of stopping")
+    image_size: Any = key(
+        None,
+        "model input size in px; null or auto: the native size (image "
+        "folders: the images' common size, else their median short side, "
+        "at most 224)",
+        kinds=(None, int, str),
+        pattern="auto",
+        ge=1,
+        le=2048,
+    )
+    channels: Any = key(
+        "auto",
+        "image folders: 1 (gray) or 3 (RGB); auto: 1 when every image is "
+        "gray and data.mean has no 3 values",
+        choices=("auto", 1, 3),
+    )
+    cache_dir: Optional[str] = key(
+        None,
+        "where image folders are decoded to (null: $CNNTRAIN_CACHE, "
+        "else $XDG_CACHE_HOME/cnntrain, else ~/.cache/cnntrain)",
+    )
+    memory_budget_gb: Optional[float] = key(
+        None,
+        "images kept on the training device up to this "
+        "size, the rest streamed from host memory (null: "
+        "half the device's free memory)",
+        ge=0,
+    )
+    mean: Optional[List[float]] = key(
+        None,
+        "per-channel mean of the pixels in 0..1 (1 value for gray, 3 for RGB; null: measured)",
+        length=(1, 3),
+    )
+    std: Optional[List[float]] = key(
+        None, "per-channel std of the pixels in 0..1", gt=0, length=(1, 3)
+    )
+    skip_bad_images: Any = flag(
+        False, "image folders: leave unreadable images out instead of stopping"
+    )
 
 
 @dataclass
@@ -98,12 +149,21 @@ class GeometryConfig:
     shift: int = key(0, "random shift of up to this many px (zero fill)", ge=0, le=64)
     degrees: float = key(0.0, "random rotation of up to +-degrees", ge=0, le=180)
     hflip: Any = flag(False, "random horizontal flip")
-    crop_scale: Optional[List[float]] = key(None, "random-resized-crop area range [min, max] (e.g. "
-                                                  "[0.08, 1]; null: no such crop; image folders are "
-                                                  "then stored at 1.14 x image_size)", gt=0, le=1,
-                                            length=(2,))
-    scale: Optional[List[float]] = key(None, "random zoom factor range [min, max] per image (e.g. "
-                                             "[0.9, 1.1]; null: none)", gt=0, length=(2,))
+    crop_scale: Optional[List[float]] = key(
+        None,
+        "random-resized-crop area range [min, max] (e.g. "
+        "[0.08, 1]; null: no such crop; image folders are "
+        "then stored at 1.14 x image_size)",
+        gt=0,
+        le=1,
+        length=(2,),
+    )
+    scale: Optional[List[float]] = key(
+        None,
+        "random zoom factor range [min, max] per image (e.g. [0.9, 1.1]; null: none)",
+        gt=0,
+        length=(2,),
+    )
 
 
 @dataclass
@@ -112,9 +172,15 @@ class AugConfig:
     digits: GeometryConfig = field(default_factory=GeometryConfig)
     clothing: GeometryConfig = field(default_factory=GeometryConfig)
     natural: GeometryConfig = field(default_factory=GeometryConfig)
-    policy: Optional[str] = key(None, "per-image policy", choices=(None, "randaugment", "autoaugment"))
-    color_jitter: float = key(0.0, "brightness, contrast and saturation factors drawn from "
-                                   "[1 - x, 1 + x] per image", ge=0, le=1)
+    policy: Optional[str] = key(
+        None, "per-image policy", choices=(None, "randaugment", "autoaugment")
+    )
+    color_jitter: float = key(
+        0.0,
+        "brightness, contrast and saturation factors drawn from [1 - x, 1 + x] per image",
+        ge=0,
+        le=1,
+    )
     hue: float = key(0.0, "hue shift drawn from [-x, x] per image (RGB)", ge=0, le=0.5)
     random_erasing: float = key(0.0, "probability of erasing one random box per image", ge=0, le=1)
     mixup_alpha: float = key(0.0, "> 0: mixup with Beta(alpha, alpha) weights", ge=0)
@@ -137,10 +203,15 @@ def _schedule(name):
 @dataclass
 class OptimConfig:
     """Keys of every optimizer; null leaves torch's default."""
+
     name: str = _optimizer(MISSING)
     lr: float = key(MISSING, "learning rate", gt=0)
-    weight_decay: float = key(0.0, "L2 / decoupled weight decay (not on biases and norm weights)", ge=0)
-    fused: Any = key("auto", "fused update kernels: auto | true | false", choices=("auto", True, False))
+    weight_decay: float = key(
+        0.0, "L2 / decoupled weight decay (not on biases and norm weights)", ge=0
+    )
+    fused: Any = key(
+        "auto", "fused update kernels: auto | true | false", choices=("auto", True, False)
+    )
 
 
 @dataclass
@@ -153,22 +224,31 @@ class SGDConfig(OptimConfig):
 @dataclass
 class AdamConfig(OptimConfig):
     name: str = _optimizer("adam")
-    betas: List[float] = key(factory=lambda: [0.9, 0.999], help="coefficients of the running "
-                             "averages of the gradient and its square", ge=0, lt=1, length=(2,))
+    betas: List[float] = key(
+        factory=lambda: [0.9, 0.999],
+        help="coefficients of the running averages of the gradient and its square",
+        ge=0,
+        lt=1,
+        length=(2,),
+    )
     eps: float = key(1e-8, "term added to the denominator", gt=0)
 
 
 @dataclass
 class AdamWConfig(AdamConfig):
     """AdamW: Adam's keys, with decoupled weight decay."""
+
     name: str = _optimizer("adamw")
 
 
 @dataclass
 class SchedConfig:
     """Keys of every schedule; each option adds its own."""
+
     name: str = _schedule(MISSING)
-    interval: str = key("epoch", "step the schedule after every batch (step) or epoch", choices=("step", "epoch"))
+    interval: str = key(
+        "epoch", "step the schedule after every batch (step) or epoch", choices=("step", "epoch")
+    )
     warmup_epochs: float = key(0.0, "linear warmup from lr/100 to lr over this many epochs", ge=0)
 
 
@@ -189,8 +269,11 @@ class StepConfig(SchedConfig):
 @dataclass
 class MultiStepConfig(SchedConfig):
     name: str = _schedule("multistep")
-    milestones: List[float] = key(factory=lambda: [0.5, 0.75], help="where to decay: fractions "
-                                  "of the run (< 1) or epoch numbers", ge=0)
+    milestones: List[float] = key(
+        factory=lambda: [0.5, 0.75],
+        help="where to decay: fractions of the run (< 1) or epoch numbers",
+        ge=0,
+    )
     gamma: float = key(0.1, "factor of each decay", gt=0, le=1)
 
 
@@ -218,12 +301,16 @@ class CheckpointConfig:
 
 @dataclass
 class EmaConfig:
-    decay: Optional[float] = key(None, "exponential moving average of the weights, e.g. 0.999 (null: off)", gt=0, lt=1)
+    decay: Optional[float] = key(
+        None, "exponential moving average of the weights, e.g. 0.999 (null: off)", gt=0, lt=1
+    )
 
 
 @dataclass
 class EarlyStopConfig:
-    patience: Optional[int] = key(None, "stop after this many epochs without a better val accuracy", ge=1)
+    patience: Optional[int] = key(
+        None, "stop after this many epochs without a better val accuracy", ge=1
+    )
 
 
 DEVICE = r"auto|cpu|mps|cuda(:\d+)?"
@@ -232,13 +319,16 @@ DEVICE = r"auto|cpu|mps|cuda(:\d+)?"
 @dataclass
 class RuntimeConfig:
     """Keys shared by every tool."""
+
     device: str = key("auto", "auto | cpu | cuda | cuda:N | mps", pattern=DEVICE)
     debug: Any = flag(False, "show the full traceback of an error (as HYDRA_FULL_ERROR=1)")
 
 
 @dataclass
 class TrainConfig(RuntimeConfig):
-    name: Optional[str] = key(None, "the run's name in its folder and in TensorBoard (null: <model>_<data>)")
+    name: Optional[str] = key(
+        None, "the run's name in its folder and in TensorBoard (null: <model>_<data>)"
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: Any = None
@@ -246,23 +336,34 @@ class TrainConfig(RuntimeConfig):
     aug: AugConfig = field(default_factory=AugConfig)
     epochs: int = key(10, "number of training epochs", ge=1)
     seed: int = key(42, "seed of every random generator", ge=0, lt=2**32)
-    amp: Any = flag(False, "mixed precision: bf16 where the GPU has it natively, else fp16 + GradScaler")
+    amp: Any = flag(
+        False, "mixed precision: bf16 where the GPU has it natively, else fp16 + GradScaler"
+    )
     amp_dtype: str = key("auto", "precision of amp", choices=("auto", "bf16", "fp16"))
-    channels_last: Any = key("auto", "NHWC memory format: auto | true | false", choices=("auto", True, False))
+    channels_last: Any = key(
+        "auto", "NHWC memory format: auto | true | false", choices=("auto", True, False)
+    )
     compile: Any = flag(False, "wrap the model with torch.compile")
     sync_batchnorm: Any = flag(False, "under torchrun: BatchNorm statistics over all ranks")
     deterministic: Any = flag(False, "deterministic algorithms (and no cudnn.benchmark)")
     label_smoothing: float = key(0.0, "label smoothing of the cross-entropy", ge=0, lt=1)
     grad_clip: Optional[float] = key(None, "max gradient L2 norm (null: no clipping)", gt=0)
-    resume: Optional[str] = key(None, "a last.pt to continue from, or auto (the run folder's last.pt)")
-    resume_allow_changes: List[str] = key(factory=list, help="settings a resumed run may change on "
-                                          "purpose (e.g. [epochs], [optim.lr], [sched])")
+    resume: Optional[str] = key(
+        None, "a last.pt to continue from, or auto (the run folder's last.pt)"
+    )
+    resume_allow_changes: List[str] = key(
+        factory=list,
+        help="settings a resumed run may change on purpose (e.g. [epochs], [optim.lr], [sched])",
+    )
     on_nan: str = key("stop", "non-finite loss: stop or skip_batch", choices=("stop", "skip_batch"))
     max_steps_per_epoch: Optional[int] = key(None, "cap on training batches per epoch", ge=1)
     max_eval_steps: Optional[int] = key(None, "cap on validation / test batches", ge=1)
     summary: Any = flag(False, "print the model summary and exit")
-    optimized_metric: Optional[str] = key(None, "a results.json key returned to a sweeper",
-                                          choices=(None, "test_acc", "test_top5", "test_loss", "best_val_acc"))
+    optimized_metric: Optional[str] = key(
+        None,
+        "a results.json key returned to a sweeper",
+        choices=(None, "test_acc", "test_top5", "test_loss", "best_val_acc"),
+    )
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
@@ -272,11 +373,15 @@ class TrainConfig(RuntimeConfig):
 @dataclass
 class EvalDataConfig:
     """Overrides of the data settings stored in the checkpoint (null: as trained)."""
+
     root: Optional[str] = key(None, "where the dataset lives now")
     batch_size: Optional[int] = key(None, "images per batch", ge=1)
-    num_workers: Optional[int] = key(None, "image folders: processes decoding images into the cache", ge=0, le=256)
-    cache_dir: Optional[str] = key(None, "image folders: where they are decoded to (null: as trained, "
-                                         "or the default)")
+    num_workers: Optional[int] = key(
+        None, "image folders: processes decoding images into the cache", ge=0, le=256
+    )
+    cache_dir: Optional[str] = key(
+        None, "image folders: where they are decoded to (null: as trained, or the default)"
+    )
     memory_budget_gb: Optional[float] = key(None, "images kept on the device up to this size", ge=0)
     download: Any = flag(False, "fetch missing files with torchvision")
     skip_bad_images: Any = flag(None, "image folders: skip unreadable images (null: as trained)")
@@ -284,7 +389,9 @@ class EvalDataConfig:
 
 @dataclass
 class EvalConfig(RuntimeConfig):
-    ckpt: Any = key(MISSING, "a checkpoint, a run or multirun folder, or a [list]", kinds=(str, list))
+    ckpt: Any = key(
+        MISSING, "a checkpoint, a run or multirun folder, or a [list]", kinds=(str, list)
+    )
     split: str = key("test", "which split to evaluate", choices=("test", "val"))
     amp: Any = flag(False, "mixed precision")
     predictions: Any = flag(True, "also write predictions.csv")
@@ -296,10 +403,17 @@ class EvalConfig(RuntimeConfig):
 class PredictConfig(RuntimeConfig):
     # exactly one of the two (predict.py checks): Hydra reads `model=` as the model config group,
     # so cnnpredict's command line turns model=FILE into exported=FILE (cli.py)
-    ckpt: Optional[str] = key(None, "a checkpoint written by cnntrain (best.pt or last.pt); or model=")
-    exported: Optional[str] = key(None, "an ONNX file written by cnnexport, run with onnxruntime "
-                                        "alone; on the command line model=FILE.onnx")
-    inputs: Any = key(MISSING, "an image file, a folder, a quoted glob or a [list]", kinds=(str, list))
+    ckpt: Optional[str] = key(
+        None, "a checkpoint written by cnntrain (best.pt or last.pt); or model="
+    )
+    exported: Optional[str] = key(
+        None,
+        "an ONNX file written by cnnexport, run with onnxruntime "
+        "alone; on the command line model=FILE.onnx",
+    )
+    inputs: Any = key(
+        MISSING, "an image file, a folder, a quoted glob or a [list]", kinds=(str, list)
+    )
     topk: int = key(5, "classes per image", ge=1)
     batch_size: int = key(64, "images per batch", ge=1)
 
@@ -307,10 +421,15 @@ class PredictConfig(RuntimeConfig):
 @dataclass
 class VizConfig(RuntimeConfig):
     ckpt: str = key(MISSING, "a checkpoint written by cnntrain (best.pt or last.pt)")
-    inputs: Any = key(MISSING, "an image file, a folder, a quoted glob or a [list]", kinds=(str, list))
-    layers: Optional[List[str]] = key(None, "module names for the feature maps (null: one per stage)")
-    target_class: Any = key(None, "class name or index for Grad-CAM (null: the predicted class)",
-                            kinds=(None, str, int))
+    inputs: Any = key(
+        MISSING, "an image file, a folder, a quoted glob or a [list]", kinds=(str, list)
+    )
+    layers: Optional[List[str]] = key(
+        None, "module names for the feature maps (null: one per stage)"
+    )
+    target_class: Any = key(
+        None, "class name or index for Grad-CAM (null: the predicted class)", kinds=(None, str, int)
+    )
     max_images: int = key(8, "the first N input images", ge=1)
 
 
@@ -320,30 +439,65 @@ EXPORT_FORMATS = ("onnx", "torchscript", "exported_program")
 @dataclass
 class ExportConfig(RuntimeConfig):
     ckpt: str = key(MISSING, "a checkpoint written by cnntrain (best.pt or last.pt)")
-    format: Any = key("onnx", "the file format, or a list of them ('[onnx,torchscript]')",
-                      kinds=(str, list), choices=EXPORT_FORMATS)
-    layout: str = key("nchw", "the exported model's input layout: nchw, or nhwc as image decoders "
-                              "give pixels", choices=("nchw", "nhwc"))
-    input: str = key("uint8", "the exported model's input: uint8 pixels 0..255, or float 0..1 "
-                              "(normalized inside the graph either way)", choices=("uint8", "float"))
+    format: Any = key(
+        "onnx",
+        "the file format, or a list of them ('[onnx,torchscript]')",
+        kinds=(str, list),
+        choices=EXPORT_FORMATS,
+    )
+    layout: str = key(
+        "nchw",
+        "the exported model's input layout: nchw, or nhwc as image decoders give pixels",
+        choices=("nchw", "nhwc"),
+    )
+    input: str = key(
+        "uint8",
+        "the exported model's input: uint8 pixels 0..255, or float 0..1 "
+        "(normalized inside the graph either way)",
+        choices=("uint8", "float"),
+    )
     softmax: Any = flag(False, "output probabilities instead of logits")
-    verify_images: int = key(64, "test images the exported file is checked on against cnntrain's "
-                                 "own predictions", ge=1)
-    inputs: Any = key(None, "image files to check on instead of the test split (a file, a folder, "
-                            "a quoted glob or a [list])", kinds=(None, str, list))
-    atol: float = key(1e-3, "largest allowed difference of an output (logit or probability) "
-                            "between the exported file and cnntrain", gt=0)
-    benchmark: Any = flag(False, "also measure latency (batch 1) and throughput (batch 64) of each "
-                                 "format and of eager PyTorch")
+    verify_images: int = key(
+        64, "test images the exported file is checked on against cnntrain's own predictions", ge=1
+    )
+    inputs: Any = key(
+        None,
+        "image files to check on instead of the test split (a file, a folder, "
+        "a quoted glob or a [list])",
+        kinds=(None, str, list),
+    )
+    atol: float = key(
+        1e-3,
+        "largest allowed difference of an output (logit or probability) "
+        "between the exported file and cnntrain",
+        gt=0,
+    )
+    benchmark: Any = flag(
+        False,
+        "also measure latency (batch 1) and throughput (batch 64) of each "
+        "format and of eager PyTorch",
+    )
     device: str = key("cpu", "export, verification and benchmark run on the CPU", choices=("cpu",))
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
 
 
-APPS = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictConfig, "viz": VizConfig,
-        "export": ExportConfig}
-GROUP_OPTIONS = {"optim": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
-                 "sched": {"cosine": CosineConfig, "step": StepConfig, "multistep": MultiStepConfig,
-                           "onecycle": OneCycleConfig, "none": ConstantConfig}}
+APPS = {
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "predict": PredictConfig,
+    "viz": VizConfig,
+    "export": ExportConfig,
+}
+GROUP_OPTIONS = {
+    "optim": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
+    "sched": {
+        "cosine": CosineConfig,
+        "step": StepConfig,
+        "multistep": MultiStepConfig,
+        "onecycle": OneCycleConfig,
+        "none": ConstantConfig,
+    },
+}
 
 
 def register() -> None:
@@ -404,8 +558,12 @@ def _number_problem(value, rules: dict) -> bool:
         return False
     if rules.get("finite", True) and not math.isfinite(value):
         return True
-    return (("gt" in rules and not value > rules["gt"]) or ("ge" in rules and not value >= rules["ge"])
-            or ("lt" in rules and not value < rules["lt"]) or ("le" in rules and not value <= rules["le"]))
+    return (
+        ("gt" in rules and not value > rules["gt"])
+        or ("ge" in rules and not value >= rules["ge"])
+        or ("lt" in rules and not value < rules["lt"])
+        or ("le" in rules and not value <= rules["le"])
+    )
 
 
 def _fail(path: str, value, f, what: str) -> UserError:
@@ -436,8 +594,9 @@ def _check_value(path: str, value, f) -> None:
     # choices; anywhere else a list is one value, refused by choices like any other
     listed = isinstance(value, ListConfig) and list in rules.get("kinds", ())
     chosen = list(value) if listed else [value]
-    if "choices" in rules and not all(any(type(v) is type(c) and v == c for c in rules["choices"])
-                                      for v in chosen):
+    if "choices" in rules and not all(
+        any(type(v) is type(c) and v == c for c in rules["choices"]) for v in chosen
+    ):
         raise _fail(path, value, f, _allowed(rules))
     if "pattern" in rules and isinstance(value, str) and not re.fullmatch(rules["pattern"], value):
         raise _fail(path, value, f, _allowed(rules))
@@ -446,8 +605,12 @@ def _check_value(path: str, value, f) -> None:
         raise _fail(path, value, f, _allowed(rules))
     if any(_number_problem(v, rules) for v in items):
         finite = all(math.isfinite(v) for v in items if isinstance(v, (int, float)))
-        raise _fail(path, value, f, ", ".join(filter(None, [None if finite else "a finite number",
-                                                             _allowed(rules)])))
+        raise _fail(
+            path,
+            value,
+            f,
+            ", ".join(filter(None, [None if finite else "a finite number", _allowed(rules)])),
+        )
 
 
 def check_node(node: DictConfig, prefix: str = "") -> None:
@@ -478,10 +641,16 @@ def unknown_key(path: str, declared, option: str = "") -> UserError:
     # a spelled-out or abbreviated name (learning_rate for lr, wd for weight_decay) or a typo
     close = [k for k in known if _initials(k) == name or _initials(name) == k]
     close = close or difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close and close[0] != name else ""
+    hint = (
+        f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+        if close and close[0] != name
+        else ""
+    )
     where = f"{prefix}={option}" if option else prefix
-    return UserError(f"unknown key {path}{' for ' + where if option else ''}{hint} (the keys of "
-                     f"{where or 'the config'}: {', '.join(known)})")
+    return UserError(
+        f"unknown key {path}{' for ' + where if option else ''}{hint} (the keys of "
+        f"{where or 'the config'}: {', '.join(known)})"
+    )
 
 
 def _initials(name: str) -> str:
@@ -499,24 +668,38 @@ def check(cfg: DictConfig) -> None:
 def _check_train(cfg: DictConfig) -> None:
     data = cfg.data
     if data.name == "imagefolder" and data.root is None:
-        raise UserError("data=imagefolder needs data.root=/path/to/images "
-                        "(a folder with train/<class>/<image> and optional val/, test/)")
+        raise UserError(
+            "data=imagefolder needs data.root=/path/to/images "
+            "(a folder with train/<class>/<image> and optional val/, test/)"
+        )
     for kind in KINDS:
         _check_geometry(cfg.aug[kind], f"aug.{kind}.")
-    if (data.mean is None) != (data.std is None) or (data.mean is not None and len(data.mean) != len(data.std)):
-        raise UserError(f"data.mean={show(data.mean)} and data.std={show(data.std)} must both be "
-                        "null or lists of the same length (1 value per channel)")
+    if (data.mean is None) != (data.std is None) or (
+        data.mean is not None and len(data.mean) != len(data.std)
+    ):
+        raise UserError(
+            f"data.mean={show(data.mean)} and data.std={show(data.std)} must both be "
+            "null or lists of the same length (1 value per channel)"
+        )
     sched = cfg.sched
     for group, options in GROUP_OPTIONS.items():  # the option's keys and its name go together
         if OmegaConf.get_type(cfg[group]) is not options.get(cfg[group].name):
-            raise UserError(f"{group}.name={cfg[group].name} does not go with the keys of the "
-                            f"{group} chosen; choose it with {group}={cfg[group].name}")
+            raise UserError(
+                f"{group}.name={cfg[group].name} does not go with the keys of the "
+                f"{group} chosen; choose it with {group}={cfg[group].name}"
+            )
     if sched.name == "onecycle" and sched.warmup_epochs:
-        raise UserError("sched=onecycle has its own warmup (sched.pct_start); set sched.warmup_epochs=0")
+        raise UserError(
+            "sched=onecycle has its own warmup (sched.pct_start); set sched.warmup_epochs=0"
+        )
     if sched.warmup_epochs and sched.warmup_epochs >= cfg.epochs:
-        raise UserError(f"sched.warmup_epochs={sched.warmup_epochs} leaves nothing of epochs={cfg.epochs}; lower it")
+        raise UserError(
+            f"sched.warmup_epochs={sched.warmup_epochs} leaves nothing of epochs={cfg.epochs}; lower it"
+        )
     if cfg.optim.get("nesterov") and not cfg.optim.get("momentum"):
-        raise UserError("optim.nesterov=true needs optim.momentum > 0 (or set optim.nesterov=false)")
+        raise UserError(
+            "optim.nesterov=true needs optim.momentum > 0 (or set optim.nesterov=false)"
+        )
     from cnntrain.resume import check_allowed_changes
 
     check_allowed_changes(list(cfg.resume_allow_changes))
@@ -533,8 +716,10 @@ def _check_geometry(geo: DictConfig, prefix: str) -> None:
     if clash:
         keys = " and ".join(prefix + name for name in clash)
         unset = " ".join(f"{prefix}{name}={'null' if name == 'scale' else 0}" for name in clash)
-        raise UserError(f"{prefix}crop_scale replaces {keys} (the random-resized crop moves and "
-                        f"scales the image itself): set {unset}")
+        raise UserError(
+            f"{prefix}crop_scale replaces {keys} (the random-resized crop moves and "
+            f"scales the image itself): set {unset}"
+        )
 
 
 def _fields_at(app: str, parts: list[str]) -> dict:
@@ -566,8 +751,10 @@ def keys_of(app: str, path: str, node_type=None) -> tuple[dict, str]:
     of `node_type` (the node's schema, e.g. AdamConfig for optim=adam) when known."""
     if is_dataclass(node_type):
         group = path.rpartition(".")[0]
-        option = next((name for name, schema in GROUP_OPTIONS.get(group, {}).items()
-                       if schema is node_type), "")
+        option = next(
+            (name for name, schema in GROUP_OPTIONS.get(group, {}).items() if schema is node_type),
+            "",
+        )
         return {f.name: f for f in fields(node_type)}, option
     return declared_keys(app, path), ""
 
@@ -588,8 +775,11 @@ def type_error(app: str, path: str, value: str) -> UserError:
     hint = getattr(f.type, "__args__", None)
     kind = _TYPE_NAMES.get(f.type) or (
         f"a list of {_TYPE_NAMES.get(hint[0], 'values').replace('an ', '').replace('a ', '')}s"
-        if getattr(f.type, "__origin__", None) is list else
-        f"null or {_TYPE_NAMES.get(hint[0], 'a value')}" if hint and type(None) in hint else "another value")
+        if getattr(f.type, "__origin__", None) is list
+        else f"null or {_TYPE_NAMES.get(hint[0], 'a value')}"
+        if hint and type(None) in hint
+        else "another value"
+    )
     rules = _allowed(_rules(f))
     return _fail(path, value, f, kind + (f", {rules}" if rules else ""))
 
@@ -612,6 +802,7 @@ def help_table(app: str, cfg: DictConfig) -> str:
                 walk(value, path + ".")
             else:
                 leaves.append((path, value))
+
     walk(values, "")
     leaves.sort(key=lambda leaf: "." in leaf[0])  # stable: the top-level keys, then the groups
     width = min(34, max(len(p) + len(show(v)) + 3 for p, v in leaves))
@@ -623,7 +814,9 @@ def help_table(app: str, cfg: DictConfig) -> str:
             lines.append(f"{top}:")
         f = declaration(app, path)
         meaning, rules = (f.metadata.get("help", ""), _rules(f)) if f is not None else ("", {})
-        allowed = _allowed({k: v for k, v in rules.items() if k != "pattern"})  # patterns: in the meaning
+        allowed = _allowed(
+            {k: v for k, v in rules.items() if k != "pattern"}
+        )  # patterns: in the meaning
         if allowed:
             meaning += f" [{allowed}]"
         lines.append(f"  {f'{path}={show(value)}':<{width}}  {meaning}".rstrip())

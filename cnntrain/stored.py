@@ -11,6 +11,7 @@ Nothing in cnntrain hands a config to `hydra.utils.instantiate`: models, optimiz
 are built by name (models.create_model, optim.OPTIMIZERS / SCHEDULES). `instantiate` imports and
 calls whatever a `_target_` names, at any depth (`model.args` included); a checkpoint someone
 handed over could run any callable. Hydra's own blocklist stops `os.system`, not the rest."""
+
 from __future__ import annotations
 
 import os
@@ -37,23 +38,31 @@ def refuse_code(node, where: str, prefix: str = "") -> None:
         for name, value in node.items():
             key = _key(prefix, name)
             if not isinstance(name, str):
-                raise UserError(f"{where}: its stored config has a key {name!r} that is not a string "
-                                f"(under {prefix or 'the top level'}); it was not written by cnntrain")
+                raise UserError(
+                    f"{where}: its stored config has a key {name!r} that is not a string "
+                    f"(under {prefix or 'the top level'}); it was not written by cnntrain"
+                )
             if name in DIRECTIVES:
-                raise UserError(f"{where}: its stored config sets {key}={show(value)}, which names code "
-                                "to run; a checkpoint's config is data, so the file is refused (use a "
-                                "checkpoint written by cnntrain, or train again)")
+                raise UserError(
+                    f"{where}: its stored config sets {key}={show(value)}, which names code "
+                    "to run; a checkpoint's config is data, so the file is refused (use a "
+                    "checkpoint written by cnntrain, or train again)"
+                )
             refuse_code(value, where, key)
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
             refuse_code(value, where, f"{prefix}[{i}]")
     elif not isinstance(node, PLAIN):
-        raise UserError(f"{where}: its stored config holds a {type(node).__name__} at {prefix}; a "
-                        "config holds only text, numbers, true/false, null, lists and mappings")
+        raise UserError(
+            f"{where}: its stored config holds a {type(node).__name__} at {prefix}; a "
+            "config holds only text, numbers, true/false, null, lists and mappings"
+        )
     elif isinstance(node, str) and "${" in node:
-        raise UserError(f"{where}: its stored config has an interpolation at {prefix} ({node!r}); "
-                        "a checkpoint's config is data (cnntrain stores it resolved), so the file is "
-                        "refused")
+        raise UserError(
+            f"{where}: its stored config has an interpolation at {prefix} ({node!r}); "
+            "a checkpoint's config is data (cnntrain stores it resolved), so the file is "
+            "refused"
+        )
 
 
 def _schema(config: dict, where: str) -> DictConfig:
@@ -63,8 +72,10 @@ def _schema(config: dict, where: str) -> DictConfig:
         node = config.get(group)
         name = node.get("name") if isinstance(node, dict) else None
         if name not in options:
-            raise UserError(f"{where}: its stored config has {group}.name={show(name)}, not one of "
-                            f"{', '.join(options)}; it was not written by this version of cnntrain")
+            raise UserError(
+                f"{where}: its stored config has {group}.name={show(name)}, not one of "
+                f"{', '.join(options)}; it was not written by this version of cnntrain"
+            )
         schema[group] = OmegaConf.structured(options[name])
     return schema
 
@@ -73,14 +84,18 @@ def _known_model(model: DictConfig, where: str) -> None:
     from cnntrain.models import list_models
 
     if model.source == "cnntrain" and model.name not in list_models():
-        raise UserError(f"{where}: its stored config names model.name={model.name}, which cnntrain "
-                        "does not have; it was not written by this version of cnntrain")
+        raise UserError(
+            f"{where}: its stored config names model.name={model.name}, which cnntrain "
+            "does not have; it was not written by this version of cnntrain"
+        )
     if model.source == "torchvision":
         from torchvision import models
 
         if model.name not in models.list_models(module=models):
-            raise UserError(f"{where}: its stored config names the torchvision model "
-                            f"{model.name}, which this torchvision does not have")
+            raise UserError(
+                f"{where}: its stored config names the torchvision model "
+                f"{model.name}, which this torchvision does not have"
+            )
 
 
 def validated(config, where: str | os.PathLike) -> DictConfig:
@@ -88,8 +103,10 @@ def validated(config, where: str | os.PathLike) -> DictConfig:
     the command line's is; any problem is one UserError naming the file and the key."""
     where = str(where)
     if not isinstance(config, dict):
-        raise UserError(f"{where}: its stored config is a {type(config).__name__}, not a mapping; it "
-                        "was not written by cnntrain")
+        raise UserError(
+            f"{where}: its stored config is a {type(config).__name__}, not a mapping; it "
+            "was not written by cnntrain"
+        )
     refuse_code(config, where)
     try:
         cfg = OmegaConf.merge(_schema(config, where), config)
@@ -97,8 +114,10 @@ def validated(config, where: str | os.PathLike) -> DictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{where}: its stored config is refused at {key} ({reason}); it was not "
-                        "written by this version of cnntrain, or it was altered") from None
+        raise UserError(
+            f"{where}: its stored config is refused at {key} ({reason}); it was not "
+            "written by this version of cnntrain, or it was altered"
+        ) from None
     except UserError as e:
         raise UserError(f"{where}: its stored config is refused: {e}") from None
     _known_model(cfg.model, where)

@@ -1,6 +1,7 @@
 """The model summary shown at the start of every run (and alone with `summary=true`): parameter
 counts, MACs for the actual input size, and the output size of each stage, like the structural
 tables of the lectures."""
+
 from __future__ import annotations
 
 import torch
@@ -28,10 +29,18 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> dict:
     x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
     rows, hooks = [], []
     for name, module in _stages(model):
+
         def record(mod, inputs, output, name=name):
             shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
-            rows.append({"name": name, "type": type(mod).__name__, "output": shape,
-                         "params": sum(p.numel() for p in mod.parameters())})
+            rows.append(
+                {
+                    "name": name,
+                    "type": type(mod).__name__,
+                    "output": shape,
+                    "params": sum(p.numel() for p in mod.parameters()),
+                }
+            )
+
         hooks.append(module.register_forward_hook(record))
     was_training = model.training
     model.eval()
@@ -43,10 +52,12 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> dict:
             h.remove()
         model.train(was_training)
     return {
-        "input": list(input_shape), "output": list(out.shape[1:]),
+        "input": list(input_shape),
+        "output": list(out.shape[1:]),
         "params": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "macs": counter.get_total_flops() // 2, "stages": rows,
+        "macs": counter.get_total_flops() // 2,
+        "stages": rows,
     }
 
 
@@ -64,7 +75,11 @@ def format_summary(info: dict, title: str = "") -> str:
     lines.append(f"{'input':<{width}}  {'':<22} {'x'.join(map(str, info['input'])):>16} {'':>10}")
     for r in info["stages"]:
         shape = "x".join(map(str, r["output"])) if r["output"] else "-"
-        lines.append(f"{r['name']:<{width}}  {r['type'][:22]:<22} {shape:>16} {_count(r['params']):>10}")
-    lines.append(f"params {info['params']:,} ({info['trainable']:,} trainable), "
-                 f"{_count(info['macs'])}MACs per image")
+        lines.append(
+            f"{r['name']:<{width}}  {r['type'][:22]:<22} {shape:>16} {_count(r['params']):>10}"
+        )
+    lines.append(
+        f"params {info['params']:,} ({info['trainable']:,} trainable), "
+        f"{_count(info['macs'])}MACs per image"
+    )
     return "\n".join(lines)

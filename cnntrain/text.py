@@ -2,6 +2,7 @@
 classes) are data: a Markdown cell or a matplotlib label must show `a|b`, `<script>`, `*bold*`,
 `$x$` or a name with a newline as those characters, never as table syntax, HTML, emphasis or
 mathtext. The exact names stay in the JSON and CSV files (csv and json quote them)."""
+
 from __future__ import annotations
 
 import re
@@ -36,7 +37,11 @@ def md_code(text) -> str:
     """`text` as a Markdown code span: fenced with one backtick more than its longest run."""
     text = visible(text)
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
-    return f"{fence} {text} {fence}" if text.startswith("`") or text.endswith("`") else f"{fence}{text}{fence}"
+    return (
+        f"{fence} {text} {fence}"
+        if text.startswith("`") or text.endswith("`")
+        else f"{fence}{text}{fence}"
+    )
 
 
 def markdown_table(header: list, rows: list[list], align: str = "", pad: bool = True) -> str:
@@ -48,7 +53,12 @@ def markdown_table(header: list, rows: list[list], align: str = "", pad: bool = 
     right = [i < len(align) and align[i] == "r" for i in range(len(header))]
 
     def line(row):
-        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)) + " |"
+        return (
+            "| "
+            + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right))
+            + " |"
+        )
+
     rule = "|" + "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right)) + "|"
     return "\n".join([line(cells[0]), rule, *map(line, cells[1:])])
 

@@ -1,4 +1,5 @@
 """Per-epoch records of a run: the log line, metrics.csv, TensorBoard scalars and curves.png."""
+
 from __future__ import annotations
 
 import csv
@@ -20,8 +21,15 @@ def format_row(row: dict, epochs: int) -> str:
         value = row.get(key)
         if value is None:
             continue
-        parts.append(f"{key} {value:.4g}" if key == "lr" else f"{key} {value:.1f}s" if key == "time"
-                     else f"{key} {value:.0f}" if key == "img_per_s" else f"{key} {value:.4f}")
+        parts.append(
+            f"{key} {value:.4g}"
+            if key == "lr"
+            else f"{key} {value:.1f}s"
+            if key == "time"
+            else f"{key} {value:.0f}"
+            if key == "img_per_s"
+            else f"{key} {value:.4f}"
+        )
     return " ".join(parts)
 
 
@@ -38,9 +46,11 @@ def at_chance(val_acc, train_acc, num_classes: int | None) -> bool:
 
 
 def chance_warning(row: dict, num_classes: int) -> str:
-    return (f"val accuracy {row['val_acc']:.3f} is at chance (1/{num_classes}) while train "
-            f"accuracy is {row['train_acc']:.3f}: BatchNorm running statistics may not have "
-            "settled (few steps) or the val data differ from train")
+    return (
+        f"val accuracy {row['val_acc']:.3f} is at chance (1/{num_classes}) while train "
+        f"accuracy is {row['train_acc']:.3f}: BatchNorm running statistics may not have "
+        "settled (few steps) or the val data differ from train"
+    )
 
 
 class RunTracker:
@@ -51,8 +61,15 @@ class RunTracker:
     time of outputs/<date>/<time>, since the time alone says little). Given `num_classes`, the
     first epoch whose val accuracy is at chance (`at_chance`) logs a warning."""
 
-    def __init__(self, run_dir: Path, epochs: int, history: list[dict] | None = None, write: bool = True,
-                 title: str | None = None, num_classes: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        epochs: int,
+        history: list[dict] | None = None,
+        write: bool = True,
+        title: str | None = None,
+        num_classes: int | None = None,
+    ):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.epochs, self.write = Path(run_dir), epochs, write
@@ -76,7 +93,9 @@ class RunTracker:
         self._write_csv()
         for key in COLUMNS[1:]:
             if row.get(key) is not None:
-                split, _, name = key.partition("_")  # train_loss -> loss/train: one chart per metric
+                split, _, name = key.partition(
+                    "_"
+                )  # train_loss -> loss/train: one chart per metric
                 tag = f"{name}/{split}" if split in ("train", "val") else key
                 self.tb.add_scalar(tag, row[key], row["epoch"])
         self.tb.flush()
@@ -85,7 +104,9 @@ class RunTracker:
     def at_chance(self, epoch: int | None) -> bool:
         """Whether that epoch's val accuracy was at chance (`at_chance`)."""
         row = next((r for r in self.history if r["epoch"] == epoch), None)
-        return row is not None and at_chance(row.get("val_acc"), row.get("train_acc"), self.num_classes)
+        return row is not None and at_chance(
+            row.get("val_acc"), row.get("train_acc"), self.num_classes
+        )
 
     def _write_csv(self) -> None:
         with atomic_write(self.run_dir / "metrics.csv", newline="") as f:
@@ -121,15 +142,21 @@ class RunTracker:
         finally:
             plt.close(fig)
 
-    def log_predictions(self, loader, result: dict, classes: list[str], epoch: int, count: int = 8) -> None:
+    def log_predictions(
+        self, loader, result: dict, classes: list[str], epoch: int, count: int = 8
+    ) -> None:
         """TensorBoard: the first validation images with their predicted and true labels."""
         if not self.write:
             return
         from cnntrain.report import prediction_captions, samples_figure
 
         indices = list(range(min(count, len(result["predicted"]))))
-        fig = samples_figure(loader, indices, prediction_captions(result, classes, indices),
-                             f"validation, epoch {epoch}")
+        fig = samples_figure(
+            loader,
+            indices,
+            prediction_captions(result, classes, indices),
+            f"validation, epoch {epoch}",
+        )
         self.tb.add_figure("val/predictions", fig, epoch)  # closes the figure
 
     def log_final(self, hparams: dict, results: dict, confusion=None, classes=None) -> None:
@@ -140,9 +167,14 @@ class RunTracker:
         if confusion is not None:
             from cnntrain.report import confusion_figure
 
-            self.tb.add_figure("test/confusion_matrix", confusion_figure(confusion, classes, "test"))
-        metrics = {f"hparam/{k}": results[k] for k in ("test_acc", "best_val_acc")
-                   if results.get(k) is not None}
+            self.tb.add_figure(
+                "test/confusion_matrix", confusion_figure(confusion, classes, "test")
+            )
+        metrics = {
+            f"hparam/{k}": results[k]
+            for k in ("test_acc", "best_val_acc")
+            if results.get(k) is not None
+        }
         for summary in hparams_summaries(hparams, trial=str(self.run_dir)):
             self.tb.file_writer.add_summary(summary)
         for tag, value in metrics.items():
@@ -165,8 +197,16 @@ def hparams_summaries(hparams: dict, trial: str) -> list:
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2, summary_v2
 
     start = summary_v2.hparams_pb(hparams, trial_id=trial)
-    end = plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(
-        status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time()))
-    end = Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG,
-                                       metadata=metadata.create_summary_metadata(end))])
+    end = plugin_data_pb2.HParamsPluginData(
+        session_end_info=plugin_data_pb2.SessionEndInfo(
+            status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time()
+        )
+    )
+    end = Summary(
+        value=[
+            Summary.Value(
+                tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(end)
+            )
+        ]
+    )
     return [start, end]

@@ -1,5 +1,6 @@
 """`train(cfg)`: data -> model -> optimizer/schedule -> epochs of train + validate -> checkpoints
 -> the test score of the best checkpoint."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from cnntrain import distributed
-from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, save_checkpoint,
-                                 set_rng_state)
+from cnntrain.checkpoint import (
+    CheckpointSaver,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from cnntrain.data import Data, build_data, describe
 from cnntrain.data.builtin import BUILTIN
 from cnntrain.ema import ModelEma
@@ -28,8 +34,14 @@ from cnntrain.models import create_model, resolve_stem
 from cnntrain.optim import OPTIMIZERS, SCHEDULES, create_optimizer, create_scheduler, fast_forward
 from cnntrain.resume import changed_keys, replans_schedule
 from cnntrain.rundir import RunFolder, in_sweep
-from cnntrain.runtime import (StopSignals, amp_dtype, channels_last, grad_scaler, select_device,
-                              seed_everything)
+from cnntrain.runtime import (
+    StopSignals,
+    amp_dtype,
+    channels_last,
+    grad_scaler,
+    seed_everything,
+    select_device,
+)
 from cnntrain.schema import check
 from cnntrain.stored import refuse_code, validated
 from cnntrain.summary import format_summary, summarize
@@ -44,18 +56,25 @@ def run_dir_from_hydra() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def build_model(model_cfg: DictConfig, in_channels: int, num_classes: int, image_size: int,
-                device: torch.device) -> tuple[nn.Module, dict]:
+def build_model(
+    model_cfg: DictConfig, in_channels: int, num_classes: int, image_size: int, device: torch.device
+) -> tuple[nn.Module, dict]:
     """The model for this data and its summary; the summary's forward pass doubles as the check
     that the model can take this input, so that a mismatch fails here, in one line."""
-    model = create_model(**OmegaConf.to_container(model_cfg, resolve=True), in_channels=in_channels,
-                         num_classes=num_classes, image_size=image_size)
+    model = create_model(
+        **OmegaConf.to_container(model_cfg, resolve=True),
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+    )
     try:
         info = summarize(model, (in_channels, image_size, image_size))
     except RuntimeError as e:
-        raise UserError(f"model {model_cfg.name} cannot take {in_channels}x{image_size}x{image_size} "
-                        f"input ({str(e).splitlines()[0]}); set data.image_size= or choose another "
-                        "model") from None
+        raise UserError(
+            f"model {model_cfg.name} cannot take {in_channels}x{image_size}x{image_size} "
+            f"input ({str(e).splitlines()[0]}); set data.image_size= or choose another "
+            "model"
+        ) from None
     return model.to(device), info
 
 
@@ -71,8 +90,13 @@ def apply_pretrained_input(cfg: DictConfig) -> None:
         gray = cfg.data.get("mean") is not None and len(cfg.data.mean) == 1
         cfg.data.mean = [sum(spec["mean"]) / 3] if gray else spec["mean"]
         cfg.data.std = [sum(spec["std"]) / 3] if gray else spec["std"]
-        log.info("pretrained %s: input %s px, normalization mean %s std %s", cfg.model.pretrained,
-                 cfg.data.image_size, cfg.data.mean, cfg.data.std)
+        log.info(
+            "pretrained %s: input %s px, normalization mean %s std %s",
+            cfg.model.pretrained,
+            cfg.data.image_size,
+            cfg.data.mean,
+            cfg.data.std,
+        )
 
 
 def stored_config(cfg: DictConfig, data: Data) -> dict:
@@ -80,8 +104,12 @@ def stored_config(cfg: DictConfig, data: Data) -> dict:
     checkpoint alone rebuilds the same model and data."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"]["root"] = str(Path(config["data"]["root"]).expanduser().resolve())
-    config["data"].update(image_size=data.image_size, channels=data.in_channels, mean=data.mean, std=data.std)
-    refuse_code(config, "this run")  # what every tool will refuse to read (a literal '${' in a value)
+    config["data"].update(
+        image_size=data.image_size, channels=data.in_channels, mean=data.mean, std=data.std
+    )
+    refuse_code(
+        config, "this run"
+    )  # what every tool will refuse to read (a literal '${' in a value)
     return config
 
 
@@ -100,8 +128,10 @@ def _claim(cfg: DictConfig, folder: RunFolder, resume: Path | None) -> bool:
     if cfg.resume == "auto":
         hint = "it has no checkpoints/last.pt to resume from; choose another hydra.run.dir="
     elif resume is not None:
-        hint = (f"resume={resume} continues into a new folder: leave hydra.run.dir= out or name "
-                "an empty folder")
+        hint = (
+            f"resume={resume} continues into a new folder: leave hydra.run.dir= out or name "
+            "an empty folder"
+        )
     elif (folder.path / "checkpoints" / "last.pt").exists():
         hint = "pass resume=auto to continue that run, or choose another hydra.run.dir="
     else:
@@ -114,8 +144,9 @@ def _load_resumed(resume: Path) -> dict:
     state = load_checkpoint(resume)
     validated(state["config"], resume)  # data, checked as the command line is, before any use
     if "optimizer" not in state:
-        raise UserError(f"{resume} has no optimizer state (best.pt keeps weights only); "
-                        "resume from last.pt")
+        raise UserError(
+            f"{resume} has no optimizer state (best.pt keeps weights only); resume from last.pt"
+        )
     return state
 
 
@@ -129,29 +160,41 @@ def _carry_over(resume: Path, state: dict, ckpt_dir: Path) -> None:
 
 
 def _check_changes(cfg: DictConfig, config: dict, resumed: dict, resume: Path) -> list[str]:
-    changed = changed_keys(resumed["config"], config, list(cfg.resume_allow_changes), resume,
-                           bool(resumed.get("partial")))
+    changed = changed_keys(
+        resumed["config"],
+        config,
+        list(cfg.resume_allow_changes),
+        resume,
+        bool(resumed.get("partial")),
+    )
     if cfg.epochs < resumed["epoch"]:
-        raise UserError(f"cannot resume {resume} with epochs={cfg.epochs}: it has already trained "
-                        f"{resumed['epoch']} epochs")
+        raise UserError(
+            f"cannot resume {resume} with epochs={cfg.epochs}: it has already trained "
+            f"{resumed['epoch']} epochs"
+        )
     if changed:
         log.info("resuming with changed %s (resume_allow_changes)", ", ".join(changed))
     return changed
 
 
-def _restore_training(cfg, resumed: dict, changed: list[str], optimizer, scheduler, steps: int,
-                      interval: str):
+def _restore_training(
+    cfg, resumed: dict, changed: list[str], optimizer, scheduler, steps: int, interval: str
+):
     """The optimizer's state (momentum buffers, Adam moments) from the checkpoint under the
     hyper-parameters of this config; the schedule where it stood, or, when a setting that
     shapes it changed (resume_allow_changes), a new plan for the new settings fast-forwarded
     to the step the run has reached. Returns the scheduler to use."""
-    configured = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
-                  for group in optimizer.param_groups]
+    configured = [
+        {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+        for group in optimizer.param_groups
+    ]
     try:
         optimizer.load_state_dict(resumed["optimizer"])
     except ValueError as e:
-        raise UserError(f"cannot resume: the checkpoint's optimizer state does not fit this model "
-                        f"and optimizer ({e}); resume with the settings it was trained with") from None
+        raise UserError(
+            f"cannot resume: the checkpoint's optimizer state does not fit this model "
+            f"and optimizer ({e}); resume with the settings it was trained with"
+        ) from None
     for group, settings in zip(optimizer.param_groups, configured):
         group.update(settings)  # e.g. a new weight decay or momentum, the configured fused flag
     if not replans_schedule(changed):
@@ -165,8 +208,12 @@ def _restore_training(cfg, resumed: dict, changed: list[str], optimizer, schedul
         group.pop("initial_lr", None)
     scheduler, _ = create_scheduler(cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=steps)
     fast_forward(scheduler, done)
-    log.info("schedule re-planned for epochs=%d: lr %.4g at step %d", cfg.epochs,
-             optimizer.param_groups[0]["lr"], done)
+    log.info(
+        "schedule re-planned for epochs=%d: lr %.4g at step %d",
+        cfg.epochs,
+        optimizer.param_groups[0]["lr"],
+        done,
+    )
     return scheduler
 
 
@@ -177,8 +224,14 @@ def show_summary(cfg: DictConfig) -> dict:
     apply_pretrained_input(cfg)
     channels, size, classes = data_shape(cfg.data)
     _, info = build_model(cfg.model, channels, classes, size, torch.device("cpu"))
-    print(format_summary(info, f"{cfg.model.name} on {cfg.data.name}: {classes} classes, "
-                               f"input {channels}x{size}x{size}"), flush=True)
+    print(
+        format_summary(
+            info,
+            f"{cfg.model.name} on {cfg.data.name}: {classes} classes, "
+            f"input {channels}x{size}x{size}",
+        ),
+        flush=True,
+    )
     return info
 
 
@@ -192,7 +245,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     resume = _resume_path(cfg, run_dir / "checkpoints")
     folder, task_cfg = RunFolder(run_dir), copy.deepcopy(cfg)
     try:
-        in_place = distributed.any_rank(bool(distributed.on_main(lambda: _claim(cfg, folder, resume))))
+        in_place = distributed.any_rank(
+            bool(distributed.on_main(lambda: _claim(cfg, folder, resume)))
+        )
         if distributed.is_main() and not in_place:
             folder.write_hydra_files(task_cfg)
         return _train(cfg, folder, resume, in_place, task_cfg)
@@ -200,7 +255,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         folder.release()
 
 
-def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bool, task_cfg) -> dict:
+def _train(
+    cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bool, task_cfg
+) -> dict:
     run_dir, ckpt_dir = folder.path, folder.path / "checkpoints"
     resumed = _load_resumed(resume) if resume is not None else None
     device = select_device(cfg.device)
@@ -218,13 +275,18 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
     changed = []
     if resumed is not None:
         if resumed["classes"] != data.classes:
-            raise UserError(f"cannot resume: the checkpoint's classes {resumed['classes']} differ "
-                            f"from the data's {data.classes}")
+            raise UserError(
+                f"cannot resume: the checkpoint's classes {resumed['classes']} differ "
+                f"from the data's {data.classes}"
+            )
         changed = _check_changes(cfg, config, resumed, resume)
         done = run_dir / "results.json"
         if in_place and not changed and done.is_file() and resumed["epoch"] >= cfg.epochs:
-            log.info("%s has finished already (resume=auto keeps its results): test_acc %s",
-                     run_dir, json.loads(done.read_text()).get("test_acc"))
+            log.info(
+                "%s has finished already (resume=auto keeps its results): test_acc %s",
+                run_dir,
+                json.loads(done.read_text()).get("test_acc"),
+            )
             return json.loads(done.read_text())
         if distributed.is_main():
             if in_place:
@@ -233,12 +295,16 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
                 _carry_over(resume, resumed, ckpt_dir)
         distributed.barrier()  # rank 0 may have copied files into ckpt_dir
         log.info("resuming from %s: %s", resume, _resume_point(resumed, cfg.epochs, steps))
-    model, summary = build_model(cfg.model, data.in_channels, len(data.classes), data.image_size, device)
+    model, summary = build_model(
+        cfg.model, data.in_channels, len(data.classes), data.image_size, device
+    )
     nhwc = channels_last(cfg.channels_last, device, dtype)
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(cfg.optim, model)
-    scheduler, interval = create_scheduler(cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=steps)
+    scheduler, interval = create_scheduler(
+        cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=steps
+    )
     scaler = grad_scaler(dtype, device)
     start, history, best, partial, since_best = 1, [], None, None, 0
     ema = _ema(cfg.ema.decay, model, resumed)
@@ -251,11 +317,21 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
         start, history, best = resumed["epoch"] + 1, resumed["history"], resumed["best_metric"]
         partial, since_best = resumed.get("partial"), resumed.get("since_best", 0)
 
-    log.info("%s on %s: %s classes, input %dx%dx%d, %d train / %d val images, %s; device %s%s\n%s",
-             cfg.model.name, cfg.data.name, len(data.classes), data.in_channels, data.image_size,
-             data.image_size, train_loader.num_samples, val_loader.num_samples if val_loader else 0,
-             describe(cfg.aug, cfg.data), device, f", amp {dtype}".replace("torch.", "") if dtype else "",
-             format_summary(summary))
+    log.info(
+        "%s on %s: %s classes, input %dx%dx%d, %d train / %d val images, %s; device %s%s\n%s",
+        cfg.model.name,
+        cfg.data.name,
+        len(data.classes),
+        data.in_channels,
+        data.image_size,
+        data.image_size,
+        train_loader.num_samples,
+        val_loader.num_samples if val_loader else 0,
+        describe(cfg.aug, cfg.data),
+        device,
+        f", amp {dtype}".replace("torch.", "") if dtype else "",
+        format_summary(summary),
+    )
     log.info("run dir: %s", run_dir)
     recipe = experiment_settings(cfg)
     if recipe:
@@ -267,28 +343,49 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
 
         if cfg.sync_batchnorm:
             step_model = nn.SyncBatchNorm.convert_sync_batchnorm(step_model)
-        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = DistributedDataParallel(
+            step_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     step_model = torch.compile(step_model) if cfg.compile else step_model
     # EMA weights, when kept, are the ones validated, tested and saved as the model of a checkpoint
     eval_model = ema.module if ema is not None else step_model
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    common = dict(device=device, amp_dtype=dtype, channels_last=nhwc,
-                  max_steps=cfg.max_eval_steps)
+    common = dict(device=device, amp_dtype=dtype, channels_last=nhwc, max_steps=cfg.max_eval_steps)
     main = distributed.is_main()  # the one process that writes files
-    tracker = RunTracker(run_dir, cfg.epochs, history, write=main, title=f"{cfg.model.name} on {cfg.data.name}",
-                         num_classes=len(data.classes))
-    saver = CheckpointSaver(ckpt_dir, best, cfg.checkpoint.keep_top_k,
-                            resumed.get("top_k", []) if resumed else [], write=main)
+    tracker = RunTracker(
+        run_dir,
+        cfg.epochs,
+        history,
+        write=main,
+        title=f"{cfg.model.name} on {cfg.data.name}",
+        num_classes=len(data.classes),
+    )
+    saver = CheckpointSaver(
+        ckpt_dir,
+        best,
+        cfg.checkpoint.keep_top_k,
+        resumed.get("top_k", []) if resumed else [],
+        write=main,
+    )
     if val_loader is None:
         log.info("no validation data (data.val_split=0): best.pt is chosen by train accuracy")
 
     def state(epoch: int, metrics: dict) -> tuple[dict, dict]:
-        core = {"model": (ema.module if ema is not None else model).state_dict(), "config": config,
-                "classes": data.classes, "epoch": epoch, "metrics": metrics}
-        resume_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler else None,
-                        "rng": distributed.gathered(rng_state(device)),  # one per rank
-                        "history": tracker.history, "since_best": since_best}
+        core = {
+            "model": (ema.module if ema is not None else model).state_dict(),
+            "config": config,
+            "classes": data.classes,
+            "epoch": epoch,
+            "metrics": metrics,
+        }
+        resume_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "rng": distributed.gathered(rng_state(device)),  # one per rank
+            "history": tracker.history,
+            "since_best": since_best,
+        }
         if ema is not None:
             resume_state.update(train_model=model.state_dict(), ema_n_averaged=ema.n_averaged)
         return core, resume_state
@@ -296,37 +393,81 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
     started = time.perf_counter()
     with StopSignals() as signals:
         # the ranks must stop at the same batch: they compare notes every 8 batches
-        stop = (signals.requested if distributed.world_size() == 1 else
-                lambda count=itertools.count(1): next(count) % 8 == 0 and distributed.any_rank(signals.requested()))
+        stop = (
+            signals.requested
+            if distributed.world_size() == 1
+            else _every_8th_batch(signals.requested)
+        )
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.perf_counter()
             # a resumed epoch keeps the lr it started with, for its metrics.csv row
             lr = partial["lr"] if partial else optimizer.param_groups[0]["lr"]
             train_loader.set_epoch(epoch)
-            tr = train_one_epoch(step_model, train_loader, criterion, optimizer, grad_clip=cfg.grad_clip,
-                                 scheduler=scheduler if interval == "step" else None, scaler=scaler,
-                                 desc=f"epoch {epoch}/{cfg.epochs}", device=device, amp_dtype=dtype,
-                                 channels_last=nhwc, max_steps=cfg.max_steps_per_epoch,
-                                 on_nan=cfg.on_nan, state=_epoch_state(partial), stop=stop, ema=ema,
-                                 epochs_after=cfg.epochs - epoch, epoch_times=[r["time"] for r in tracker.history])
+            tr = train_one_epoch(
+                step_model,
+                train_loader,
+                criterion,
+                optimizer,
+                grad_clip=cfg.grad_clip,
+                scheduler=scheduler if interval == "step" else None,
+                scaler=scaler,
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                device=device,
+                amp_dtype=dtype,
+                channels_last=nhwc,
+                max_steps=cfg.max_steps_per_epoch,
+                on_nan=cfg.on_nan,
+                state=_epoch_state(partial),
+                stop=stop,
+                ema=ema,
+                epochs_after=cfg.epochs - epoch,
+                epoch_times=[r["time"] for r in tracker.history],
+            )
             partial = None
             if tr["state"].skipped:
-                log.warning("epoch %d: skipped %d batches with a non-finite loss (on_nan=skip_batch)",
-                            epoch, tr["state"].skipped)
+                log.warning(
+                    "epoch %d: skipped %d batches with a non-finite loss (on_nan=skip_batch)",
+                    epoch,
+                    tr["state"].skipped,
+                )
             if tr["state"].step < tr["total"]:  # stopped by a signal in the middle of the epoch
                 done = distributed.gathered(tr["state"].state_dict())  # each rank's own sums
-                core, resume_state = state(epoch - 1, tracker.history[-1] if tracker.history else {})
-                saver.save_last({**core, **resume_state, "partial": {"epoch": epoch, "lr": lr, "state": done}})
+                core, resume_state = state(
+                    epoch - 1, tracker.history[-1] if tracker.history else {}
+                )
+                saver.save_last(
+                    {**core, **resume_state, "partial": {"epoch": epoch, "lr": lr, "state": done}}
+                )
                 distributed.barrier()
-                raise _interrupted(_signal(signals), saver.last,
-                                   f"in epoch {epoch}/{cfg.epochs} after step {tr['state'].step} of {tr['total']}")
+                raise _interrupted(
+                    _signal(signals),
+                    saver.last,
+                    f"in epoch {epoch}/{cfg.epochs} after step {tr['state'].step} of {tr['total']}",
+                )
             if interval == "epoch":
                 scheduler.step()
-            va = evaluate_loader(eval_model, val_loader, num_classes=len(data.classes),
-                                 keep_predictions=True, desc="val", **common) if val_loader else {"loss": None, "acc": None}
-            row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
-                   "val_loss": va["loss"], "val_acc": va["acc"], "lr": lr,
-                   "time": time.perf_counter() - t0, "img_per_s": tr["img_per_s"]}
+            va = (
+                evaluate_loader(
+                    eval_model,
+                    val_loader,
+                    num_classes=len(data.classes),
+                    keep_predictions=True,
+                    desc="val",
+                    **common,
+                )
+                if val_loader
+                else {"loss": None, "acc": None}
+            )
+            row = {
+                "epoch": epoch,
+                "train_loss": tr["loss"],
+                "train_acc": tr["acc"],
+                "val_loss": va["loss"],
+                "val_acc": va["acc"],
+                "lr": lr,
+                "time": time.perf_counter() - t0,
+                "img_per_s": tr["img_per_s"],
+            }
             tracker.log_epoch(row)
             if val_loader:
                 tracker.log_predictions(val_loader, va, data.classes, epoch)
@@ -336,24 +477,43 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: Path | None, in_place: bo
             distributed.barrier()  # best.pt is complete before any rank reads it
             patience = cfg.early_stop.patience
             if patience and since_best >= patience and epoch < cfg.epochs:
-                log.info("early stop after epoch %d: no better %s accuracy for %d epochs",
-                         epoch, "val" if val_loader else "train", patience)
+                log.info(
+                    "early stop after epoch %d: no better %s accuracy for %d epochs",
+                    epoch,
+                    "val" if val_loader else "train",
+                    patience,
+                )
                 break
             if distributed.any_rank(signals.requested()) and epoch < cfg.epochs:
-                raise _interrupted(_signal(signals), saver.last, f"after epoch {epoch}/{cfg.epochs}")
+                raise _interrupted(
+                    _signal(signals), saver.last, f"after epoch {epoch}/{cfg.epochs}"
+                )
     results, confusion = _final_test(model, data, saver, common)
-    results.update(model=cfg.model.name, dataset=cfg.data.name, epochs=cfg.epochs,
-                   epochs_run=tracker.history[-1]["epoch"] if tracker.history else 0,
-                   train_time_s=round(time.perf_counter() - started, 2), params=summary["params"],
-                   trainable_params=summary["trainable"], macs=summary["macs"],
-                   run_dir=str(run_dir), val_at_chance=tracker.at_chance(results["best_epoch"]))
+    results.update(
+        model=cfg.model.name,
+        dataset=cfg.data.name,
+        epochs=cfg.epochs,
+        epochs_run=tracker.history[-1]["epoch"] if tracker.history else 0,
+        train_time_s=round(time.perf_counter() - started, 2),
+        params=summary["params"],
+        trainable_params=summary["trainable"],
+        macs=summary["macs"],
+        run_dir=str(run_dir),
+        val_at_chance=tracker.at_chance(results["best_epoch"]),
+    )
     if main:
         write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     tracker.log_final(hparams(cfg), results, confusion, data.classes)
     tracker.close()
     if main:
-        log_outputs(run_dir, [f"cnneval ckpt={shown(saver.best)}", f"tensorboard --logdir {shown(run_dir)}",
-                              *_full_datasets(cfg.data)])
+        log_outputs(
+            run_dir,
+            [
+                f"cnneval ckpt={shown(saver.best)}",
+                f"tensorboard --logdir {shown(run_dir)}",
+                *_full_datasets(cfg.data),
+            ],
+        )
     return results
 
 
@@ -362,10 +522,16 @@ def _full_datasets(data: DictConfig) -> list[str]:
     datasets are one override away."""
     if not getattr(BUILTIN.get(data.name), "bundled", False):
         return []
-    log.info("this run trained on the small %s that ships with cnntrain; the full sets are one "
-             "override away (downloaded into %s/, or data.root=):", BUILTIN[data.name].title, shown(data.root))
-    return ["cnntrain data=fashion_mnist   # all 60,000 Fashion-MNIST images",
-            "cnntrain data=mnist           # handwritten digits"]
+    log.info(
+        "this run trained on the small %s that ships with cnntrain; the full sets are one "
+        "override away (downloaded into %s/, or data.root=):",
+        BUILTIN[data.name].title,
+        shown(data.root),
+    )
+    return [
+        "cnntrain data=fashion_mnist   # all 60,000 Fashion-MNIST images",
+        "cnntrain data=mnist           # handwritten digits",
+    ]
 
 
 def _ema(decay, model: nn.Module, resumed: dict | None) -> ModelEma | None:
@@ -386,9 +552,12 @@ def _restore_rng(states, device: torch.device) -> None:
     their fresh seeds, and the run is no longer exactly the uninterrupted one."""
     states = states if isinstance(states, list) else [states]  # older checkpoints: rank 0's only
     if len(states) != distributed.world_size():
-        log.warning("the checkpoint was written by %d process(es) and is resumed by %d: dropout "
-                    "and other random streams do not continue exactly", len(states),
-                    distributed.world_size())
+        log.warning(
+            "the checkpoint was written by %d process(es) and is resumed by %d: dropout "
+            "and other random streams do not continue exactly",
+            len(states),
+            distributed.world_size(),
+        )
     if distributed.rank() < len(states):
         set_rng_state(states[distributed.rank()], device)
 
@@ -405,18 +574,30 @@ def _epoch_state(partial: dict | None) -> EpochState | None:
     step = states[0]["step"]
     if not distributed.is_main():
         return EpochState(step=step)
-    return EpochState(step=step, loss_sum=sum(float(s["loss_sum"]) for s in states),
-                      correct=sum(int(s["correct"]) for s in states), n=sum(s["n"] for s in states),
-                      skipped=states[0]["skipped"])
+    return EpochState(
+        step=step,
+        loss_sum=sum(float(s["loss_sum"]) for s in states),
+        correct=sum(int(s["correct"]) for s in states),
+        n=sum(s["n"] for s in states),
+        skipped=states[0]["skipped"],
+    )
 
 
 def _resume_point(resumed: dict, epochs: int, steps: int) -> str:
     """Where the resumed run continues, in the words of the stop message."""
     partial = resumed.get("partial")
     if partial:
-        return (f"epoch {partial['epoch']}/{epochs} continues after step "
-                f"{_epoch_state(partial).step} of {steps}")
+        return (
+            f"epoch {partial['epoch']}/{epochs} continues after step "
+            f"{_epoch_state(partial).step} of {steps}"
+        )
     return f"epoch {resumed['epoch'] + 1}/{epochs} starts ({resumed['epoch']} done)"
+
+
+def _every_8th_batch(requested):
+    """Whether any rank was asked to stop, asked of all ranks at every 8th call (a collective)."""
+    count = itertools.count(1)
+    return lambda: next(count) % 8 == 0 and distributed.any_rank(requested())
 
 
 def _signal(signals: StopSignals) -> int:
@@ -425,8 +606,11 @@ def _signal(signals: StopSignals) -> int:
 
 
 def _interrupted(signum: int, last: Path, where: str) -> Interrupted:
-    return Interrupted(f"stopped by {signal.Signals(signum).name} {where}; state saved to {last}. "
-                       f"{_resume_hint(last.parent.parent)}", signum)
+    return Interrupted(
+        f"stopped by {signal.Signals(signum).name} {where}; state saved to {last}. "
+        f"{_resume_hint(last.parent.parent)}",
+        signum,
+    )
 
 
 def _resume_hint(run_dir: Path) -> str:
@@ -435,8 +619,10 @@ def _resume_hint(run_dir: Path) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     if in_sweep():
-        return (f"Resume the sweep with the same arguments plus resume=auto "
-                f"hydra.sweep.dir={HydraConfig.get().sweep.dir} (finished jobs keep their results)")
+        return (
+            f"Resume the sweep with the same arguments plus resume=auto "
+            f"hydra.sweep.dir={HydraConfig.get().sweep.dir} (finished jobs keep their results)"
+        )
     return f"Resume with the same arguments plus resume=auto hydra.run.dir={run_dir}"
 
 
@@ -446,7 +632,9 @@ def experiment_settings(cfg: DictConfig | None = None) -> str | None:
     the geometry it applies to the run's data (`cfg`), unless the command line chose another."""
     from hydra.core.hydra_config import HydraConfig
 
-    name = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    name = (
+        HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    )
     if not name:
         return None
     import importlib.resources
@@ -455,8 +643,12 @@ def experiment_settings(cfg: DictConfig | None = None) -> str | None:
     if not path.is_file():  # an experiment from another config search path
         return f"experiment={name}"
     recipe = OmegaConf.to_container(OmegaConf.load(str(path)))
-    settings = [f"{group.rpartition('/')[2]}={option}" for entry in recipe.pop("defaults", [])
-                if isinstance(entry, dict) for group, option in entry.items()]
+    settings = [
+        f"{group.rpartition('/')[2]}={option}"
+        for entry in recipe.pop("defaults", [])
+        if isinstance(entry, dict)
+        for group, option in entry.items()
+    ]
     if cfg is not None and f"aug={cfg.aug.name}" in settings:
         settings[settings.index(f"aug={cfg.aug.name}")] = describe(cfg.aug, cfg.data)
 
@@ -466,18 +658,36 @@ def experiment_settings(cfg: DictConfig | None = None) -> str | None:
                 yield from flat(v, f"{prefix}{k}.")
             else:
                 yield f"{prefix}{k}={json.dumps(v) if isinstance(v, (bool, list)) or v is None else v}"
+
     settings += flat(recipe)
     return f"experiment={name} sets {' '.join(settings)} (command-line overrides win)"
 
 
 # TensorBoard HParams columns: name -> config key (class names for optim and sched)
-HPARAMS = {"model": "model.name", "data": "data.name", "optim": "optim.name", "optim.lr": "optim.lr",
-           "optim.weight_decay": "optim.weight_decay", "sched": "sched.name", "aug": "aug.name",
-           "data.batch_size": "data.batch_size", "epochs": "epochs", "seed": "seed", "amp": "amp",
-           "name": "name"}
+HPARAMS = {
+    "model": "model.name",
+    "data": "data.name",
+    "optim": "optim.name",
+    "optim.lr": "optim.lr",
+    "optim.weight_decay": "optim.weight_decay",
+    "sched": "sched.name",
+    "aug": "aug.name",
+    "data.batch_size": "data.batch_size",
+    "epochs": "epochs",
+    "seed": "seed",
+    "amp": "amp",
+    "name": "name",
+}
 CLASSES = {"optim.name": OPTIMIZERS, "sched.name": SCHEDULES}  # columns that show the torch class
 # overrides that say where things are, not what was trained: not columns
-NOT_HPARAMS = ("data.root", "data.cache_dir", "data.download", "data.num_workers", "resume", "debug")
+NOT_HPARAMS = (
+    "data.root",
+    "data.cache_dir",
+    "data.download",
+    "data.num_workers",
+    "resume",
+    "debug",
+)
 
 
 def _hparam_value(value):
@@ -530,22 +740,45 @@ def hparams(cfg: DictConfig) -> dict:
 
 def _final_test(model, data: Data, saver: CheckpointSaver, common) -> dict:
     best = load_checkpoint(saver.best)
-    out = {"best_epoch": best["epoch"], "best_val_acc": best["metrics"]["val_acc"],
-           "checkpoint": str(saver.best), "test_acc": None, "test_top5": None, "test_loss": None}
+    out = {
+        "best_epoch": best["epoch"],
+        "best_val_acc": best["metrics"]["val_acc"],
+        "checkpoint": str(saver.best),
+        "test_acc": None,
+        "test_top5": None,
+        "test_loss": None,
+    }
     test_loader = data.loaders.get("test")
     if test_loader is None:
         log.info("no test split; the final test score is skipped")
         return out, None
     model.load_state_dict(best["model"])
-    te = evaluate_loader(model, test_loader, num_classes=len(data.classes), desc="test",
-                         **common)
-    out.update(test_acc=te["acc"], test_top5=te["top5"], test_loss=te["loss"],
-               test_images=te["num_samples"], test_capped=te["num_samples"] < test_loader.num_samples)
+    te = evaluate_loader(model, test_loader, num_classes=len(data.classes), desc="test", **common)
+    out.update(
+        test_acc=te["acc"],
+        test_top5=te["top5"],
+        test_loss=te["loss"],
+        test_images=te["num_samples"],
+        test_capped=te["num_samples"] < test_loader.num_samples,
+    )
     if out["test_capped"]:  # max_eval_steps: a quick look, not the test score
-        log.info("test accuracy of best.pt (epoch %d): %.4f (loss %.4f) on only %d of the %d test "
-                 "images (max_eval_steps=%d); the full test: cnneval ckpt=%s", best["epoch"], te["acc"],
-                 te["loss"], te["num_samples"], test_loader.num_samples, common["max_steps"], shown(saver.best))
+        log.info(
+            "test accuracy of best.pt (epoch %d): %.4f (loss %.4f) on only %d of the %d test "
+            "images (max_eval_steps=%d); the full test: cnneval ckpt=%s",
+            best["epoch"],
+            te["acc"],
+            te["loss"],
+            te["num_samples"],
+            test_loader.num_samples,
+            common["max_steps"],
+            shown(saver.best),
+        )
     else:
-        log.info("test accuracy of best.pt (epoch %d): %.4f (loss %.4f, %d images)", best["epoch"],
-                 te["acc"], te["loss"], te["num_samples"])
+        log.info(
+            "test accuracy of best.pt (epoch %d): %.4f (loss %.4f, %d images)",
+            best["epoch"],
+            te["acc"],
+            te["loss"],
+            te["num_samples"],
+        )
     return out, te["confusion"]

@@ -1,5 +1,6 @@
 """`visualize(cfg)`: what a checkpoint's CNN looks at (cnnviz): its first conv filters, the
 feature maps of one layer per stage, and Grad-CAM heatmaps, as PNGs in the run folder."""
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,8 @@ from torch import nn
 from cnntrain.errors import UserError
 from cnntrain.files import save_figure
 from cnntrain.inference import Preprocess, find_images, load_trained_model
-from cnntrain.runtime import select_device
 from cnntrain.rundir import fresh_run
+from cnntrain.runtime import select_device
 from cnntrain.schema import check
 from cnntrain.text import plot_text
 from cnntrain.train import run_dir_from_hydra
@@ -30,8 +31,13 @@ def _trace(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Size]]:
     order, hooks = [], []
     for name, module in model.named_modules():
         if name:
-            hooks.append(module.register_forward_hook(
-                lambda m, i, out, name=name: order.append((name, out.shape)) if isinstance(out, torch.Tensor) else None))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, i, out, name=name: (
+                        order.append((name, out.shape)) if isinstance(out, torch.Tensor) else None
+                    )
+                )
+            )
     try:
         with torch.inference_mode():
             model(x)
@@ -64,12 +70,18 @@ def _capture(model: nn.Module, names: list[str]):
     """Forward hooks keeping each named module's output: ({name: output}, hook handles)."""
     modules = dict(model.named_modules())
     outputs: dict[str, torch.Tensor] = {}
-    hooks = [modules[name].register_forward_hook(
-        lambda m, i, out, name=name: outputs.__setitem__(name, out)) for name in names]
+    hooks = [
+        modules[name].register_forward_hook(
+            lambda m, i, out, name=name: outputs.__setitem__(name, out)
+        )
+        for name in names
+    ]
     return outputs, hooks
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module | str, target: int | None = None) -> torch.Tensor:
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, layer: nn.Module | str, target: int | None = None
+) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al., 2017) of one image x ((C, H, W) or (1, C, H, W), normalized)
     at `layer` (a module of `model` or its name) for class `target` (None: the predicted one):
     a (H, W) map in [0, 1] of where the evidence for the class lies.
@@ -89,13 +101,15 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module | str, target: 
             # the input needs grad so that the activation does even with frozen parameters
             logits = model(x.detach().clone().requires_grad_(True))
             index = int(logits[0].argmax()) if target is None else int(target)
-            grads, = torch.autograd.grad(logits[0, index], kept["a"])
+            (grads,) = torch.autograd.grad(logits[0, index], kept["a"])
     finally:
         hook.remove()
     activation = kept["a"].detach()[0]
     weights = grads[0].mean((1, 2))
     cam = F.relu(torch.einsum("k,khw->hw", weights, activation))
-    cam = F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    cam = F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[
+        0, 0
+    ]
     cam = cam - cam.min()
     return cam / cam.max() if cam.max() > 0 else cam
 
@@ -122,9 +136,13 @@ def filters_figure(model: nn.Module, plt):
     else:
         w = w.mean(1, keepdim=True)
     # NaN gaps are drawn in the colour map's "bad" colour, outside the value scale
-    grid = make_grid(w, nrow=math.ceil(math.sqrt(len(w))), padding=1, pad_value=1.0 if rgb else math.nan)
+    grid = make_grid(
+        w, nrow=math.ceil(math.sqrt(len(w))), padding=1, pad_value=1.0 if rgb else math.nan
+    )
     # 5 inches of filters (500 px), plus the colour bar and the title
-    fig, ax = plt.subplots(figsize=(5 if rgb else 6.3, 0.9 + 5 * grid.shape[1] / grid.shape[2]), layout="constrained")
+    fig, ax = plt.subplots(
+        figsize=(5 if rgb else 6.3, 0.9 + 5 * grid.shape[1] / grid.shape[2]), layout="constrained"
+    )
     title = f"{name}: {len(w)} filters {shape}"
     if rgb:
         ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
@@ -132,7 +150,9 @@ def filters_figure(model: nn.Module, plt):
     else:
         limit = float(w.abs().max()) or 1.0
         cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
-        image = ax.imshow(grid[0].numpy(), cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+        image = ax.imshow(
+            grid[0].numpy(), cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest"
+        )
         mean = f", mean over the {w.shape[1]} input channels" if conv.weight.shape[1] > 1 else ""
         ax.set_title(title + mean, fontsize=10)
         fig.colorbar(image, ax=ax, shrink=0.8, label="weight")
@@ -140,12 +160,20 @@ def filters_figure(model: nn.Module, plt):
     return fig
 
 
-def layer_maps(model: nn.Module, outputs: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+def layer_maps(
+    model: nn.Module, outputs: dict[str, torch.Tensor], k: int
+) -> dict[str, torch.Tensor]:
     """The first channels of image k's map at each layer, labelled with what the layer is and the
     size of its whole output, e.g. "features.1 (ReLU) → 6×28×28": names alone are cryptic."""
     modules = dict(model.named_modules())
-    return {f"{name} ({type(modules[name]).__name__}) → {'×'.join(map(str, out.shape[1:]))}":
-            out[k, :FEATURE_CHANNELS].float().cpu() for name, out in outputs.items()}
+    return {
+        f"{name} ({type(modules[name]).__name__}) → {'×'.join(map(str, out.shape[1:]))}": out[
+            k, :FEATURE_CHANNELS
+        ]
+        .float()
+        .cpu()
+        for name, out in outputs.items()
+    }
 
 
 def feature_maps_figure(pixels: torch.Tensor, maps: dict[str, torch.Tensor], title: str, plt):
@@ -155,8 +183,12 @@ def feature_maps_figure(pixels: torch.Tensor, maps: dict[str, torch.Tensor], tit
 
     cols = min(8, max(len(fmap) for fmap in maps.values()))
     lines = [math.ceil(len(fmap) / cols) for fmap in maps.values()]
-    fig = plt.figure(figsize=(1.1 * cols + 1.2, 1.7 + sum(1.1 * n + 0.35 for n in lines)), layout="constrained")
-    top, *blocks = fig.subfigures(len(maps) + 1, 1, height_ratios=[1.6, *(1.1 * n + 0.35 for n in lines)])
+    fig = plt.figure(
+        figsize=(1.1 * cols + 1.2, 1.7 + sum(1.1 * n + 0.35 for n in lines)), layout="constrained"
+    )
+    top, *blocks = fig.subfigures(
+        len(maps) + 1, 1, height_ratios=[1.6, *(1.1 * n + 0.35 for n in lines)]
+    )
     ax = top.subplots()
     ax.imshow(_display(pixels), cmap="gray")
     ax.axis("off")
@@ -202,7 +234,7 @@ def visualize(cfg: DictConfig, run_dir: str | Path | None = None) -> list[Path]:
 
     check(cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
-    files = find_images(cfg.inputs)[:cfg.max_images]  # before anything is claimed or built
+    files = find_images(cfg.inputs)[: cfg.max_images]  # before anything is claimed or built
     with fresh_run(run_dir, cfg):
         return _visualize(cfg, files, run_dir, plt)
 
@@ -210,10 +242,15 @@ def visualize(cfg: DictConfig, run_dir: str | Path | None = None) -> list[Path]:
 def _visualize(cfg: DictConfig, files: list[Path], run_dir: Path, plt) -> list[Path]:
     device = select_device(cfg.device)
     model, trained, classes = load_trained_model(cfg.ckpt, device)
-    if cfg.target_class is not None and cfg.target_class not in classes and not (
-            isinstance(cfg.target_class, int) and 0 <= cfg.target_class < len(classes)):
-        raise UserError(f"target_class must be a class name or index 0..{len(classes) - 1}, got "
-                        f"{cfg.target_class!r}; classes: {', '.join(classes)}")
+    if (
+        cfg.target_class is not None
+        and cfg.target_class not in classes
+        and not (isinstance(cfg.target_class, int) and 0 <= cfg.target_class < len(classes))
+    ):
+        raise UserError(
+            f"target_class must be a class name or index 0..{len(classes) - 1}, got "
+            f"{cfg.target_class!r}; classes: {', '.join(classes)}"
+        )
     target = classes.index(cfg.target_class) if cfg.target_class in classes else cfg.target_class
     prep = Preprocess(trained, device)
     pixels = torch.stack([prep.pixels(path) for path in files])
@@ -237,7 +274,11 @@ def _visualize(cfg: DictConfig, files: list[Path], run_dir: Path, plt) -> list[P
         _save(feature_maps_figure(pixels[k], maps, title, plt), written[-1], plt)
         cam = grad_cam(model, x[k], layers[-1], shown).cpu()
         written.append(run_dir / f"gradcam_{k}.png")
-        _save(grad_cam_figure(pixels[k], cam, f"Grad-CAM at {layers[-1]} for {title}", plt), written[-1], plt)
+        _save(
+            grad_cam_figure(pixels[k], cam, f"Grad-CAM at {layers[-1]} for {title}", plt),
+            written[-1],
+            plt,
+        )
         log.info("%d: %s", k, path)
     print(*written, sep="\n", flush=True)
     return written
@@ -253,7 +294,9 @@ def _choose_layers(model: nn.Module, x: torch.Tensor, layers) -> list[str]:
     modules = dict(model.named_modules())
     unknown = [name for name in names if name not in modules or not name]
     if unknown or not names:
-        raise UserError(f"unknown layer(s) {', '.join(unknown) or '[]'}; per-stage layers: "
-                        f"{', '.join(valid)}; top-level modules: {', '.join(n for n, _ in model.named_children())} "
-                        "(or a nested name such as the per-stage ones)")
+        raise UserError(
+            f"unknown layer(s) {', '.join(unknown) or '[]'}; per-stage layers: "
+            f"{', '.join(valid)}; top-level modules: {', '.join(n for n, _ in model.named_children())} "
+            "(or a nested name such as the per-stage ones)"
+        )
     return names

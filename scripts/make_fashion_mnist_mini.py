@@ -13,6 +13,7 @@ CRC catches a damaged copy; the header's time stamp is zeroed, so the same input
 bytes) plus the dataset's MIT license; `--layout torchvision` writes the uncompressed files where
 `torchvision.datasets.FashionMNIST(root)` expects them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,7 +77,11 @@ def idx_bytes(t: torch.Tensor) -> bytes:
     """The IDX format of LeCun's MNIST page: magic (0, 0, type 0x08 = ubyte, ndim), each dimension
     as a big-endian int32, then the data. torchvision reads it but has no writer."""
     t = t.to(torch.uint8).contiguous()
-    return struct.pack(">BBBB", 0, 0, 0x08, t.ndim) + struct.pack(f">{t.ndim}I", *t.shape) + t.numpy().tobytes()
+    return (
+        struct.pack(">BBBB", 0, 0, 0x08, t.ndim)
+        + struct.pack(f">{t.ndim}I", *t.shape)
+        + t.numpy().tobytes()
+    )
 
 
 def write(path: Path, data: bytes, compress: bool) -> None:
@@ -92,7 +97,9 @@ def write(path: Path, data: bytes, compress: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--src", required=True, help="folder holding FashionMNIST/raw (fashion_mnist.sh's DEST)")
+    p.add_argument(
+        "--src", required=True, help="folder holding FashionMNIST/raw (fashion_mnist.sh's DEST)"
+    )
     p.add_argument("--out", type=Path, default=BUNDLED)
     p.add_argument("--train", default="6000", help="training images, a multiple of 10, or all")
     p.add_argument("--test", default="1000", help="test images, a multiple of 10, or all")
@@ -108,10 +115,14 @@ def main() -> None:
         for kind, tensor in (("images-idx3", ds.data[rows]), ("labels-idx1", ds.targets[rows])):
             name = f"{prefix}-{kind}-ubyte" + (".gz" if bundled else "")
             write(out / name, idx_bytes(tensor), compress=bundled)
-        print(f"{split}: {len(rows)} images ({torch.bincount(ds.targets[rows]).tolist()} per class) -> {out}")
+        print(
+            f"{split}: {len(rows)} images ({torch.bincount(ds.targets[rows]).tolist()} per class) -> {out}"
+        )
     if bundled:
         (out / "LICENSE").write_text(LICENSE)
-        (out / "README.md").write_text(README.format(train=args.train, test=args.test, seed=args.seed))
+        (out / "README.md").write_text(
+            README.format(train=args.train, test=args.test, seed=args.seed)
+        )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def signal_at_batch(monkeypatch):
                     if seen[0] == n:
                         signal.raise_signal(signum)
                 yield batch
+
         monkeypatch.setattr(BatchLoader, "iter_from", iter_from)
+
     return arm
 
 
@@ -76,13 +78,21 @@ def run_cli(*args, cwd=None, check=True, timeout=600, env=None) -> subprocess.Co
     """Run a console script (cnntrain/cnneval) as a user would, from `cwd`, with `env` added to
     the environment (a None value removes that variable). The scripts of the environment running
     the tests are used, whether or not it is activated."""
-    env = {k: v for k, v in {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}.items() if v is not None}
+    env = {
+        k: v
+        for k, v in {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}.items()
+        if v is not None
+    }
     script = Path(sys.executable).parent / args[0]
     if script.is_file():
         args = (str(script), *args[1:])
-    proc = subprocess.run([*args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [*args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 

@@ -1,6 +1,7 @@
 """Tiny datasets written in the real on-disk formats (IDX, CIFAR python pickles, PNG/JPEG image
 folders), read back by the same torchvision code as the real ones. Each class has its own
 bright square plus noise, so a small CNN learns them in an epoch or two."""
+
 from __future__ import annotations
 
 import pickle
@@ -9,7 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def make_images(n: int, num_classes: int, size: int, channels: int, seed: int):
@@ -22,7 +34,7 @@ def make_images(n: int, num_classes: int, size: int, channels: int, seed: int):
     for i, c in enumerate(labels):
         r, col = divmod(int(c) % 16, 4)  # one of 16 positions in a 4x4 grid
         y, x = size // 8 + r * (size // 5), size // 8 + col * (size // 5)
-        images[i, y:y + cell, x:x + cell, :] = 140 + (int(c) // 16) * 18
+        images[i, y : y + cell, x : x + cell, :] = 140 + (int(c) // 16) * 18
     return images, labels.astype(np.int64)
 
 
@@ -56,6 +68,7 @@ def write_pickle(path: Path, obj) -> None:
 
 def write_cifar(root: Path, num_classes: int = 10, n_train: int = 500, n_test: int = 200) -> Path:
     """CIFAR-10 (5 data batches + test_batch + batches.meta) or CIFAR-100 (train, test, meta)."""
+
     def rows(images):  # CIFAR stores each image as 1024 R, then 1024 G, then 1024 B bytes
         return images.transpose(0, 3, 1, 2).reshape(len(images), -1)
 
@@ -65,21 +78,33 @@ def write_cifar(root: Path, num_classes: int = 10, n_train: int = 500, n_test: i
         base = Path(root) / "cifar-10-batches-py"
         base.mkdir(parents=True, exist_ok=True)
         for b, idx in enumerate(np.array_split(np.arange(n_train), 5), 1):
-            write_pickle(base / f"data_batch_{b}", {"data": rows(train[0][idx]), "labels": train[1][idx].tolist()})
+            write_pickle(
+                base / f"data_batch_{b}",
+                {"data": rows(train[0][idx]), "labels": train[1][idx].tolist()},
+            )
         write_pickle(base / "test_batch", {"data": rows(test[0]), "labels": test[1].tolist()})
         write_pickle(base / "batches.meta", {"label_names": CIFAR10_CLASSES})
     else:
         base = Path(root) / "cifar-100-python"
         base.mkdir(parents=True, exist_ok=True)
         for name, (images, labels) in (("train", train), ("test", test)):
-            write_pickle(base / name, {"data": rows(images), "fine_labels": labels.tolist(),
-                                  "coarse_labels": (labels // 5).tolist()})
-        write_pickle(base / "meta", {"fine_label_names": [f"class{i:02d}" for i in range(num_classes)]})
+            write_pickle(
+                base / name,
+                {
+                    "data": rows(images),
+                    "fine_labels": labels.tolist(),
+                    "coarse_labels": (labels // 5).tolist(),
+                },
+            )
+        write_pickle(
+            base / "meta", {"fine_label_names": [f"class{i:02d}" for i in range(num_classes)]}
+        )
     return Path(root)
 
 
-def write_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: dict | None = None,
-                       size: int = 48) -> Path:
+def write_image_folder(
+    root: Path, classes=("cat", "dog", "fox"), per_class: dict | None = None, size: int = 48
+) -> Path:
     """root/{train,val,test}/<class>/*.png|jpg (mixed formats, sizes and modes, as real folders are)."""
     from PIL import Image
 
@@ -99,8 +124,16 @@ def write_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: dic
     return Path(root)
 
 
-def export_folder(images, labels, classes, dest, split: str, fmt: str = "png", size: int | None = None,
-                  rgb: bool = False) -> Path:
+def export_folder(
+    images,
+    labels,
+    classes,
+    dest,
+    split: str,
+    fmt: str = "png",
+    size: int | None = None,
+    rgb: bool = False,
+) -> Path:
     """Write uint8 images (N, H, W) gray, or (N, H, W, 3)) as dest/<split>/<class>/<index>.<fmt>
     (png or jpg): a real dataset laid out as an image folder. size: resized to size x size
     (bicubic); rgb: gray images stored as RGB, as photos of gray things often are."""

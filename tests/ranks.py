@@ -2,6 +2,7 @@
 tests that change one rank's behaviour (a signal on rank 0, an inf loss on rank 1): torchrun's
 processes cannot be monkeypatched from a test. A hang (ranks out of step in a collective) is a
 failure after `timeout` seconds, not a stuck test run."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -23,8 +24,10 @@ def run(fn, *args, world: int = 2, timeout: float = 240) -> list:
     `fn` must be importable by name (a module-level function)."""
     ctx = mp.get_context("spawn")
     results, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_rank_main, args=(rank, world, port, fn, args, results), daemon=True)
-             for rank in range(world)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(rank, world, port, fn, args, results), daemon=True)
+        for rank in range(world)
+    ]
     for p in procs:
         p.start()
     out, deadline = {}, time.monotonic() + timeout
@@ -33,8 +36,10 @@ def run(fn, *args, world: int = 2, timeout: float = 240) -> list:
             try:
                 rank, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"ranks {sorted(set(range(world)) - set(out))} did not finish "
-                                     f"within {timeout} s (a hang?); finished: {out}") from None
+                raise AssertionError(
+                    f"ranks {sorted(set(range(world)) - set(out))} did not finish "
+                    f"within {timeout} s (a hang?); finished: {out}"
+                ) from None
             out[rank] = value
     finally:
         for p in procs:
@@ -45,9 +50,15 @@ def run(fn, *args, world: int = 2, timeout: float = 240) -> list:
 
 
 def _rank_main(rank, world, port, fn, args, results) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     import torch
 
     from cnntrain import distributed

@@ -1,4 +1,5 @@
 """BatchTransform: per-image random parameters, seeded on the host, against torchvision."""
+
 import math
 
 import numpy as np
@@ -16,7 +17,9 @@ RGB = dict(mean=[0.0] * 3, std=[1.0] * 3, device="cpu")  # normalized = pixels /
 
 
 def images(b=8, c=3, s=32, seed=0):
-    return torch.randint(0, 256, (b, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (b, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def copies(b=32, c=3, s=32):
@@ -72,7 +75,9 @@ def test_eval_is_normalized_center_crop():
     assert not t.random
     out, y = t(x, torch.arange(4), seed=1)
     crop = TF.center_crop(x, [32, 32]).float() / 255
-    want = (crop - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    want = (crop - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.2, 0.25, 0.3]
+    ).view(1, 3, 1, 1)
     assert out.dtype == torch.float32 and out.shape == (4, 3, 32, 32)
     torch.testing.assert_close(out, want)
     assert torch.equal(out, t(x, y, seed=2)[0])  # the seed is ignored
@@ -85,8 +90,17 @@ def test_dtype_shape_and_normalization_gray_and_rgb(c):
     x = images(6, c, 40)
     out, _ = BatchTransform(mean, std, "cpu", size=32)(x, torch.zeros(6, dtype=torch.long), 0)
     torch.testing.assert_close(out, (x[..., 4:36, 4:36].float() / 255 - 0.5) / 0.25)
-    everything = dict(crop_scale=(0.35, 1), hflip=True, color_jitter=0.4, hue=0.1, policy="randaugment",
-                      random_erasing=0.5, mixup_alpha=0.2, cutmix_alpha=1.0, num_classes=5)
+    everything = dict(
+        crop_scale=(0.35, 1),
+        hflip=True,
+        color_jitter=0.4,
+        hue=0.1,
+        policy="randaugment",
+        random_erasing=0.5,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        num_classes=5,
+    )
     out, target = BatchTransform(mean, std, "cpu", size=24, **everything)(x, torch.arange(6) % 5, 3)
     assert out.dtype == torch.float32 and out.shape == (6, c, 24, 24)
     assert out.min() >= -2 and out.max() <= 2  # within the normalized range of 0..255
@@ -104,7 +118,7 @@ def test_shift_and_flip_are_pixel_exact():
     candidates = {}
     for dy in range(2 * p + 1):
         for dx in range(2 * p + 1):
-            crop = padded[:, dy:dy + s, dx:dx + s]
+            crop = padded[:, dy : dy + s, dx : dx + s]
             for flip in (False, True):
                 img = crop.flip(-1) if flip else crop
                 candidates[t.normalize(img[None])[0].numpy().tobytes()] = (dy, dx, flip)
@@ -121,8 +135,11 @@ def test_rotation_keeps_the_centre_and_zero_fills():
     assert (out[:, :, 0, 0] == 0).sum() > 0  # some corners rotated out
 
 
-@pytest.mark.parametrize("kw", [dict(scale=(0.5, 0.8)), dict(scale=(1.2, 1.6)), dict(degrees=30, scale=(0.6, 1.4))],
-                         ids=["shrink", "enlarge", "rotation_and_scale"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(scale=(0.5, 0.8)), dict(scale=(1.2, 1.6)), dict(degrees=30, scale=(0.6, 1.4))],
+    ids=["shrink", "enlarge", "rotation_and_scale"],
+)
 def test_affine_per_image_equals_functional_affine(kw):
     """Each image gets what torchvision's affine gives it alone with the angle and zoom drawn
     for it (ranges on one side of 1: zooming by z and by 1/z must not pass for each other)."""
@@ -136,8 +153,14 @@ def test_affine_per_image_equals_functional_affine(kw):
     for i in range(b):
         # torchvision turns counter-clockwise for a positive angle, our matrices clockwise; the
         # angles are drawn symmetric around 0
-        want = TF.affine(x[i].float(), angle=-math.degrees(angle[i]), translate=[0, 0], scale=float(zoom[i]),
-                         shear=[0.0, 0.0], interpolation=InterpolationMode.BILINEAR)
+        want = TF.affine(
+            x[i].float(),
+            angle=-math.degrees(angle[i]),
+            translate=[0, 0],
+            scale=float(zoom[i]),
+            shear=[0.0, 0.0],
+            interpolation=InterpolationMode.BILINEAR,
+        )
         torch.testing.assert_close(out[i], want, atol=2e-3, rtol=0)
 
 
@@ -149,7 +172,9 @@ def test_rrc_whole_image_is_a_resize():
     want = TF.resize(x.float(), [32, 32], antialias=True) / 255
     assert (out - want).abs().mean() < 0.005 and (out - want).abs().max() < 0.05
     same = BatchTransform(**RGB, size=48, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
-    torch.testing.assert_close(same(x, torch.zeros(4, dtype=torch.long), seed=0)[0], x.float() / 255)
+    torch.testing.assert_close(
+        same(x, torch.zeros(4, dtype=torch.long), seed=0)[0], x.float() / 255
+    )
 
 
 def test_rrc_box_of_output_size_is_an_exact_crop():
@@ -160,7 +185,7 @@ def test_rrc_box_of_output_size_is_an_exact_crop():
     crops = {}
     for i in range(25):
         for j in range(25):
-            crop = x[0, :, i:i + 24, j:j + 24]
+            crop = x[0, :, i : i + 24, j : j + 24]
             crops[crop.numpy().tobytes()] = (i, j, False)
             crops[crop.flip(-1).numpy().tobytes()] = (i, j, True)
     seen = [crops.get(o.numpy().tobytes()) for o in out]
@@ -197,8 +222,9 @@ def test_policy_batched_equals_torchvision_per_image(policy):
         for stage in stages:
             name, mag = stage[i]
             drawn.add(name)
-            img = ref._apply_image_or_video_transform(img, name, mag, interpolation=InterpolationMode.NEAREST,
-                                                      fill=ref._fill)
+            img = ref._apply_image_or_video_transform(
+                img, name, mag, interpolation=InterpolationMode.NEAREST, fill=ref._fill
+            )
         assert torch.equal(out[i], img), (i, [stage[i] for stage in stages])
     assert len(drawn) >= 6
 
@@ -207,19 +233,33 @@ def test_policy_batched_equals_torchvision_per_image(policy):
 def test_batched_rotate_equals_functional(angle):
     x = images(5, s=20)
     theta = torch.stack([_policy_theta("Rotate", angle, 20)] * 5)
-    want = torch.stack([TF.rotate(img, angle, interpolation=InterpolationMode.NEAREST) for img in x])
+    want = torch.stack(
+        [TF.rotate(img, angle, interpolation=InterpolationMode.NEAREST) for img in x]
+    )
     assert torch.equal(_grid_nearest(x, theta), want)
 
 
-@pytest.mark.parametrize("name,mag", [("Posterize", 5.0), ("Equalize", 0.0), ("Sharpness", 0.3),
-                                      ("AutoContrast", 0.0), ("Solarize", 0.5)])
+@pytest.mark.parametrize(
+    "name,mag",
+    [
+        ("Posterize", 5.0),
+        ("Equalize", 0.0),
+        ("Sharpness", 0.3),
+        ("AutoContrast", 0.0),
+        ("Solarize", 0.5),
+    ],
+)
 def test_group_op_equals_functional_per_image(name, mag):
     x = images(6, s=20)
     x[0] = 7  # a flat image: autocontrast/equalize leave it
     t = BatchTransform(**RGB, size=20, policy="randaugment")
-    fn = {"Posterize": lambda img: TF.posterize(img, 5), "Equalize": TF.equalize,
-          "Sharpness": lambda img: TF.adjust_sharpness(img, 1.3), "AutoContrast": TF.autocontrast,
-          "Solarize": lambda img: TF.solarize(img, 127.5)}[name]
+    fn = {
+        "Posterize": lambda img: TF.posterize(img, 5),
+        "Equalize": TF.equalize,
+        "Sharpness": lambda img: TF.adjust_sharpness(img, 1.3),
+        "AutoContrast": TF.autocontrast,
+        "Solarize": lambda img: TF.solarize(img, 127.5),
+    }[name]
     assert torch.equal(t._op(x, name, mag, None), torch.stack([fn(img) for img in x]))
 
 
@@ -229,11 +269,20 @@ def test_jitter_component_per_image_equals_functional(component):
     x = images(b, s=8).float() / 255
     t = BatchTransform(**RGB, size=8, color_jitter=0.5, hue=0.3)
     factors = torch.linspace(0.6, 1.4, b) if component != "hue" else torch.linspace(-0.3, 0.3, b)
-    p = {"brightness": torch.ones(b), "contrast": torch.ones(b), "saturation": torch.ones(b),
-         "hue": torch.zeros(b), component: factors}
+    p = {
+        "brightness": torch.ones(b),
+        "contrast": torch.ones(b),
+        "saturation": torch.ones(b),
+        "hue": torch.zeros(b),
+        component: factors,
+    }
     out = t._color(x * 255, p) / 255
-    fn = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
-          "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}[component]
+    fn = {
+        "brightness": TF.adjust_brightness,
+        "contrast": TF.adjust_contrast,
+        "saturation": TF.adjust_saturation,
+        "hue": TF.adjust_hue,
+    }[component]
     want = torch.stack([fn(img, float(f)) for img, f in zip(x, factors)])
     torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
 
@@ -254,13 +303,22 @@ def test_erasing_zeroes_one_box_per_image():
     for z in zero:
         rows, cols = z.any(1).nonzero()[:, 0], z.any(0).nonzero()[:, 0]
         assert len(rows) > 0
-        assert z.sum() == len(rows) * len(cols) == z[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].sum()
+        assert (
+            z.sum()
+            == len(rows) * len(cols)
+            == z[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].sum()
+        )
     assert len({z.numpy().tobytes() for z in zero}) > 16
 
 
 def constant_batch(b=8):
     """Image i is flat at value 20 + 25 i and has label i."""
-    x = (20 + 25 * torch.arange(b, dtype=torch.uint8)).view(b, 1, 1, 1).expand(b, 3, 16, 16).contiguous()
+    x = (
+        (20 + 25 * torch.arange(b, dtype=torch.uint8))
+        .view(b, 1, 1, 1)
+        .expand(b, 3, 16, 16)
+        .contiguous()
+    )
     return x, torch.arange(b)
 
 
@@ -308,8 +366,19 @@ def test_no_global_rng_and_everything_on():
     np.random.seed(0)
     state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
     for kw in (dict(crop_scale=(0.08, 1)), dict(shift=3, degrees=10, scale=(0.9, 1.1))):
-        t = BatchTransform(**RGB, size=24, hflip=True, color_jitter=0.4, hue=0.1, policy="autoaugment",
-                           random_erasing=0.5, mixup_alpha=0.2, cutmix_alpha=1.0, num_classes=4, **kw)
+        t = BatchTransform(
+            **RGB,
+            size=24,
+            hflip=True,
+            color_jitter=0.4,
+            hue=0.1,
+            policy="autoaugment",
+            random_erasing=0.5,
+            mixup_alpha=0.2,
+            cutmix_alpha=1.0,
+            num_classes=4,
+            **kw,
+        )
         t(images(8, s=28), torch.arange(8) % 4, seed=11)
     t = BatchTransform(**RGB, size=24, policy="randaugment")
     t(images(8, s=28), torch.zeros(8, dtype=torch.long), seed=11)
@@ -319,13 +388,26 @@ def test_no_global_rng_and_everything_on():
 
 def test_parameters_survive_the_packed_copy(monkeypatch):
     """Off the CPU the parameters travel as one float32 vector: same output as unpacked."""
-    kw = dict(size=24, hflip=True, color_jitter=0.4, hue=0.1, random_erasing=0.5, mixup_alpha=0.2,
-              cutmix_alpha=1.0, num_classes=4)
+    kw = dict(
+        size=24,
+        hflip=True,
+        color_jitter=0.4,
+        hue=0.1,
+        random_erasing=0.5,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        num_classes=4,
+    )
     x, y = images(32, s=28), torch.arange(32) % 4
-    configs = (dict(crop_scale=(0.08, 1), policy="randaugment"), dict(shift=3, policy="autoaugment"),
-               dict(shift=3, degrees=10, scale=(0.9, 1.1)))
+    configs = (
+        dict(crop_scale=(0.08, 1), policy="randaugment"),
+        dict(shift=3, policy="autoaugment"),
+        dict(shift=3, degrees=10, scale=(0.9, 1.1)),
+    )
     want = [BatchTransform(**RGB, **kw, **extra)(x, y, 4) for extra in configs]
-    monkeypatch.setattr(augment, "_to_device", lambda host, device: augment._unpack(augment._pack(host), host))
+    monkeypatch.setattr(
+        augment, "_to_device", lambda host, device: augment._unpack(augment._pack(host), host)
+    )
     for extra, (out, target) in zip(configs, want):
         got = BatchTransform(**RGB, **kw, **extra)(x, y, 4)
         assert torch.equal(got[0], out) and torch.equal(got[1], target)
@@ -342,9 +424,18 @@ def test_refuses_inconsistent_settings():
         BatchTransform(**RGB, size=8, scale=(1.1, 0.9))
 
 
-@pytest.mark.parametrize("kw", [{}, dict(shift=4, hflip=True), dict(degrees=10), dict(scale=(0.9, 1.1)),
-                                dict(crop_scale=(0.3, 1.0)), dict(policy="randaugment", cutmix_alpha=1.0, num_classes=4)],
-                         ids=["eval", "shift_flip", "rotation", "scale", "rrc", "policy_cutmix"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(shift=4, hflip=True),
+        dict(degrees=10),
+        dict(scale=(0.9, 1.1)),
+        dict(crop_scale=(0.3, 1.0)),
+        dict(policy="randaugment", cutmix_alpha=1.0, num_classes=4),
+    ],
+    ids=["eval", "shift_flip", "rotation", "scale", "rrc", "policy_cutmix"],
+)
 def test_smaller_images_are_resized_up_first_as_the_host_once_did(kw):
     """Built-in datasets are stored at their native size: the batch resized on the device is
     bitwise the set resized on the host (TF.resize of uint8, antialiased), then transformed."""
@@ -359,13 +450,19 @@ def test_smaller_images_are_resized_up_first_as_the_host_once_did(kw):
 
 
 # settings whose parts must be bitwise the whole batch's: each op and mix alone, and everything
-EVERYTHING = dict(hflip=True, color_jitter=0.4, hue=0.1, random_erasing=0.5, mixup_alpha=0.2, cutmix_alpha=1.0)
-PARTS = {**OPS, **MIXES,
-         "everything_rrc_randaugment": dict(crop_scale=(0.08, 1), policy="randaugment", **EVERYTHING),
-         "everything_affine_autoaugment": dict(shift=3, degrees=10, scale=(0.9, 1.1), policy="autoaugment",
-                                               **EVERYTHING),
-         "everything_shift_autoaugment": dict(shift=3, policy="autoaugment", **EVERYTHING),
-         "everything_upsized": dict(shift=3, policy="randaugment", **EVERYTHING, size=36)}
+EVERYTHING = dict(
+    hflip=True, color_jitter=0.4, hue=0.1, random_erasing=0.5, mixup_alpha=0.2, cutmix_alpha=1.0
+)
+PARTS = {
+    **OPS,
+    **MIXES,
+    "everything_rrc_randaugment": dict(crop_scale=(0.08, 1), policy="randaugment", **EVERYTHING),
+    "everything_affine_autoaugment": dict(
+        shift=3, degrees=10, scale=(0.9, 1.1), policy="autoaugment", **EVERYTHING
+    ),
+    "everything_shift_autoaugment": dict(shift=3, policy="autoaugment", **EVERYTHING),
+    "everything_upsized": dict(shift=3, policy="randaugment", **EVERYTHING, size=36),
+}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -390,11 +487,22 @@ def test_a_part_of_a_batch_is_that_part_of_the_batch_transformed_whole(setting, 
 
 @pytest.mark.cuda
 def test_cuda_matches_cpu_and_never_syncs():
-    kw = dict(size=24, hflip=True, color_jitter=0.4, hue=0.1, random_erasing=0.5, mixup_alpha=0.2,
-              cutmix_alpha=1.0, num_classes=4)
+    kw = dict(
+        size=24,
+        hflip=True,
+        color_jitter=0.4,
+        hue=0.1,
+        random_erasing=0.5,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        num_classes=4,
+    )
     x, y = images(32, s=28), torch.arange(32) % 4
-    for extra in (dict(crop_scale=(0.08, 1), policy="randaugment"), dict(shift=3, policy="autoaugment"),
-                  dict(shift=3, degrees=10, scale=(0.9, 1.1))):
+    for extra in (
+        dict(crop_scale=(0.08, 1), policy="randaugment"),
+        dict(shift=3, policy="autoaugment"),
+        dict(shift=3, degrees=10, scale=(0.9, 1.1)),
+    ):
         cpu = BatchTransform(**RGB, **kw, **extra)
         gpu = BatchTransform([0.0] * 3, [1.0] * 3, "cuda", **kw, **extra)
         xc, yc = x.cuda(), y.cuda()

@@ -1,6 +1,7 @@
 """The decoded image cache (cnntrain/data/cache.py): image folder splits decoded once into a
 uint8 array on disk and memory-mapped afterwards; rebuilt when the files change, never trusted
 half-built, shared by processes that build it at once, and with the pixels of the eval preset."""
+
 import logging
 import os
 import signal
@@ -12,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakedata import export_folder, make_images, write_image_folder
 from PIL import Image
 
 from cnntrain.data import cache
 from cnntrain.data.cache import folder_facts, load_split, measure_mean_std, scan_split
 from cnntrain.data.folder import to_mode
 from cnntrain.errors import UserError
-from fakedata import export_folder, make_images, write_image_folder
 
 CLASSES = ["cat", "dog", "fox"]
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +38,11 @@ def load(root, cache_dir, split="train", **kw):
 
 def entries(cache_dir):
     """The cache entry folders (and anything else that is not a lock or facts file)."""
-    return sorted(p.name for p in Path(cache_dir).iterdir()
-                  if not p.name.endswith(".lock") and not p.name.startswith("facts-"))
+    return sorted(
+        p.name
+        for p in Path(cache_dir).iterdir()
+        if not p.name.endswith(".lock") and not p.name.startswith("facts-")
+    )
 
 
 def count_decodes(monkeypatch) -> list:
@@ -59,10 +63,12 @@ def expected(path, size, mode="RGB") -> np.ndarray:
 
     with Image.open(path) as img:
         return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])(
-            to_mode(img, mode)).numpy()
+            to_mode(img, mode)
+        ).numpy()
 
 
 # ---------------------------------------------------------------- reuse and rebuild
+
 
 def test_second_load_reuses_the_entry_without_decoding(folder, tmp_path, monkeypatch, caplog):
     first = load(folder, tmp_path / "c")
@@ -79,7 +85,9 @@ def test_second_load_reuses_the_entry_without_decoding(folder, tmp_path, monkeyp
 
 
 def test_another_size_or_channel_count_is_another_entry(folder, tmp_path):
-    a, b, c = (load(folder, tmp_path / "c", size=s, channels=ch) for s, ch in ((16, 3), (12, 3), (16, 1)))
+    a, b, c = (
+        load(folder, tmp_path / "c", size=s, channels=ch) for s, ch in ((16, 3), (12, 3), (16, 1))
+    )
     assert len({a.path, b.path, c.path}) == 3 and len(entries(tmp_path / "c")) == 3
     assert b.images.shape[1:] == (3, 12, 12) and c.images.shape[1:] == (1, 16, 16)
 
@@ -143,9 +151,21 @@ SLOW_BUILD = """
 
 
 def start_build(root, cache_dir, delay):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    args = [sys.executable, "-c", textwrap.dedent(SLOW_BUILD), str(root), str(cache_dir), str(delay)]
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = [
+        sys.executable,
+        "-c",
+        textwrap.dedent(SLOW_BUILD),
+        str(root),
+        str(cache_dir),
+        str(delay),
+    ]
+    return subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def wait_for(condition, timeout=60):
@@ -166,7 +186,9 @@ def test_a_killed_build_leaves_nothing_trusted(folder, tmp_path, monkeypatch):
     finally:
         proc.kill()
         proc.wait()
-    assert list(cache_dir.glob("tmp-*")) and not [e for e in entries(cache_dir) if not e.startswith("tmp-")]
+    assert list(cache_dir.glob("tmp-*")) and not [
+        e for e in entries(cache_dir) if not e.startswith("tmp-")
+    ]
     calls = count_decodes(monkeypatch)
     rebuilt = load(folder, cache_dir)
     assert len(calls) == 36
@@ -185,10 +207,14 @@ def test_two_processes_building_at_once_share_one_entry(folder, tmp_path):
     assert len(digests) == 1 and len(entries(cache_dir)) == 1
     mine = load(folder, cache_dir)
     import hashlib
-    assert digests == {"digest " + hashlib.sha256(mine.images.tobytes() + mine.labels.tobytes()).hexdigest()}
+
+    assert digests == {
+        "digest " + hashlib.sha256(mine.images.tobytes() + mine.labels.tobytes()).hexdigest()
+    }
 
 
 # ---------------------------------------------------------------- pixels
+
 
 def _rgb(path):
     Image.fromarray(make_images(1, 1, 37, 3, 0)[0][0]).resize((37, 23)).save(path)
@@ -233,6 +259,7 @@ def test_two_workers_and_none_give_the_same_arrays(tmp_path):
 
 # ---------------------------------------------------------------- unreadable images
 
+
 def _break(folder):
     bad = sorted((folder / "train" / "dog").glob("*.png"))[1]
     bad.write_bytes(bad.read_bytes()[:60])  # truncated
@@ -256,8 +283,11 @@ def test_skipped_bad_images_are_recorded_and_reported_on_every_load(folder, tmp_
     with caplog.at_level(logging.WARNING, logger="cnntrain"):
         first = load(folder, tmp_path / "c", skip_bad=True)
         again = load(folder, tmp_path / "c", skip_bad=True)
-    warnings = [m for m in caplog.messages if m.startswith("skipped 2 unreadable image(s) of 37 "
-                                                            "(data.skip_bad_images=true)")]
+    warnings = [
+        m
+        for m in caplog.messages
+        if m.startswith("skipped 2 unreadable image(s) of 37 (data.skip_bad_images=true)")
+    ]
     assert len(warnings) == 2 and all(b in warnings[0] for b in bad)
     for out in (first, again):
         assert out.skipped == bad and len(out.files) == 35 and out.images.shape[0] == 35
@@ -272,6 +302,7 @@ def test_skipped_bad_images_are_recorded_and_reported_on_every_load(folder, tmp_
 
 
 # ---------------------------------------------------------------- folder rules
+
 
 def test_hidden_files_and_folders_are_ignored(folder, tmp_path):
     train = folder / "train"
@@ -301,7 +332,10 @@ def test_missing_split(folder):
 
 def test_an_unwritable_cache_dir_is_one_line_naming_the_setting(folder, tmp_path):
     (tmp_path / "file").write_text("")  # a folder below a file cannot be made, even by root
-    for call in (lambda d: load(folder, d), lambda d: folder_facts(scan_split(str(folder), "train"), d)):
+    for call in (
+        lambda d: load(folder, d),
+        lambda d: folder_facts(scan_split(str(folder), "train"), d),
+    ):
         with pytest.raises(UserError, match="data.cache_dir=") as e:
             call(str(tmp_path / "file" / "cache"))
         assert "\n" not in str(e.value)
@@ -312,6 +346,7 @@ def test_stale_temporary_folders_are_removed(folder, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
     import socket
+
     host = socket.gethostname()
     mine = cache_dir / f"tmp-{os.getpid()}@{host}-abc"  # a live process's build: kept
     for name in (f"tmp-{dead.pid}@{host}-abc", "tmp-1@elsewhere-old", mine.name):
@@ -323,6 +358,7 @@ def test_stale_temporary_folders_are_removed(folder, tmp_path):
 
 
 # ---------------------------------------------------------------- header facts
+
 
 def test_facts_of_a_gray_folder(tmp_path, monkeypatch):
     images, labels = make_images(12, 3, 10, 1, seed=0)
@@ -355,18 +391,22 @@ def test_facts_of_a_mixed_folder_and_its_mode_warning(folder, tmp_path, caplog):
     assert caplog.messages[0].startswith("train/ mixes image modes: RGB 24, L 12 (e.g. train/cat/")
 
 
-@pytest.mark.parametrize("sizes,native", [
-    ({(40, 30): 5}, 30),                            # one size: its short side
-    ({(600, 500): 3}, 500),                         # one size is kept, however large
-    ({(40, 30): 3, (50, 64): 2}, 30),               # the median short side
-    ({(40, 30): 2, (50, 64): 2}, 40),               # between two: their mean
-    ({(300, 400): 3, (500, 900): 4}, 224),          # a median above 224 is capped
-])
+@pytest.mark.parametrize(
+    "sizes,native",
+    [
+        ({(40, 30): 5}, 30),  # one size: its short side
+        ({(600, 500): 3}, 500),  # one size is kept, however large
+        ({(40, 30): 3, (50, 64): 2}, 30),  # the median short side
+        ({(40, 30): 2, (50, 64): 2}, 40),  # between two: their mean
+        ({(300, 400): 3, (500, 900): 4}, 224),  # a median above 224 is capped
+    ],
+)
 def test_native_size(sizes, native):
     assert cache.Facts(gray=False, sizes=sizes, modes={}).native_size() == native
 
 
 # ---------------------------------------------------------------- mean/std
+
 
 def test_mean_std_of_the_cached_array(folder, tmp_path):
     images = load(folder, tmp_path / "c").images
@@ -397,6 +437,10 @@ def test_a_failed_facts_write_names_the_cache_setting(folder, tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(cache.json, "dump", full)
-    with pytest.raises(UserError, match=r"disk full; free space or choose another data.cache_dir=") as e:
+    with pytest.raises(
+        UserError, match=r"disk full; free space or choose another data.cache_dir="
+    ) as e:
         folder_facts(scan_split(str(folder), "train"), str(tmp_path / "c"))
-    assert "\n" not in str(e.value) and not [p for p in (tmp_path / "c").iterdir() if p.suffix == ".tmp"]
+    assert "\n" not in str(e.value) and not [
+        p for p in (tmp_path / "c").iterdir() if p.suffix == ".tmp"
+    ]

@@ -1,18 +1,19 @@
 """The decoded image cache trusts an entry only for what it can prove: a key a user cannot set
 back (ctime, inode), a digest of each array checked on open, labels and files checked against
 the scan. Whatever fails is decoded again with one warning naming the entry, never reused."""
+
 import json
 import logging
 import os
 
 import numpy as np
 import pytest
+from fakedata import write_image_folder
 from PIL import Image
+from test_cache import CLASSES, count_decodes, entries, expected, load
 
 from cnntrain.data import cache
 from cnntrain.data.cache import scan_split
-from fakedata import write_image_folder
-from test_cache import CLASSES, count_decodes, entries, expected, load
 
 
 @pytest.fixture()
@@ -55,19 +56,24 @@ def rewrite_meta(entry, edit) -> None:
 
 def redigest(entry) -> None:
     """Make meta.json's digests match the arrays again: a tampering the digest alone misses."""
+
     def edit(meta):
         for name in ("images.npy", "labels.npy"):
             meta["digests"][name] = cache.file_digest(os.path.join(entry, name))
+
     rewrite_meta(entry, edit)
 
 
 # ---------------------------------------------------------------- the key
 
+
 def test_an_image_rewritten_with_its_old_size_and_mtime_is_decoded_again(tmp_path, monkeypatch):
     folder = tmp_path / "d"
     for c in CLASSES[:2]:
         (folder / "train" / c).mkdir(parents=True)
-        Image.new("RGB", (20, 20), (10, 20, 30)).save(folder / "train" / c / "x.png", compress_level=0)
+        Image.new("RGB", (20, 20), (10, 20, 30)).save(
+            folder / "train" / c / "x.png", compress_level=0
+        )
     first = load(folder, tmp_path / "c")
     file = folder / "train" / "dog" / "x.png"
     st = os.stat(file)
@@ -83,13 +89,19 @@ def test_an_image_rewritten_with_its_old_size_and_mtime_is_decoded_again(tmp_pat
 
 # ---------------------------------------------------------------- what an entry holds
 
-@pytest.mark.parametrize("label,keep_digest,why", [
-    (7, False, "labels.npy does not match its digest"),
-    (7, True, "label 7 is not one of the 3 classes"),
-    (2, False, "labels.npy does not match its digest"),
-    (2, True, "its labels differ from the folder's"),
-])
-def test_altered_labels_are_never_reused(folder, tmp_path, monkeypatch, caplog, label, keep_digest, why):
+
+@pytest.mark.parametrize(
+    "label,keep_digest,why",
+    [
+        (7, False, "labels.npy does not match its digest"),
+        (7, True, "label 7 is not one of the 3 classes"),
+        (2, False, "labels.npy does not match its digest"),
+        (2, True, "its labels differ from the folder's"),
+    ],
+)
+def test_altered_labels_are_never_reused(
+    folder, tmp_path, monkeypatch, caplog, label, keep_digest, why
+):
     first = load(folder, tmp_path / "c")
     path = os.path.join(first.path, "labels.npy")
     labels = np.load(path)
@@ -106,8 +118,14 @@ def test_altered_image_bytes_are_never_reused(folder, tmp_path, monkeypatch, cap
     with open(path, "r+b") as f:
         f.seek(-100, os.SEEK_END)
         f.write(bytes(100))
-    rebuilt_once(folder, tmp_path / "c", first.path, monkeypatch, caplog,
-                 "images.npy does not match its digest")
+    rebuilt_once(
+        folder,
+        tmp_path / "c",
+        first.path,
+        monkeypatch,
+        caplog,
+        "images.npy does not match its digest",
+    )
 
 
 def _swap(meta):
@@ -126,30 +144,46 @@ def _not_a_list(meta):
     meta["files"] = "cat/0000.jpg"
 
 
-@pytest.mark.parametrize("edit,why", [
-    (_swap, "its file list differs from the folder's"),
-    (_drop, "its file list differs from the folder's"),
-    (_skip, "its file list differs from the folder's"),
-    (_not_a_list, "meta.json is not valid"),
-])
-def test_a_meta_file_list_unlike_the_scan_is_never_reused(folder, tmp_path, monkeypatch, caplog, edit, why):
+@pytest.mark.parametrize(
+    "edit,why",
+    [
+        (_swap, "its file list differs from the folder's"),
+        (_drop, "its file list differs from the folder's"),
+        (_skip, "its file list differs from the folder's"),
+        (_not_a_list, "meta.json is not valid"),
+    ],
+)
+def test_a_meta_file_list_unlike_the_scan_is_never_reused(
+    folder, tmp_path, monkeypatch, caplog, edit, why
+):
     first = load(folder, tmp_path / "c")
     rewrite_meta(first.path, edit)
     rebuilt_once(folder, tmp_path / "c", first.path, monkeypatch, caplog, why)
 
 
-def test_a_file_recorded_unreadable_that_now_reads_is_decoded_again(folder, tmp_path, monkeypatch, caplog):
+def test_a_file_recorded_unreadable_that_now_reads_is_decoded_again(
+    folder, tmp_path, monkeypatch, caplog
+):
     """A consistent tampering (files, skipped, arrays and digests agree) still has to prove its
     skipped files: they are decoded again on open, and one that reads breaks the entry."""
     first = load(folder, tmp_path / "c")
-    rewrite_meta(first.path, lambda meta: (meta["skipped"].append([meta["files"][-1], "broken"]),
-                                           meta["files"].pop()))
+    rewrite_meta(
+        first.path,
+        lambda meta: (meta["skipped"].append([meta["files"][-1], "broken"]), meta["files"].pop()),
+    )
     for name in ("images.npy", "labels.npy"):
         path = os.path.join(first.path, name)
         np.save(path, np.load(path)[:-1])
     redigest(first.path)
-    rebuilt_once(folder, tmp_path / "c", first.path, monkeypatch, caplog,
-                 "recorded as unreadable, now reads", skip_bad=True)
+    rebuilt_once(
+        folder,
+        tmp_path / "c",
+        first.path,
+        monkeypatch,
+        caplog,
+        "recorded as unreadable, now reads",
+        skip_bad=True,
+    )
 
 
 def test_a_tampered_entry_file_is_never_reused_nor_waited_on(folder, tmp_path, monkeypatch, caplog):
@@ -158,15 +192,28 @@ def test_a_tampered_entry_file_is_never_reused_nor_waited_on(folder, tmp_path, m
     os.remove(images)
     os.mkfifo(images)  # reading it would wait for a writer forever
     with unblocked(images):
-        rebuilt_once(folder, tmp_path / "c", first.path, monkeypatch, caplog,
-                     "images.npy cannot be read: not a regular file but a FIFO")
+        rebuilt_once(
+            folder,
+            tmp_path / "c",
+            first.path,
+            monkeypatch,
+            caplog,
+            "images.npy cannot be read: not a regular file but a FIFO",
+        )
     with open(os.path.join(first.path, "meta.json"), "w") as f:
         f.write("[" * 100_000)  # deeper than json's recursion limit
-    rebuilt_once(folder, tmp_path / "c", first.path, monkeypatch, caplog,
-                 "meta.json cannot be read: nested too deeply")
+    rebuilt_once(
+        folder,
+        tmp_path / "c",
+        first.path,
+        monkeypatch,
+        caplog,
+        "meta.json cannot be read: nested too deeply",
+    )
 
 
 # ---------------------------------------------------------------- attacks on the build
+
 
 class unblocked:
     """Opens the FIFO `path` for writing after a few seconds, so that code which (wrongly) waits
@@ -174,6 +221,7 @@ class unblocked:
 
     def __init__(self, path):
         import threading
+
         self.path, self.done = path, threading.Event()
         self.thread = threading.Thread(target=self.release, daemon=True)
 
@@ -204,8 +252,10 @@ def test_a_special_file_among_the_images_is_a_bad_image(folder, tmp_path, kind):
         with pytest.raises(cache.UserError) as e:
             load(folder, tmp_path / "c")
         out = load(folder, tmp_path / "c", skip_bad=True)
-    assert str(e.value) == (f"image {special} cannot be read (not a regular file but a {kind}); remove "
-                            "or replace it, or set data.skip_bad_images=true")
+    assert str(e.value) == (
+        f"image {special} cannot be read (not a regular file but a {kind}); remove "
+        "or replace it, or set data.skip_bad_images=true"
+    )
     assert out.skipped == [str(special)] and len(out.files) == 12
 
 
@@ -215,9 +265,15 @@ def _png_header(width, height) -> bytes:
     import zlib
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IEND", b""))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_an_image_over_the_pixel_limit_is_a_bad_image(folder, tmp_path, monkeypatch):
@@ -229,8 +285,9 @@ def test_an_image_over_the_pixel_limit_is_a_bad_image(folder, tmp_path, monkeypa
     Image.new("L", (40, 40), 7).save(cat / "large.png")
     out = load(folder, tmp_path / "c", skip_bad=True)
     assert out.skipped == [str(cat / "huge.png"), str(cat / "large.png")]
-    assert out.reasons[str(cat / "large.png")] == ("40x40: 1600 pixels exceed PIL's decompression bomb "
-                                                  "limit of 1100 (Image.MAX_IMAGE_PIXELS)")
+    assert out.reasons[str(cat / "large.png")] == (
+        "40x40: 1600 pixels exceed PIL's decompression bomb limit of 1100 (Image.MAX_IMAGE_PIXELS)"
+    )
     assert "decompression bomb" in out.reasons[str(cat / "huge.png")]
 
 
@@ -245,8 +302,10 @@ def test_a_full_cache_disk_is_one_line_and_leaves_nothing(folder, tmp_path, monk
     monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
     with pytest.raises(cache.UserError) as e:
         load(folder, tmp_path / "c")
-    assert str(e.value) == (f"data.cache_dir={tmp_path / 'c'} is full (No space left on device); free "
-                            "space or set data.cache_dir= (or $CNNTRAIN_CACHE) to a folder with room")
+    assert str(e.value) == (
+        f"data.cache_dir={tmp_path / 'c'} is full (No space left on device); free "
+        "space or set data.cache_dir= (or $CNNTRAIN_CACHE) to a folder with room"
+    )
     assert entries(tmp_path / "c") == []
 
 
@@ -259,7 +318,9 @@ def test_a_file_changed_while_decoded_is_not_stored(folder, tmp_path, monkeypatc
 
     def decode(path, mode, size):
         if path == split.files[0]:
-            Image.new("RGB", (30, 30), (255, 255, 0)).save(victim, format="PNG" if victim.endswith("png") else "JPEG")
+            Image.new("RGB", (30, 30), (255, 255, 0)).save(
+                victim, format="PNG" if victim.endswith("png") else "JPEG"
+            )
         return real(path, mode, size)
 
     monkeypatch.setattr(cache, "decode", decode)
@@ -267,8 +328,13 @@ def test_a_file_changed_while_decoded_is_not_stored(folder, tmp_path, monkeypatc
         out = load(folder, tmp_path / "c")
     assert out.images.shape[0] == 12 and entries(tmp_path / "c") == []
     rel = os.path.relpath(victim, split.root)
-    assert [m for m in caplog.messages if m.endswith(f"not stored: {rel} changed while being decoded "
-                                                     "(the next run decodes the folder again)")]
+    assert [
+        m
+        for m in caplog.messages
+        if m.endswith(
+            f"not stored: {rel} changed while being decoded (the next run decodes the folder again)"
+        )
+    ]
     monkeypatch.setattr(cache, "decode", real)
     again = load(folder, tmp_path / "c")
     np.testing.assert_array_equal(again.images[-1], expected(victim, 16))
@@ -291,17 +357,30 @@ def test_a_copied_folder_is_decoded_again_a_moved_one_is_not(folder, tmp_path, m
 
 # ---------------------------------------------------------------- the header facts
 
-@pytest.mark.parametrize("text,why", [
-    ('{"gray": "yes", "sizes": {"axb": 1}, "modes": {}, "examples": {}}', "gray is not true or false"),
-    ('{"gray": false, "sizes": {"axb": 1}, "modes": {"L": 1}, "examples": {"L": "x"}}',
-     "sizes is not a table of positive counts"),
-    ('{"gray": false, "sizes": {"20x20": 12}, "modes": {"RGB": 8, "L": 4}, "examples": {"RGB": "x"}}',
-     "examples do not name one file per mode"),
-    ('{"gray": false, "sizes": {"20x20": 99}, "modes": {"RGB": 99}, "examples": {"RGB": "x"}}',
-     "its counts do not add up to at most the 12 files"),
-    ("[]", "gray is not true or false"),
-    ("[" * 100_000, "nested too deeply"),
-])
+
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        (
+            '{"gray": "yes", "sizes": {"axb": 1}, "modes": {}, "examples": {}}',
+            "gray is not true or false",
+        ),
+        (
+            '{"gray": false, "sizes": {"axb": 1}, "modes": {"L": 1}, "examples": {"L": "x"}}',
+            "sizes is not a table of positive counts",
+        ),
+        (
+            '{"gray": false, "sizes": {"20x20": 12}, "modes": {"RGB": 8, "L": 4}, "examples": {"RGB": "x"}}',
+            "examples do not name one file per mode",
+        ),
+        (
+            '{"gray": false, "sizes": {"20x20": 99}, "modes": {"RGB": 99}, "examples": {"RGB": "x"}}',
+            "its counts do not add up to at most the 12 files",
+        ),
+        ("[]", "gray is not true or false"),
+        ("[" * 100_000, "nested too deeply"),
+    ],
+)
 def test_a_garbled_facts_file_is_read_again_with_a_warning(folder, tmp_path, caplog, text, why):
     split = scan_split(str(folder), "train")
     facts = cache.folder_facts(split, str(tmp_path / "c"))
@@ -309,7 +388,9 @@ def test_a_garbled_facts_file_is_read_again_with_a_warning(folder, tmp_path, cap
     stored.write_text(text)
     with caplog.at_level(logging.WARNING, logger="cnntrain"):
         assert cache.folder_facts(scan_split(str(folder), "train"), str(tmp_path / "c")) == facts
-    assert caplog.messages == [f"cache file {stored} is not valid ({why}); reading the image headers again"]
+    assert caplog.messages == [
+        f"cache file {stored} is not valid ({why}); reading the image headers again"
+    ]
 
 
 def test_a_garbled_meta_of_another_entry_is_left_alone(folder, tmp_path):
@@ -317,12 +398,15 @@ def test_a_garbled_meta_of_another_entry_is_left_alone(folder, tmp_path):
     other = tmp_path / "c" / ("0" * 32)
     other.mkdir()
     (other / "meta.json").write_text("[]")
-    Image.new("RGB", (20, 20)).save(folder / "train" / "cat" / "new.png")  # a rebuild prunes the rest
+    Image.new("RGB", (20, 20)).save(
+        folder / "train" / "cat" / "new.png"
+    )  # a rebuild prunes the rest
     assert len(load(folder, tmp_path / "c").files) == 13
     assert (other / "meta.json").exists()
 
 
 # ---------------------------------------------------------------- decisions (torchvision's)
+
 
 def test_exif_orientation_is_not_applied_and_an_animation_gives_its_first_frame(tmp_path):
     for c in CLASSES[:2]:

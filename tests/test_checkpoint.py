@@ -1,17 +1,29 @@
 """Checkpoint files: atomic writes, safe loading, clear refusals."""
+
 import os
 
 import pytest
 import torch
 
-from cnntrain.checkpoint import (CheckpointSaver, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                                 upgrade_config)
+from cnntrain.checkpoint import (
+    CheckpointSaver,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    upgrade_config,
+)
 from cnntrain.errors import UserError
 
 
 def core(epoch=1, value=0.0):
-    return {"model": {"w": torch.full((3,), value)}, "config": {"a": 1}, "classes": ["x", "y"],
-            "epoch": epoch, "metrics": {"val_acc": value}}
+    return {
+        "model": {"w": torch.full((3,), value)},
+        "config": {"a": 1},
+        "classes": ["x", "y"],
+        "epoch": epoch,
+        "metrics": {"val_acc": value},
+    }
 
 
 def test_save_then_load_weights_only(tmp_path):
@@ -19,7 +31,9 @@ def test_save_then_load_weights_only(tmp_path):
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     assert state["classes"] == ["x", "y"] and torch.equal(state["model"]["w"], torch.zeros(3))
     assert load_checkpoint(tmp_path / "c.pt")["epoch"] == 1
-    assert oct(os.stat(tmp_path / "c.pt").st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+    assert oct(os.stat(tmp_path / "c.pt").st_mode & 0o777) != oct(
+        0o600
+    )  # not mkstemp's private mode
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
@@ -72,19 +86,40 @@ def test_load_refusals_name_the_path(tmp_path):
 def old_config(name, channels, gray=None, rgb=None):
     """A stored config as runs wrote it before data.kind: aug.gray for 1 channel, aug.rgb else."""
     off = dict(shift=0, degrees=0.0, hflip=False, crop_scale=None)
-    return {"data": {"name": name, "channels": channels, "mean": [0.5] * channels, "std": [0.25] * channels},
-            "aug": {"name": "basic", "gray": {**off, **(gray or {})}, "rgb": {**off, **(rgb or {})},
-                    "policy": None}}
+    return {
+        "data": {
+            "name": name,
+            "channels": channels,
+            "mean": [0.5] * channels,
+            "std": [0.25] * channels,
+        },
+        "aug": {
+            "name": "basic",
+            "gray": {**off, **(gray or {})},
+            "rgb": {**off, **(rgb or {})},
+            "policy": None,
+        },
+    }
 
 
-@pytest.mark.parametrize("name,channels,kind,section", [
-    ("mnist", 1, "digits", "gray"), ("fashion_mnist", 1, "clothing", "gray"), ("cifar10", 3, "natural", "rgb"),
-    ("imagefolder", 1, "natural", "gray"), ("imagefolder", 3, "natural", "rgb")])
+@pytest.mark.parametrize(
+    "name,channels,kind,section",
+    [
+        ("mnist", 1, "digits", "gray"),
+        ("fashion_mnist", 1, "clothing", "gray"),
+        ("cifar10", 3, "natural", "rgb"),
+        ("imagefolder", 1, "natural", "gray"),
+        ("imagefolder", 3, "natural", "rgb"),
+    ],
+)
 def test_an_old_stored_config_is_upgraded_to_data_kind(tmp_path, name, channels, kind, section):
     config = old_config(name, channels, gray=dict(shift=1), rgb=dict(shift=4, hflip=True))
     save_checkpoint({**core(), "config": config}, tmp_path / "old.pt")
     upgraded = load_checkpoint(tmp_path / "old.pt")["config"]
     assert upgraded["data"] == {**config["data"], "kind": kind}
-    assert upgraded["aug"] == {"name": "basic", "policy": None,  # the section it trained with, no zoom then
-                               kind: {**config["aug"][section], "scale": None}}
+    assert upgraded["aug"] == {
+        "name": "basic",
+        "policy": None,  # the section it trained with, no zoom then
+        kind: {**config["aug"][section], "scale": None},
+    }
     assert upgrade_config(upgraded) == upgraded  # a config with data.kind is left as it is

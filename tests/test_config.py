@@ -1,13 +1,14 @@
 """Config composition: every option of every group composes, and bad values are refused."""
+
 from pathlib import Path
 
 import pytest
+from conftest import refusal
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from cnntrain.schema import check as validate_train
 from cnntrain.errors import UserError
-from conftest import refusal
+from cnntrain.schema import check as validate_train
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 GROUPS = ("model", "data", "optim", "sched", "aug")
@@ -23,9 +24,27 @@ def make_cfg(*overrides):
 
 
 def test_contract_options_exist():
-    assert set(options("model")) >= {"lenet5", "alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "vgg16_bn",
-                                     "googlenet", "resnet18", "resnet34", "resnet50"}
-    assert options("data") == ["cifar10", "cifar100", "fashion_mnist", "fashion_mnist_mini", "imagefolder", "mnist"]
+    assert set(options("model")) >= {
+        "lenet5",
+        "alexnet",
+        "vgg11",
+        "vgg13",
+        "vgg16",
+        "vgg19",
+        "vgg16_bn",
+        "googlenet",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+    }
+    assert options("data") == [
+        "cifar10",
+        "cifar100",
+        "fashion_mnist",
+        "fashion_mnist_mini",
+        "imagefolder",
+        "mnist",
+    ]
     assert options("optim") == ["adam", "adamw", "sgd"]
     assert options("sched") == ["cosine", "multistep", "none", "onecycle", "step"]
     assert options("aug") == ["basic", "none", "strong"]
@@ -33,7 +52,9 @@ def test_contract_options_exist():
 
 def test_defaults():
     cfg = make_cfg()
-    assert cfg.model.name == "lenet5" and cfg.data.name == "fashion_mnist_mini"  # bundled: runs offline
+    assert (
+        cfg.model.name == "lenet5" and cfg.data.name == "fashion_mnist_mini"
+    )  # bundled: runs offline
     for key in ("epochs", "seed", "device", "amp", "channels_last", "resume"):
         assert key in cfg
     assert cfg.device == "auto" and cfg.resume is None and cfg.amp is False
@@ -77,17 +98,30 @@ def test_unknown_option_lists_the_available_ones():
         make_cfg("model=resnet81")
 
 
-@pytest.mark.parametrize("override,key", [
-    ("epochs=0", "epochs"), ("epochs=-3", "epochs"), ("epochs=1.5", "epochs"),
-    ("data.batch_size=0", "data.batch_size"), ("data.batch_size=-1", "data.batch_size"),
-    ("optim.lr=0", "optim.lr"), ("optim.lr=-0.1", "optim.lr"),
-    ("data.val_split=1", "data.val_split"), ("data.val_split=-0.1", "data.val_split"),
-    ("data.val_split=1.5", "data.val_split"), ("data.num_workers=-1", "data.num_workers"),
-    ("device=gpu", "device"), ("amp_dtype=fp8", "amp_dtype"),
-    ("max_steps_per_epoch=0", "max_steps_per_epoch"), ("max_eval_steps=-1", "max_eval_steps"),
-    # a list for a key of choices (found by tests/test_schema_property.py: [] reached SGD)
-    ("optim.nesterov=[]", "optim.nesterov"), ("amp=[true]", "amp"), ("device=[cpu]", "device"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("epochs=0", "epochs"),
+        ("epochs=-3", "epochs"),
+        ("epochs=1.5", "epochs"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.batch_size=-1", "data.batch_size"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-0.1", "optim.lr"),
+        ("data.val_split=1", "data.val_split"),
+        ("data.val_split=-0.1", "data.val_split"),
+        ("data.val_split=1.5", "data.val_split"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("device=gpu", "device"),
+        ("amp_dtype=fp8", "amp_dtype"),
+        ("max_steps_per_epoch=0", "max_steps_per_epoch"),
+        ("max_eval_steps=-1", "max_eval_steps"),
+        # a list for a key of choices (found by tests/test_schema_property.py: [] reached SGD)
+        ("optim.nesterov=[]", "optim.nesterov"),
+        ("amp=[true]", "amp"),
+        ("device=[cpu]", "device"),
+    ],
+)
 def test_bad_values_are_refused_naming_the_key(override, key):
     message = refusal(override)
     assert message.startswith(f"{key}=") and " is not allowed: it must be " in message, message
@@ -105,18 +139,35 @@ def test_imagefolder_needs_a_root():
 def test_experiment_config_sets_several_groups():
     cfg = make_cfg("experiment=cifar10_resnet18")
     assert (cfg.model.name, cfg.data.name, cfg.epochs, cfg.optim.lr, cfg.data.batch_size) == (
-        "resnet18", "cifar10", 200, 0.1, 128)
+        "resnet18",
+        "cifar10",
+        200,
+        0.1,
+        128,
+    )
     assert make_cfg("experiment=cifar10_resnet18", "epochs=3").epochs == 3
 
 
 # what aug=basic applies to each kind of image (configs/aug/basic.yaml): (shift, degrees, scale, hflip)
-BASIC = {"digits": (2, 10.0, (0.9, 1.1), False), "clothing": (1, 0.0, None, True), "natural": (4, 0.0, None, True)}
+BASIC = {
+    "digits": (2, 10.0, (0.9, 1.1), False),
+    "clothing": (1, 0.0, None, True),
+    "natural": (4, 0.0, None, True),
+}
 
 
-@pytest.mark.parametrize("overrides,kind", [
-    (["data=mnist"], "digits"), (["data=fashion_mnist"], "clothing"), (["data=cifar10"], "natural"),
-    (["data=imagefolder", "data.kind=digits", "data.image_size=28"], "digits")])
-def test_data_kind_picks_the_geometry_the_training_transform_gets(data_root, folder_root, overrides, kind):
+@pytest.mark.parametrize(
+    "overrides,kind",
+    [
+        (["data=mnist"], "digits"),
+        (["data=fashion_mnist"], "clothing"),
+        (["data=cifar10"], "natural"),
+        (["data=imagefolder", "data.kind=digits", "data.image_size=28"], "digits"),
+    ],
+)
+def test_data_kind_picks_the_geometry_the_training_transform_gets(
+    data_root, folder_root, overrides, kind
+):
     import torch
 
     from cnntrain.data import build_data
@@ -133,21 +184,44 @@ def test_data_kind_picks_the_geometry_the_training_transform_gets(data_root, fol
 def test_strong_is_basic_with_larger_distortions_and_the_policy():
     cfg = make_cfg("aug=strong")
     assert cfg.aug.policy == "randaugment" and cfg.aug.random_erasing == 0.25
-    assert (cfg.aug.digits.shift, cfg.aug.digits.degrees, list(cfg.aug.digits.scale)) == (3, 15, [0.85, 1.15])
-    assert (cfg.aug.clothing.shift, cfg.aug.clothing.hflip, cfg.aug.clothing.degrees) == (2, True, 0)
+    assert (cfg.aug.digits.shift, cfg.aug.digits.degrees, list(cfg.aug.digits.scale)) == (
+        3,
+        15,
+        [0.85, 1.15],
+    )
+    assert (cfg.aug.clothing.shift, cfg.aug.clothing.hflip, cfg.aug.clothing.degrees) == (
+        2,
+        True,
+        0,
+    )
     assert cfg.aug.natural == make_cfg("aug=basic").aug.natural
     none = make_cfg("aug=none").aug
     assert all(not any(none[kind].values()) for kind in ("digits", "clothing", "natural"))
 
 
-@pytest.mark.parametrize("override,start", [
-    ("data.kind=photos", "data.kind=photos is not allowed: it must be one of digits, clothing, natural"),
-    ("aug.digits.scale=[0,1.1]", "aug.digits.scale=[0.0, 1.1] is not allowed: it must be > 0"),
-    ("aug.digits.scale=[0.9]", "aug.digits.scale=[0.9] is not allowed: it must be > 0, a list of 2 value(s)"),
-    ("aug.digits.scale=[1.1,0.9]", "aug.digits.scale=[1.1, 0.9]: give [min, max] with min <= max"),
-    ("aug.natural.crop_scale=[0.08,1]", "aug.natural.crop_scale replaces aug.natural.shift (the random-resized "
-                                        "crop moves and scales the image itself): set aug.natural.shift=0"),
-])
+@pytest.mark.parametrize(
+    "override,start",
+    [
+        (
+            "data.kind=photos",
+            "data.kind=photos is not allowed: it must be one of digits, clothing, natural",
+        ),
+        ("aug.digits.scale=[0,1.1]", "aug.digits.scale=[0.0, 1.1] is not allowed: it must be > 0"),
+        (
+            "aug.digits.scale=[0.9]",
+            "aug.digits.scale=[0.9] is not allowed: it must be > 0, a list of 2 value(s)",
+        ),
+        (
+            "aug.digits.scale=[1.1,0.9]",
+            "aug.digits.scale=[1.1, 0.9]: give [min, max] with min <= max",
+        ),
+        (
+            "aug.natural.crop_scale=[0.08,1]",
+            "aug.natural.crop_scale replaces aug.natural.shift (the random-resized "
+            "crop moves and scales the image itself): set aug.natural.shift=0",
+        ),
+    ],
+)
 def test_bad_kind_or_scale_is_one_line_naming_the_key(override, start):
     assert refusal(override).startswith(start), refusal(override)
 

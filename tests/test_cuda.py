@@ -1,27 +1,36 @@
 """The GPU path end to end: fp16 + GradScaler and bf16 training, compile, channels_last, an
 exact resume, a GPU checkpoint on a CPU-only machine, the tools on the GPU, and training steps
 that never wait for the device. Marked `cuda`: skipped where no GPU is visible (conftest.py)."""
+
 import json
 import os
 import warnings
 
 import pytest
 import torch
+from conftest import run_cli
 from hydra import compose, initialize_config_module
+from test_resume import rows
 
 from cnntrain.checkpoint import load_checkpoint
 from cnntrain.errors import Interrupted
 from cnntrain.train import train
-from conftest import run_cli
-from test_resume import rows
 
 pytestmark = pytest.mark.cuda
 
 
 def make_cfg(data_root, *overrides):
     with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
-        return compose(config_name="train", overrides=[
-            f"data.root={data_root}", "data.download=false", "data=cifar10", "device=cuda", *overrides])
+        return compose(
+            config_name="train",
+            overrides=[
+                f"data.root={data_root}",
+                "data.download=false",
+                "data=cifar10",
+                "device=cuda",
+                *overrides,
+            ],
+        )
 
 
 def tensors(obj):
@@ -39,30 +48,50 @@ def tensors(obj):
 def test_mixed_precision_training(data_root, tmp_path, dtype):
     if dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no native bf16")
-    results = train(make_cfg(data_root, "model=resnet20", "epochs=2", "amp=true", f"amp_dtype={dtype}"),
-                    run_dir=tmp_path)
+    results = train(
+        make_cfg(data_root, "model=resnet20", "epochs=2", "amp=true", f"amp_dtype={dtype}"),
+        run_dir=tmp_path,
+    )
     last = load_checkpoint(tmp_path / "checkpoints/last.pt")
     assert (last["scaler"] is not None) == (dtype == "fp16")
-    assert results["test_acc"] is not None and all(torch.isfinite(t).all() for t in last["model"].values()
-                                                   if t.is_floating_point())
+    assert results["test_acc"] is not None and all(
+        torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point()
+    )
 
 
 def test_compile_and_channels_last(data_root, tmp_path):
-    results = train(make_cfg(data_root, "model=resnet20", "epochs=1", "amp=true", "compile=true",
-                             "channels_last=true"), run_dir=tmp_path)
+    results = train(
+        make_cfg(
+            data_root,
+            "model=resnet20",
+            "epochs=1",
+            "amp=true",
+            "compile=true",
+            "channels_last=true",
+        ),
+        run_dir=tmp_path,
+    )
     assert results["test_acc"] is not None
 
 
 def test_a_stopped_fp16_run_resumes_exactly(data_root, tmp_path, signal_at_batch):
     # LeNet-5: no kernel without a deterministic CUDA version (adaptive pooling's backward has none)
-    overrides = ("model=lenet5", "epochs=3", "deterministic=true", "amp=true", "amp_dtype=fp16",
-                 "aug.mixup_alpha=0.2", "data.batch_size=100")
+    overrides = (
+        "model=lenet5",
+        "epochs=3",
+        "deterministic=true",
+        "amp=true",
+        "amp_dtype=fp16",
+        "aug.mixup_alpha=0.2",
+        "data.batch_size=100",
+    )
     full, part = tmp_path / "full", tmp_path / "part"
     train(make_cfg(data_root, *overrides), run_dir=full)
     signal_at_batch(7)
     with pytest.raises(Interrupted):
         train(make_cfg(data_root, *overrides), run_dir=part)
     import signal
+
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     train(make_cfg(data_root, *overrides, "resume=auto"), run_dir=part)
     a, b = (load_checkpoint(d / "checkpoints/last.pt") for d in (full, part))
@@ -72,14 +101,22 @@ def test_a_stopped_fp16_run_resumes_exactly(data_root, tmp_path, signal_at_batch
 
 
 def test_a_gpu_checkpoint_loads_and_evaluates_without_a_gpu(data_root, tmp_path):
-    train(make_cfg(data_root, "model=lenet5", "epochs=1", "ema.decay=0.9", "amp=true"), run_dir=tmp_path / "run")
+    train(
+        make_cfg(data_root, "model=lenet5", "epochs=1", "ema.decay=0.9", "amp=true"),
+        run_dir=tmp_path / "run",
+    )
     last = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)  # README's one-liner
     assert {t.device.type for t in tensors(last)} == {"cpu"}
     env_before = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the subprocess sees no GPU
     try:
-        run_cli("cnneval", f"ckpt={tmp_path / 'run/checkpoints/best.pt'}", "device=cpu",
-                f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+        run_cli(
+            "cnneval",
+            f"ckpt={tmp_path / 'run/checkpoints/best.pt'}",
+            "device=cpu",
+            f"hydra.run.dir={tmp_path / 'ev'}",
+            cwd=tmp_path,
+        )
     finally:
         if env_before is None:
             del os.environ["CUDA_VISIBLE_DEVICES"]
@@ -91,12 +128,31 @@ def test_a_gpu_checkpoint_loads_and_evaluates_without_a_gpu(data_root, tmp_path)
 def test_the_tools_on_the_gpu(data_root, folder_root, tmp_path):
     train(make_cfg(data_root, "model=resnet20", "epochs=1", "amp=true"), run_dir=tmp_path / "run")
     best = tmp_path / "run/checkpoints/best.pt"
-    run_cli("cnneval", f"ckpt={best}", "device=cuda", "amp=true", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
-    run_cli("cnnpredict", f"ckpt={best}", f"inputs={folder_root / 'test'}", "device=cuda",
-            f"hydra.run.dir={tmp_path / 'pr'}", cwd=tmp_path)
+    run_cli(
+        "cnneval",
+        f"ckpt={best}",
+        "device=cuda",
+        "amp=true",
+        f"hydra.run.dir={tmp_path / 'ev'}",
+        cwd=tmp_path,
+    )
+    run_cli(
+        "cnnpredict",
+        f"ckpt={best}",
+        f"inputs={folder_root / 'test'}",
+        "device=cuda",
+        f"hydra.run.dir={tmp_path / 'pr'}",
+        cwd=tmp_path,
+    )
     image = sorted((folder_root / "test").rglob("*.png"))[0]
-    run_cli("cnnviz", f"ckpt={best}", f"inputs={image}", "device=cuda", f"hydra.run.dir={tmp_path / 'vz'}",
-            cwd=tmp_path)
+    run_cli(
+        "cnnviz",
+        f"ckpt={best}",
+        f"inputs={image}",
+        "device=cuda",
+        f"hydra.run.dir={tmp_path / 'vz'}",
+        cwd=tmp_path,
+    )
     assert (tmp_path / "ev/report.json").is_file() and (tmp_path / "vz/filters.png").is_file()
     assert (tmp_path / "pr/predictions.csv").is_file()
 
@@ -112,19 +168,36 @@ def test_training_steps_never_wait_for_the_gpu(data_root, monkeypatch):
     from cnntrain.runtime import grad_scaler
     from cnntrain.train import build_model
 
-    cfg = make_cfg(data_root, "model=resnet20", "aug=strong", "aug.mixup_alpha=0.2", "aug.cutmix_alpha=1.0",
-                   "data.batch_size=16", "sched=onecycle", "grad_clip=1.0")
+    cfg = make_cfg(
+        data_root,
+        "model=resnet20",
+        "aug=strong",
+        "aug.mixup_alpha=0.2",
+        "aug.cutmix_alpha=1.0",
+        "data.batch_size=16",
+        "sched=onecycle",
+        "grad_clip=1.0",
+    )
     device = torch.device("cuda", torch.cuda.current_device())
     data = build_data(cfg.data, cfg.aug, device=device, seed=0, splits=("train",))
     model, _ = build_model(cfg.model, 3, 10, 32, device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(cfg.optim, model)
     scheduler, _ = create_scheduler(cfg.sched, optimizer, epochs=1, steps_per_epoch=22)
-    kwargs = dict(device=device, scheduler=scheduler, scaler=grad_scaler(torch.float16, device),
-                  amp_dtype=torch.float16, channels_last=True, grad_clip=1.0, progress=False,
-                  ema=ModelEma(model, 0.99))
+    kwargs = dict(
+        device=device,
+        scheduler=scheduler,
+        scaler=grad_scaler(torch.float16, device),
+        amp_dtype=torch.float16,
+        channels_last=True,
+        grad_clip=1.0,
+        progress=False,
+        ema=ModelEma(model, 0.99),
+    )
     loader = data.loaders["train"]
-    engine.train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), optimizer, max_steps=2, **kwargs)  # warm-up
+    engine.train_one_epoch(
+        model, loader, torch.nn.CrossEntropyLoss(), optimizer, max_steps=2, **kwargs
+    )  # warm-up
     torch.cuda.synchronize(device)
     monkeypatch.setattr(engine._Progress, "check", lambda *args, **kw: None)
     monkeypatch.setattr(engine.distributed, "summed", lambda *values: [0.0] * len(values))
@@ -133,7 +206,9 @@ def test_training_steps_never_wait_for_the_gpu(data_root, monkeypatch):
         torch.cuda.set_sync_debug_mode("warn")
         try:
             loader.set_epoch(2)
-            engine.train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), optimizer, max_steps=20, **kwargs)
+            engine.train_one_epoch(
+                model, loader, torch.nn.CrossEntropyLoss(), optimizer, max_steps=20, **kwargs
+            )
         finally:
             torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]

@@ -1,22 +1,32 @@
 """Datasets read from files in their real formats through torchvision, and the batched pipeline."""
+
 import copy
 
 import pytest
 import torch
+from fakedata import write_image_folder, write_mnist
 from omegaconf import OmegaConf
 
 from cnntrain.data import build_data, stratified_split
 from cnntrain.data.builtin import load_builtin
 from cnntrain.errors import UserError
-from fakedata import write_image_folder, write_mnist
 
 CPU = torch.device("cpu")
 
 
 def data_cfg(name, root, **kw):
-    base = dict(name=name, kind={"mnist": "digits", "fashion_mnist": "clothing"}.get(name, "natural"),
-                root=str(root), download=False, batch_size=32, num_workers=0, val_split=0.1,
-                image_size=None, mean=[0.5], std=[0.25])
+    base = dict(
+        name=name,
+        kind={"mnist": "digits", "fashion_mnist": "clothing"}.get(name, "natural"),
+        root=str(root),
+        download=False,
+        batch_size=32,
+        num_workers=0,
+        val_split=0.1,
+        image_size=None,
+        mean=[0.5],
+        std=[0.25],
+    )
     if name.startswith("cifar"):
         base.update(mean=[0.5] * 3, std=[0.25] * 3)
     if name == "imagefolder":
@@ -31,10 +41,18 @@ def aug_cfg(name="basic"):
         return compose(config_name="train", overrides=[f"aug={name}"]).aug
 
 
-@pytest.mark.parametrize("name,shape,n_classes,n_train,n_test", [
-    ("mnist", (1, 28, 28), 10, 400, 200), ("fashion_mnist", (1, 28, 28), 10, 400, 200),
-    ("cifar10", (3, 32, 32), 10, 500, 200), ("cifar100", (3, 32, 32), 100, 600, 200)])
-def test_builtin_datasets_load_from_real_formats(data_root, name, shape, n_classes, n_train, n_test):
+@pytest.mark.parametrize(
+    "name,shape,n_classes,n_train,n_test",
+    [
+        ("mnist", (1, 28, 28), 10, 400, 200),
+        ("fashion_mnist", (1, 28, 28), 10, 400, 200),
+        ("cifar10", (3, 32, 32), 10, 500, 200),
+        ("cifar100", (3, 32, 32), 100, 600, 200),
+    ],
+)
+def test_builtin_datasets_load_from_real_formats(
+    data_root, name, shape, n_classes, n_train, n_test
+):
     images, labels, classes = load_builtin(name, str(data_root), train=True, download=False)
     assert images.dtype == torch.uint8 and tuple(images.shape) == (n_train, *shape)
     assert labels.dtype == torch.long and len(classes) == n_classes
@@ -129,7 +147,7 @@ def test_a_larger_image_size_keeps_native_storage_and_resizes_each_batch(data_ro
         augment.natural.update(shift=0, crop_scale=[0.3, 1.0])
     data = build_data(data_cfg("cifar10", data_root, image_size=64), augment, device=CPU, seed=0)
     assert data.image_size == 64
-    for split, loader in data.loaders.items():
+    for loader in data.loaders.values():
         assert loader.images.shape[-1] == 32 and loader.sample(0).shape == (32, 32, 3)
         old = copy.copy(loader)
         old.images = TF.resize(loader.images, [64, 64], antialias=True)  # per image: chunks alike
@@ -152,7 +170,9 @@ def test_a_smaller_image_size_is_stored_small(data_root):
 
 def test_train_order_depends_on_seed_and_epoch_only(data_root):
     def labels(epoch, seed=0):
-        loader = build_data(data_cfg("mnist", data_root), aug_cfg(), device=CPU, seed=seed).loaders["train"]
+        loader = build_data(data_cfg("mnist", data_root), aug_cfg(), device=CPU, seed=seed).loaders[
+            "train"
+        ]
         loader.set_epoch(epoch)
         return torch.cat([y for _, y in loader])
 
@@ -172,8 +192,12 @@ def test_imagefolder_train_val_test(folder_root):
 
 def test_imagefolder_without_val_is_split(tmp_path):
     write_image_folder(tmp_path, per_class={"train": 20})
-    data = build_data(data_cfg("imagefolder", tmp_path, val_split=0.25, mean=[0.5] * 3, std=[0.2] * 3),
-                      aug_cfg(), device=CPU, seed=0)
+    data = build_data(
+        data_cfg("imagefolder", tmp_path, val_split=0.25, mean=[0.5] * 3, std=[0.2] * 3),
+        aug_cfg(),
+        device=CPU,
+        seed=0,
+    )
     assert data.loaders["train"].num_samples == 45 and data.loaders["val"].num_samples == 15
     assert "test" not in data.loaders
 
@@ -215,20 +239,30 @@ def test_imagefolder_order_depends_on_seed_and_epoch_only(folder_root):
 
 
 def test_the_bundled_sample_is_real_stratified_fashion_mnist():
-    images, labels, classes = load_builtin("fashion_mnist_mini", "/nonexistent", train=True, download=True)
+    images, labels, classes = load_builtin(
+        "fashion_mnist_mini", "/nonexistent", train=True, download=True
+    )
     assert images.shape == (6000, 1, 28, 28) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist() == [600] * 10 and classes[0] == "T-shirt/top"
-    test_images, test_labels, _ = load_builtin("fashion_mnist_mini", "", train=False, download=False)
-    assert test_images.shape == (1000, 1, 28, 28) and torch.bincount(test_labels).tolist() == [100] * 10
+    test_images, test_labels, _ = load_builtin(
+        "fashion_mnist_mini", "", train=False, download=False
+    )
+    assert (
+        test_images.shape == (1000, 1, 28, 28)
+        and torch.bincount(test_labels).tolist() == [100] * 10
+    )
     # real photographs of clothes on black: half the pixels exactly 0, a garment's shades between
     assert (images == 0).float().mean() > 0.3 and len(images[0].unique()) > 40
 
 
-@pytest.mark.parametrize("damage, needle", [
-    ("missing", "lacks train-images-idx3-ubyte.gz"),
-    ("truncated", "cannot be read"),
-    ("garbled", "cannot be read"),
-])
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        ("missing", "lacks train-images-idx3-ubyte.gz"),
+        ("truncated", "cannot be read"),
+        ("garbled", "cannot be read"),
+    ],
+)
 def test_a_damaged_bundled_sample_says_reinstall(tmp_path, monkeypatch, damage, needle):
     import dataclasses
     import shutil
@@ -249,5 +283,7 @@ def test_a_damaged_bundled_sample_says_reinstall(tmp_path, monkeypatch, damage, 
     with pytest.raises(UserError) as e:
         load_builtin("fashion_mnist_mini", "data", train=True, download=True)
     message = str(e.value)
-    assert needle in message and "reinstall cnntrain" in message and str(copy_dir) in message, message
+    assert needle in message and "reinstall cnntrain" in message and str(copy_dir) in message, (
+        message
+    )
     assert "\n" not in message

@@ -1,6 +1,7 @@
 """The rules of the GPU path, proved on the CPU: which CUDA device a process makes current and
 when, bf16 only where the GPU has it, the configured fused flag under a GradScaler after a
 resume, and an EMA that never reads the device. torch.cuda is stood in for where needed."""
+
 import copy
 
 import pytest
@@ -35,7 +36,9 @@ def test_an_explicit_cuda_device_is_made_current(fake_cuda, monkeypatch):
 def test_under_torchrun_cuda_is_the_ranks_own_gpu(fake_cuda, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert select_device("auto") == torch.device("cuda", 3) and fake_cuda == [torch.device("cuda", 3)]
+    assert select_device("auto") == torch.device("cuda", 3) and fake_cuda == [
+        torch.device("cuda", 3)
+    ]
 
 
 def test_joining_the_process_group_touches_no_gpu(fake_cuda, monkeypatch):
@@ -44,14 +47,18 @@ def test_joining_the_process_group_touches_no_gpu(fake_cuda, monkeypatch):
     import torch.distributed as dist
 
     joined = []
-    monkeypatch.setenv("CNNTRAIN_RUN_TIME", "")  # init() shares rank 0's start time: undone after the test
+    monkeypatch.setenv(
+        "CNNTRAIN_RUN_TIME", ""
+    )  # init() shares rank 0's start time: undone after the test
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(dist, "is_initialized", lambda: bool(joined))
     monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.append(backend))
     monkeypatch.setattr(dist, "broadcast_object_list", lambda objects, src: None)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dist, "barrier", lambda *a, **k: pytest.fail("dist.barrier runs on the current GPU"))
+    monkeypatch.setattr(
+        dist, "barrier", lambda *a, **k: pytest.fail("dist.barrier runs on the current GPU")
+    )
     reduced = []
     monkeypatch.setattr(dist, "all_reduce", lambda t, **k: reduced.append(t.device))
     distributed.init()
@@ -62,9 +69,13 @@ def test_joining_the_process_group_touches_no_gpu(fake_cuda, monkeypatch):
 def test_amp_picks_bf16_only_where_the_gpu_has_it(monkeypatch):
     cuda = torch.device("cuda")
     # a V100 / T4: torch 2.14 says bf16 is "supported" when emulation is counted
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+    )
     assert amp_dtype(True, cuda) == torch.float16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # A100, H100
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: True
+    )  # A100, H100
     assert amp_dtype(True, cuda) == torch.bfloat16
     assert amp_dtype(True, cuda, "fp16") == torch.float16 and amp_dtype(False, cuda) is None
 
@@ -76,7 +87,9 @@ def test_a_resume_under_a_grad_scaler_uses_the_configured_fused_flag():
 
     def cfg(fused):
         with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
-            return compose(config_name="train", overrides=["optim=sgd", f"optim.fused={fused}", "sched=none"])
+            return compose(
+                config_name="train", overrides=["optim=sgd", f"optim.fused={fused}", "sched=none"]
+            )
 
     torch.manual_seed(0)
     model, x = nn.Linear(4, 3), torch.randn(8, 4)
@@ -101,7 +114,9 @@ def test_a_resume_under_a_grad_scaler_uses_the_configured_fused_flag():
     optimizer = create_optimizer(new.optim, model)
     assert optimizer.param_groups[0]["fused"]
     scheduler, interval = create_scheduler(new.sched, optimizer, epochs=1, steps_per_epoch=1)
-    _restore_training(new, {**resumed, "scheduler": scheduler.state_dict()}, [], optimizer, scheduler, 1, interval)
+    _restore_training(
+        new, {**resumed, "scheduler": scheduler.state_dict()}, [], optimizer, scheduler, 1, interval
+    )
     step(optimizer, torch.amp.GradScaler("cpu"))  # with the saved fused=False: RuntimeError
     assert all(group["fused"] for group in optimizer.param_groups)
     loss = expected(x).square().mean()
@@ -112,7 +127,9 @@ def test_a_resume_under_a_grad_scaler_uses_the_configured_fused_flag():
 
 
 def _bn_net():
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
+    )
 
 
 def test_the_ema_is_torchs_averaged_model_without_reading_the_device(monkeypatch):
@@ -137,6 +154,7 @@ def test_the_ema_is_torchs_averaged_model_without_reading_the_device(monkeypatch
     # a read of a tensor's value on the host is a host-device sync on a GPU
     def read(*args):
         raise AssertionError("a tensor's value was read on the host")
+
     for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, read)
     ours.update(model)

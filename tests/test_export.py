@@ -2,6 +2,7 @@
 format run by its own runtime agrees with cnntrain's predictions, the graph takes uint8 images in
 both layouts, the metadata reads back, cnnpredict runs the ONNX file alone, and bad inputs are one
 line with no file left. A slow sweep exports every registered model to ONNX."""
+
 import csv
 import hashlib
 import json
@@ -13,19 +14,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import refusal, run_cli
 from PIL import Image
 
-from conftest import refusal, run_cli
-
 FORMATS = ("onnx", "torchscript", "exported_program")
-FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported_program": "model.pt2"}
+FILES = {
+    "onnx": "model.onnx",
+    "torchscript": "model.torchscript.pt",
+    "exported_program": "model.pt2",
+}
 ALL = "format=[onnx,torchscript,exported_program]"
 
 
 def train(name, tmp_path_factory, *extra) -> Path:
     run_dir = tmp_path_factory.mktemp(f"ex_{name}")
-    run_cli("cnntrain", f"model={name}", "epochs=1", "device=cpu", *extra, f"hydra.run.dir={run_dir}",
-            cwd=run_dir.parent)
+    run_cli(
+        "cnntrain",
+        f"model={name}",
+        "epochs=1",
+        "device=cpu",
+        *extra,
+        f"hydra.run.dir={run_dir}",
+        cwd=run_dir.parent,
+    )
     return run_dir / "checkpoints/best.pt"
 
 
@@ -45,8 +56,15 @@ def mobilenet_v2(tmp_path_factory):
 
 
 def export(ckpt, out, *extra, check=True, env=None):
-    return run_cli("cnnexport", f"ckpt={ckpt}", f"hydra.run.dir={out}", *extra, cwd=out.parent,
-                   check=check, env=env)
+    return run_cli(
+        "cnnexport",
+        f"ckpt={ckpt}",
+        f"hydra.run.dir={out}",
+        *extra,
+        cwd=out.parent,
+        check=check,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +102,10 @@ def check_parity(out: Path, proc):
         assert (out / FILES[fmt]).is_file() and (out / f"{FILES[fmt]}.json").is_file()
         assert f"{fmt}: {FILES[fmt]} exported" in proc.stdout
     saved = next(line for line in proc.stdout.splitlines() if "results saved to" in line)
-    assert all(name in saved for name in ("export.json", *FILES.values(), *(f"{f}.json" for f in FILES.values())))
+    assert all(
+        name in saved
+        for name in ("export.json", *FILES.values(), *(f"{f}.json" for f in FILES.values()))
+    )
     assert no_temp_files(out)
     return report
 
@@ -94,7 +115,9 @@ def test_lenet_every_format_matches_cnntrain(lenet_export):
 
 
 # MobileNetV2 (torchvision's blocks): 75 s on 2 cores, most of it training and exporting
-@pytest.mark.parametrize("model", ["resnet20", pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "model", ["resnet20", pytest.param("mobilenet_v2", marks=pytest.mark.slow)]
+)
 def test_resnet20_and_mobilenet_v2_every_format_match_cnntrain(model, request, tmp_path):
     ckpt = request.getfixturevalue(model)
     proc = export(ckpt, tmp_path / "out", ALL)
@@ -108,26 +131,36 @@ def onnx_predictions(path: Path, images: np.ndarray, layout: str, dtype: str):
     x = images.transpose(0, 2, 3, 1) if layout == "nhwc" else images
     x = np.ascontiguousarray(x)
     x = x if dtype == "uint8" else (x.astype(np.float32) / 255)
-    return np.concatenate([session.run(None, {"images": x[i:i + 200]})[0] for i in range(0, len(x), 200)])
+    return np.concatenate(
+        [session.run(None, {"images": x[i : i + 200]})[0] for i in range(0, len(x), 200)]
+    )
 
 
 def test_uint8_in_both_layouts_gives_cnneval_top1(lenet, tmp_path):
     """The 1,000 bundled test images as uint8 arrays straight from the dataset file (NCHW, and
     NHWC as a decoder gives them; float 0..1 with softmax too): the exported graph's top-1 is the
     class cnneval's predictions.csv gives, image by image."""
-    run_cli("cnneval", f"ckpt={lenet}", "device=cpu", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    run_cli(
+        "cnneval", f"ckpt={lenet}", "device=cpu", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path
+    )
     rows = list(csv.DictReader(open(tmp_path / "eval/predictions.csv")))
     images, labels, classes = bundled_test_images()
     images = images.numpy()
     assert len(rows) == len(images) == 1000
     expected = [r["predicted"] for r in sorted(rows, key=lambda r: int(r["sample"]))]
-    for name, extra in (("nchw", ()), ("nhwc", ("layout=nhwc",)),
-                        ("float", ("layout=nhwc", "input=float", "softmax=true"))):
+    for name, extra in (
+        ("nchw", ()),
+        ("nhwc", ("layout=nhwc",)),
+        ("float", ("layout=nhwc", "input=float", "softmax=true")),
+    ):
         export(lenet, tmp_path / name, *extra)
         meta = json.loads((tmp_path / name / "model.onnx.json").read_text())
         layout, dtype = meta["layout"], "uint8" if meta["input_dtype"] == "uint8" else "float"
-        assert (layout, dtype) == {"nchw": ("nchw", "uint8"), "nhwc": ("nhwc", "uint8"),
-                                   "float": ("nhwc", "float")}[name]
+        assert (layout, dtype) == {
+            "nchw": ("nchw", "uint8"),
+            "nhwc": ("nhwc", "uint8"),
+            "float": ("nhwc", "float"),
+        }[name]
         out = onnx_predictions(tmp_path / name / "model.onnx", images, layout, dtype)
         assert out.shape == (1000, 10)
         if name == "float":
@@ -143,7 +176,9 @@ def test_metadata_reads_back_from_every_format_and_the_sidecar(lenet, lenet_expo
     out, _ = lenet_export
     ckpt = torch.load(lenet, weights_only=True)
     results = json.loads((lenet.parent.parent / "results.json").read_text())
-    digest = hashlib.sha256(json.dumps(ckpt["config"], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps(ckpt["config"], sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
     for fmt in FORMATS:
         sidecar = json.loads((out / f"{FILES[fmt]}.json").read_text())
         assert read_metadata(out / FILES[fmt]) == sidecar
@@ -151,7 +186,10 @@ def test_metadata_reads_back_from_every_format_and_the_sidecar(lenet, lenet_expo
         assert sidecar["classes"] == ckpt["classes"] and sidecar["num_classes"] == 10
         assert (sidecar["image_size"], sidecar["channels"], sidecar["layout"]) == (28, 1, "nchw")
         assert sidecar["input_dtype"] == "uint8" and sidecar["input_shape"] == ["batch", 1, 28, 28]
-        assert sidecar["mean"] == ckpt["config"]["data"]["mean"] and sidecar["std"] == ckpt["config"]["data"]["std"]
+        assert (
+            sidecar["mean"] == ckpt["config"]["data"]["mean"]
+            and sidecar["std"] == ckpt["config"]["data"]["std"]
+        )
         assert sidecar["model"] == "lenet5" and sidecar["output"] == "logits"
         assert sidecar["test_acc"] == results["test_acc"] and sidecar["config_sha256"] == digest
         assert json.loads(json.dumps(sidecar)) == sidecar  # plain JSON types
@@ -170,11 +208,26 @@ def test_cnnpredict_runs_the_onnx_file_as_the_checkpoint(lenet, lenet_export, tm
     pngs = tmp_path / "pngs"
     pngs.mkdir()
     for i in range(0, 1000, 50):
-        Image.fromarray(images[i, 0].numpy()).convert("RGB").resize((40, 40)).save(pngs / f"img_{i:03d}.png")
-    by_ckpt = run_cli("cnnpredict", f"ckpt={lenet}", f"inputs={pngs}", "topk=3", "device=cpu",
-                      f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
-    by_onnx = run_cli("cnnpredict", f"model={lenet_export[0] / 'model.onnx'}", f"inputs={pngs}", "topk=3",
-                      f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+        Image.fromarray(images[i, 0].numpy()).convert("RGB").resize((40, 40)).save(
+            pngs / f"img_{i:03d}.png"
+        )
+    by_ckpt = run_cli(
+        "cnnpredict",
+        f"ckpt={lenet}",
+        f"inputs={pngs}",
+        "topk=3",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'a'}",
+        cwd=tmp_path,
+    )
+    by_onnx = run_cli(
+        "cnnpredict",
+        f"model={lenet_export[0] / 'model.onnx'}",
+        f"inputs={pngs}",
+        "topk=3",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        cwd=tmp_path,
+    )
     a = list(csv.DictReader(open(tmp_path / "a/predictions.csv")))
     b = list(csv.DictReader(open(tmp_path / "b/predictions.csv")))
     assert len(a) == len(b) == 60
@@ -189,43 +242,86 @@ def test_an_image_folder_model_stored_for_crops_exports_and_predicts_alike(folde
     """RGB folder images stored at 1.14 x the model's size (random-resized-crop training): the
     check reads the test split's central crop, the metadata says to resize to 36 px before the
     32 px crop, and cnnpredict model= (NHWC) gives the predictions of ckpt=."""
-    run_cli("cnntrain", "model=lenet5", "data=imagefolder", f"data.root={folder_root}", "data.image_size=32",
-            "aug.natural.crop_scale=[0.5,1]", "aug.natural.shift=0", "data.num_workers=0", "epochs=1",
-            "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    run_cli(
+        "cnntrain",
+        "model=lenet5",
+        "data=imagefolder",
+        f"data.root={folder_root}",
+        "data.image_size=32",
+        "aug.natural.crop_scale=[0.5,1]",
+        "aug.natural.shift=0",
+        "data.num_workers=0",
+        "epochs=1",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     ckpt = tmp_path / "run/checkpoints/best.pt"
     proc = export(ckpt, tmp_path / "x", "layout=nhwc")
     meta = json.loads((tmp_path / "x/model.onnx.json").read_text())
-    assert (meta["image_size"], meta["resize"], meta["channels"], meta["input_shape"]) == (32, 36, 3, ["batch", 32, 32, 3])
+    assert (meta["image_size"], meta["resize"], meta["channels"], meta["input_shape"]) == (
+        32,
+        36,
+        3,
+        ["batch", 32, 32, 3],
+    )
     assert "on 30 images vs cnntrain" in proc.stdout  # the whole (small) test split
     for name, source in (("a", f"ckpt={ckpt}"), ("b", f"model={tmp_path / 'x/model.onnx'}")):
-        run_cli("cnnpredict", source, f"inputs={folder_root / 'val'}", "topk=2", "device=cpu",
-                f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        run_cli(
+            "cnnpredict",
+            source,
+            f"inputs={folder_root / 'val'}",
+            "topk=2",
+            "device=cpu",
+            f"hydra.run.dir={tmp_path / name}",
+            cwd=tmp_path,
+        )
     a = list(csv.DictReader(open(tmp_path / "a/predictions.csv")))
     b = list(csv.DictReader(open(tmp_path / "b/predictions.csv")))
-    assert len(a) == len(b) > 0 and [(x["file"], x["class"]) for x in a] == [(y["file"], y["class"]) for y in b]
+    assert len(a) == len(b) > 0 and [(x["file"], x["class"]) for x in a] == [
+        (y["file"], y["class"]) for y in b
+    ]
     assert max(abs(float(x["probability"]) - float(y["probability"])) for x, y in zip(a, b)) < 1e-5
 
 
 def test_cnnpredict_default_folder_is_named_after_the_export():
-    from cnntrain.cli import run_name
     from omegaconf import OmegaConf
 
-    assert run_name(OmegaConf.create({"exported": "outputs/export/2026-11-22/10-00-00_lenet5_x/model.onnx",
-                                      "ckpt": None})) == "lenet5_x"
-    assert run_name(OmegaConf.create({"exported": "deploy/clothes.onnx", "ckpt": None})) == "clothes"
+    from cnntrain.cli import run_name
+
+    assert (
+        run_name(
+            OmegaConf.create(
+                {"exported": "outputs/export/2026-11-22/10-00-00_lenet5_x/model.onnx", "ckpt": None}
+            )
+        )
+        == "lenet5_x"
+    )
+    assert (
+        run_name(OmegaConf.create({"exported": "deploy/clothes.onnx", "ckpt": None})) == "clothes"
+    )
 
 
 # --------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("override, needle", [
-    ("format=tflite", "format=tflite is not allowed: it must be one of onnx, torchscript, exported_program"),
-    ("format=[onnx,tflite]", "format=['onnx', 'tflite'] is not allowed: it must be one of onnx"),
-    ("layout=hwc", "layout=hwc is not allowed: it must be one of nchw, nhwc"),
-    ("input=float16", "input=float16 is not allowed: it must be one of uint8, float"),
-    ("atol=0", "atol=0.0 is not allowed: it must be > 0"),
-    ("verify_images=0", "verify_images=0 is not allowed: it must be >= 1"),
-    ("device=cuda", "device=cuda is not allowed: it must be one of cpu"),
-    ("softmax=1", "softmax=1 is not allowed: it must be true or false"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (
+            "format=tflite",
+            "format=tflite is not allowed: it must be one of onnx, torchscript, exported_program",
+        ),
+        (
+            "format=[onnx,tflite]",
+            "format=['onnx', 'tflite'] is not allowed: it must be one of onnx",
+        ),
+        ("layout=hwc", "layout=hwc is not allowed: it must be one of nchw, nhwc"),
+        ("input=float16", "input=float16 is not allowed: it must be one of uint8, float"),
+        ("atol=0", "atol=0.0 is not allowed: it must be > 0"),
+        ("verify_images=0", "verify_images=0 is not allowed: it must be >= 1"),
+        ("device=cuda", "device=cuda is not allowed: it must be one of cpu"),
+        ("softmax=1", "softmax=1 is not allowed: it must be true or false"),
+    ],
+)
 def test_bad_values_are_refused_by_the_schema(override, needle):
     assert needle in refusal("ckpt=x.pt", override, config="export")
 
@@ -250,11 +346,15 @@ def test_cnnpredict_wants_exactly_one_of_ckpt_and_model(lenet, lenet_export, tmp
     onnx_file = lenet_export[0] / "model.onnx"
     image = tmp_path / "x.png"
     Image.new("L", (28, 28)).save(image)
-    for args, needle in ((("inputs=x.png",), "neither was given"),
-                         ((f"ckpt={lenet}", f"model={onnx_file}", "inputs=x.png"), "both were given")):
+    for args, needle in (
+        (("inputs=x.png",), "neither was given"),
+        ((f"ckpt={lenet}", f"model={onnx_file}", "inputs=x.png"), "both were given"),
+    ):
         proc = run_cli("cnnpredict", *args, cwd=tmp_path, check=False)
         assert_one_line_error(proc, "give exactly one of ckpt=", "model=", needle)
-    proc = run_cli("cnnpredict", f"model={tmp_path}/none.onnx", "inputs=x.png", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "cnnpredict", f"model={tmp_path}/none.onnx", "inputs=x.png", cwd=tmp_path, check=False
+    )
     assert_one_line_error(proc, "none.onnx not found")
     proc = run_cli("cnnpredict", f"model={image}", "inputs=x.png", cwd=tmp_path, check=False)
     assert_one_line_error(proc, "runs ONNX files (.onnx)")
@@ -278,12 +378,22 @@ def test_without_the_export_extra_one_line_says_how_to_install(lenet, lenet_expo
     proc = export(lenet, tmp_path / "out", env=env, check=False)
     assert_one_line_error(proc, "format=onnx needs onnxruntime", 'pip install "cnntrain[export]"')
     assert not (tmp_path / "out").exists()
-    proc = run_cli("cnnpredict", f"model={lenet_export[0] / 'model.onnx'}", f"inputs={tmp_path}",
-                   cwd=tmp_path, env=env, check=False)
+    proc = run_cli(
+        "cnnpredict",
+        f"model={lenet_export[0] / 'model.onnx'}",
+        f"inputs={tmp_path}",
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
     assert_one_line_error(proc, "needs onnxruntime", 'pip install "cnntrain[export]"')
     # TorchScript and ExportedProgram need only torch
-    export(lenet, tmp_path / "ts", "format=[torchscript,exported_program]", "verify_images=8", env=env)
-    assert (tmp_path / "ts/model.torchscript.pt").is_file() and (tmp_path / "ts/model.pt2").is_file()
+    export(
+        lenet, tmp_path / "ts", "format=[torchscript,exported_program]", "verify_images=8", env=env
+    )
+    assert (tmp_path / "ts/model.torchscript.pt").is_file() and (
+        tmp_path / "ts/model.pt2"
+    ).is_file()
 
 
 # In-process: a model the ONNX exporter cannot translate (an operator without an ONNX function)
@@ -322,14 +432,18 @@ def test_a_failing_exporter_names_the_operator_and_leaves_no_file(lenet, tmp_pat
     from cnntrain.errors import UserError
 
     real = cnntrain.inference.model_from_checkpoint
-    monkeypatch.setattr(cnntrain.inference, "model_from_checkpoint",
-                        lambda *args: WithOddOp(real(*args)).eval())
+    monkeypatch.setattr(
+        cnntrain.inference, "model_from_checkpoint", lambda *args: WithOddOp(real(*args)).eval()
+    )
     out = tmp_path / "out"
     with pytest.raises(UserError) as e:
         export_in_process(lenet, out, "format=[torchscript,onnx]", "verify_images=8")
     message = str(e.value)
     assert "\n" not in message and "model lenet5 cannot be exported to onnx" in message, message
-    assert "operator cnntest.odd" in message and "try format=torchscript or format=exported_program" in message
+    assert (
+        "operator cnntest.odd" in message
+        and "try format=torchscript or format=exported_program" in message
+    )
     # the torchscript file had passed, but an export is all or nothing
     assert sorted(p.name for p in out.iterdir()) == [".cnntrain.lock"]
 
@@ -343,17 +457,27 @@ def test_a_mismatch_beyond_atol_keeps_nothing(lenet, tmp_path, monkeypatch):
     def drifting(path):
         run, meta = real(path)
         return (lambda x: run(x) + 0.01), meta
+
     monkeypatch.setitem(cnntrain.export.LOADERS, "exported_program", drifting)
     out = tmp_path / "out"
     with pytest.raises(UserError) as e:
         export_in_process(lenet, out, "format=exported_program", "verify_images=8")
-    assert "does not match cnntrain's predictions on 8 images (max abs difference 0.01 > atol=0.001)" in str(e.value)
+    assert (
+        "does not match cnntrain's predictions on 8 images (max abs difference 0.01 > atol=0.001)"
+        in str(e.value)
+    )
     assert sorted(p.name for p in out.iterdir()) == [".cnntrain.lock"]
     # within a looser tolerance the same file passes and is kept, with its sidecar
-    report = export_in_process(lenet, tmp_path / "loose", "format=exported_program", "verify_images=8", "atol=0.02")
+    report = export_in_process(
+        lenet, tmp_path / "loose", "format=exported_program", "verify_images=8", "atol=0.02"
+    )
     assert report["formats"]["exported_program"]["max_abs_diff"] == pytest.approx(0.01, abs=1e-4)
     assert sorted(p.name for p in (tmp_path / "loose").iterdir()) == [
-        ".cnntrain.lock", "export.json", "model.pt2", "model.pt2.json"]
+        ".cnntrain.lock",
+        "export.json",
+        "model.pt2",
+        "model.pt2.json",
+    ]
 
 
 def test_compare_counts_ties_at_the_tolerance():
@@ -368,7 +492,9 @@ def test_compare_counts_ties_at_the_tolerance():
 
 
 def test_benchmark_reports_every_runtime(lenet, tmp_path):
-    proc = export(lenet, tmp_path / "out", "format=[onnx,torchscript]", "benchmark=true", "verify_images=8")
+    proc = export(
+        lenet, tmp_path / "out", "format=[onnx,torchscript]", "benchmark=true", "verify_images=8"
+    )
     bench = json.loads((tmp_path / "out/export.json").read_text())["benchmark"]
     for name in ("eager", "onnx", "torchscript"):
         assert bench[name]["latency_ms_b1"] > 0 and bench[name]["throughput_b64"] > 0
@@ -383,7 +509,11 @@ SWEEP_SHAPES = ((1, 28), (3, 32))  # gray 28 px as Fashion-MNIST, RGB 32 px as C
 def sweep_models() -> list[str]:
     from importlib.resources import files
 
-    names = sorted(p.name[:-5] for p in (files("cnntrain.configs") / "model").iterdir() if p.name.endswith(".yaml"))
+    names = sorted(
+        p.name[:-5]
+        for p in (files("cnntrain.configs") / "model").iterdir()
+        if p.name.endswith(".yaml")
+    )
     return [n for n in names if n not in ("tv", "timm")]  # those two need model.name
 
 
@@ -412,13 +542,24 @@ def calibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor) -> None:
     model.eval()
 
 
-BENCH_MAX_S = 8.0  # a model whose 64 images take longer in eager PyTorch is exported and checked, not timed
+BENCH_MAX_S = (
+    8.0  # a model whose 64 images take longer in eager PyTorch is exported and checked, not timed
+)
 
 
 def sweep_one(name: str, channels: int, size: int, folder: Path, threads: int, timed: bool) -> dict:
     from cnntrain.data.augment import Normalize
-    from cnntrain.export import (Deployable, benchmark, compare, eager_outputs, eager_runner,
-                                 export_onnx, export_reason, load_onnx, run_batched)
+    from cnntrain.export import (
+        Deployable,
+        benchmark,
+        compare,
+        eager_outputs,
+        eager_runner,
+        export_onnx,
+        export_reason,
+        load_onnx,
+        run_batched,
+    )
     from cnntrain.models import create_model
 
     torch.manual_seed(0)
@@ -440,12 +581,25 @@ def sweep_one(name: str, channels: int, size: int, folder: Path, threads: int, t
     eager_s = time.perf_counter() - start
     run = load_onnx(path, threads=threads, spinning=False)[0]
     result = compare(expected, run_batched(run, pixels, "nchw", "uint8"), 1e-3)
-    row.update(exported=True, max_abs_diff=result["max_abs_diff"], top1=result["top1_agreement"],
-               ties=result["ties"], passed=result["passed"], max_abs_logit=float(expected.abs().max()),
-               classes_predicted=len(set(expected.argmax(1).tolist())), eager_s_b64=eager_s)
+    row.update(
+        exported=True,
+        max_abs_diff=result["max_abs_diff"],
+        top1=result["top1_agreement"],
+        ties=result["ties"],
+        passed=result["passed"],
+        max_abs_logit=float(expected.abs().max()),
+        classes_predicted=len(set(expected.argmax(1).tolist())),
+        eager_s_b64=eager_s,
+    )
     if timed and eager_s < BENCH_MAX_S:
-        bench = benchmark({"eager": eager_runner(module), "onnx": run}, pixels, "nchw", "uint8",
-                          rounds=3 if eager_s < 1 else 1, round_s=0.1)
+        bench = benchmark(
+            {"eager": eager_runner(module), "onnx": run},
+            pixels,
+            "nchw",
+            "uint8",
+            rounds=3 if eager_s < 1 else 1,
+            round_s=0.1,
+        )
         row.update(eager=bench["eager"], ort=bench["onnx"])
     path.unlink()
     return row
@@ -454,25 +608,51 @@ def sweep_one(name: str, channels: int, size: int, folder: Path, threads: int, t
 def sweep_table(rows: list[dict]) -> str:
     from cnntrain.export import markdown_table
 
-    header = ["model", "input", "exported", "max abs diff", "max abs logit", "top-1 agreement",
-              "eager b1 (ms)", "onnxruntime b1 (ms)", "eager b64 (img/s)", "onnxruntime b64 (img/s)",
-              "b64 speed-up"]
+    header = [
+        "model",
+        "input",
+        "exported",
+        "max abs diff",
+        "max abs logit",
+        "top-1 agreement",
+        "eager b1 (ms)",
+        "onnxruntime b1 (ms)",
+        "eager b64 (img/s)",
+        "onnxruntime b64 (img/s)",
+        "b64 speed-up",
+    ]
     cells = []
     for r in rows:
         if not r["exported"]:
             cells.append([r["model"], r["input"], "no: " + r["reason"][:80], *[""] * 8])
             continue
         ties = f" ({r['ties']} tie)" if r["ties"] else ""
-        cells.append([r["model"], r["input"], "yes", f"{r['max_abs_diff']:.1e}", f"{r['max_abs_logit']:.2g}",
-                      f"{100 * r['top1']:.1f} %{ties}"])
+        cells.append(
+            [
+                r["model"],
+                r["input"],
+                "yes",
+                f"{r['max_abs_diff']:.1e}",
+                f"{r['max_abs_logit']:.2g}",
+                f"{100 * r['top1']:.1f} %{ties}",
+            ]
+        )
         if "eager" in r:
-            cells[-1] += [f"{r['eager']['latency_ms_b1']:.2f}", f"{r['ort']['latency_ms_b1']:.2f}",
-                          f"{r['eager']['throughput_b64']:.0f}", f"{r['ort']['throughput_b64']:.0f}",
-                          f"{r['ort']['throughput_b64'] / r['eager']['throughput_b64']:.2f}x"]
+            cells[-1] += [
+                f"{r['eager']['latency_ms_b1']:.2f}",
+                f"{r['ort']['latency_ms_b1']:.2f}",
+                f"{r['eager']['throughput_b64']:.0f}",
+                f"{r['ort']['throughput_b64']:.0f}",
+                f"{r['ort']['throughput_b64'] / r['eager']['throughput_b64']:.2f}x",
+            ]
         else:
             timed = r["eager_s_b64"] < BENCH_MAX_S
-            cells[-1] += ["see the other input" if timed else f"not timed (64 images: {r['eager_s_b64']:.0f} s eager)",
-                          *[""] * 4]
+            cells[-1] += [
+                "see the other input"
+                if timed
+                else f"not timed (64 images: {r['eager_s_b64']:.0f} s eager)",
+                *[""] * 4,
+            ]
     return markdown_table(header, cells)
 
 
@@ -493,8 +673,11 @@ def test_every_model_exports_to_onnx(tmp_path, capsys):
         for channels, size in SWEEP_SHAPES:
             rows.append(sweep_one(name, channels, size, tmp_path, threads, timed=channels == 3))
             with capsys.disabled():
-                print(f"{name} {channels}x{size}: {rows[-1].get('max_abs_diff', rows[-1].get('reason'))}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{name} {channels}x{size}: {rows[-1].get('max_abs_diff', rows[-1].get('reason'))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     table = sweep_table(rows)
     with capsys.disabled():
         print("\n" + table)

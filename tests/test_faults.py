@@ -2,6 +2,7 @@
 checkpoints, a writer killed mid-save, a full or read-only disk. Each ends in one UserError (the
 CLI's one `error: ...` line, exit code 1) naming the file and the fix, and leaves earlier
 checkpoints intact."""
+
 import errno
 import logging
 import os
@@ -17,22 +18,22 @@ import time
 
 import pytest
 import torch
+from conftest import refusal, run_cli
+from fakedata import write_image_folder
 from omegaconf import OmegaConf
+from test_errors import assert_one_line_error
 
 from cnntrain.checkpoint import load_checkpoint, save_checkpoint
-from cnntrain.files import STALE_TEMP_S
-from conftest import refusal
 from cnntrain.data import build_data, data_shape
 from cnntrain.errors import UserError
-from conftest import run_cli
-from fakedata import write_image_folder
-from test_errors import assert_one_line_error
+from cnntrain.files import STALE_TEMP_S
 
 CPU = torch.device("cpu")
 CLASSES = ["cat", "dog", "fox"]
 
 
 # ---------------------------------------------------------------- image folders
+
 
 @pytest.fixture()
 def images(tmp_path):
@@ -41,8 +42,18 @@ def images(tmp_path):
 
 
 def folder_cfg(root, **kw):
-    base = dict(name="imagefolder", root=str(root), download=False, batch_size=64, num_workers=0,
-                val_split=0.0, image_size=32, mean=[0.5] * 3, std=[0.25] * 3, skip_bad_images=False)
+    base = dict(
+        name="imagefolder",
+        root=str(root),
+        download=False,
+        batch_size=64,
+        num_workers=0,
+        val_split=0.0,
+        image_size=32,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        skip_bad_images=False,
+    )
     return OmegaConf.create({**base, **kw})
 
 
@@ -115,8 +126,9 @@ def test_corrupt_image_stops_naming_the_file(images, name, measured):
 
 
 def test_skip_bad_images_must_be_a_bool(images):
-    assert refusal("data=imagefolder", f"data.root={images}", "data.skip_bad_images=yes").startswith(
-        "data.skip_bad_images=yes is not allowed: it must be true or false")
+    assert refusal(
+        "data=imagefolder", f"data.root={images}", "data.skip_bad_images=yes"
+    ).startswith("data.skip_bad_images=yes is not allowed: it must be true or false")
 
 
 def test_corrupt_image_in_a_decoding_process_is_still_one_line(images):
@@ -124,7 +136,9 @@ def test_corrupt_image_in_a_decoding_process_is_still_one_line(images):
     with pytest.raises(UserError) as info:  # the cache build stops, before any training
         build_data(folder_cfg(images, num_workers=2), None, device=CPU, seed=0, splits=("test",))
     msg = str(info.value)
-    assert msg.startswith(f"image {path} cannot be read (image file is truncated") and "\n" not in msg
+    assert (
+        msg.startswith(f"image {path} cannot be read (image file is truncated") and "\n" not in msg
+    )
 
 
 def test_skip_bad_images_leaves_them_out_of_the_cache_and_says_so_every_run(images, caplog):
@@ -134,7 +148,7 @@ def test_skip_bad_images_leaves_them_out_of_the_cache_and_says_so_every_run(imag
     bad_test = corrupt(images / "test" / "cat", "random.jpg")
     cfg = folder_cfg(images, num_workers=2, skip_bad_images=True, mean=None, std=None)
     caplog.set_level(logging.WARNING, logger="cnntrain")
-    for run in (1, 2):  # the build, then a run that reuses the cache
+    for _run in (1, 2):  # the build, then a run that reuses the cache
         caplog.clear()
         data = build_data(cfg, None, device=CPU, seed=0)
         warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -153,32 +167,54 @@ def test_skip_bad_images_leaves_them_out_of_the_cache_and_says_so_every_run(imag
     assert test.sample(8).shape[-1] == 3
     # the same cache without the flag: the images are still bad, and still named
     with pytest.raises(UserError, match="cannot be read"):
-        build_data(folder_cfg(images, skip_bad_images=False, mean=None, std=None), None, device=CPU, seed=0)
+        build_data(
+            folder_cfg(images, skip_bad_images=False, mean=None, std=None), None, device=CPU, seed=0
+        )
 
 
 def test_skipped_images_leave_no_gap_in_the_batches(images):
     for name in ("empty.png", "random.jpg"):  # test/cat sorts these before its good images
         corrupt(images / "test" / "cat", name).rename(images / "test" / "cat" / f"-{name}")
-    loader = build_data(folder_cfg(images, batch_size=2, skip_bad_images=True), None, device=CPU,
-                        seed=0, splits=("test",)).loaders["test"]
+    loader = build_data(
+        folder_cfg(images, batch_size=2, skip_bad_images=True),
+        None,
+        device=CPU,
+        seed=0,
+        splits=("test",),
+    ).loaders["test"]
     assert len(loader) == 5 and [len(y) for _, y in loader] == [2, 2, 2, 2, 1]
 
 
 def write_bad_folder(root):
     """A folder with one corrupt training and one corrupt test image."""
     write_image_folder(root, CLASSES, {"train": 6, "test": 3}, size=32)
-    return corrupt(root / "train" / "dog", "truncated.jpg"), corrupt(root / "test" / "fox", "random.jpg")
+    return corrupt(root / "train" / "dog", "truncated.jpg"), corrupt(
+        root / "test" / "fox", "random.jpg"
+    )
 
 
 def train_folder_args(root, run_dir, *extra):
-    return ["cnntrain", "data=imagefolder", f"data.root={root}", "data.image_size=32", "data.batch_size=8",
-            "data.num_workers=2", "epochs=1", f"hydra.run.dir={run_dir}", *extra]
+    return [
+        "cnntrain",
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=2",
+        "epochs=1",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 def test_cli_corrupt_image_ends_in_one_line(tmp_path):
     bad_train, _ = write_bad_folder(tmp_path / "imgs")
-    proc = run_cli(*train_folder_args(tmp_path / "imgs", tmp_path / "run"), cwd=tmp_path, check=False)
-    assert_one_line_error(proc, f"error: image {bad_train} cannot be read", "data.skip_bad_images=true")
+    proc = run_cli(
+        *train_folder_args(tmp_path / "imgs", tmp_path / "run"), cwd=tmp_path, check=False
+    )
+    assert_one_line_error(
+        proc, f"error: image {bad_train} cannot be read", "data.skip_bad_images=true"
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -187,7 +223,9 @@ def skipping_run(tmp_path_factory):
     """An imagefolder run over corrupt images with data.skip_bad_images=true."""
     tmp = tmp_path_factory.mktemp("skipping")
     bad = write_bad_folder(tmp / "imgs")
-    proc = run_cli(*train_folder_args(tmp / "imgs", tmp / "run", "data.skip_bad_images=true"), cwd=tmp)
+    proc = run_cli(
+        *train_folder_args(tmp / "imgs", tmp / "run", "data.skip_bad_images=true"), cwd=tmp
+    )
     return tmp, proc, bad
 
 
@@ -205,9 +243,17 @@ def test_cnneval_imagefolder_with_other_class_folders_shows_both_lists(skipping_
     shutil.copytree(tmp / "imgs" / "test", other / "test")
     (other / "test" / "fox").rename(other / "test" / "wolf")
     (other / "test" / ".ipynb_checkpoints").mkdir()  # not a class: not in the found list
-    proc = run_cli("cnneval", f"ckpt={tmp / 'run/checkpoints/best.pt'}", f"data.root={other}",
-                   f"hydra.run.dir={tmp / 'ev'}", cwd=tmp, check=False)
-    assert_one_line_error(proc, "classes differ", "['cat', 'dog', 'fox'] (3)", "['cat', 'dog', 'wolf'] (3)")
+    proc = run_cli(
+        "cnneval",
+        f"ckpt={tmp / 'run/checkpoints/best.pt'}",
+        f"data.root={other}",
+        f"hydra.run.dir={tmp / 'ev'}",
+        cwd=tmp,
+        check=False,
+    )
+    assert_one_line_error(
+        proc, "classes differ", "['cat', 'dog', 'fox'] (3)", "['cat', 'dog', 'wolf'] (3)"
+    )
 
 
 def test_cnneval_takes_the_class_order_from_the_checkpoint(skipping_run, tmp_path):
@@ -222,12 +268,18 @@ def test_cnneval_takes_the_class_order_from_the_checkpoint(skipping_run, tmp_pat
     ckpt["classes"] = ["dog", "cat", "fox"]
     torch.save(ckpt, tmp_path / "reordered.pt")
     with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[f"ckpt={tmp_path / 'reordered.pt'}", "device=cpu"])
-    with pytest.raises(UserError, match=re.escape("checkpoint ['dog', 'cat', 'fox'] (3), data ['cat', 'dog', 'fox']")):
+        cfg = compose(
+            config_name="eval", overrides=[f"ckpt={tmp_path / 'reordered.pt'}", "device=cpu"]
+        )
+    with pytest.raises(
+        UserError,
+        match=re.escape("checkpoint ['dog', 'cat', 'fox'] (3), data ['cat', 'dog', 'fox']"),
+    ):
         evaluate(cfg, run_dir=tmp_path / "ev")
 
 
 # ---------------------------------------------------------------- checkpoints: loading
+
 
 class TouchViaSystem:
     def __init__(self, marker):
@@ -245,7 +297,10 @@ class TouchViaPath(TouchViaSystem):
 def malicious(path, payload, marker, nested):
     """A checkpoint whose unpickling would create `marker`, bare or inside a cnntrain-like dict."""
     obj = payload(marker)
-    torch.save({"model": {}, "config": obj, "classes": [], "epoch": 1, "metrics": {}} if nested else obj, path)
+    torch.save(
+        {"model": {}, "config": obj, "classes": [], "epoch": 1, "metrics": {}} if nested else obj,
+        path,
+    )
     return path
 
 
@@ -258,30 +313,44 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, payload, nested):
     from cnntrain.models.transfer import load_state_dict_file
 
     path = malicious(tmp_path / "evil.pt", payload, tmp_path / "marker", nested)
-    with pytest.raises(UserError, match=f"checkpoint {re.escape(str(path))} holds Python objects .* refused"):
+    with pytest.raises(
+        UserError, match=f"checkpoint {re.escape(str(path))} holds Python objects .* refused"
+    ):
         load_checkpoint(path)
-    with pytest.raises(UserError, match="not a weights-only state_dict"):  # model.pretrained=evil.pt
+    with pytest.raises(
+        UserError, match="not a weights-only state_dict"
+    ):  # model.pretrained=evil.pt
         load_state_dict_file(str(path))
     assert not (tmp_path / "marker").exists()
 
 
 def test_cli_refuses_malicious_checkpoint(tmp_path):
     path = malicious(tmp_path / "evil.pt", TouchViaSystem, tmp_path / "marker", nested=False)
-    proc = run_cli("cnneval", f"ckpt={path}", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path, check=False)
-    assert_one_line_error(proc, f"error: checkpoint {path} holds Python objects (posix.system)", "refused")
+    proc = run_cli(
+        "cnneval", f"ckpt={path}", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path, check=False
+    )
+    assert_one_line_error(
+        proc, f"error: checkpoint {path} holds Python objects (posix.system)", "refused"
+    )
     assert proc.returncode == 1 and not (tmp_path / "marker").exists()
 
 
 def test_whole_pickled_model_is_refused_naming_its_class(tmp_path):
     from cnntrain.models import create_model
 
-    torch.save(create_model("lenet5", in_channels=1, num_classes=10, image_size=28), tmp_path / "model.pt")
-    with pytest.raises(UserError, match=r"model.pt holds Python objects \(cnntrain\.models\.lenet\.\w+\)"):
+    torch.save(
+        create_model("lenet5", in_channels=1, num_classes=10, image_size=28), tmp_path / "model.pt"
+    )
+    with pytest.raises(
+        UserError, match=r"model.pt holds Python objects \(cnntrain\.models\.lenet\.\w+\)"
+    ):
         load_checkpoint(tmp_path / "model.pt")
 
 
 def test_empty_checkpoint_file(tmp_path):
-    (tmp_path / "empty.pt").touch()  # a save that died before writing a byte, outside our temp scheme
+    (
+        tmp_path / "empty.pt"
+    ).touch()  # a save that died before writing a byte, outside our temp scheme
     with pytest.raises(UserError, match=r"empty.pt is empty \(0 bytes\); use another checkpoint"):
         load_checkpoint(tmp_path / "empty.pt")
 
@@ -312,9 +381,15 @@ def test_unreadable_checkpoint_says_so_simulated(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- checkpoints: saving
 
+
 def core(epoch=0, size=3):
-    return {"model": {"w": torch.full((size,), float(epoch))}, "config": {}, "classes": ["a", "b"],
-            "epoch": epoch, "metrics": {}}
+    return {
+        "model": {"w": torch.full((size,), float(epoch))},
+        "config": {},
+        "classes": ["a", "b"],
+        "epoch": epoch,
+        "metrics": {},
+    }
 
 
 TEMP = re.compile(r"\.last\.pt\.[a-z0-9_]{8}\.tmp")
@@ -340,7 +415,9 @@ def kill_mid_write(path, epoch, save, fraction, full_size, timeout=60):
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            seen += sorted(n for n in set(os.listdir(path.parent)) - before - set(seen) if TEMP.fullmatch(n))
+            seen += sorted(
+                n for n in set(os.listdir(path.parent)) - before - set(seen) if TEMP.fullmatch(n)
+            )
             if len(seen) >= save:
                 try:
                     if os.path.getsize(path.parent / seen[save - 1]) >= fraction * full_size:
@@ -362,7 +439,9 @@ def test_kill_9_during_save_keeps_a_loadable_checkpoint(tmp_path):
     full_size = path.stat().st_size
     rng, epoch, mid_write = random.Random(0), 0, 0
     for _ in range(3):
-        mid_write += kill_mid_write(path, epoch, rng.randint(1, 3), rng.uniform(0.05, 0.9), full_size)
+        mid_write += kill_mid_write(
+            path, epoch, rng.randint(1, 3), rng.uniform(0.05, 0.9), full_size
+        )
         state = load_checkpoint(path)  # the last complete save, never a partial one
         w = state["model"]["w"]
         assert state["epoch"] >= epoch and w.numel() == 8_000_000
@@ -412,15 +491,18 @@ class NoSpaceFromTheKernel:
         monkeypatch.setattr(os, "fdopen", to_dev_full)
 
 
-@pytest.mark.parametrize("disk_full", [NoSpaceOnFsync(), NoSpaceFromTheKernel()], ids=["fsync", "write"])
+@pytest.mark.parametrize(
+    "disk_full", [NoSpaceOnFsync(), NoSpaceFromTheKernel()], ids=["fsync", "write"]
+)
 def test_disk_full_keeps_the_old_checkpoint_and_says_so(tmp_path, monkeypatch, disk_full):
     path = tmp_path / "ckpts" / "last.pt"
     save_checkpoint(core(1), path)
     disk_full(monkeypatch)
     with pytest.raises(UserError) as info:
         save_checkpoint(core(2, 100_000), path)
-    assert str(info.value) == (f"cannot write checkpoint {path}: disk full; free space or choose "
-                               "another hydra.run.dir=")
+    assert str(info.value) == (
+        f"cannot write checkpoint {path}: disk full; free space or choose another hydra.run.dir="
+    )
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert os.listdir(path.parent) == ["last.pt"]
@@ -430,19 +512,33 @@ def test_disk_full_during_training_is_one_line(tmp_path, data_root, monkeypatch)
     """The CLI, its checkpoint fsync failing with ENOSPC (injected by a sitecustomize module)."""
     inject = tmp_path / "inject"
     inject.mkdir()
-    (inject / "sitecustomize.py").write_text(textwrap.dedent("""
+    (inject / "sitecustomize.py").write_text(
+        textwrap.dedent("""
         import errno, os
         def fsync(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.fsync = fsync
-    """))
+    """)
+    )
     monkeypatch.setenv("PYTHONPATH", str(inject))
     run = tmp_path / "run"
-    proc = run_cli("cnntrain", "data=mnist", f"data.root={data_root}", "data.download=false", "epochs=1",
-                   "max_steps_per_epoch=2", f"hydra.run.dir={run}", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "cnntrain",
+        "data=mnist",
+        f"data.root={data_root}",
+        "data.download=false",
+        "epochs=1",
+        "max_steps_per_epoch=2",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        check=False,
+    )
     # whichever file is written first (.hydra/config.yaml, since it is written atomically too)
-    assert_one_line_error(proc, f"error: cannot write {run}{os.sep}",
-                          ": disk full; free space or choose another hydra.run.dir=")
+    assert_one_line_error(
+        proc,
+        f"error: cannot write {run}{os.sep}",
+        ": disk full; free space or choose another hydra.run.dir=",
+    )
     assert proc.returncode == 1 and not list(run.rglob("*.pt")) and not list(run.rglob(".*.tmp"))
 
 
@@ -451,7 +547,9 @@ def test_read_only_checkpoint_folder(tmp_path):
     save_checkpoint(core(1), tmp_path / "ckpts" / "last.pt")
     (tmp_path / "ckpts").chmod(0o500)
     try:
-        with pytest.raises(UserError, match="last.pt: Permission denied; choose a writable hydra.run.dir="):
+        with pytest.raises(
+            UserError, match="last.pt: Permission denied; choose a writable hydra.run.dir="
+        ):
             save_checkpoint(core(2), tmp_path / "ckpts" / "last.pt")
     finally:
         (tmp_path / "ckpts").chmod(0o700)
@@ -470,7 +568,9 @@ def test_read_only_checkpoint_folder_simulated(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     with pytest.raises(UserError) as info:
         save_checkpoint(core(2), tmp_path / "last.pt")
-    assert str(info.value) == (f"cannot write checkpoint {tmp_path / 'last.pt'}: Permission denied; "
-                               "choose a writable hydra.run.dir=")
+    assert str(info.value) == (
+        f"cannot write checkpoint {tmp_path / 'last.pt'}: Permission denied; "
+        "choose a writable hydra.run.dir="
+    )
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1

@@ -1,5 +1,6 @@
 """The pictures' content, checked on the matplotlib figures before they are saved: titles and
 labels say what is shown, colour bars exist, epoch ticks are whole, no caption covers an image."""
+
 import io
 
 import numpy as np
@@ -9,8 +10,15 @@ from PIL import Image
 
 from cnntrain.models import create_model
 from cnntrain.report import _pyplot, per_class_figure, prediction_captions, samples_figure
-from cnntrain.viz import (_capture, feature_maps_figure, filters_figure, grad_cam, grad_cam_figure,
-                          layer_maps, stage_layers)
+from cnntrain.viz import (
+    _capture,
+    feature_maps_figure,
+    filters_figure,
+    grad_cam,
+    grad_cam_figure,
+    layer_maps,
+    stage_layers,
+)
 
 plt = _pyplot()
 
@@ -65,8 +73,12 @@ def lenet_maps():
 
 def test_feature_maps_rows_say_module_class_and_output_size():
     _, _, maps = lenet_maps()
-    assert list(maps) == ["features.1 (ReLU) → 6×28×28", "features.2 (MaxPool2d) → 6×14×14",
-                          "features.4 (ReLU) → 16×10×10", "features (Sequential) → 16×5×5"]
+    assert list(maps) == [
+        "features.1 (ReLU) → 6×28×28",
+        "features.2 (MaxPool2d) → 6×14×14",
+        "features.4 (ReLU) → 16×10×10",
+        "features (Sequential) → 16×5×5",
+    ]
     pixels = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
     fig = feature_maps_figure(pixels, maps, "digit.png: 3 (0.900)", plt)
     labels = [sub._suptitle.get_text() for sub in fig.subfigs]
@@ -74,7 +86,9 @@ def test_feature_maps_rows_say_module_class_and_output_size():
     for sub, fmap in zip(fig.subfigs[1:], maps.values()):
         images = [ax.images[0] for ax in sub.axes if ax.images]
         assert len(images) == len(fmap)
-        assert sum(im.colorbar is not None for im in images) == 1  # one per layer: its channels share the scale
+        assert (
+            sum(im.colorbar is not None for im in images) == 1
+        )  # one per layer: its channels share the scale
         assert all(im.get_clim() == images[0].get_clim() for im in images)
     width, height = png_size(fig)
     assert width <= 1000 and height <= 1100  # rows of 8, not 17 columns mostly empty (1870 px wide)
@@ -83,7 +97,9 @@ def test_feature_maps_rows_say_module_class_and_output_size():
 def test_grad_cam_has_importance_colour_bar():
     net, x, _ = lenet_maps()
     cam = grad_cam(net, x[0], "features")
-    fig = grad_cam_figure(torch.zeros(1, 28, 28, dtype=torch.uint8), cam, "Grad-CAM at features", plt)
+    fig = grad_cam_figure(
+        torch.zeros(1, 28, 28, dtype=torch.uint8), cam, "Grad-CAM at features", plt
+    )
     heat = fig.axes[1].images[-1]
     assert heat.colorbar is not None and heat.get_clim() == (0, 1)
     assert "importance" in heat.colorbar.ax.get_ylabel()
@@ -99,8 +115,18 @@ def tracked_figure(tmp_path, monkeypatch, **kwargs):
     run_dir.mkdir(parents=True)
     tracker = RunTracker(run_dir, epochs=3, **kwargs)
     for epoch in (1, 2, 3):
-        tracker.log_epoch({"epoch": epoch, "train_loss": 1 / epoch, "train_acc": 0.5, "val_loss": 1.0,
-                           "val_acc": 0.5, "lr": 0.1 / epoch, "time": 1.0, "img_per_s": 10.0})
+        tracker.log_epoch(
+            {
+                "epoch": epoch,
+                "train_loss": 1 / epoch,
+                "train_acc": 0.5,
+                "val_loss": 1.0,
+                "val_acc": 0.5,
+                "lr": 0.1 / epoch,
+                "time": 1.0,
+                "img_per_s": 10.0,
+            }
+        )
     tracker.close()
     return saved[-1]
 
@@ -119,8 +145,14 @@ def test_curves_title_defaults_to_run_folder(tmp_path, monkeypatch):
 
 
 def test_per_class_bars_carry_values_and_title():
-    report = {"model": "lenet5", "dataset": "mnist", "split": "test", "top1": 0.75, "classes": ["a", "b"],
-              "per_class": [{"accuracy": 1.0}, {"accuracy": 0.5}]}
+    report = {
+        "model": "lenet5",
+        "dataset": "mnist",
+        "split": "test",
+        "top1": 0.75,
+        "classes": ["a", "b"],
+        "per_class": [{"accuracy": 1.0}, {"accuracy": 0.5}],
+    }
     fig = per_class_figure(report)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.texts] == ["1.00", "0.50"]
@@ -139,10 +171,15 @@ def test_sample_captions_do_not_cover_images(count):
     """The grid of val/predictions in TensorBoard and cnneval's misclassified.png: the two-line
     caption of a second-row image used to lie over the first row's images."""
     classes = ["airplane", "automobile", "bird"]
-    result = {"target": torch.arange(count) % 3, "predicted": (torch.arange(count) + 1) % 3,
-              "confidence": torch.rand(count)}
+    result = {
+        "target": torch.arange(count) % 3,
+        "predicted": (torch.arange(count) + 1) % 3,
+        "confidence": torch.rand(count),
+    }
     indices = list(range(count))
-    fig = samples_figure(FakeLoader(), indices, prediction_captions(result, classes, indices), "validation, epoch 2")
+    fig = samples_figure(
+        FakeLoader(), indices, prediction_captions(result, classes, indices), "validation, epoch 2"
+    )
     fig.canvas.draw()
     shown = [ax for ax in fig.axes if ax.images]
     assert len(shown) == count

@@ -2,27 +2,38 @@
 symbolic links that loop, duplicate or cross class folders; image modes (16-bit, float,
 transparency, CMYK, 1-bit) that a plain PIL convert("RGB") gets wrong; and splits whose files
 disagree with each other in mode."""
+
 import logging
 import os
 
 import numpy as np
 import pytest
 import torch
+from fakedata import write_image_folder
 from omegaconf import OmegaConf
 from PIL import Image, ImageFile
 
 from cnntrain.data import build_data
 from cnntrain.errors import UserError
 from cnntrain.inference import Preprocess, find_images
-from fakedata import write_image_folder
 
 CPU = torch.device("cpu")
 CLASSES = ["cat", "dog", "fox"]
 
 
 def folder_cfg(root, **kw):
-    base = dict(name="imagefolder", root=str(root), download=False, batch_size=64, num_workers=0,
-                val_split=0.0, image_size=8, mean=[0.0] * 3, std=[1.0] * 3, skip_bad_images=False)
+    base = dict(
+        name="imagefolder",
+        root=str(root),
+        download=False,
+        batch_size=64,
+        num_workers=0,
+        val_split=0.0,
+        image_size=8,
+        mean=[0.0] * 3,
+        std=[1.0] * 3,
+        skip_bad_images=False,
+    )
     return OmegaConf.create({**base, **kw})
 
 
@@ -30,8 +41,10 @@ def samples(root, split="train"):
     """(file relative to root/split, class) of every sample the loader reads, in its order."""
     data = build_data(folder_cfg(root), None, device=CPU, seed=0, splits=(split,))
     loader = data.loaders[split]
-    return [(os.path.relpath(loader.sample_name(i), root / split), data.classes[c])
-            for i, c in enumerate(loader.labels.tolist())]
+    return [
+        (os.path.relpath(loader.sample_name(i), root / split), data.classes[c])
+        for i, c in enumerate(loader.labels.tolist())
+    ]
 
 
 @pytest.fixture()
@@ -41,11 +54,13 @@ def folder(tmp_path):
 
 
 def originals(root, split="train"):
-    return sorted((str(p.relative_to(root / split)), p.parent.name)
-                  for p in (root / split).glob("*/*.*"))
+    return sorted(
+        (str(p.relative_to(root / split)), p.parent.name) for p in (root / split).glob("*/*.*")
+    )
 
 
 # ---------------------------------------------------------------- symbolic links
+
 
 @pytest.mark.parametrize("name,target", [("loop", "../.."), ("again", "../cat"), ("self", ".")])
 def test_a_link_that_loops_is_not_followed(folder, caplog, name, target):
@@ -66,14 +81,14 @@ def test_linked_in_data_is_read_once(folder, tmp_path):
             Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(ext / sub / f"{sub}{i}.png")
     cat = folder / "train" / "cat"
     os.symlink(ext / "more_cats", cat / "linked")
-    os.symlink(ext / "more_cats", cat / "linked_again")       # the same real folder
-    os.symlink("linked/more_cats0.png", cat / "dup.png")       # a file already in the class
+    os.symlink(ext / "more_cats", cat / "linked_again")  # the same real folder
+    os.symlink("linked/more_cats0.png", cat / "dup.png")  # a file already in the class
     (cat / "sub").mkdir()
-    os.symlink("../linked", cat / "sub" / "deeper")           # the same real folder, deeper
+    os.symlink("../linked", cat / "sub" / "deeper")  # the same real folder, deeper
     for f in (folder / "train" / "fox").iterdir():
         f.unlink()
     (folder / "train" / "fox").rmdir()
-    os.symlink(ext / "foxes", folder / "train" / "fox")       # a whole class linked in
+    os.symlink(ext / "foxes", folder / "train" / "fox")  # a whole class linked in
     got = samples(folder)
     real = [os.path.realpath(folder / "train" / p) for p, _ in got]
     assert len(real) == len(set(real))  # no file twice
@@ -83,11 +98,14 @@ def test_linked_in_data_is_read_once(folder, tmp_path):
     assert all(k == "fox" for p, k in got if "foxes" in os.path.realpath(folder / "train" / p))
 
 
-@pytest.mark.parametrize("link,target", [
-    ("train/cat/dogs", "../dog"),                 # a folder link into another class
-    ("train/cat/sub/dogs", "../../dog"),          # ... from below
-    ("train/cat/a_dog.png", "../dog/0001.png"),   # a file link into another class
-])
+@pytest.mark.parametrize(
+    "link,target",
+    [
+        ("train/cat/dogs", "../dog"),  # a folder link into another class
+        ("train/cat/sub/dogs", "../../dog"),  # ... from below
+        ("train/cat/a_dog.png", "../dog/0001.png"),  # a file link into another class
+    ],
+)
 def test_a_link_into_another_class_is_an_error(folder, link, target):
     path = folder / link
     path.parent.mkdir(exist_ok=True)
@@ -97,7 +115,10 @@ def test_a_link_into_another_class_is_an_error(folder, link, target):
     with pytest.raises(UserError) as info:
         samples(folder)
     msg = str(info.value)
-    assert "\n" not in msg and f"symbolic link {path} points into class folder {folder / 'train' / 'dog'}" in msg
+    assert (
+        "\n" not in msg
+        and f"symbolic link {path} points into class folder {folder / 'train' / 'dog'}" in msg
+    )
 
 
 def test_one_file_linked_into_two_classes_is_an_error(folder, tmp_path):
@@ -127,21 +148,31 @@ def loose(tmp_path):
 
 def test_find_images_follows_links_once_without_loops(loose):
     assert [p.relative_to(loose).as_posix() for p in find_images(loose)] == [
-        "a.png", "sub/b.png", "sub/ext/e.png"]
+        "a.png",
+        "sub/b.png",
+        "sub/ext/e.png",
+    ]
 
 
-@pytest.mark.parametrize("pattern,found", [
-    ("**/*.png", ["a.png", "sub/b.png", "sub/ext/e.png"]),
-    ("sub/**/*.png", ["sub/b.png", "sub/ext/e.png"]),
-    ("**/e.png", ["sub/ext/e.png"]),
-    ("*.png", ["a.png", "dup.png"]),   # no '**': glob's own answer (a file named is a file chosen)
-])
+@pytest.mark.parametrize(
+    "pattern,found",
+    [
+        ("**/*.png", ["a.png", "sub/b.png", "sub/ext/e.png"]),
+        ("sub/**/*.png", ["sub/b.png", "sub/ext/e.png"]),
+        ("**/e.png", ["sub/ext/e.png"]),
+        (
+            "*.png",
+            ["a.png", "dup.png"],
+        ),  # no '**': glob's own answer (a file named is a file chosen)
+    ],
+)
 def test_find_images_recursive_glob_follows_links_once_without_loops(loose, pattern, found):
     files = find_images(str(loose / pattern))
     assert [p.relative_to(loose).as_posix() for p in files] == found
 
 
 # ---------------------------------------------------------------- image modes
+
 
 def half(left, right, dtype=np.uint8, channels=None):
     """An 8x8 array whose left half is `left` and right half `right` (per channel if tuples)."""
@@ -166,26 +197,61 @@ WHITE, RED = (255, 255, 255), (255, 0, 0)
 # mode opened from the file -> (writer, expected RGB of the left and right halves)
 MODES = {
     # 16-bit: 1000 and 30000 of 65535 are 3 and 117 of 255 (a plain convert makes both 255)
-    "I;16": (lambda p: Image.fromarray(half(1000, 30000, np.uint16)).save(p / "x.png"), (3,) * 3, (117,) * 3),
-    "I;16B": (lambda p: Image.fromarray(half(1000, 30000, np.uint16).astype(">u2")).save(p / "x.tif"),
-              (3,) * 3, (117,) * 3),
-    "I": (lambda p: Image.fromarray(half(1000, 30000, np.uint16)).save(p / "x.pgm"), (3,) * 3, (117,) * 3),
+    "I;16": (
+        lambda p: Image.fromarray(half(1000, 30000, np.uint16)).save(p / "x.png"),
+        (3,) * 3,
+        (117,) * 3,
+    ),
+    "I;16B": (
+        lambda p: Image.fromarray(half(1000, 30000, np.uint16).astype(">u2")).save(p / "x.tif"),
+        (3,) * 3,
+        (117,) * 3,
+    ),
+    "I": (
+        lambda p: Image.fromarray(half(1000, 30000, np.uint16)).save(p / "x.pgm"),
+        (3,) * 3,
+        (117,) * 3,
+    ),
     # float: 0..1 (a plain convert makes 0.25 and 0.75 both 0)
-    "F": (lambda p: Image.fromarray(half(0.25, 0.75, np.float32)).save(p / "x.tif"), (64,) * 3, (191,) * 3),
+    "F": (
+        lambda p: Image.fromarray(half(0.25, 0.75, np.float32)).save(p / "x.tif"),
+        (64,) * 3,
+        (191,) * 3,
+    ),
     # transparency: transparent pixels are white, whatever colour is stored under them
-    "RGBA": (lambda p: Image.fromarray(half((255, 0, 0, 255), (0, 0, 0, 0), channels=4)).save(p / "x.png"),
-             RED, WHITE),
-    "LA": (lambda p: Image.fromarray(half((100, 255), (0, 0), channels=2), "LA").save(p / "x.png"),
-           (100,) * 3, WHITE),
+    "RGBA": (
+        lambda p: Image.fromarray(half((255, 0, 0, 255), (0, 0, 0, 0), channels=4)).save(
+            p / "x.png"
+        ),
+        RED,
+        WHITE,
+    ),
+    "LA": (
+        lambda p: Image.fromarray(half((100, 255), (0, 0), channels=2), "LA").save(p / "x.png"),
+        (100,) * 3,
+        WHITE,
+    ),
     "P": (lambda p: palette_image("P").save(p / "x.png", transparency=1), RED, WHITE),
     "PA": (lambda p: palette_image("PA").save(p / "x.tif"), RED, WHITE),
-    "L": (lambda p: Image.fromarray(half(50, 90)).save(p / "x.png", transparency=90), (50,) * 3, WHITE),
+    "L": (
+        lambda p: Image.fromarray(half(50, 90)).save(p / "x.png", transparency=90),
+        (50,) * 3,
+        WHITE,
+    ),
     # converted right by PIL already: must stay so
-    "CMYK": (lambda p: Image.fromarray(half((0, 255, 0, 0), (0, 0, 0, 255), channels=4), "CMYK")
-             .save(p / "x.tif"), (255, 0, 255), (0, 0, 0)),
+    "CMYK": (
+        lambda p: Image.fromarray(half((0, 255, 0, 0), (0, 0, 0, 255), channels=4), "CMYK").save(
+            p / "x.tif"
+        ),
+        (255, 0, 255),
+        (0, 0, 0),
+    ),
     "1": (lambda p: Image.fromarray(half(0, 255)).convert("1").save(p / "x.png"), (0,) * 3, WHITE),
-    "RGB": (lambda p: Image.fromarray(half((10, 20, 30), (200, 100, 0), channels=3)).save(p / "x.png"),
-            (10, 20, 30), (200, 100, 0)),
+    "RGB": (
+        lambda p: Image.fromarray(half((10, 20, 30), (200, 100, 0), channels=3)).save(p / "x.png"),
+        (10, 20, 30),
+        (200, 100, 0),
+    ),
 }
 
 
@@ -198,14 +264,25 @@ def test_each_mode_is_read_as_the_right_rgb_pixels(tmp_path, mode):
     path = next(folder.iterdir())
     with Image.open(path) as img:
         assert img.mode == mode  # the file really has the mode under test
-    expected = torch.tensor([left] * 4 + [right] * 4, dtype=torch.uint8).T[:, None, :].expand(3, 8, 8)
+    expected = (
+        torch.tensor([left] * 4 + [right] * 4, dtype=torch.uint8).T[:, None, :].expand(3, 8, 8)
+    )
 
-    x, _ = next(iter(build_data(folder_cfg(tmp_path), None, device=CPU, seed=0, splits=("test",))
-                     .loaders["test"]))  # training and evaluation: mean 0, std 1 gives pixels / 255
+    x, _ = next(
+        iter(
+            build_data(folder_cfg(tmp_path), None, device=CPU, seed=0, splits=("test",)).loaders[
+                "test"
+            ]
+        )
+    )  # training and evaluation: mean 0, std 1 gives pixels / 255
     assert torch.equal((x[0] * 255).round().to(torch.uint8), expected)
-    prep = Preprocess(OmegaConf.create({"data": {"image_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}}), CPU)
+    prep = Preprocess(
+        OmegaConf.create({"data": {"image_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}}), CPU
+    )
     assert torch.equal(prep.pixels(path), expected)  # cnnpredict / cnnviz: the same pixels
-    gray = Preprocess(OmegaConf.create({"data": {"image_size": 8, "mean": [0.5], "std": [0.5]}}), CPU)
+    gray = Preprocess(
+        OmegaConf.create({"data": {"image_size": 8, "mean": [0.5], "std": [0.5]}}), CPU
+    )
     expected_gray = Image.fromarray(expected.permute(1, 2, 0).numpy()).convert("L")
     assert torch.equal(gray.pixels(path)[0], torch.from_numpy(np.array(expected_gray)))
 
@@ -214,11 +291,14 @@ def test_mean_std_is_measured_on_the_converted_pixels(tmp_path):
     folder = tmp_path / "train" / "only"
     folder.mkdir(parents=True)
     Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(folder / "x.png")  # 117 of 255
-    data = build_data(folder_cfg(tmp_path, mean=None, std=None), None, device=CPU, seed=0, splits=("train",))
+    data = build_data(
+        folder_cfg(tmp_path, mean=None, std=None), None, device=CPU, seed=0, splits=("train",)
+    )
     assert data.mean == [round(117 / 255, 4)]  # a gray folder trains with one channel
 
 
 # ---------------------------------------------------------------- mixed modes in one split
+
 
 def mode_warnings(caplog):
     return [r.getMessage() for r in caplog.records if "mixes image modes" in r.getMessage()]
@@ -237,8 +317,10 @@ def test_a_split_of_mixed_modes_logs_one_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="cnntrain"):
         build_data(folder_cfg(tmp_path), None, device=CPU, seed=0)
     [msg] = mode_warnings(caplog)  # one line for train/, none for the uniform test/
-    assert msg.startswith("train/ mixes image modes: L 12, RGB 2, RGBA 1 (e.g. train/cat/photo.jpg, "
-                          "train/dog/sticker.png); all are converted to RGB")
+    assert msg.startswith(
+        "train/ mixes image modes: L 12, RGB 2, RGBA 1 (e.g. train/cat/photo.jpg, "
+        "train/dog/sticker.png); all are converted to RGB"
+    )
     assert "transparent pixels on white" in msg and "\n" not in msg
 
 

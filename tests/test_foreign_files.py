@@ -1,6 +1,7 @@
 """Files that are not what a tool expects (another format, a FIFO, a device, a crafted export)
 and names that are not what a report expects: one precise line each, and reports that show
 every class name as it is, in every format."""
+
 import json
 import os
 import re
@@ -16,10 +17,18 @@ from cnntrain.errors import UserError
 
 
 def core():
-    return {"model": {"w": torch.zeros(3)}, "config": {}, "classes": ["a", "b"], "epoch": 0, "metrics": {}}
+    return {
+        "model": {"w": torch.zeros(3)},
+        "config": {},
+        "classes": ["a", "b"],
+        "epoch": 0,
+        "metrics": {},
+    }
 
 
-def tiny_onnx(path, meta: dict, outputs: int | None = None, channels: int = 1, size: int = 4, raw=None):
+def tiny_onnx(
+    path, meta: dict, outputs: int | None = None, channels: int = 1, size: int = 4, raw=None
+):
     """A crafted ONNX file as anyone can write one: uint8 (batch, C, S, S) -> (batch, outputs)
     logits, with `meta` as its metadata_props (each value JSON-encoded, as cnnexport writes them)
     and `raw` as they are."""
@@ -27,12 +36,22 @@ def tiny_onnx(path, meta: dict, outputs: int | None = None, channels: int = 1, s
 
     k = outputs if outputs is not None else len(meta.get("classes") or [0, 1])
     w = numpy_helper.from_array(np.ones((channels * size * size, k), np.float32), "w")
-    nodes = [helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
-             helper.make_node("Flatten", ["f"], ["flat"], axis=1),
-             helper.make_node("MatMul", ["flat", "w"], ["logits"])]
+    nodes = [
+        helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Flatten", ["f"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", channels, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", k])], [w])
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info(
+                "images", TensorProto.UINT8, ["batch", channels, size, size]
+            )
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", k])],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     for key, value in {**{k: json.dumps(v) for k, v in meta.items()}, **(raw or {})}.items():
         model.metadata_props.add(key=key, value=value)
@@ -49,8 +68,14 @@ def foreign(tmp_path_factory):
     meta = json.dumps({"checkpoint": "/runs/x/checkpoints/best.pt"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in torch 2.14
-        torch.jit.save(torch.jit.trace(module, x), str(d / "model.torchscript.pt"), _extra_files={"cnntrain.json": meta})
-    torch.export.save(torch.export.export(module, (x,)), str(d / "model.pt2"), extra_files={"cnntrain.json": meta})
+        torch.jit.save(
+            torch.jit.trace(module, x),
+            str(d / "model.torchscript.pt"),
+            _extra_files={"cnntrain.json": meta},
+        )
+    torch.export.save(
+        torch.export.export(module, (x,)), str(d / "model.pt2"), extra_files={"cnntrain.json": meta}
+    )
     tiny_onnx(d / "model.onnx", {})
     with zipfile.ZipFile(d / "photos.pt", "w") as z:
         z.writestr("a.txt", "not torch")
@@ -62,15 +87,27 @@ def foreign(tmp_path_factory):
 
 
 FOREIGN = [
-    ("protocol4.pt", r"was saved with pickle protocol 4 .* cannot read; only if you trust the file, re-save it "
-                     r"with the default protocol: python -c \"import torch; p = '.*protocol4.pt'; "
-                     r"torch.save\(torch.load\(p, weights_only=False\), p\)\""),
-    ("model.torchscript.pt", r"is a TorchScript model \(cnnexport format=torchscript\), not a checkpoint; "
-                             r"pass ckpt=/runs/x/checkpoints/best.pt$"),
-    ("model.pt2", r"is a torch.export ExportedProgram \(cnnexport format=exported_program\), not a "
-                  r"checkpoint; pass ckpt=/runs/x/checkpoints/best.pt"),
-    ("model.onnx", r"is an ONNX model \(cnnexport format=onnx\), not a checkpoint; pass the best.pt it was "
-                   r"exported from or run it with cnnpredict model=.*model.onnx"),
+    (
+        "protocol4.pt",
+        r"was saved with pickle protocol 4 .* cannot read; only if you trust the file, re-save it "
+        r"with the default protocol: python -c \"import torch; p = '.*protocol4.pt'; "
+        r"torch.save\(torch.load\(p, weights_only=False\), p\)\"",
+    ),
+    (
+        "model.torchscript.pt",
+        r"is a TorchScript model \(cnnexport format=torchscript\), not a checkpoint; "
+        r"pass ckpt=/runs/x/checkpoints/best.pt$",
+    ),
+    (
+        "model.pt2",
+        r"is a torch.export ExportedProgram \(cnnexport format=exported_program\), not a "
+        r"checkpoint; pass ckpt=/runs/x/checkpoints/best.pt",
+    ),
+    (
+        "model.onnx",
+        r"is an ONNX model \(cnnexport format=onnx\), not a checkpoint; pass the best.pt it was "
+        r"exported from or run it with cnnpredict model=.*model.onnx",
+    ),
     ("photos.pt", r"is a zip archive but not a PyTorch checkpoint \(it has no data.pkl\)"),
     ("empty.pt", r"is empty \(0 bytes\); use another checkpoint"),
     ("folder.pt", r"is a directory, not a regular file \(pass ckpt=/resume= a .pt file"),
@@ -84,7 +121,9 @@ def test_a_foreign_file_as_a_checkpoint_says_what_it_is(foreign, name, reason):
     with pytest.raises(UserError) as e:
         load_checkpoint(foreign / name)
     message = str(e.value)
-    assert "\n" not in message and re.match(rf"checkpoint {re.escape(str(foreign / name))} {reason}", message), message
+    assert "\n" not in message and re.match(
+        rf"checkpoint {re.escape(str(foreign / name))} {reason}", message
+    ), message
 
 
 def test_protocol_4_cannot_be_read_safely_and_reads_after_the_suggested_re_save(tmp_path):
@@ -107,7 +146,8 @@ def pickle_error():
 
 
 def compose(config: str, *overrides):
-    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
 
     with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
         return hydra_compose(config_name=config, overrides=list(overrides))
@@ -122,7 +162,9 @@ TOOLS = [  # (the tool's function, its config, the foreign file it gets, what it
 ]
 
 
-@pytest.mark.parametrize("tool,config,key,name,needle", TOOLS, ids=[t[0].split(":")[1] for t in TOOLS])
+@pytest.mark.parametrize(
+    "tool,config,key,name,needle", TOOLS, ids=[t[0].split(":")[1] for t in TOOLS]
+)
 def test_every_tool_names_the_foreign_file(foreign, tmp_path, tool, config, key, name, needle):
     import importlib
 
@@ -135,27 +177,47 @@ def test_every_tool_names_the_foreign_file(foreign, tmp_path, tool, config, key,
     with pytest.raises(UserError) as e:
         getattr(importlib.import_module(module), function)(cfg, tmp_path / "run")
     assert f"{foreign / name} {needle}" in str(e.value) and "\n" not in str(e.value)
-    written = [p.name for p in (tmp_path / "run").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    written = [
+        p.name for p in (tmp_path / "run").rglob("*") if p.is_file() and not p.name.startswith(".")
+    ]
     assert written == [], written
 
 
 def test_cli_a_fifo_as_checkpoint_is_one_line_without_waiting(foreign, tmp_path):
     from conftest import run_cli
 
-    proc = run_cli("cnneval", f"ckpt={foreign / 'fifo.pt'}", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path,
-                   check=False, timeout=120, env={"PYTHONWARNINGS": None})
+    proc = run_cli(
+        "cnneval",
+        f"ckpt={foreign / 'fifo.pt'}",
+        f"hydra.run.dir={tmp_path / 'ev'}",
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+        env={"PYTHONWARNINGS": None},
+    )
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert proc.stderr.startswith(f"error: checkpoint {foreign / 'fifo.pt'} is a FIFO, not a regular file")
+    assert proc.stderr.startswith(
+        f"error: checkpoint {foreign / 'fifo.pt'} is a FIFO, not a regular file"
+    )
 
 
 # --------------------------------------------------------------------------- crafted exported files
-META = {"classes": ["a", "b"], "image_size": 4, "channels": 1, "layout": "nchw", "input_dtype": "uint8",
-        "output": "logits", "mean": [0.5], "std": [0.25], "resize": 4}
+META = {
+    "classes": ["a", "b"],
+    "image_size": 4,
+    "channels": 1,
+    "layout": "nchw",
+    "input_dtype": "uint8",
+    "output": "logits",
+    "mean": [0.5],
+    "std": [0.25],
+    "resize": 4,
+}
 CRAFTED = [
     ({"classes": "ab"}, "classes='ab' is not a non-empty list of class names (strings)"),
     ({"classes": [1, 2]}, "classes=[1, 2] is not a non-empty list of class names"),
     ({"classes": ["a", "a"]}, "classes=['a', 'a'] is not a list of distinct names ('a' repeats)"),
-    ({"image_size": 10 ** 9}, "image_size=1000000000 is not a whole number from 1 to 4096"),
+    ({"image_size": 10**9}, "image_size=1000000000 is not a whole number from 1 to 4096"),
     ({"image_size": "4"}, "image_size='4' is not a whole number from 1 to 4096"),
     ({"image_size": True}, "image_size=True is not a whole number"),
     ({"resize": 2}, "resize=2 is not a whole number from 4 to 4096"),
@@ -170,7 +232,9 @@ CRAFTED = [
 ]
 
 
-@pytest.mark.parametrize("change,needle", CRAFTED, ids=[next(iter(c)) + str(i) for i, (c, _) in enumerate(CRAFTED)])
+@pytest.mark.parametrize(
+    "change,needle", CRAFTED, ids=[next(iter(c)) + str(i) for i, (c, _) in enumerate(CRAFTED)]
+)
 def test_crafted_onnx_metadata_is_refused_naming_the_file_and_key(tmp_path, change, needle):
     from cnntrain.predict import _exported
 
@@ -192,12 +256,24 @@ def run_exported(path, pixels=None):
 def test_an_onnx_graph_must_give_one_output_per_class_and_take_what_its_metadata_says(tmp_path):
     assert run_exported(tiny_onnx(tmp_path / "ok.onnx", META)).shape == (1, 2)
     for outputs, count in ((2, 3), (5, 1)):  # fewer outputs, or more (an index past the class list)
-        path = tiny_onnx(tmp_path / f"o{outputs}.onnx", {**META, "classes": list("abc"[:count])}, outputs=outputs)
-        with pytest.raises(UserError, match=re.escape(f"{path}: its graph gives outputs of shape (1, {outputs}) "
-                                                      f"but its metadata lists {count} classes")):
+        path = tiny_onnx(
+            tmp_path / f"o{outputs}.onnx", {**META, "classes": list("abc"[:count])}, outputs=outputs
+        )
+        with pytest.raises(
+            UserError,
+            match=re.escape(
+                f"{path}: its graph gives outputs of shape (1, {outputs}) "
+                f"but its metadata lists {count} classes"
+            ),
+        ):
             run_exported(path)
-    path = tiny_onnx(tmp_path / "big.onnx", {**META, "image_size": 8, "resize": 8})  # the graph takes 4 px
-    with pytest.raises(UserError, match=re.escape(f"{path}: onnxruntime cannot run it on (1, 1, 8, 8) uint8 images")):
+    path = tiny_onnx(
+        tmp_path / "big.onnx", {**META, "image_size": 8, "resize": 8}
+    )  # the graph takes 4 px
+    with pytest.raises(
+        UserError,
+        match=re.escape(f"{path}: onnxruntime cannot run it on (1, 1, 8, 8) uint8 images"),
+    ):
         run_exported(path, torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
 
 
@@ -205,34 +281,67 @@ def test_other_files_as_model_say_what_they_are(foreign, tmp_path):
     from cnntrain.predict import _exported
 
     whole = tiny_onnx(tmp_path / "whole.onnx", META).read_bytes()
-    (tmp_path / "cut.onnx").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "cut.onnx").write_bytes(whole[: len(whole) // 2])
     save_checkpoint(core(), tmp_path / "best.pt")
-    cases = [(foreign / "model.pt2", "is a torch.export ExportedProgram (cnnexport format=exported_program): "
-                                     "cnnpredict model= runs only ONNX files (cnnexport format=onnx)"),
-             (foreign / "model.torchscript.pt", "is a TorchScript model (cnnexport format=torchscript): cnnpredict "
-                                                "model= runs only ONNX files"),
-             (tmp_path / "best.pt", "is a PyTorch checkpoint, not an exported model; pass it as ckpt="),
-             (foreign / "fifo.pt", "is a FIFO, not a regular file (pass model= an .onnx file"),
-             (tmp_path / "cut.onnx", "cannot be read by onnxruntime ("),
-             (tmp_path / "none.onnx", "not found (pass model= an .onnx file")]
+    cases = [
+        (
+            foreign / "model.pt2",
+            "is a torch.export ExportedProgram (cnnexport format=exported_program): "
+            "cnnpredict model= runs only ONNX files (cnnexport format=onnx)",
+        ),
+        (
+            foreign / "model.torchscript.pt",
+            "is a TorchScript model (cnnexport format=torchscript): cnnpredict "
+            "model= runs only ONNX files",
+        ),
+        (tmp_path / "best.pt", "is a PyTorch checkpoint, not an exported model; pass it as ckpt="),
+        (foreign / "fifo.pt", "is a FIFO, not a regular file (pass model= an .onnx file"),
+        (tmp_path / "cut.onnx", "cannot be read by onnxruntime ("),
+        (tmp_path / "none.onnx", "not found (pass model= an .onnx file"),
+    ]
     for path, needle in cases:
         with pytest.raises(UserError) as e:
             _exported(path)
-        assert needle in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert needle in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value), (
+            str(e.value)
+        )
 
 
 # --------------------------------------------------------------------------- odd class names in reports
-ODD = ["a|b", "<script>alert(1)</script>", "x\ny", "*bold*", " sp ", "$x$", "$", r"$\frac$", "_u_", "[l](http://e)",
-       "&lt;", "`c`", "~~s~~", "back\\slash", "café", "\x1b[31mred", "\u202eevil"]
+ODD = [
+    "a|b",
+    "<script>alert(1)</script>",
+    "x\ny",
+    "*bold*",
+    " sp ",
+    "$x$",
+    "$",
+    r"$\frac$",
+    "_u_",
+    "[l](http://e)",
+    "&lt;",
+    "`c`",
+    "~~s~~",
+    "back\\slash",
+    "café",
+    "\x1b[31mred",
+    "\u202eevil",
+]
 
 
 def cells(markdown: str) -> list[list[str]]:
     """The text of every cell of the tables a CommonMark renderer with GFM tables makes of `markdown`."""
     from html.parser import HTMLParser
 
-    md = pytest.importorskip("markdown_it").MarkdownIt("commonmark").enable(["table", "strikethrough"])
+    md = (
+        pytest.importorskip("markdown_it")
+        .MarkdownIt("commonmark")
+        .enable(["table", "strikethrough"])
+    )
     html = md.render(markdown)
-    assert "<script" not in html and "<em>" not in html and "<a " not in html and "<s>" not in html, html
+    assert (
+        "<script" not in html and "<em>" not in html and "<a " not in html and "<s>" not in html
+    ), html
 
     class Cells(HTMLParser):
         rows, cell = [], None
@@ -253,6 +362,7 @@ def cells(markdown: str) -> list[list[str]]:
         def handle_data(self, data):
             if self.cell is not None:
                 self.cell += data
+
     parser = Cells(convert_charrefs=True)
     parser.rows = []
     parser.feed(html)
@@ -265,7 +375,14 @@ def odd_report(names=ODD):
     k = len(names)
     confusion = torch.eye(k, dtype=torch.long) * 2
     result = {"acc": 1.0, "top5": 1.0, "loss": 0.1, "num_samples": 2 * k, "confusion": confusion}
-    return build_report(result, classes=names, split="test", dataset="odd|data", model="lenet5", checkpoint="/r/b`est.pt")
+    return build_report(
+        result,
+        classes=names,
+        split="test",
+        dataset="odd|data",
+        model="lenet5",
+        checkpoint="/r/b`est.pt",
+    )
 
 
 def test_every_markdown_table_shows_odd_class_names_as_they_are(tmp_path):
@@ -280,13 +397,21 @@ def test_every_markdown_table_shows_odd_class_names_as_they_are(tmp_path):
     md = (tmp_path / "report.md").read_text()
     per_class, confusion = cells(md.split("## Confusion")[0]), cells(md.split("## Confusion")[1])
     assert [row[0] for row in per_class[1:]] == shown and all(len(row) == 6 for row in per_class)
-    assert confusion[0] == ["true \\ predicted", *shown] and [row[0] for row in confusion[1:]] == shown
-    assert md.startswith("# Evaluation: lenet5 on odd\\|data (test)\n\nCheckpoint: ``/r/b`est.pt``\n")
+    assert (
+        confusion[0] == ["true \\ predicted", *shown] and [row[0] for row in confusion[1:]] == shown
+    )
+    assert md.startswith(
+        "# Evaluation: lenet5 on odd\\|data (test)\n\nCheckpoint: ``/r/b`est.pt``\n"
+    )
     console = format_report(report).splitlines()
-    assert [row[0] for row in cells("\n".join(console[2:]))[1:]] == shown and len(console) == 4 + len(ODD)
+    assert [row[0] for row in cells("\n".join(console[2:]))[1:]] == shown and len(
+        console
+    ) == 4 + len(ODD)
     assert json.loads((tmp_path / "report.json").read_text())["classes"] == ODD
     predictions = [{"file": f"/x/{n}.png", "top": [(n, 0.5), ("b", 0.25)]} for n in ODD]
-    assert [row[1] for row in cells(format_predictions(predictions))[1:]] == [f"{s} 0.5000" for s in shown]
+    assert [row[1] for row in cells(format_predictions(predictions))[1:]] == [
+        f"{s} 0.5000" for s in shown
+    ]
     sweep = [{"job": "0", "swept": f"name={n}", "status": "failed", "error": n} for n in ODD]
     assert [row[1] for row in cells(format_table(sweep))[1:]] == [f"name={s}" for s in shown]
     comparison = write_comparison([{**report, "model": n} for n in ODD], tmp_path)
@@ -305,7 +430,11 @@ def test_csv_files_read_back_every_odd_class_name(tmp_path):
             return f"/data/{ODD[i]}/{i}.png"
 
     k = len(ODD)
-    result = {"target": torch.arange(k), "predicted": torch.arange(k).flip(0), "confidence": torch.full((k,), 0.5)}
+    result = {
+        "target": torch.arange(k),
+        "predicted": torch.arange(k).flip(0),
+        "confidence": torch.full((k,), 0.5),
+    }
     write_predictions(result, Loader(), ODD, tmp_path)
     rows = list(csv.reader(open(tmp_path / "predictions.csv", newline="")))
     assert [r[1] for r in rows[1:]] == ODD and [r[2] for r in rows[1:]] == ODD[::-1]
@@ -316,7 +445,13 @@ def test_csv_files_read_back_every_odd_class_name(tmp_path):
 def test_plots_draw_odd_class_names_as_text_not_mathtext():
     """`$x$` would be typeset, `$\\frac$` fails the whole figure (cnntrain's final test and
     cnneval ended in `ValueError: \\frac`): every label is drawn as its characters."""
-    from cnntrain.report import _pyplot, confusion_figure, per_class_figure, prediction_captions, samples_figure
+    from cnntrain.report import (
+        _pyplot,
+        confusion_figure,
+        per_class_figure,
+        prediction_captions,
+        samples_figure,
+    )
     from cnntrain.text import visible
 
     plt, report = _pyplot(), odd_report()
@@ -327,12 +462,17 @@ def test_plots_draw_odd_class_names_as_text_not_mathtext():
             return np.zeros((4, 4, 3), np.uint8)
 
     result = {"target": torch.arange(k), "predicted": torch.arange(k), "confidence": torch.ones(k)}
-    figures = [confusion_figure(torch.tensor(report["confusion_matrix"]), ODD, "$t$"), per_class_figure(report),
-               samples_figure(Loader(), [5, 7], prediction_captions(result, ODD, [5, 7]), "$")]
+    figures = [
+        confusion_figure(torch.tensor(report["confusion_matrix"]), ODD, "$t$"),
+        per_class_figure(report),
+        samples_figure(Loader(), [5, 7], prediction_captions(result, ODD, [5, 7]), "$"),
+    ]
     for fig in figures:
         fig.canvas.draw()  # where mathtext is parsed
         texts = [t for t in fig.findobj(plt.Text) if t.get_text()]
-        drawn = [t._preprocess_math(t.get_text()) for t in texts]  # (the string drawn, as mathtext?)
+        drawn = [
+            t._preprocess_math(t.get_text()) for t in texts
+        ]  # (the string drawn, as mathtext?)
         assert not any(math for _, math in drawn), drawn
         plt.close(fig)
     ticks = [t._preprocess_math(t.get_text())[0] for t in figures[0].axes[0].get_xticklabels()]

@@ -1,9 +1,11 @@
 """The one loader of every dataset: in memory or streamed, the same batches; folders decoded once,
 with their channels and size found from the images; evaluation and cnnpredict see the same pixels."""
+
 import threading
 
 import pytest
 import torch
+from fakedata import make_images, write_image_folder
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -11,16 +13,27 @@ from cnntrain.data import build_data
 from cnntrain.data.augment import BatchTransform
 from cnntrain.data.loaders import BatchLoader, Loader
 from cnntrain.inference import Preprocess
-from fakedata import make_images, write_image_folder
 
 CPU = torch.device("cpu")
 
 
 def cfg(name, root, **kw):
-    base = dict(name=name, kind="digits" if name == "mnist" else "natural", root=str(root), download=False,
-                batch_size=16, num_workers=0, val_split=0.2,
-                image_size=None, channels="auto", mean=[0.5], std=[0.25], skip_bad_images=False,
-                cache_dir=None, memory_budget_gb=None)
+    base = dict(
+        name=name,
+        kind="digits" if name == "mnist" else "natural",
+        root=str(root),
+        download=False,
+        batch_size=16,
+        num_workers=0,
+        val_split=0.2,
+        image_size=None,
+        channels="auto",
+        mean=[0.5],
+        std=[0.25],
+        skip_bad_images=False,
+        cache_dir=None,
+        memory_budget_gb=None,
+    )
     if name == "imagefolder":
         base.update(mean=None, std=None)
     return OmegaConf.create({**base, **kw})
@@ -29,8 +42,19 @@ def cfg(name, root, **kw):
 def strong(**kw):
     """Every random operation at once, mixing included."""
     geo = dict(shift=2, degrees=10.0, scale=[0.9, 1.1], hflip=True, crop_scale=None)
-    return OmegaConf.create({"digits": geo, "natural": geo, "policy": "randaugment", "color_jitter": 0.3,
-                             "hue": 0.05, "random_erasing": 0.5, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, **kw})
+    return OmegaConf.create(
+        {
+            "digits": geo,
+            "natural": geo,
+            "policy": "randaugment",
+            "color_jitter": 0.3,
+            "hue": 0.05,
+            "random_erasing": 0.5,
+            "mixup_alpha": 0.2,
+            "cutmix_alpha": 1.0,
+            **kw,
+        }
+    )
 
 
 def epoch(loader, epoch=1, start=0):
@@ -45,17 +69,35 @@ def same(a, b):
 
 
 def test_the_loader_is_what_the_protocol_says():
-    assert all(hasattr(BatchLoader, name) for name in ("num_samples", "set_epoch", "iter_from",
-                                                       "sample", "sample_name", "__len__", "__iter__"))
+    assert all(
+        hasattr(BatchLoader, name)
+        for name in (
+            "num_samples",
+            "set_epoch",
+            "iter_from",
+            "sample",
+            "sample_name",
+            "__len__",
+            "__iter__",
+        )
+    )
     assert {n for n in vars(Loader) if not n.startswith("_")} <= set(dir(BatchLoader))
 
 
 @pytest.mark.parametrize("kind", ["builtin", "folder"])
 def test_streaming_gives_the_batches_of_the_in_memory_path(data_root, folder_root, kind):
     """Augmented with every operation, with a val split held out of train, from a batch on."""
-    base = cfg("mnist", data_root) if kind == "builtin" else cfg("imagefolder", folder_root, image_size=24)
-    loaders = [build_data(OmegaConf.merge(base, {"memory_budget_gb": budget}), strong(), device=CPU,
-                          seed=3).loaders for budget in (None, 0)]
+    base = (
+        cfg("mnist", data_root)
+        if kind == "builtin"
+        else cfg("imagefolder", folder_root, image_size=24)
+    )
+    loaders = [
+        build_data(
+            OmegaConf.merge(base, {"memory_budget_gb": budget}), strong(), device=CPU, seed=3
+        ).loaders
+        for budget in (None, 0)
+    ]
     assert loaders[0]["train"].resident and not loaders[1]["train"].resident
     for split in ("train", "val", "test"):
         same(epoch(loaders[0][split]), epoch(loaders[1][split]))
@@ -65,9 +107,23 @@ def test_streaming_gives_the_batches_of_the_in_memory_path(data_root, folder_roo
 
 def everything(**kw):
     """A BatchTransform with every random operation, mixing included."""
-    return BatchTransform([0.5] * 3, [0.25] * 3, CPU, size=24, shift=2, degrees=10.0, hflip=True,
-                          policy="randaugment", color_jitter=0.3, hue=0.05, random_erasing=0.5,
-                          mixup_alpha=0.2, cutmix_alpha=1.0, num_classes=10, **kw)
+    return BatchTransform(
+        [0.5] * 3,
+        [0.25] * 3,
+        CPU,
+        size=24,
+        shift=2,
+        degrees=10.0,
+        hflip=True,
+        policy="randaugment",
+        color_jitter=0.3,
+        hue=0.05,
+        random_erasing=0.5,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        num_classes=10,
+        **kw,
+    )
 
 
 def ranks_loaders(n, batch_size, world, transform, **kw):
@@ -76,8 +132,23 @@ def ranks_loaders(n, batch_size, world, transform, **kw):
     images = torch.randint(0, 256, (n + 7, 3, 28, 28), dtype=torch.uint8, generator=gen)
     index = torch.randperm(n + 7, generator=gen)[:n]
     labels = torch.randint(0, 10, (n + 7,), generator=gen)[index]
-    return [BatchLoader(images, labels, batch_size, transform, device=CPU, index=index, shuffle=True,
-                        drop_last=True, seed=3, rank=rank, world=world, **kw) for rank in range(world)]
+    return [
+        BatchLoader(
+            images,
+            labels,
+            batch_size,
+            transform,
+            device=CPU,
+            index=index,
+            shuffle=True,
+            drop_last=True,
+            seed=3,
+            rank=rank,
+            world=world,
+            **kw,
+        )
+        for rank in range(world)
+    ]
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["resident", "streamed"])
@@ -86,11 +157,13 @@ def test_ranks_together_see_the_batches_of_one_process(streamed, n):
     """Two ranks of 8 give exactly one process's batches of 16, augmented and mixed, from a
     resumed batch too; a split smaller than the global batch makes one short batch, which a
     rank may have no share of."""
-    one, = ranks_loaders(n, 16, 1, everything(), streamed=streamed, prefetch=2)
+    (one,) = ranks_loaders(n, 16, 1, everything(), streamed=streamed, prefetch=2)
     ranks = ranks_loaders(n, 8, 2, everything(), streamed=streamed, prefetch=2)
     for start in (0, 2) if n == 100 else (0,):
-        together = [(torch.cat(xs), torch.cat(ys))
-                    for xs, ys in (zip(*b) for b in zip(*(epoch(r, 2, start) for r in ranks)))]
+        together = [
+            (torch.cat(xs), torch.cat(ys))
+            for xs, ys in (zip(*b) for b in zip(*(epoch(r, 2, start) for r in ranks)))
+        ]
         same(epoch(one, 2, start), together)
 
 
@@ -107,14 +180,18 @@ def test_a_rank_transforms_only_its_share_of_the_global_batch():
             return self.transform(x, y, seed, **part)
 
     for mix, share in ((True, 9), (False, 8)):  # a mix needs one partner image more
-        transform = Counting(everything() if mix else BatchTransform([0.5] * 3, [0.25] * 3, CPU, size=24, shift=2))
+        transform = Counting(
+            everything() if mix else BatchTransform([0.5] * 3, [0.25] * 3, CPU, size=24, shift=2)
+        )
         rank, _ = ranks_loaders(100, 8, 2, transform)
         assert [len(y) for _, y in epoch(rank)] == [8] * 6
         assert transform.sizes == [share] * 6
 
 
 def test_a_stream_cut_short_stops_its_thread(data_root):
-    loader = build_data(cfg("mnist", data_root, memory_budget_gb=0), None, device=CPU, seed=0).loaders["train"]
+    loader = build_data(
+        cfg("mnist", data_root, memory_budget_gb=0), None, device=CPU, seed=0
+    ).loaders["train"]
     batches = loader.iter_from(0)
     next(batches)
     batches.close()  # what islice(max_steps) and a signal do
@@ -136,25 +213,42 @@ def write_folder(root, size, mode, n=4, sizes=None):
 
 
 def test_a_gray_folder_trains_with_one_channel_at_its_own_size(tmp_path):
-    gray = build_data(cfg("imagefolder", write_folder(tmp_path / "g", 20, "L")), None, device=CPU, seed=0)
+    gray = build_data(
+        cfg("imagefolder", write_folder(tmp_path / "g", 20, "L")), None, device=CPU, seed=0
+    )
     assert gray.in_channels == 1 and gray.image_size == 20 and len(gray.mean) == 1
     x, _ = next(iter(gray.loaders["test"]))
     assert x.shape[1:] == (1, 20, 20)
-    rgb = build_data(cfg("imagefolder", write_folder(tmp_path / "c", 20, "RGB")), None, device=CPU, seed=0)
+    rgb = build_data(
+        cfg("imagefolder", write_folder(tmp_path / "c", 20, "RGB")), None, device=CPU, seed=0
+    )
     assert rgb.in_channels == 3
-    forced = build_data(cfg("imagefolder", tmp_path / "g", channels=3, image_size=12), None, device=CPU, seed=0)
-    assert forced.in_channels == 3 and next(iter(forced.loaders["test"]))[0].shape[1:] == (3, 12, 12)
+    forced = build_data(
+        cfg("imagefolder", tmp_path / "g", channels=3, image_size=12), None, device=CPU, seed=0
+    )
+    assert forced.in_channels == 3 and next(iter(forced.loaders["test"]))[0].shape[1:] == (
+        3,
+        12,
+        12,
+    )
 
 
 def test_image_size_auto_of_mixed_sizes_is_the_median_short_side(tmp_path):
     root = write_folder(tmp_path, 20, "RGB", sizes=[(30, 40), (50, 36), (300, 300), (16, 18)])
-    assert build_data(cfg("imagefolder", root, image_size="auto"), None, device=CPU, seed=0).image_size == 33
+    assert (
+        build_data(cfg("imagefolder", root, image_size="auto"), None, device=CPU, seed=0).image_size
+        == 33
+    )
 
 
 def test_crop_recipes_store_larger_images_and_evaluate_their_center_as_cnnpredict_does(tmp_path):
     root = write_folder(tmp_path, 40, "RGB", sizes=[(60, 45), (45, 60)])
-    aug = strong(policy=None, mixup_alpha=0.0, cutmix_alpha=0.0,
-                 natural=dict(shift=0, degrees=0.0, scale=None, hflip=True, crop_scale=[0.3, 1.0]))
+    aug = strong(
+        policy=None,
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+        natural=dict(shift=0, degrees=0.0, scale=None, hflip=True, crop_scale=[0.3, 1.0]),
+    )
     data_cfg = cfg("imagefolder", root, image_size=28, mean=[0.5] * 3, std=[0.25] * 3)
     data = build_data(data_cfg, aug, device=CPU, seed=0)
     test = data.loaders["test"]
@@ -163,7 +257,9 @@ def test_crop_recipes_store_larger_images_and_evaluate_their_center_as_cnnpredic
     assert x.shape[-1] == 28
     evaluated = torch.cat([x for x, _ in test])
     prep = Preprocess(OmegaConf.create({"data": data_cfg, "aug": aug}), CPU)
-    predicted = prep(torch.stack([prep.pixels(test.sample_name(i)) for i in range(test.num_samples)]))
+    predicted = prep(
+        torch.stack([prep.pixels(test.sample_name(i)) for i in range(test.num_samples)])
+    )
     torch.testing.assert_close(evaluated, predicted, atol=1e-6, rtol=0)
 
 
@@ -171,7 +267,9 @@ def test_a_val_split_shares_the_training_storage(tmp_path):
     root = write_image_folder(tmp_path, per_class={"train": 10})  # no val/: val_split of train
     data = build_data(cfg("imagefolder", root, image_size=16), None, device=CPU, seed=0)
     images = data.loaders["train"].images
-    assert data.loaders["train"].resident and data.loaders["val"].images is images  # shared with val
+    assert (
+        data.loaders["train"].resident and data.loaders["val"].images is images
+    )  # shared with val
 
 
 def test_cnnpredict_decodes_its_inputs_once_into_the_cache(tmp_path, monkeypatch):
@@ -179,8 +277,15 @@ def test_cnnpredict_decodes_its_inputs_once_into_the_cache(tmp_path, monkeypatch
 
     root = write_folder(tmp_path, 40, "RGB", sizes=[(60, 45), (45, 60)])
     crop = strong(natural=dict(shift=0, degrees=0.0, scale=None, hflip=True, crop_scale=[0.3, 1.0]))
-    prep = Preprocess(OmegaConf.create({"data": cfg("imagefolder", root, image_size=28, mean=[0.5] * 3,
-                                                    std=[0.25] * 3), "aug": crop}), CPU)
+    prep = Preprocess(
+        OmegaConf.create(
+            {
+                "data": cfg("imagefolder", root, image_size=28, mean=[0.5] * 3, std=[0.25] * 3),
+                "aug": crop,
+            }
+        ),
+        CPU,
+    )
     files = sorted(root.rglob("*.png"))
     first = prep.decoded(files)
     assert first.shape == (len(files), 3, 28, 28)

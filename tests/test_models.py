@@ -2,16 +2,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import refusal
 from omegaconf import OmegaConf
 
 from cnntrain.errors import UserError
-from conftest import refusal
 from cnntrain.models import create_model, list_models
 
 # model=tv / model=timm build any torchvision / timm model by name (tests/test_transfer.py)
 BY_NAME = {"tv", "timm"}
-MODEL_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml")
-                       if p.stem not in BY_NAME)
+MODEL_CONFIGS = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml")
+    if p.stem not in BY_NAME
+)
 
 
 # 1x28 and 3x32 with 10 classes: every model= option through the training loop, best.pt and back
@@ -21,7 +24,8 @@ from test_zoo import HEAVY  # noqa: E402
 
 @pytest.mark.parametrize(
     ("name", "in_channels", "image_size", "num_classes"),
-    [(n, 3, 64, 7) for n in list_models()] + [(n, c, s, 10) for n in HEAVY for c, s in ((1, 28), (3, 32))],
+    [(n, 3, 64, 7) for n in list_models()]
+    + [(n, c, s, 10) for n in HEAVY for c, s in ((1, 28), (3, 32))],
     ids=lambda v: str(v),
 )
 def test_forward_backward_step(name, in_channels, image_size, num_classes):
@@ -49,7 +53,9 @@ def test_unknown_model_suggests_close_match():
 
 
 def test_unknown_stem():
-    assert refusal("model.stem=tiny").startswith("model.stem=tiny is not allowed: it must be one of auto, small")
+    assert refusal("model.stem=tiny").startswith(
+        "model.stem=tiny is not allowed: it must be one of auto, small"
+    )
 
 
 def test_unsupported_option_is_user_error():
@@ -66,7 +72,12 @@ def test_every_registered_model_has_a_config():
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
 def test_config_names_its_model(path):  # and builds it: every option composed in tests/test_zoo.py
     cfg = OmegaConf.load(path)
-    assert cfg.name == path.stem and set(cfg) <= {"name", "stem", "dropout", "stochastic_depth_prob"}
+    assert cfg.name == path.stem and set(cfg) <= {
+        "name",
+        "stem",
+        "dropout",
+        "stochastic_depth_prob",
+    }
 
 
 @pytest.mark.parametrize(
@@ -97,7 +108,9 @@ def test_imagenet_param_count(name, millions):
     assert n / 1e6 == pytest.approx(millions, rel=0.01)
 
 
-@pytest.mark.parametrize("depth, millions", [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7)])
+@pytest.mark.parametrize(
+    "depth, millions", [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7)]
+)
 def test_cifar_resnet_param_counts_match_the_paper(depth, millions):
     model = create_model(f"resnet{depth}", in_channels=3, num_classes=10, image_size=32)
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, rel=0.02)
@@ -155,8 +168,16 @@ def test_auto_stem_is_small_up_to_64px():
     assert stem_kernel(image_size=224, stem="small") == (3, 3)
 
 
-@pytest.mark.parametrize("name, eps", [("mobilenet_v3_small", 1e-3), ("mobilenet_v3_large", 1e-3),
-                                       ("mnasnet", 1e-5), ("mobilenet_v2", 1e-5), ("efficientnet_b0", 1e-5)])
+@pytest.mark.parametrize(
+    "name, eps",
+    [
+        ("mobilenet_v3_small", 1e-3),
+        ("mobilenet_v3_large", 1e-3),
+        ("mnasnet", 1e-5),
+        ("mobilenet_v2", 1e-5),
+        ("efficientnet_b0", 1e-5),
+    ],
+)
 def test_mobile_families_use_pytorchs_bn_momentum(name, eps, monkeypatch):
     """torchvision's MobileNetV3 (0.01) and MnasNet (0.0003) BatchNorm momenta leave eval mode at
     chance for hundreds of steps: cnntrain builds them with 0.1, torchvision's eps kept, from
@@ -170,6 +191,10 @@ def test_mobile_families_use_pytorchs_bn_momentum(name, eps, monkeypatch):
 
     assert bns(create_model(name, in_channels=1, num_classes=10, image_size=32)) == {(0.1, eps)}
     tv_name = transfer.TORCHVISION_NAMES.get(name, name)
-    monkeypatch.setattr(transfer, "download_state_dict", lambda weights: get_model(tv_name).state_dict())
-    model = create_model(name, in_channels=3, num_classes=10, image_size=32, pretrained="IMAGENET1K_V1")
+    monkeypatch.setattr(
+        transfer, "download_state_dict", lambda weights: get_model(tv_name).state_dict()
+    )
+    model = create_model(
+        name, in_channels=3, num_classes=10, image_size=32, pretrained="IMAGENET1K_V1"
+    )
     assert bns(model) == {(0.1, eps)}

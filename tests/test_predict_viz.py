@@ -1,14 +1,14 @@
 """cnnpredict and cnnviz end to end on a LeNet (MNIST format) and a ResNet (image folder) trained
 for two epochs, fed image files of other sizes and modes than they were trained on."""
+
 import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -16,17 +16,34 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def lenet(data_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pv_lenet")
-    run_cli("cnntrain", "data=mnist", f"data.root={data_root}", "data.download=false", "epochs=2",
-            "optim=adam", "aug=none", f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    run_cli(
+        "cnntrain",
+        "data=mnist",
+        f"data.root={data_root}",
+        "data.download=false",
+        "epochs=2",
+        "optim=adam",
+        "aug=none",
+        f"hydra.run.dir={run_dir}",
+        cwd=run_dir.parent,
+    )
     return run_dir / "checkpoints/best.pt"
 
 
 @pytest.fixture(scope="module")
 def resnet(folder_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pv_resnet")
-    run_cli("cnntrain", "model=resnet18", "data=imagefolder", f"data.root={folder_root}",
-            "data.image_size=32", "data.num_workers=0", "epochs=2", f"hydra.run.dir={run_dir}",
-            cwd=run_dir.parent)
+    run_cli(
+        "cnntrain",
+        "model=resnet18",
+        "data=imagefolder",
+        f"data.root={folder_root}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "epochs=2",
+        f"hydra.run.dir={run_dir}",
+        cwd=run_dir.parent,
+    )
     return run_dir / "checkpoints/best.pt"
 
 
@@ -46,8 +63,16 @@ def images(folder_root, tmp_path_factory):
 
 
 def predict(ckpt, inputs, out, *extra, check=True):
-    return run_cli("cnnpredict", f"ckpt={ckpt}", f"inputs={inputs}", f"hydra.run.dir={out}",
-                   "device=cpu", *extra, cwd=out.parent, check=check)
+    return run_cli(
+        "cnnpredict",
+        f"ckpt={ckpt}",
+        f"inputs={inputs}",
+        f"hydra.run.dir={out}",
+        "device=cpu",
+        *extra,
+        cwd=out.parent,
+        check=check,
+    )
 
 
 def read_rows(out: Path) -> dict[str, list[dict]]:
@@ -79,11 +104,13 @@ def test_predict_agrees_with_the_model_on_its_own_input(lenet, data_root, tmp_pa
     from cnntrain.inference import load_trained_model
 
     raw = (data_root / "MNIST/raw/t10k-images-idx3-ubyte").read_bytes()
-    pixels = np.frombuffer(raw[16:16 + 4 * 784], dtype=np.uint8).reshape(4, 28, 28)
+    pixels = np.frombuffer(raw[16 : 16 + 4 * 784], dtype=np.uint8).reshape(4, 28, 28)
     for i, img in enumerate(pixels):
         Image.fromarray(img).save(tmp_path / f"digit_{i}.png")
     model, trained, classes = load_trained_model(lenet, torch.device("cpu"))
-    x = Normalize(trained.data.mean, trained.data.std, "cpu")(torch.from_numpy(pixels.copy())[:, None])
+    x = Normalize(trained.data.mean, trained.data.std, "cpu")(
+        torch.from_numpy(pixels.copy())[:, None]
+    )
     with torch.no_grad():
         expected = [classes[i] for i in model(x).argmax(1)]
     predict(lenet, f"{tmp_path}/digit_*.png", tmp_path / "out", "topk=1")
@@ -96,7 +123,10 @@ def test_predict_glob_and_topk_capped_at_class_count(resnet, images, tmp_path):
     rows = read_rows(tmp_path / "out")
     assert sorted(rows) == sorted(str(p) for p in images.glob("sub/gray_*.png"))
     assert all(len(ranks) == 3 for ranks in rows.values())
-    assert all(sum(float(r["probability"]) for r in ranks) == pytest.approx(1, abs=1e-5) for ranks in rows.values())
+    assert all(
+        sum(float(r["probability"]) for r in ranks) == pytest.approx(1, abs=1e-5)
+        for ranks in rows.values()
+    )
 
 
 def assert_one_line_error(proc, *needles):
@@ -121,9 +151,23 @@ def test_predict_bad_inputs_are_one_line_errors(lenet, tmp_path):
 
 def test_viz_writes_pngs(resnet, images, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("cnnviz", f"ckpt={resnet}", f"inputs={images}", "max_images=2", "target_class=dog",
-                   f"hydra.run.dir={out}", "device=cpu", cwd=tmp_path)
-    names = ["filters.png", "feature_maps_0.png", "gradcam_0.png", "feature_maps_1.png", "gradcam_1.png"]
+    proc = run_cli(
+        "cnnviz",
+        f"ckpt={resnet}",
+        f"inputs={images}",
+        "max_images=2",
+        "target_class=dog",
+        f"hydra.run.dir={out}",
+        "device=cpu",
+        cwd=tmp_path,
+    )
+    names = [
+        "filters.png",
+        "feature_maps_0.png",
+        "gradcam_0.png",
+        "feature_maps_1.png",
+        "gradcam_1.png",
+    ]
     assert sorted(p.name for p in out.glob("*.png")) == sorted(names)
     for name in names:
         assert (out / name).read_bytes()[:8] == PNG and str(out / name) in proc.stdout
@@ -133,16 +177,33 @@ def test_viz_writes_pngs(resnet, images, tmp_path):
 
 def test_viz_lenet_with_chosen_layers(lenet, images, tmp_path):
     out = tmp_path / "out"
-    run_cli("cnnviz", f"ckpt={lenet}", f"inputs={images}/rgb_0.png", "layers=[features.0,features.3]",
-            f"hydra.run.dir={out}", "device=cpu", cwd=tmp_path)
-    assert all((out / n).read_bytes()[:8] == PNG for n in ("filters.png", "feature_maps_0.png", "gradcam_0.png"))
+    run_cli(
+        "cnnviz",
+        f"ckpt={lenet}",
+        f"inputs={images}/rgb_0.png",
+        "layers=[features.0,features.3]",
+        f"hydra.run.dir={out}",
+        "device=cpu",
+        cwd=tmp_path,
+    )
+    assert all(
+        (out / n).read_bytes()[:8] == PNG
+        for n in ("filters.png", "feature_maps_0.png", "gradcam_0.png")
+    )
     with Image.open(out / "filters.png") as img:  # 6 filters 1x5x5: was a 98x66 thumbnail
         assert img.size[0] >= 400
 
 
 def test_viz_bad_layer_is_one_line_error(lenet, images, tmp_path):
-    proc = run_cli("cnnviz", f"ckpt={lenet}", f"inputs={images}", "layers=[features.1,nope]",
-                   f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "cnnviz",
+        f"ckpt={lenet}",
+        f"inputs={images}",
+        "layers=[features.1,nope]",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+        check=False,
+    )
     assert_one_line_error(proc, "unknown layer(s) nope", "features.1")
 
 
@@ -155,8 +216,10 @@ def test_grad_cam_and_default_stages(model, request, images):
     prep = Preprocess(trained, torch.device("cpu"))
     x = prep(torch.stack([prep.pixels(p) for p in sorted(images.rglob("*.png"))]))
     layers = stage_layers(net, x[:1])
-    expected = {"lenet": ["features.1", "features.2", "features.4", "features"],
-                "resnet": ["layer1", "layer2", "layer3", "layer4"]}[model]
+    expected = {
+        "lenet": ["features.1", "features.2", "features.4", "features"],
+        "resnet": ["layer1", "layer2", "layer3", "layer4"],
+    }[model]
     assert layers == expected
     maps = [grad_cam(net, img, layers[-1]) for img in x]
     size = int(trained.data.image_size)
@@ -171,5 +234,10 @@ def test_find_images_skips_hidden_folders_and_files(tmp_path):
 
     for name in ("a.png", "sub/b.jpg", ".ipynb_checkpoints/c.png", "sub/._d.jpg"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG" if name.endswith("png") else "JPEG")
-    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == ["a.png", "sub/b.jpg"]
+        Image.new("RGB", (8, 8)).save(
+            tmp_path / name, format="PNG" if name.endswith("png") else "JPEG"
+        )
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == [
+        "a.png",
+        "sub/b.jpg",
+    ]

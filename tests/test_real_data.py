@@ -1,22 +1,32 @@
 """Real Fashion-MNIST (from ../shared/data/fashion_mnist.sh DEST, then CNNTRAIN_FASHION_MNIST=DEST).
 Skipped when it is not there."""
+
 import json
 import os
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 ROOT = os.environ.get("CNNTRAIN_FASHION_MNIST", "")
 pytestmark = pytest.mark.skipif(
     not (Path(ROOT) / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
-    reason="real Fashion-MNIST not available (set CNNTRAIN_FASHION_MNIST to a fashion_mnist.sh DEST)")
+    reason="real Fashion-MNIST not available (set CNNTRAIN_FASHION_MNIST to a fashion_mnist.sh DEST)",
+)
 
 
 def train_fashion_mnist(tmp_path, epochs):
-    run_cli("cnntrain", "data=fashion_mnist", f"data.root={ROOT}", "data.download=false",
-            f"epochs={epochs}", "device=cpu", f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=1800)
+    run_cli(
+        "cnntrain",
+        "data=fashion_mnist",
+        f"data.root={ROOT}",
+        "data.download=false",
+        f"epochs={epochs}",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+        timeout=1800,
+    )
     return json.loads((tmp_path / "results.json").read_text())
 
 

@@ -1,11 +1,13 @@
 """The regularizers of the recipes each do what they say (mixup/cutmix, EMA, early stopping,
 test-time flips), and every experiment config composes and states its target and source."""
+
 import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from hydra import compose, initialize_config_module
 
 from cnntrain.checkpoint import load_checkpoint
@@ -14,15 +16,24 @@ from cnntrain.data.loaders import BatchLoader
 from cnntrain.engine import evaluate_loader
 from cnntrain.models import create_model
 from cnntrain.train import train
-from conftest import run_cli
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs/experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(
+    p.stem for p in (Path(__file__).parents[1] / "configs/experiment").glob("*.yaml")
+)
 
 
 def make_cfg(data_root, *overrides):
     with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
-        return compose(config_name="train", overrides=[
-            "data=mnist", f"data.root={data_root}", "data.download=false", "device=cpu", *overrides])
+        return compose(
+            config_name="train",
+            overrides=[
+                "data=mnist",
+                f"data.root={data_root}",
+                "data.download=false",
+                "device=cpu",
+                *overrides,
+            ],
+        )
 
 
 def batch(n=16):
@@ -36,11 +47,20 @@ CPU = torch.device("cpu")
 def plain_loader(images, labels, batch_size):
     """Unshuffled batches, normalized with mean 0.5 and std 0.25, nothing else."""
     size = images.shape[-1]
-    return BatchLoader(images, labels, batch_size, BatchTransform([0.5] * 3, [0.25] * 3, CPU, size=size), device=CPU)
+    return BatchLoader(
+        images,
+        labels,
+        batch_size,
+        BatchTransform([0.5] * 3, [0.25] * 3, CPU, size=size),
+        device=CPU,
+    )
 
 
 def test_training_with_mixup_and_cutmix(data_root, tmp_path):
-    results = train(make_cfg(data_root, "epochs=1", "aug.mixup_alpha=0.2", "aug.cutmix_alpha=1.0"), run_dir=tmp_path)
+    results = train(
+        make_cfg(data_root, "epochs=1", "aug.mixup_alpha=0.2", "aug.cutmix_alpha=1.0"),
+        run_dir=tmp_path,
+    )
     assert results["test_acc"] is not None and (tmp_path / "checkpoints/best.pt").is_file()
 
 
@@ -52,40 +72,65 @@ def test_ema_weights_are_the_ones_validated_and_saved(data_root, tmp_path):
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
     # the val accuracy training logged is the EMA model's: cnneval of best.pt on val reproduces it
     best = load_checkpoint(tmp_path / "checkpoints/best.pt")
-    run_cli("cnneval", f"ckpt={tmp_path}/checkpoints/best.pt", "split=val", "device=cpu",
-            f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+    run_cli(
+        "cnneval",
+        f"ckpt={tmp_path}/checkpoints/best.pt",
+        "split=val",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'ev'}",
+        cwd=tmp_path,
+    )
     report = json.loads((tmp_path / "ev/report.json").read_text())
     assert report["top1"] == best["metrics"]["val_acc"]
 
 
 def test_early_stopping_ends_after_patience_epochs_without_progress(data_root, tmp_path):
     # a learning rate too small to change any prediction: val accuracy never improves on epoch 1
-    results = train(make_cfg(data_root, "epochs=6", "optim.lr=1e-12", "early_stop.patience=2"), run_dir=tmp_path)
+    results = train(
+        make_cfg(data_root, "epochs=6", "optim.lr=1e-12", "early_stop.patience=2"), run_dir=tmp_path
+    )
     assert results["epochs_run"] == 3 and results["best_epoch"] == 1
     assert [int(r["epoch"]) for r in csv.DictReader(open(tmp_path / "metrics.csv"))] == [1, 2, 3]
 
 
 def test_flip_tta_averages_the_logits_of_both_views():
     torch.manual_seed(0)
-    images, labels = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (20,))
+    images, labels = (
+        torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8),
+        torch.randint(0, 10, (20,)),
+    )
     loader = plain_loader(images, labels, 8)
     model = create_model("resnet20", in_channels=3, num_classes=10, image_size=32).eval()
     r = evaluate_loader(model, loader, device=torch.device("cpu"), num_classes=10, tta="flip")
     x = (images.float() / 255 - 0.5) / 0.25
     with torch.no_grad():
         out = (model(x) + model(x.flip(-1))) / 2
-    assert r["loss"] == pytest.approx(torch.nn.functional.cross_entropy(out, labels).item(), rel=1e-5)
+    assert r["loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(out, labels).item(), rel=1e-5
+    )
     assert r["acc"] == (out.argmax(1) == labels).sum().item() / 20
 
 
 def test_cnneval_tta_flip_and_a_bad_tta(data_root, tmp_path):
     train(make_cfg(data_root, "epochs=1"), run_dir=tmp_path / "run")
     ckpt = f"ckpt={tmp_path}/run/checkpoints/best.pt"
-    run_cli("cnneval", ckpt, "tta=flip", "device=cpu", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+    run_cli(
+        "cnneval", ckpt, "tta=flip", "device=cpu", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path
+    )
     assert json.loads((tmp_path / "ev/report.json").read_text())["num_samples"] == 200
-    proc = run_cli("cnneval", ckpt, "tta=rotate", "device=cpu", f"hydra.run.dir={tmp_path / 'bad'}",
-                   cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "error: tta=rotate is not allowed: it must be one of null, flip" in proc.stderr
+    proc = run_cli(
+        "cnneval",
+        ckpt,
+        "tta=rotate",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'bad'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert (
+        proc.returncode == 1
+        and "error: tta=rotate is not allowed: it must be one of null, flip" in proc.stderr
+    )
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -103,13 +148,17 @@ def one_batch_epoch(model, criterion, lr, **kwargs):
     x, y = batch(8)
     loader = plain_loader((x * 255).to(torch.uint8), y, 8)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    return train_one_epoch(model, loader, criterion, opt, device=torch.device("cpu"), progress=False, **kwargs)
+    return train_one_epoch(
+        model, loader, criterion, opt, device=torch.device("cpu"), progress=False, **kwargs
+    )
 
 
 def test_label_smoothing_mixes_the_uniform_distribution_into_the_target():
     torch.manual_seed(0)
     model = create_model("resnet20", in_channels=3, num_classes=4, image_size=8)
-    smoothed = one_batch_epoch(model, torch.nn.CrossEntropyLoss(label_smoothing=0.3), lr=0.0)["loss"]
+    smoothed = one_batch_epoch(model, torch.nn.CrossEntropyLoss(label_smoothing=0.3), lr=0.0)[
+        "loss"
+    ]
     x, y = batch(8)
     x = ((x * 255).to(torch.uint8).float() / 255 - 0.5) / 0.25
     model.train()

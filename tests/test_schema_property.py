@@ -2,6 +2,7 @@
 any size and sign, NaN and infinities, booleans, null, strings, lists), the outcome is either a
 run - the value arrives unchanged and everything it feeds builds and trains one step - or one
 error line that names the key; never a traceback, never a silent change."""
+
 import math
 import os
 from dataclasses import fields, is_dataclass
@@ -35,13 +36,22 @@ def _leaves(node, prefix=""):
 # (the group option to compose with, the key, its declaration) for every declared key
 KEYS = list(_leaves(schema.TrainConfig)) + [
     (f"{group}={option}", f"{group}.{f.name}", f)
-    for group, options in schema.GROUP_OPTIONS.items() for option, node in options.items()
-    for f in fields(node) if not f.name.startswith("_")]
+    for group, options in schema.GROUP_OPTIONS.items()
+    for option, node in options.items()
+    for f in fields(node)
+    if not f.name.startswith("_")
+]
 
 WORDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_./:-", min_size=1, max_size=10)
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 70), st.integers(-2**40, 2**40),
-    st.floats(allow_nan=True, allow_infinity=True), st.floats(-2, 2), WORDS)
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 70),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-2, 2),
+    WORDS,
+)
 
 
 def values_for(f):
@@ -49,7 +59,14 @@ def values_for(f):
     rules = f.metadata
     edges = [rules[k] for k in ("ge", "gt", "le", "lt") if k in rules]
     special = [st.sampled_from(list(rules.get("choices", [None])))]
-    special += [st.sampled_from(edges), st.sampled_from([e + d for e in edges for d in (-1, -1e-9, 1e-9, 1)])] if edges else []
+    special += (
+        [
+            st.sampled_from(edges),
+            st.sampled_from([e + d for e in edges for d in (-1, -1e-9, 1e-9, 1)]),
+        ]
+        if edges
+        else []
+    )
     return st.one_of(SCALARS, *special, st.lists(SCALARS, max_size=4))
 
 
@@ -107,7 +124,9 @@ def run_one_step(cfg: DictConfig) -> None:
 
     device = select_device(cfg.device)
     amp_dtype(cfg.amp, device, cfg.amp_dtype)
-    path = _resume_path(cfg, Path("/nonexistent/checkpoints"))  # resume=auto: nothing to resume there
+    path = _resume_path(
+        cfg, Path("/nonexistent/checkpoints")
+    )  # resume=auto: nothing to resume there
     if path is not None:
         _load_resumed(path)
     apply_pretrained_input(cfg)
@@ -115,23 +134,46 @@ def run_one_step(cfg: DictConfig) -> None:
     model, _ = build_model(cfg.model, data.in_channels, len(data.classes), data.image_size, device)
     optimizer = create_optimizer(cfg.optim, model)
     loader = data.loaders["train"]
-    scheduler, interval = create_scheduler(cfg.sched, optimizer, epochs=cfg.epochs,
-                                           steps_per_epoch=min(len(loader), cfg.max_steps_per_epoch or len(loader)))
-    out = train_one_epoch(model, loader, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-                          optimizer, device=device, grad_clip=cfg.grad_clip, max_steps=1, progress=False,
-                          scheduler=scheduler if interval == "step" else None, on_nan=cfg.on_nan)
+    scheduler, interval = create_scheduler(
+        cfg.sched,
+        optimizer,
+        epochs=cfg.epochs,
+        steps_per_epoch=min(len(loader), cfg.max_steps_per_epoch or len(loader)),
+    )
+    out = train_one_epoch(
+        model,
+        loader,
+        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        optimizer,
+        device=device,
+        grad_clip=cfg.grad_clip,
+        max_steps=1,
+        progress=False,
+        scheduler=scheduler if interval == "step" else None,
+        on_nan=cfg.on_nan,
+    )
     assert out["state"].step == 1
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                       HealthCheck.too_slow])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_any_value_of_any_key_is_a_run_or_one_line_naming_it(tiny_data, data):
     option, key, f = data.draw(st.sampled_from(KEYS), label="key")
     value = data.draw(values_for(f), label="value")
     override = f"{key}={render(value)}"
-    base = ["data=mnist", f"data.root={tiny_data}", "data.download=false", "device=cpu", "data.batch_size=16",
-            "max_eval_steps=1", *([option] if option else [])]
+    base = [
+        "data=mnist",
+        f"data.root={tiny_data}",
+        "data.download=false",
+        "device=cpu",
+        "data.batch_size=16",
+        "max_eval_steps=1",
+        *([option] if option else []),
+    ]
     try:
         with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
             cfg = compose(config_name="train", overrides=[*base, override])

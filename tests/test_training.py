@@ -1,13 +1,14 @@
 """train(cfg) in-process: the GPU-era options that also run on the CPU (bf16 autocast,
 channels_last, torch.compile) and the optimizer/schedule factories."""
+
 import json
 
 import pytest
 import torch
+from conftest import refusal
 from hydra import compose, initialize_config_module
 
 from cnntrain.errors import UserError
-from conftest import refusal
 from cnntrain.models import create_model
 from cnntrain.optim import create_optimizer, create_scheduler
 from cnntrain.runtime import amp_dtype
@@ -20,13 +21,22 @@ def make_cfg(*overrides):
 
 
 def run(data_root, tmp_path, *overrides):
-    cfg = make_cfg("data=mnist", f"data.root={data_root}", "data.download=false", "epochs=1", "device=cpu", *overrides)
+    cfg = make_cfg(
+        "data=mnist",
+        f"data.root={data_root}",
+        "data.download=false",
+        "epochs=1",
+        "device=cpu",
+        *overrides,
+    )
     return train(cfg, run_dir=tmp_path)
 
 
 def test_bf16_autocast_and_channels_last_on_cpu(data_root, tmp_path):
     assert amp_dtype(True, torch.device("cpu")) == torch.bfloat16
-    results = run(data_root, tmp_path, "amp=true", "channels_last=true", "data=cifar10", "model=resnet18")
+    results = run(
+        data_root, tmp_path, "amp=true", "channels_last=true", "data=cifar10", "model=resnet18"
+    )
     assert 0 <= results["test_acc"] <= 1
     assert json.loads((tmp_path / "results.json").read_text())["model"] == "resnet18"
 
@@ -38,7 +48,9 @@ def test_channels_last_auto_is_on_for_the_cpu_and_for_cuda_with_amp(data_root, t
     assert channels_last("auto", cpu, None) and channels_last("auto", cuda, torch.bfloat16)
     assert not channels_last("auto", cuda, None) and not channels_last(False, cpu, None)
     run(data_root, tmp_path, "model=resnet20", "data=cifar10")
-    weight = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["model"]["stem.0.weight"]
+    weight = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["model"][
+        "stem.0.weight"
+    ]
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
@@ -104,7 +116,9 @@ def test_cosine_with_warmup_and_onecycle():
 
 
 def test_step_caps_limit_training_and_evaluation(data_root, tmp_path):
-    results = run(data_root, tmp_path, "max_steps_per_epoch=2", "max_eval_steps=1", "data.batch_size=16")
+    results = run(
+        data_root, tmp_path, "max_steps_per_epoch=2", "max_eval_steps=1", "data.batch_size=16"
+    )
     assert results["test_images"] == 16
     import csv
 
@@ -114,7 +128,9 @@ def test_step_caps_limit_training_and_evaluation(data_root, tmp_path):
 
 def test_fused_optimizer_by_default_with_the_same_update():
     torch.manual_seed(0)
-    models = [create_model("lenet5", in_channels=1, num_classes=10, image_size=28) for _ in range(2)]
+    models = [
+        create_model("lenet5", in_channels=1, num_classes=10, image_size=28) for _ in range(2)
+    ]
     models[1].load_state_dict(models[0].state_dict())
     fused = create_optimizer(make_cfg("optim=sgd").optim, models[0])
     plain = create_optimizer(make_cfg("optim=sgd", "optim.fused=false").optim, models[1])
@@ -135,14 +151,23 @@ def test_evaluate_loader_matches_the_textbook_metrics():
     from cnntrain.engine import evaluate_loader
 
     torch.manual_seed(0)
-    images, labels = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 7, (50,))
+    images, labels = (
+        torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8),
+        torch.randint(0, 7, (50,)),
+    )
     cpu = torch.device("cpu")
-    loader = BatchLoader(images, labels, 16, BatchTransform([0.5], [0.25], cpu, size=28), device=cpu)
+    loader = BatchLoader(
+        images, labels, 16, BatchTransform([0.5], [0.25], cpu, size=28), device=cpu
+    )
     model = create_model("lenet5", in_channels=1, num_classes=7, image_size=28).eval()
-    r = evaluate_loader(model, loader, device=torch.device("cpu"), num_classes=7, keep_predictions=True)
+    r = evaluate_loader(
+        model, loader, device=torch.device("cpu"), num_classes=7, keep_predictions=True
+    )
     with torch.no_grad():
         out = model((images.float() / 255 - 0.5) / 0.25)
-    assert r["loss"] == pytest.approx(torch.nn.functional.cross_entropy(out, labels).item(), rel=1e-5)
+    assert r["loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(out, labels).item(), rel=1e-5
+    )
     assert r["acc"] == (out.argmax(1) == labels).sum().item() / 50
     assert r["top5"] == (out.topk(5, 1).indices == labels[:, None]).any(1).sum().item() / 50
     torch.testing.assert_close(r["confidence"], out.softmax(1).max(1).values)
@@ -162,16 +187,30 @@ def test_progress_lines_off_a_terminal(data_root, tmp_path, monkeypatch, caplog)
     from cnntrain import engine
 
     clock = iter(range(0, 10**6, 10))
-    monkeypatch.setattr(engine, "time", SimpleNamespace(monotonic=lambda: next(clock),
-                                                         perf_counter=time.perf_counter))
+    monkeypatch.setattr(
+        engine,
+        "time",
+        SimpleNamespace(monotonic=lambda: next(clock), perf_counter=time.perf_counter),
+    )
     caplog.set_level(logging.INFO, logger="cnntrain")
-    run(data_root, tmp_path, "epochs=2", "data.batch_size=8", "max_steps_per_epoch=20", "max_eval_steps=1")
-    pattern = (r"epoch (\d)/2 step (\d+)/20 loss \d\.\d{4} acc \d\.\d{4} \d+ img/s, "
-               r"epoch ETA (\d+):(\d\d), run ETA (\d+):(\d\d)$")
+    run(
+        data_root,
+        tmp_path,
+        "epochs=2",
+        "data.batch_size=8",
+        "max_steps_per_epoch=20",
+        "max_eval_steps=1",
+    )
+    pattern = (
+        r"epoch (\d)/2 step (\d+)/20 loss \d\.\d{4} acc \d\.\d{4} \d+ img/s, "
+        r"epoch ETA (\d+):(\d\d), run ETA (\d+):(\d\d)$"
+    )
     lines = [m for m in (re.match(pattern, r.getMessage()) for r in caplog.records) if m]
     for epoch in ("1", "2"):
         steps = [int(m[2]) for m in lines if m[1] == epoch]
-        assert 2 <= len(steps) <= engine.PROGRESS_LINES and steps == sorted(steps) and steps[-1] < 20
+        assert (
+            2 <= len(steps) <= engine.PROGRESS_LINES and steps == sorted(steps) and steps[-1] < 20
+        )
     first = lines[0]
     epoch_left, run_left = int(first[3]) * 60 + int(first[4]), int(first[5]) * 60 + int(first[6])
     # epoch 1 knows no epoch time yet: the run's ETA counts epoch 2 as long as epoch 1
@@ -200,7 +239,9 @@ def test_val_accuracy_at_chance_is_flagged(data_root, tmp_path, monkeypatch, cap
     from cnntrain import train as train_module
     from cnntrain.tracking import at_chance
 
-    assert at_chance(0.117, 0.65, 10) and not at_chance(0.2, 0.65, 10) and not at_chance(0.1, 0.2, 10)
+    assert (
+        at_chance(0.117, 0.65, 10) and not at_chance(0.2, 0.65, 10) and not at_chance(0.1, 0.2, 10)
+    )
     assert not at_chance(0.5, 0.99, 2) and not at_chance(None, 0.9, 10)
     real_train, real_eval = train_module.train_one_epoch, train_module.evaluate_loader
 
@@ -218,8 +259,10 @@ def test_val_accuracy_at_chance_is_flagged(data_root, tmp_path, monkeypatch, cap
     results = run(data_root, job, "epochs=2", "max_steps_per_epoch=2", "max_eval_steps=1")
     assert results["val_at_chance"] is True
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["val accuracy 0.117 is at chance (1/10) while train accuracy is 0.650: BatchNorm "
-                        "running statistics may not have settled (few steps) or the val data differ from train"]
+    assert warnings == [
+        "val accuracy 0.117 is at chance (1/10) while train accuracy is 0.650: BatchNorm "
+        "running statistics may not have settled (few steps) or the val data differ from train"
+    ]
     (job / ".hydra").mkdir(exist_ok=True)  # Hydra writes it in a real sweep
     OmegaConf.save(OmegaConf.create(["model=lenet5"]), job / ".hydra" / "overrides.yaml")
     ok = tmp_path / "sweep" / "1"

@@ -3,6 +3,7 @@ epoch (capped at one batch) through the training loop's own functions on 28 px g
 32 px RGB images, is validated, saved as best.pt and rebuilt from that file as cnneval, cnnexport,
 cnnpredict and cnnviz rebuild it. Forward passes alone did not catch MNASNet failing to read its
 own checkpoint (module versions lost on the way to the file)."""
+
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,32 @@ from cnntrain.optim import create_optimizer
 from cnntrain.train import build_model, stored_config
 
 CPU = torch.device("cpu")
-MODELS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml")
-                if p.stem not in ("tv", "timm"))  # any torchvision/timm model by name: test_transfer.py
+MODELS = sorted(
+    p.stem
+    for p in (Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml")
+    if p.stem not in ("tv", "timm")
+)  # any torchvision/timm model by name: test_transfer.py
 # the largest networks (20-140 M parameters: seconds per case on 2 cores) sweep with -m slow; the
 # default run still takes each through a training step at these sizes (test_models.py)
-HEAVY = ("convnext_tiny", "densenet121", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50",
-         "se_resnet50", "wrn28_10", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
-         "vgg19", "vgg19_bn")
+HEAVY = (
+    "convnext_tiny",
+    "densenet121",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50",
+    "se_resnet50",
+    "wrn28_10",
+    "vgg11",
+    "vgg11_bn",
+    "vgg13",
+    "vgg13_bn",
+    "vgg16",
+    "vgg16_bn",
+    "vgg19",
+    "vgg19_bn",
+)
 SWEEP = [pytest.param(m, marks=pytest.mark.slow) if m in HEAVY else m for m in MODELS]
 
 
@@ -35,8 +55,13 @@ def compose_train(*overrides):
 
 @pytest.fixture(scope="module", params=["mnist", "cifar10"], ids=["gray28", "rgb32"])
 def dataset(request, data_root):
-    data_args = (f"data={request.param}", f"data.root={data_root}", "data.download=false",
-                 "data.batch_size=2", "device=cpu")
+    data_args = (
+        f"data={request.param}",
+        f"data.root={data_root}",
+        "data.download=false",
+        "data.batch_size=2",
+        "device=cpu",
+    )
     cfg = compose_train(*data_args)
     return data_args, build_data(cfg.data, cfg.aug, device=CPU, seed=0)
 
@@ -50,22 +75,44 @@ def test_one_epoch_then_rebuilt_from_its_checkpoint(model, dataset, tmp_path):
     optimizer = create_optimizer(cfg.optim, net)
     params = [p for p in net.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    trained = train_one_epoch(net, data.loaders["train"], nn.CrossEntropyLoss(), optimizer, device=CPU,
-                              max_steps=1, progress=False)
+    trained = train_one_epoch(
+        net,
+        data.loaders["train"],
+        nn.CrossEntropyLoss(),
+        optimizer,
+        device=CPU,
+        max_steps=1,
+        progress=False,
+    )
     assert trained["n"] == 2 and all(p.grad is not None for p in params)
     assert any(not torch.equal(b, p) for b, p in zip(before, params))
-    val = evaluate_loader(net, data.loaders["val"], device=CPU, num_classes=10, max_steps=1, progress=False)
+    val = evaluate_loader(
+        net, data.loaders["val"], device=CPU, num_classes=10, max_steps=1, progress=False
+    )
     assert val["num_samples"] == 2
 
     best = tmp_path / "best.pt"
-    save_checkpoint({"model": net.state_dict(), "config": stored_config(cfg, data), "classes": data.classes,
-                     "epoch": 1, "metrics": {"val_acc": val["acc"]}}, best)
+    save_checkpoint(
+        {
+            "model": net.state_dict(),
+            "config": stored_config(cfg, data),
+            "classes": data.classes,
+            "epoch": 1,
+            "metrics": {"val_acc": val["acc"]},
+        },
+        best,
+    )
     ckpt = load_checkpoint(best)
     rebuilt = model_from_checkpoint(ckpt, trained_config(ckpt, best), best, CPU)
     # as checkpoints were written before they kept module versions (MNASNet's loader needs one)
-    unversioned = model_from_checkpoint({**ckpt, "model": dict(ckpt["model"])}, trained_config(ckpt, best),
-                                        best, CPU)
+    unversioned = model_from_checkpoint(
+        {**ckpt, "model": dict(ckpt["model"])}, trained_config(ckpt, best), best, CPU
+    )
     x, _ = next(iter(data.loaders["test"]))
     with torch.no_grad():
         out = net.eval()(x)
-        assert out.shape == (len(x), 10) and torch.equal(rebuilt(x), out) and torch.equal(unversioned(x), out)
+        assert (
+            out.shape == (len(x), 10)
+            and torch.equal(rebuilt(x), out)
+            and torch.equal(unversioned(x), out)
+        )

@@ -3,6 +3,7 @@
 Every dataset becomes the same thing first: per split, uint8 pixels (N, C, S, S) with labels
 (built-in datasets: torchvision's readers; image folders: the decoded cache of data/cache.py).
 Then one BatchLoader per split, with one batched transform (augment.BatchTransform)."""
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,9 @@ class Data:
     image_size: int
     mean: list[float]
     std: list[float]
-    loaders: dict = field(default_factory=dict)  # "train" / "val" / "test" -> Loader (absent: no such data)
+    loaders: dict = field(
+        default_factory=dict
+    )  # "train" / "val" / "test" -> Loader (absent: no such data)
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
@@ -46,8 +49,10 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[held] = False
     if len(labels) and not keep.any():
-        raise UserError(f"data.val_split={fraction} holds out all {len(labels)} training images; "
-                        "lower it (e.g. data.val_split=0.1)")
+        raise UserError(
+            f"data.val_split={fraction} holds out all {len(labels)} training images; "
+            "lower it (e.g. data.val_split=0.1)"
+        )
     return keep.nonzero().flatten(), held
 
 
@@ -66,10 +71,13 @@ def describe(aug: DictConfig, data: DictConfig) -> str:
     """The augmentation preset and the geometry it applies to this data, in one short phrase:
     `aug=basic (digits: shift 2, rotate 10, scale 0.9-1.1)`."""
     geo = geometry(aug, data)
-    parts = [f"shift {geo.shift}" if geo.shift else "", f"rotate {geo.degrees:g}" if geo.degrees else "",
-             "scale {:g}-{:g}".format(*geo.scale) if geo.get("scale") else "",
-             "crop {:g}-{:g}".format(*geo.crop_scale) if geo.get("crop_scale") else "",
-             "flip" if geo.hflip else ""]
+    parts = [
+        f"shift {geo.shift}" if geo.shift else "",
+        f"rotate {geo.degrees:g}" if geo.degrees else "",
+        "scale {:g}-{:g}".format(*geo.scale) if geo.get("scale") else "",
+        "crop {:g}-{:g}".format(*geo.crop_scale) if geo.get("crop_scale") else "",
+        "flip" if geo.hflip else "",
+    ]
     return f"aug={aug.name} ({data.kind}: {', '.join(filter(None, parts)) or 'no geometry'})"
 
 
@@ -82,6 +90,7 @@ def storage_size(data: DictConfig, size: int, aug: DictConfig | None) -> int:
 @dataclass
 class _Split:
     """One split as stored: rows `index` (None: all) of uint8 `images` (N, C, S, S) on the host."""
+
     images: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor | None = None
@@ -113,8 +122,15 @@ def data_shape(data: DictConfig) -> tuple[int, int, int]:
     return channels, _size(data) or size, classes
 
 
-def build_data(data: DictConfig, aug: DictConfig | None, *, device: torch.device, seed: int,
-               splits=SPLITS, evaluation: bool = False) -> Data:
+def build_data(
+    data: DictConfig,
+    aug: DictConfig | None,
+    *,
+    device: torch.device,
+    seed: int,
+    splits=SPLITS,
+    evaluation: bool = False,
+) -> Data:
     """Loaders for the requested splits. The training split is augmented as `aug` says unless
     `evaluation` (cnneval) or `aug` is None; `aug` also decides how large image folders are
     stored (CROP_STORAGE), so cnneval passes the training run's."""
@@ -127,7 +143,11 @@ def build_data(data: DictConfig, aug: DictConfig | None, *, device: torch.device
     std = list(source.std or data.std)
     out = Data(source.classes, source.channels, source.size, mean, std)
     evaluate = BatchTransform(mean, std, device, size=source.size)
-    train = evaluate if evaluation or aug is None else _train_transform(aug, data, source, mean, std, device)
+    train = (
+        evaluate
+        if evaluation or aug is None
+        else _train_transform(aug, data, source, mean, std, device)
+    )
     budget, placed = memory_budget(data, device), {}
     for split in splits:
         part = source.parts.get(split)
@@ -139,9 +159,19 @@ def build_data(data: DictConfig, aug: DictConfig | None, *, device: torch.device
         images, resident = placed[id(part.images)]
         training = split == "train"
         out.loaders[split] = BatchLoader(
-            images, part.labels, data.batch_size, train if training else evaluate, device=device,
-            index=part.index, names=part.names, streamed=not resident, shuffle=training,
-            drop_last=training, seed=seed, **distributed.shard())
+            images,
+            part.labels,
+            data.batch_size,
+            train if training else evaluate,
+            device=device,
+            index=part.index,
+            names=part.names,
+            streamed=not resident,
+            shuffle=training,
+            drop_last=training,
+            seed=seed,
+            **distributed.shard(),
+        )
     return out
 
 
@@ -149,8 +179,11 @@ def _place(part: _Split, device: torch.device, budget: int) -> tuple[torch.Tenso
     """(storage, resident): on the device when it fits the budget, else left in host memory."""
     size = f"{part.images.nbytes / 2**20:.1f} MiB"
     if part.images.nbytes > budget:
-        log.info("%s: %s > the memory budget (data.memory_budget_gb): streamed from host memory",
-                 part.where, size)
+        log.info(
+            "%s: %s > the memory budget (data.memory_budget_gb): streamed from host memory",
+            part.where,
+            size,
+        )
         return part.images, False
     log.info("%s: %d images, %s on %s", part.where, len(part.images), size, device)
     # a memory-mapped cache is read into memory once, not paged in by every pass's steps
@@ -167,7 +200,9 @@ def memory_budget(data: DictConfig, device: torch.device) -> int:
         return torch.cuda.mem_get_info(device)[0] // 2
     try:  # Linux: what can be had without swapping, page cache included
         with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            available = next(
+                int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")
+            )
     except (OSError, StopIteration):
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     return available // 2
@@ -175,8 +210,10 @@ def memory_budget(data: DictConfig, device: torch.device) -> int:
 
 def _builtin(name: str):
     if name not in BUILTIN:
-        raise UserError(f"unknown dataset data.name={name} (one of {', '.join(DATASETS)}; pick one "
-                        "with data=<name>)")
+        raise UserError(
+            f"unknown dataset data.name={name} (one of {', '.join(DATASETS)}; pick one "
+            "with data=<name>)"
+        )
     return BUILTIN[name]
 
 
@@ -188,18 +225,34 @@ def _size(data: DictConfig) -> int | None:
 
 def _check_channels(data: DictConfig, channels: int) -> None:
     if data.mean is not None and len(data.mean) != channels:
-        raise UserError(f"data.mean/std have {len(data.mean)} value(s) but data={data.name} has "
-                        f"{channels} channel(s): give {channels}")
+        raise UserError(
+            f"data.mean/std have {len(data.mean)} value(s) but data={data.name} has "
+            f"{channels} channel(s): give {channels}"
+        )
 
 
-def _train_transform(aug: DictConfig, data: DictConfig, source: _Source, mean, std, device) -> BatchTransform:
+def _train_transform(
+    aug: DictConfig, data: DictConfig, source: _Source, mean, std, device
+) -> BatchTransform:
     geo = geometry(aug, data)
     return BatchTransform(
-        mean, std, device, size=source.size, shift=geo.shift, degrees=geo.degrees, scale=geo.get("scale"),
-        hflip=geo.hflip, crop_scale=geo.get("crop_scale"), color_jitter=aug.get("color_jitter", 0.0),
-        hue=aug.get("hue", 0.0), policy=aug.policy, random_erasing=aug.random_erasing,
-        mixup_alpha=aug.get("mixup_alpha", 0.0), cutmix_alpha=aug.get("cutmix_alpha", 0.0),
-        num_classes=len(source.classes))
+        mean,
+        std,
+        device,
+        size=source.size,
+        shift=geo.shift,
+        degrees=geo.degrees,
+        scale=geo.get("scale"),
+        hflip=geo.hflip,
+        crop_scale=geo.get("crop_scale"),
+        color_jitter=aug.get("color_jitter", 0.0),
+        hue=aug.get("hue", 0.0),
+        policy=aug.policy,
+        random_erasing=aug.random_erasing,
+        mixup_alpha=aug.get("mixup_alpha", 0.0),
+        cutmix_alpha=aug.get("cutmix_alpha", 0.0),
+        num_classes=len(source.classes),
+    )
 
 
 def _downsize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
@@ -209,8 +262,12 @@ def _downsize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tenso
 
     if images.shape[-1] <= size and images.shape[-2] <= size:
         return images
-    return torch.cat([TF.resize(images[i:i + chunk], [size, size], antialias=True)
-                      for i in range(0, len(images), chunk)])
+    return torch.cat(
+        [
+            TF.resize(images[i : i + chunk], [size, size], antialias=True)
+            for i in range(0, len(images), chunk)
+        ]
+    )
 
 
 def _builtin_source(data: DictConfig, spec, splits, seed) -> _Source:
@@ -272,9 +329,15 @@ def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _S
     needs_train = "train" in splits or data.mean is None or ("val" in splits and split_val)
     if scanned["train"] is None and needs_train:
         scan_split(root, "train", required=True)  # raises, naming the expected layout
-    wanted = [s for s in SPLITS if scanned[s] is not None and (s in splits or s == "train" and needs_train)]
+    wanted = [
+        s
+        for s in SPLITS
+        if scanned[s] is not None and (s in splits or s == "train" and needs_train)
+    ]
     if not wanted:
-        raise UserError(f"no {' or '.join(splits)} folder in {root} (expected {root}/<split>/<class>/<image>)")
+        raise UserError(
+            f"no {' or '.join(splits)} folder in {root} (expected {root}/<split>/<class>/<image>)"
+        )
     classes = scanned[wanted[0]].classes
     for split in SPLITS:
         if scanned[split] is not None:
@@ -287,8 +350,14 @@ def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _S
     storage = storage_size(data, size, aug)
     cache = {}
     for split in wanted:
-        cached = load_split(scanned[split], size=storage, channels=channels, cache_dir=_cache_dir(data),
-                            workers=data.get("num_workers"), skip_bad=bool(data.get("skip_bad_images", False)))
+        cached = load_split(
+            scanned[split],
+            size=storage,
+            channels=channels,
+            cache_dir=_cache_dir(data),
+            workers=data.get("num_workers"),
+            skip_bad=bool(data.get("skip_bad_images", False)),
+        )
         cache[split] = (cached.pixels(), torch.from_numpy(cached.labels), cached.files)
     parts = {}
     for split in wanted:
@@ -296,11 +365,23 @@ def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _S
         where = f"{root}/{split}"
         if split == "train" and split_val:
             train_idx, val_idx = stratified_split(labels, data.val_split, seed)
-            parts["train"] = _Split(images, labels[train_idx], train_idx, [files[i] for i in train_idx],
-                                    where, mapped=True)
+            parts["train"] = _Split(
+                images,
+                labels[train_idx],
+                train_idx,
+                [files[i] for i in train_idx],
+                where,
+                mapped=True,
+            )
             if len(val_idx):
-                parts["val"] = _Split(images, labels[val_idx], val_idx, [files[i] for i in val_idx],
-                                      where, mapped=True)
+                parts["val"] = _Split(
+                    images,
+                    labels[val_idx],
+                    val_idx,
+                    [files[i] for i in val_idx],
+                    where,
+                    mapped=True,
+                )
         else:
             parts[split] = _Split(images, labels, None, files, where, mapped=True)
     source = _Source(classes, channels, size, parts)
@@ -314,5 +395,5 @@ def _measure(part: _Split, max_images: int = 10_000):
     from cnntrain.data.cache import measure_mean_std
 
     rows = part.index if part.index is not None else torch.arange(len(part.images))
-    rows = rows[::max(1, len(rows) // max_images)]
+    rows = rows[:: max(1, len(rows) // max_images)]
     return measure_mean_std(part.images[rows].numpy())

@@ -10,6 +10,7 @@ parameters reach the device in one small copy: the output depends only on (image
 seed), on every device type, and nothing waits for the device. A part of a batch (a rank's
 share under torchrun) can be transformed alone: its images get the parameters they would get
 in the whole batch (BatchTransform.positions)."""
+
 from __future__ import annotations
 
 import math
@@ -21,6 +22,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
 # Private torchvision helpers, reused so the ops stay torchvision's own (checked against
 # torchvision 0.29; the tests compare with its public functionals).
 from torchvision.transforms.v2.functional._color import _rgb_to_hsv
@@ -56,11 +58,27 @@ class BatchTransform:
     torchvision's ColorJitter shuffles it), normalization, random erasing, then MixUp/CutMix
     with soft targets."""
 
-    def __init__(self, mean, std, device, *, size: int, shift: int = 0, degrees: float = 0.0,
-                 scale=None, hflip: bool = False, crop_scale=None, crop_ratio=(3 / 4, 4 / 3),
-                 color_jitter: float = 0.0, hue: float = 0.0, policy: str | None = None,
-                 random_erasing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        mean,
+        std,
+        device,
+        *,
+        size: int,
+        shift: int = 0,
+        degrees: float = 0.0,
+        scale=None,
+        hflip: bool = False,
+        crop_scale=None,
+        crop_ratio=(3 / 4, 4 / 3),
+        color_jitter: float = 0.0,
+        hue: float = 0.0,
+        policy: str | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        num_classes: int | None = None,
+    ):
         self.device = torch.device(device)
         self.normalize = Normalize(mean, std, self.device)
         self.size = int(size)
@@ -77,7 +95,9 @@ class BatchTransform:
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"crop_scale={crop_scale}: want 0 < lo <= hi <= 1")
             if self.shift or self.affine:
-                raise ValueError("crop_scale (random-resized crop) replaces shift/degrees/scale: give one")
+                raise ValueError(
+                    "crop_scale (random-resized crop) replaces shift/degrees/scale: give one"
+                )
         self.jitter = float(color_jitter)
         self.hue = float(hue)
         if not 0 <= self.hue <= 0.5:
@@ -85,7 +105,9 @@ class BatchTransform:
         if policy not in (None, "randaugment", "autoaugment"):
             raise ValueError(f"policy={policy!r}: want randaugment, autoaugment or None")
         # torchvision's transform objects, for their op tables and op implementations
-        self.policy = {None: None, "randaugment": v2.RandAugment, "autoaugment": v2.AutoAugment}[policy]
+        self.policy = {None: None, "randaugment": v2.RandAugment, "autoaugment": v2.AutoAugment}[
+            policy
+        ]
         self.policy = self.policy() if self.policy else None
         self._magnitudes, self._thetas = {}, {}  # memos of the policies' tables
         self.erase_p = float(random_erasing)
@@ -94,8 +116,17 @@ class BatchTransform:
         if self.mix_alphas and not num_classes:
             raise ValueError("mixup/cutmix need num_classes")
         self.num_classes = num_classes
-        self.random = bool(self.crop_scale or self.shift or self.affine or self.hflip or self.jitter
-                           or self.hue or self.policy or self.erase_p or self.mix_alphas)
+        self.random = bool(
+            self.crop_scale
+            or self.shift
+            or self.affine
+            or self.hflip
+            or self.jitter
+            or self.hue
+            or self.policy
+            or self.erase_p
+            or self.mix_alphas
+        )
 
     # ------------------------------------------------------------------ call
 
@@ -108,8 +139,14 @@ class BatchTransform:
             pos = torch.cat([(pos[:1] - 1) % batch, pos])
         return pos
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, seed: int, positions: torch.Tensor | None = None,
-                 batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        seed: int,
+        positions: torch.Tensor | None = None,
+        batch: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`positions` (from self.positions) given: x and y are those images of a batch of `batch`,
         and the result is exactly the outputs `part` of transforming the whole batch."""
         if x.dtype != torch.uint8 or x.ndim != 4:
@@ -156,12 +193,21 @@ class BatchTransform:
 
     # ------------------------------------------------------------------ host-side draws
 
-    def _draw(self, gen: torch.Generator, seed: int, b: int, c: int, h: int, w: int,
-              positions: torch.Tensor | None = None):
+    def _draw(
+        self,
+        gen: torch.Generator,
+        seed: int,
+        b: int,
+        c: int,
+        h: int,
+        w: int,
+        positions: torch.Tensor | None = None,
+    ):
         """Every random parameter of a batch of b images, as host tensors (moved to the device
         together) and a plan of host-side Python values (groups, mix box): nothing here reads the
         device. With `positions`, the per-image ones are those images' rows: each is drawn for
         the whole batch, so that the generator's sequence is the whole batch's."""
+
         def uniform(shape, lo, hi, dtype=torch.float32):
             return torch.rand(shape, generator=gen, dtype=dtype) * (hi - lo) + lo
 
@@ -259,7 +305,9 @@ class BatchTransform:
         apply = torch.rand(b, generator=gen) < self.erase_p
         area = (torch.rand(b, 10, generator=gen, dtype=torch.float64) * 0.31 + 0.02) * s * s
         lr = math.log(0.3), math.log(3.3)
-        ratio = torch.exp(torch.rand(b, 10, generator=gen, dtype=torch.float64) * (lr[1] - lr[0]) + lr[0])
+        ratio = torch.exp(
+            torch.rand(b, 10, generator=gen, dtype=torch.float64) * (lr[1] - lr[0]) + lr[0]
+        )
         eh, ew = torch.sqrt(area * ratio).round(), torch.sqrt(area / ratio).round()
         ok = (eh < s) & (ew < s)
         first = ok.to(torch.uint8).argmax(1, keepdim=True)
@@ -294,8 +342,12 @@ class BatchTransform:
             ops = mine(torch.randint(len(names), (ra.num_ops, b), generator=gen))
             neg = mine(torch.rand(ra.num_ops, b, generator=gen) <= 0.5)
             for k in range(ra.num_ops):
-                stages.append([(names[op], mag(names[op], ra.num_magnitude_bins, ra.magnitude, n))
-                               for op, n in zip(ops[k], neg[k])])
+                stages.append(
+                    [
+                        (names[op], mag(names[op], ra.num_magnitude_bins, ra.magnitude, n))
+                        for op, n in zip(ops[k], neg[k])
+                    ]
+                )
         else:
             policies = self.policy._policies
             which = mine(torch.randint(len(policies), (b,), generator=gen))
@@ -332,8 +384,9 @@ class BatchTransform:
             steps, start = [], 0
             for (name, mag), g in groups.items():
                 if name == "affine":
-                    host[f"theta{k}"] = torch.stack([self._theta(*stage[cur[pos]])
-                                                     for pos in range(start, start + len(g))])
+                    host[f"theta{k}"] = torch.stack(
+                        [self._theta(*stage[cur[pos]]) for pos in range(start, start + len(g))]
+                    )
                 if name != "Identity":
                     steps.append((name, mag, start, start + len(g)))
                 start += len(g)
@@ -362,7 +415,7 @@ class BatchTransform:
         h, w = x.shape[-2:]
         s = self.size
         top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
-        return x[..., top:top + s, left:left + s]
+        return x[..., top : top + s, left : left + s]
 
     def _shift_flip(self, x, p):
         """Integer shifts and flips are pure re-indexing: two gathers on the uint8 pixels, several
@@ -388,8 +441,14 @@ class BatchTransform:
         # aligned=True puts pixel centres at +0.5, so a box (x1, y1, x2, y2) covers exactly those
         # pixels; sampling_ratio=-1 takes ceil(box/size) bilinear samples per output pixel and
         # dimension, i.e. averages over the footprint when downscaling (an antialias).
-        x = roi_align(x.float(), p["box"], output_size=self.size, spatial_scale=1.0,
-                      sampling_ratio=-1, aligned=True)
+        x = roi_align(
+            x.float(),
+            p["box"],
+            output_size=self.size,
+            spatial_scale=1.0,
+            sampling_ratio=-1,
+            aligned=True,
+        )
         if self.hflip:
             x = torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(3), x)
         return x
@@ -417,7 +476,8 @@ class BatchTransform:
         if name == "Sharpness":
             return _sharpness(x, 1.0 + mag)
         return self.policy._apply_image_or_video_transform(
-            x, name, mag, interpolation=InterpolationMode.NEAREST, fill=self.policy._fill)
+            x, name, mag, interpolation=InterpolationMode.NEAREST, fill=self.policy._fill
+        )
 
     def _color(self, x, p):
         """Per-image factors as batched blends, clamped to 0..255 after each like torchvision."""
@@ -456,11 +516,14 @@ class BatchTransform:
             x[..., y1:y2, x1:x2] = rolled[..., y1:y2, x1:x2]
         target = torch.zeros(len(y), self.num_classes, device=x.device)
         target.scatter_add_(1, y.view(-1, 1), torch.full((len(y), 1), lam, device=x.device))
-        target.scatter_add_(1, y.roll(1).view(-1, 1), torch.full((len(y), 1), 1.0 - lam, device=x.device))
+        target.scatter_add_(
+            1, y.roll(1).view(-1, 1), torch.full((len(y), 1), 1.0 - lam, device=x.device)
+        )
         return x, target
 
 
 # ---------------------------------------------------------------------- helpers
+
 
 def _to_device(host: dict, device: torch.device) -> dict:
     """All of a batch's parameters in one host->device copy, non-blocking from pinned memory
@@ -489,10 +552,13 @@ def _affine_theta(shift, angle, zoom, flip, s) -> torch.Tensor:
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     # Normalized coordinates span 2 units over s pixels, so a shift of k pixels is 2k/s.
     # With align_corners=False, integer shifts land on pixel centres: exact copies.
-    return torch.stack([
-        torch.stack([cos * flip, -sin, 2 * shift[0] / s], 1),
-        torch.stack([sin * flip, cos, 2 * shift[1] / s], 1),
-    ], 1)
+    return torch.stack(
+        [
+            torch.stack([cos * flip, -sin, 2 * shift[0] / s], 1),
+            torch.stack([sin * flip, cos, 2 * shift[1] / s], 1),
+        ],
+        1,
+    )
 
 
 def _policy_theta(name, mag, s) -> torch.Tensor:
@@ -500,9 +566,13 @@ def _policy_theta(name, mag, s) -> torch.Tensor:
     torchvision's F.affine / F.rotate build for this op of _apply_image_or_video_transform."""
     centre = [-s * 0.5, -s * 0.5]  # the shears use center=[0, 0], the top-left corner
     if name == "ShearX":
-        m = _get_inverse_affine_matrix(centre, 0.0, [0.0, 0.0], 1.0, [math.degrees(math.atan(mag)), 0.0])
+        m = _get_inverse_affine_matrix(
+            centre, 0.0, [0.0, 0.0], 1.0, [math.degrees(math.atan(mag)), 0.0]
+        )
     elif name == "ShearY":
-        m = _get_inverse_affine_matrix(centre, 0.0, [0.0, 0.0], 1.0, [0.0, math.degrees(math.atan(mag))])
+        m = _get_inverse_affine_matrix(
+            centre, 0.0, [0.0, 0.0], 1.0, [0.0, math.degrees(math.atan(mag))]
+        )
     elif name == "TranslateX":
         m = _get_inverse_affine_matrix([0.0, 0.0], 0.0, [float(int(mag)), 0.0], 1.0, [0.0, 0.0])
     elif name == "TranslateY":
@@ -518,7 +588,9 @@ def _grid_nearest(x, theta):
     n, _, h, w = x.shape
     base = torch.empty(1, h, w, 3, device=x.device)
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=x.device))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=x.device).unsqueeze_(-1))
+    base[..., 1].copy_(
+        torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=x.device).unsqueeze_(-1)
+    )
     base[..., 2].fill_(1)
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(theta).view(n, h, w, 2)
     out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)

@@ -1,5 +1,6 @@
 """MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100, read from their real on-disk formats by
 torchvision's dataset classes and returned as whole uint8 tensors (N, C, H, W)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,14 @@ from torchvision import datasets
 from torchvision.datasets.vision import VisionDataset
 
 from cnntrain import distributed
-from cnntrain.data.datafiles import BadFile, check_idx_pair, check_regular, gunzip, read_cifar, read_idx
+from cnntrain.data.datafiles import (
+    BadFile,
+    check_idx_pair,
+    check_regular,
+    gunzip,
+    read_cifar,
+    read_idx,
+)
 from cnntrain.errors import UserError
 
 
@@ -31,14 +39,24 @@ class _CheckedCIFAR:
         self.train = train
         folder = os.path.join(self.root, self.base_folder)
         names = [name for name, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-        check_regular(os.path.join(folder, name) for name in names)  # before download's checks read them
+        check_regular(
+            os.path.join(folder, name) for name in names
+        )  # before download's checks read them
         if download:
             self.download()
         if not self._check_integrity():
-            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+            raise RuntimeError(
+                "Dataset not found or corrupted. You can use download=True to download it"
+            )
         batches = [name for name, _ in (self.train_list if train else self.test_list)]
         self.data, self.targets, self.classes = read_cifar(
-            folder, batches, self.meta["filename"], self.label_key, self.meta["key"], self.num_classes)
+            folder,
+            batches,
+            self.meta["filename"],
+            self.label_key,
+            self.meta["key"],
+            self.num_classes,
+        )
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
@@ -75,12 +93,16 @@ class _CheckedIDX:
 
     def _split_files(self) -> tuple[str, str]:
         prefix = "train" if self.train else "t10k"
-        return (os.path.join(self.raw_folder, f"{prefix}-images-idx3-ubyte"),
-                os.path.join(self.raw_folder, f"{prefix}-labels-idx1-ubyte"))
+        return (
+            os.path.join(self.raw_folder, f"{prefix}-images-idx3-ubyte"),
+            os.path.join(self.raw_folder, f"{prefix}-labels-idx1-ubyte"),
+        )
 
     def _check_exists(self) -> bool:  # torchvision asks before downloading and before reading
-        check_regular(os.path.join(self.raw_folder, os.path.basename(url).removesuffix(".gz"))
-                      for url, _ in self.resources)
+        check_regular(
+            os.path.join(self.raw_folder, os.path.basename(url).removesuffix(".gz"))
+            for url, _ in self.resources
+        )
         return super()._check_exists()
 
     def _load_data(self):
@@ -93,13 +115,21 @@ class _CheckedIDX:
 
     def _load_legacy_data(self):
         # torchvision's own .pt files of old versions (processed/), read with weights_only
-        path = os.path.join(self.processed_folder, self.training_file if self.train else self.test_file)
+        path = os.path.join(
+            self.processed_folder, self.training_file if self.train else self.test_file
+        )
         try:
             images, labels = super()._load_legacy_data()
         except Exception as e:
             raise BadFile(f"{path} cannot be read ({type(e).__name__}: {e})") from None
-        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == (28, 28)
-                and isinstance(labels, torch.Tensor) and labels.ndim == 1 and not labels.is_floating_point()):
+        if not (
+            isinstance(images, torch.Tensor)
+            and images.dtype == torch.uint8
+            and images.shape[1:] == (28, 28)
+            and isinstance(labels, torch.Tensor)
+            and labels.ndim == 1
+            and not labels.is_floating_point()
+        ):
             raise BadFile(f"{path} does not hold uint8 28x28 images and their labels")
         return self._checked(images, labels, path, path)
 
@@ -123,8 +153,12 @@ class _FashionMNISTMini(_CheckedIDX, datasets.FashionMNIST):
     each is unpacked (bounded) into a temporary folder (a few ms) and read there by torchvision's
     own readers, with their format checks; `root` itself is never written to."""
 
-    FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    FILES = (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    )
 
     @property
     def raw_folder(self) -> str:
@@ -142,8 +176,10 @@ class _FashionMNISTMini(_CheckedIDX, datasets.FashionMNIST):
     def _load_data(self):
         images, labels = (f"{path}.gz" for path in self._split_files())
         with tempfile.TemporaryDirectory() as tmp:
-            read = [read_idx(gunzip(gz, os.path.join(tmp, str(ndim)), _LARGEST_IDX), ndim, shown=gz)
-                    for gz, ndim in ((images, 3), (labels, 1))]
+            read = [
+                read_idx(gunzip(gz, os.path.join(tmp, str(ndim)), _LARGEST_IDX), ndim, shown=gz)
+                for gz, ndim in ((images, 3), (labels, 1))
+            ]
             return self._checked(*read, images, labels)
 
 
@@ -158,17 +194,48 @@ class _Spec:
 
 
 BUILTIN = {
-    "mnist": _Spec("MNIST", _MNIST, "MNIST/raw",
-                   ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), (1, 28, 10)),
-    "fashion_mnist": _Spec("Fashion-MNIST", _FashionMNIST, "FashionMNIST/raw",
-                           ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), (1, 28, 10)),
-    "fashion_mnist_mini": _Spec("Fashion-MNIST sample", _FashionMNISTMini, BUNDLED, _FashionMNISTMini.FILES,
-                                (1, 28, 10), bundled=True),
-    "cifar10": _Spec("CIFAR-10", _CIFAR10, "cifar-10-batches-py",
-                     ("data_batch_1", "...", "data_batch_5", "test_batch", "batches.meta"), (3, 32, 10)),
-    "cifar100": _Spec("CIFAR-100", _CIFAR100, "cifar-100-python", ("train", "test", "meta"), (3, 32, 100)),
+    "mnist": _Spec(
+        "MNIST",
+        _MNIST,
+        "MNIST/raw",
+        (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ),
+        (1, 28, 10),
+    ),
+    "fashion_mnist": _Spec(
+        "Fashion-MNIST",
+        _FashionMNIST,
+        "FashionMNIST/raw",
+        (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ),
+        (1, 28, 10),
+    ),
+    "fashion_mnist_mini": _Spec(
+        "Fashion-MNIST sample",
+        _FashionMNISTMini,
+        BUNDLED,
+        _FashionMNISTMini.FILES,
+        (1, 28, 10),
+        bundled=True,
+    ),
+    "cifar10": _Spec(
+        "CIFAR-10",
+        _CIFAR10,
+        "cifar-10-batches-py",
+        ("data_batch_1", "...", "data_batch_5", "test_batch", "batches.meta"),
+        (3, 32, 10),
+    ),
+    "cifar100": _Spec(
+        "CIFAR-100", _CIFAR100, "cifar-100-python", ("train", "test", "meta"), (3, 32, 100)
+    ),
 }
 
 
@@ -179,9 +246,13 @@ def load_builtin(name: str, root: str, train: bool, download: bool):
     return distributed.local_first(lambda: _load(name, root, train, download))
 
 
-REINSTALL = ("the installation is damaged; reinstall cnntrain (pip install --force-reinstall cnntrain) "
-             "or use another dataset, e.g. data=fashion_mnist")
-REDOWNLOAD = "replace them with the original files, or delete them and download again (data.download=true)"
+REINSTALL = (
+    "the installation is damaged; reinstall cnntrain (pip install --force-reinstall cnntrain) "
+    "or use another dataset, e.g. data=fashion_mnist"
+)
+REDOWNLOAD = (
+    "replace them with the original files, or delete them and download again (data.download=true)"
+)
 
 
 def _load(name: str, root: str, train: bool, download: bool):
@@ -195,14 +266,22 @@ def _load(name: str, root: str, train: bool, download: bool):
     except Exception as e:
         if spec.bundled:  # a broken installation, not something data.root or a download can fix
             missing = [f for f in spec.files if not os.path.isfile(os.path.join(where, f))]
-            problem = f"lacks {', '.join(missing)}" if missing else f"cannot be read ({type(e).__name__}: {e})"
+            problem = (
+                f"lacks {', '.join(missing)}"
+                if missing
+                else f"cannot be read ({type(e).__name__}: {e})"
+            )
             raise UserError(f"{spec.title} in {where} {problem}: {REINSTALL}") from None
         if "not found" not in str(e):  # what the checked readers do not foresee
-            raise UserError(f"{spec.title} files in {where} could not be read ({type(e).__name__}: "
-                            f"{e}); delete them and download again") from None
+            raise UserError(
+                f"{spec.title} files in {where} could not be read ({type(e).__name__}: "
+                f"{e}); delete them and download again"
+            ) from None
         if not download:
-            raise UserError(f"{spec.title} not found: expected {files} in {where} "
-                            "(set data.root=, or data.download=true to fetch it)") from None
+            raise UserError(
+                f"{spec.title} not found: expected {files} in {where} "
+                "(set data.root=, or data.download=true to fetch it)"
+            ) from None
         ds = _download(spec, root, train, f"put {files} into {where}")
     images = torch.as_tensor(ds.data)
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
@@ -218,5 +297,7 @@ def _download(spec: _Spec, root: str, train: bool, fix: str):
         raise UserError(f"{e}: {REDOWNLOAD}") from None
     except Exception as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not download {spec.title} ({reason}): {fix} (torchvision's "
-                        "layout), or set data.root= to where they are") from None
+        raise UserError(
+            f"could not download {spec.title} ({reason}): {fix} (torchvision's "
+            "layout), or set data.root= to where they are"
+        ) from None

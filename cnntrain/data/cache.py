@@ -12,6 +12,7 @@ files recorded as unreadable are checked against the scan; anything else is deco
 one warning. A build happens in a temporary folder renamed into place, so a build that dies
 leaves at worst a temporary folder, which a later build removes.
 """
+
 from __future__ import annotations
 
 import errno
@@ -32,8 +33,17 @@ import numpy as np
 from PIL import Image
 
 from cnntrain.data.folder import (
-    DECODE_ERRORS, BadImage, class_folders, class_samples, image_mode, log_mixed_modes, open_file,
-    open_image, read_image, split_folder)
+    DECODE_ERRORS,
+    BadImage,
+    class_folders,
+    class_samples,
+    image_mode,
+    log_mixed_modes,
+    open_file,
+    open_image,
+    read_image,
+    split_folder,
+)
 from cnntrain.errors import UserError
 from cnntrain.files import atomic_write
 
@@ -48,9 +58,11 @@ ARRAYS = ("images.npy", "labels.npy")
 
 # ---------------------------------------------------------------- scanning
 
+
 @dataclass
 class FolderSplit:
     """A scanned split, nothing decoded."""
+
     root: str  # <root>/<split>, absolute
     classes: list[str]
     files: list[str]  # image paths, in the sorted order ImageFolder would give
@@ -93,7 +105,7 @@ def _stat_rows(split: FolderSplit) -> list[tuple[str, int, int, int, int, int]]:
         except OSError:  # a dangling link: keyed as such, and reported as unreadable when decoded
             facts = -1, -1, -1, -1
         # scan_split's paths start with the split folder: slicing is 10x faster than relpath
-        rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, split.root)
+        rel = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, split.root)
         rows.append((rel, label, *facts))
     return rows
 
@@ -103,6 +115,7 @@ def _key(*parts) -> str:
 
 
 # ---------------------------------------------------------------- the cache folder
+
 
 def default_cache_dir() -> str:
     """$CNNTRAIN_CACHE, else $XDG_CACHE_HOME/cnntrain, else ~/.cache/cnntrain."""
@@ -114,10 +127,14 @@ def default_cache_dir() -> str:
 
 def _unusable(cache_dir: str, e: OSError) -> UserError:
     if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return UserError(f"data.cache_dir={cache_dir} is full ({e.strerror}); free space or set "
-                         "data.cache_dir= (or $CNNTRAIN_CACHE) to a folder with room")
-    return UserError(f"data.cache_dir={cache_dir} cannot be written ({e.strerror or e}); set "
-                     "data.cache_dir= (or $CNNTRAIN_CACHE) to a writable folder")
+        return UserError(
+            f"data.cache_dir={cache_dir} is full ({e.strerror}); free space or set "
+            "data.cache_dir= (or $CNNTRAIN_CACHE) to a folder with room"
+        )
+    return UserError(
+        f"data.cache_dir={cache_dir} cannot be written ({e.strerror or e}); set "
+        "data.cache_dir= (or $CNNTRAIN_CACHE) to a writable folder"
+    )
 
 
 def _make_cache_dir(cache_dir: str) -> str:
@@ -142,7 +159,7 @@ def _is_stale(path: str) -> bool:
             return True
     except OSError:
         return False  # already gone
-    owner, _, rest = os.path.basename(path)[len("tmp-"):].partition("@")
+    owner, _, rest = os.path.basename(path)[len("tmp-") :].partition("@")
     host = rest.rsplit("-", 1)[0]
     if not owner.isdigit() or host != socket.gethostname():
         return False  # another machine's (a shared cache): only age tells
@@ -212,9 +229,11 @@ def _locked(path: str):
 
 # ---------------------------------------------------------------- header facts
 
+
 @dataclass
 class Facts:
     """What the image headers of a split say (no pixel is decoded)."""
+
     gray: bool  # every readable image is gray (to_mode to L loses nothing)
     sizes: dict[tuple[int, int], int]  # (width, height) -> number of images
     modes: dict[str, int]  # image_mode (mode, "with transparency") -> number of images
@@ -225,8 +244,9 @@ class Facts:
         """The images' short side when all have one size, else the median short side (at most
         224: larger images are mostly photos that train at ImageNet sizes)."""
         if not self.sizes:
-            raise UserError(f"no readable image in {self.root} to take an image size from; set "
-                            "data.image_size=")
+            raise UserError(
+                f"no readable image in {self.root} to take an image size from; set data.image_size="
+            )
         if len(self.sizes) == 1:
             return min(next(iter(self.sizes)))
         shorts = np.repeat([min(s) for s in self.sizes], list(self.sizes.values()))
@@ -276,7 +296,8 @@ def _read_facts(split: FolderSplit) -> dict:
 def _counts(raw, name: str, key_ok) -> dict:
     counts = raw.get(name)
     if not isinstance(counts, dict) or not all(
-            key_ok(k) and type(n) is int and n > 0 for k, n in counts.items()):
+        key_ok(k) and type(n) is int and n > 0 for k, n in counts.items()
+    ):
         raise ValueError(f"{name} is not a table of positive counts")
     return counts
 
@@ -285,14 +306,24 @@ def _check_facts(raw, n_files: int) -> None:
     """A stored facts file is data: a ValueError saying what in it cannot be what _read_facts wrote."""
     if not isinstance(raw, dict) or not isinstance(raw.get("gray"), bool):
         raise ValueError("gray is not true or false")
-    sizes = _counts(raw, "sizes", lambda k: (isinstance(k, str) and len(k.split("x")) == 2
-                                             and all(v.isdigit() and int(v) > 0 for v in k.split("x"))))
+    sizes = _counts(
+        raw,
+        "sizes",
+        lambda k: (
+            isinstance(k, str)
+            and len(k.split("x")) == 2
+            and all(v.isdigit() and int(v) > 0 for v in k.split("x"))
+        ),
+    )
     modes = _counts(raw, "modes", lambda k: isinstance(k, str))
     if not sum(sizes.values()) == sum(modes.values()) <= n_files:
         raise ValueError(f"its counts do not add up to at most the {n_files} files")
     examples = raw.get("examples")
-    if not isinstance(examples, dict) or set(examples) != set(modes) or not all(
-            isinstance(p, str) for p in examples.values()):
+    if (
+        not isinstance(examples, dict)
+        or set(examples) != set(modes)
+        or not all(isinstance(p, str) for p in examples.values())
+    ):
         raise ValueError("examples do not name one file per mode")
 
 
@@ -307,12 +338,17 @@ def folder_facts(split: FolderSplit, cache_dir: str) -> Facts:
     except FileNotFoundError:
         raw = None
     except (OSError, ValueError) as e:
-        log.warning("cache file %s is not valid (%s); reading the image headers again", stored,
-                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.warning(
+            "cache file %s is not valid (%s); reading the image headers again",
+            stored,
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
         raw = None
     if raw is None:
         raw = _read_facts(split)
-        with atomic_write(stored, what="cache file", setting="data.cache_dir= (or $CNNTRAIN_CACHE)") as f:
+        with atomic_write(
+            stored, what="cache file", setting="data.cache_dir= (or $CNNTRAIN_CACHE)"
+        ) as f:
             json.dump(raw, f)
     sizes = {tuple(int(v) for v in k.split("x")): n for k, n in raw["sizes"].items()}
     examples = {m: os.path.join(split.root, p) for m, p in raw["examples"].items()}
@@ -320,6 +356,7 @@ def folder_facts(split: FolderSplit, cache_dir: str) -> Facts:
 
 
 # ---------------------------------------------------------------- decoding
+
 
 def decode(path: str, mode: str, size: int) -> np.ndarray | BadImage:
     """uint8 (C, size, size) pixels of one file as torchvision's usual evaluation preset gives
@@ -357,15 +394,18 @@ def _decode_chunk(task):
     return len(files), bad
 
 
-def _decode_all(files: list[str], npy: str, mode: str, size: int, workers: int, stop_at_bad: bool,
-                desc: str) -> dict[int, str]:
+def _decode_all(
+    files: list[str], npy: str, mode: str, size: int, workers: int, stop_at_bad: bool, desc: str
+) -> dict[int, str]:
     """Fill the preallocated npy with every file; -> {row: reason} of the unreadable ones (the
     first one found only, when stop_at_bad)."""
     from tqdm import tqdm
 
     n = len(files)
-    chunk = max(16, min(512, -(-n // (max(workers, 1) * 8))))  # ~8 chunks per worker balance the load
-    tasks = [(npy, i, files[i:i + chunk], mode, size, stop_at_bad) for i in range(0, n, chunk)]
+    chunk = max(
+        16, min(512, -(-n // (max(workers, 1) * 8)))
+    )  # ~8 chunks per worker balance the load
+    tasks = [(npy, i, files[i : i + chunk], mode, size, stop_at_bad) for i in range(0, n, chunk)]
     workers = min(workers, len(tasks))
     bad: dict[int, str] = {}
     with tqdm(total=n, unit="img", desc=desc, disable=None, leave=False) as bar:
@@ -394,6 +434,7 @@ def _decode_all(files: list[str], npy: str, mode: str, size: int, workers: int, 
 
 
 # ---------------------------------------------------------------- the decoded splits
+
 
 @dataclass
 class CachedSplit:
@@ -430,8 +471,14 @@ def file_digest(path: str) -> str:
         return hashlib.file_digest(f, DIGEST).hexdigest()
 
 
-META_FIELDS = {"format": int, "key": str, "classes": list, "files": list, "skipped": list,
-               "digests": dict}
+META_FIELDS = {
+    "format": int,
+    "key": str,
+    "classes": list,
+    "files": list,
+    "skipped": list,
+    "digests": dict,
+}
 
 
 def _read_meta(entry: str, key: str) -> dict | None:
@@ -444,11 +491,16 @@ def _read_meta(entry: str, key: str) -> dict | None:
         return None
     except (OSError, ValueError) as e:
         raise Untrusted(f"meta.json cannot be read: {_first_line(e)}") from None
-    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) for k, t in META_FIELDS.items()) \
-            or not all(isinstance(f, str) for f in meta["files"]) \
-            or not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, str) for v in s)
-                       for s in meta["skipped"]) \
-            or not all(isinstance(meta["digests"].get(name), str) for name in ARRAYS):
+    if (
+        not isinstance(meta, dict)
+        or not all(isinstance(meta.get(k), t) for k, t in META_FIELDS.items())
+        or not all(isinstance(f, str) for f in meta["files"])
+        or not all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(v, str) for v in s)
+            for s in meta["skipped"]
+        )
+        or not all(isinstance(meta["digests"].get(name), str) for name in ARRAYS)
+    ):
         raise Untrusted("meta.json is not valid: a field is missing or of the wrong type")
     if meta["format"] != FORMAT or meta["key"] != key:
         raise Untrusted("meta.json is not valid: it names another format or key")
@@ -462,8 +514,11 @@ def _kept_rows(meta: dict, split: FolderSplit) -> list[int]:
     names = [row[0] for row in _file_list(split)]
     skipped = {name for name, _ in meta["skipped"]}
     kept = [i for i, name in enumerate(names) if name not in skipped]
-    if len(skipped) != len(meta["skipped"]) or len(kept) + len(skipped) != len(names) \
-            or meta["files"] != [names[i] for i in kept]:
+    if (
+        len(skipped) != len(meta["skipped"])
+        or len(kept) + len(skipped) != len(names)
+        or meta["files"] != [names[i] for i in kept]
+    ):
         raise Untrusted("its file list differs from the folder's")
     return kept
 
@@ -482,8 +537,12 @@ def _open_arrays(entry: str, meta: dict, shape: tuple, verify: bool):
     except (OSError, ValueError) as e:
         raise Untrusted(f"its arrays cannot be read: {_first_line(e)}") from None
     n = len(meta["files"])
-    if images.shape != (n, *shape) or images.dtype != np.uint8 or labels.shape != (n,) \
-            or labels.dtype != np.int64:
+    if (
+        images.shape != (n, *shape)
+        or images.dtype != np.uint8
+        or labels.shape != (n,)
+        or labels.dtype != np.int64
+    ):
         raise Untrusted("its arrays are not of the shape and type meta.json gives")
     return images, labels
 
@@ -496,8 +555,9 @@ def _check_labels(labels: np.ndarray, split: FolderSplit, kept: list[int]) -> No
         raise Untrusted("its labels differ from the folder's")
 
 
-def _open_entry(entry: str, key: str, split: FolderSplit, channels: int, size: int,
-                verify: bool = True) -> CachedSplit | None:
+def _open_entry(
+    entry: str, key: str, split: FolderSplit, channels: int, size: int, verify: bool = True
+) -> CachedSplit | None:
     """The entry's arrays; None when there is no entry; Untrusted when it does not prove what it
     holds: its meta.json, files, classes, array digests (`verify`), labels, and (`verify`) that
     every file it records as unreadable still is (they are few)."""
@@ -511,13 +571,16 @@ def _open_entry(entry: str, key: str, split: FolderSplit, channels: int, size: i
     skipped = {split.files[index[name]]: why for name, why in meta["skipped"]}
     for path in skipped if verify else ():
         if not isinstance(read_image(path), BadImage):
-            raise Untrusted(f"{os.path.relpath(path, split.root)}, recorded as unreadable, now reads")
+            raise Untrusted(
+                f"{os.path.relpath(path, split.root)}, recorded as unreadable, now reads"
+            )
     files = [split.files[i] for i in kept]
     return CachedSplit(images, labels, files, list(meta["classes"]), list(skipped), entry, skipped)
 
 
-def _trusted(entry: str, key: str, split: FolderSplit, channels: int, size: int,
-             warn: bool) -> CachedSplit | None:
+def _trusted(
+    entry: str, key: str, split: FolderSplit, channels: int, size: int, warn: bool
+) -> CachedSplit | None:
     """_open_entry, None for an entry not trusted, with a warning when `warn` (under the lock,
     where it is rebuilt: an entry being replaced by another process is not worth one)."""
     try:
@@ -535,14 +598,26 @@ def _report_skipped(cached: CachedSplit, skip_bad: bool, fix: str | None) -> Non
         first = cached.skipped[0]
         raise BadImage(first, cached.reasons[first]).error(*[fix] if fix else [])
     n = len(cached.files) + len(cached.skipped)
-    log.warning("skipped %d unreadable image(s) of %d (data.skip_bad_images=true): %s%s",
-                len(cached.skipped), n, ", ".join(cached.skipped[:5]),
-                ", ..." if len(cached.skipped) > 5 else "")
+    log.warning(
+        "skipped %d unreadable image(s) of %d (data.skip_bad_images=true): %s%s",
+        len(cached.skipped),
+        n,
+        ", ".join(cached.skipped[:5]),
+        ", ..." if len(cached.skipped) > 5 else "",
+    )
 
 
-def load_split(split: FolderSplit, *, size: int, channels: int, cache_dir: str,
-               workers: int | None = None, skip_bad: bool = False, fix: str | None = None,
-               prune: bool = True) -> CachedSplit:
+def load_split(
+    split: FolderSplit,
+    *,
+    size: int,
+    channels: int,
+    cache_dir: str,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    fix: str | None = None,
+    prune: bool = True,
+) -> CachedSplit:
     """The split decoded (decode) into a memory-mapped uint8 (N, channels, size, size) array: from
     the cache entry of exactly these files, classes, size and channels when there is one, else
     decoded now over `workers` processes (None: one per core; 0 or 1: in this process) and
@@ -556,12 +631,16 @@ def load_split(split: FolderSplit, *, size: int, channels: int, cache_dir: str,
     key = _key(files, split.classes, size, mode)
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
     entry = os.path.join(cache_dir, key)
-    cached = _trusted(entry, key, split, channels, size, warn=False)  # no lock: entries appear whole
+    cached = _trusted(
+        entry, key, split, channels, size, warn=False
+    )  # no lock: entries appear whole
     if cached is None:
         cache_dir = _make_cache_dir(cache_dir)
         try:
             with _locked(entry + ".lock"):
-                cached = _trusted(entry, key, split, channels, size, warn=True)  # built while we waited?
+                cached = _trusted(
+                    entry, key, split, channels, size, warn=True
+                )  # built while we waited?
                 if cached is None:
                     _remove_stale_temps(cache_dir)
                     cached = _build(split, files, key, entry, mode, size, workers, skip_bad, fix)
@@ -576,8 +655,17 @@ def load_split(split: FolderSplit, *, size: int, channels: int, cache_dir: str,
     return cached
 
 
-def _build(split: FolderSplit, files, key: str, entry: str, mode: str, size: int,
-           workers: int | None, skip_bad: bool, fix: str | None) -> CachedSplit:
+def _build(
+    split: FolderSplit,
+    files,
+    key: str,
+    entry: str,
+    mode: str,
+    size: int,
+    workers: int | None,
+    skip_bad: bool,
+    fix: str | None,
+) -> CachedSplit:
     cache_dir = os.path.dirname(entry)
     channels = 1 if mode == "L" else 3
     tmp = tempfile.mkdtemp(prefix=_temp_prefix(), dir=cache_dir)
@@ -594,20 +682,36 @@ def _build(split: FolderSplit, files, key: str, entry: str, mode: str, size: int
         # pixels, or its old ones, to an entry keyed by its old stats
         changed = [now[0] for now, then in zip(_stat_rows(split), files) if now != then]
         elapsed = time.perf_counter() - start
-        _write_json(os.path.join(tmp, "meta.json"), {  # last: what makes the entry trusted
-            "format": FORMAT, "key": key, "root": split.root, "classes": split.classes,
-            "files": [files[i][0] for i in keep],
-            "skipped": [[files[i][0], reason] for i, reason in sorted(bad.items())],
-            "size": size, "channels": channels, "mode": mode, "digest": DIGEST, "digests": digests,
-            "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(elapsed, 3)})
+        _write_json(
+            os.path.join(tmp, "meta.json"),
+            {  # last: what makes the entry trusted
+                "format": FORMAT,
+                "key": key,
+                "root": split.root,
+                "classes": split.classes,
+                "files": [files[i][0] for i in keep],
+                "skipped": [[files[i][0], reason] for i, reason in sorted(bad.items())],
+                "size": size,
+                "channels": channels,
+                "mode": mode,
+                "digest": DIGEST,
+                "digests": digests,
+                "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "seconds": round(elapsed, 3),
+            },
+        )
         _fsync(tmp)
         try:  # opened before the rename: the memory map follows the file, whatever happens to the name
             cached = _open_entry(tmp, key, split, channels, size, verify=False)
         except Untrusted as e:
             raise OSError(f"the entry just written in {tmp} does not read back ({e})") from None
         if changed:
-            log.warning("decoded cache %s not stored: %s changed while being decoded (the next run "
-                        "decodes the folder again)", entry, ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""))
+            log.warning(
+                "decoded cache %s not stored: %s changed while being decoded (the next run "
+                "decodes the folder again)",
+                entry,
+                ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""),
+            )
             return cached
         if os.path.exists(entry):  # not trusted (checked under the lock): replace it
             shutil.rmtree(entry)
@@ -617,13 +721,27 @@ def _build(split: FolderSplit, files, key: str, entry: str, mode: str, size: int
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
     n = len(split.files)
-    log.info("decoded %d images of %s in %.1f s (%.0f img/s) into %s", n, split.root, elapsed,
-             n / max(elapsed, 1e-9), entry)
+    log.info(
+        "decoded %d images of %s in %.1f s (%.0f img/s) into %s",
+        n,
+        split.root,
+        elapsed,
+        n / max(elapsed, 1e-9),
+        entry,
+    )
     return cached
 
 
-def _decode_into(tmp: str, split: FolderSplit, channels: int, mode: str, size: int,
-                 workers: int | None, skip_bad: bool, fix: str | None) -> dict[int, str]:
+def _decode_into(
+    tmp: str,
+    split: FolderSplit,
+    channels: int,
+    mode: str,
+    size: int,
+    workers: int | None,
+    skip_bad: bool,
+    fix: str | None,
+) -> dict[int, str]:
     """Every file decoded into tmp/images.npy; -> {row: reason} of the unreadable ones, left
     out (skip_bad), else a UserError naming the first."""
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -661,7 +779,7 @@ def _drop_rows(npy: str, keep: list[int], chunk: int = 1024) -> None:
     out_path = npy + ".kept.npy"
     out = _new_npy(out_path, (len(keep), *src.shape[1:]))
     for i in range(0, len(keep), chunk):
-        out[i:i + chunk] = src[keep[i:i + chunk]]
+        out[i : i + chunk] = src[keep[i : i + chunk]]
     out.flush()
     del src, out
     os.replace(out_path, npy)
@@ -679,19 +797,26 @@ def _prune(cache_dir: str, key: str, root: str, classes: list[str], size: int, m
             meta = _read_json(os.path.join(path, "meta.json"))
         except (OSError, ValueError):
             continue  # not an entry, or one being replaced: leave it
-        if isinstance(meta, dict) and (meta.get("root"), meta.get("classes"), meta.get("size"), meta.get("mode")) == (root, classes, size, mode):
+        if isinstance(meta, dict) and (
+            meta.get("root"),
+            meta.get("classes"),
+            meta.get("size"),
+            meta.get("mode"),
+        ) == (root, classes, size, mode):
             log.debug("removing cache entry %s: its files have changed", path)
             shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- statistics
 
+
 def measure_mean_std(images: np.ndarray, max_images: int = 10000):
     """Channel mean/std (values 0..1, rounded to 4 digits) over up to max_images evenly spaced
     images of a uint8 (N, C, H, W) array, read a chunk at a time (it may be a large memory map)."""
     if len(images) == 0:
-        raise UserError("no readable image to measure mean/std; check the files or set data.mean= and "
-                        "data.std=")
+        raise UserError(
+            "no readable image to measure mean/std; check the files or set data.mean= and data.std="
+        )
     step = max(1, len(images) // max_images)
     channels = images.shape[1]
     chunk = max(1, 4_000_000 // images[0].size)  # images per read: ~32 MB as float64
@@ -699,7 +824,7 @@ def measure_mean_std(images: np.ndarray, max_images: int = 10000):
     total_sq = np.zeros(channels)
     count = 0
     for start in range(0, len(images), step * chunk):
-        x = np.asarray(images[start:start + step * chunk:step], dtype=np.float64) / 255
+        x = np.asarray(images[start : start + step * chunk : step], dtype=np.float64) / 255
         total += x.sum((0, 2, 3))
         total_sq += np.square(x).sum((0, 2, 3))
         count += x.shape[0] * x.shape[2] * x.shape[3]

@@ -2,6 +2,7 @@
 pickles). A dataset folder is input like any other: a file may be truncated, disagree with its
 partner, not be a regular file, or be a pickle crafted to run code. Every such file is a
 BadFile whose message names it; the caller adds the fix (download again, or reinstall)."""
+
 from __future__ import annotations
 
 import array
@@ -36,8 +37,14 @@ def check_regular(paths) -> None:
 
 # ---- IDX --------------------------------------------------------------------------------------
 
-_IDX_TYPES = {0x08: "unsigned bytes", 0x09: "signed bytes", 0x0B: "int16", 0x0C: "int32",
-              0x0D: "float32", 0x0E: "float64"}
+_IDX_TYPES = {
+    0x08: "unsigned bytes",
+    0x09: "signed bytes",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
 
 
 def read_idx(path: str, ndim: int, shown: str | None = None) -> torch.Tensor:
@@ -49,22 +56,35 @@ def read_idx(path: str, ndim: int, shown: str | None = None) -> torch.Tensor:
     shown = shown or path
     with open(path, "rb") as f:
         header = f.read(4 + 4 * ndim)
-    if len(header) < 4 or header[:2] != b"\0\0" or header[2] not in _IDX_TYPES or not 1 <= header[3] <= 3:
-        raise BadFile(f"{shown} is not an IDX file (it starts {header[:4].hex() or 'empty'}; "
-                      f"an IDX file of bytes starts 000008 and its number of dimensions)")
+    if (
+        len(header) < 4
+        or header[:2] != b"\0\0"
+        or header[2] not in _IDX_TYPES
+        or not 1 <= header[3] <= 3
+    ):
+        raise BadFile(
+            f"{shown} is not an IDX file (it starts {header[:4].hex() or 'empty'}; "
+            f"an IDX file of bytes starts 000008 and its number of dimensions)"
+        )
     if header[2] != 0x08:
-        raise BadFile(f"{shown} holds {_IDX_TYPES[header[2]]}, not the unsigned bytes of MNIST's files")
+        raise BadFile(
+            f"{shown} holds {_IDX_TYPES[header[2]]}, not the unsigned bytes of MNIST's files"
+        )
     if header[3] != ndim:
         plural = "s" if header[3] > 1 else ""
-        raise BadFile(f"{shown} holds {header[3]} dimension{plural}, not {ndim} "
-                      f"({'images x 28 x 28' if ndim == 3 else 'one label per image'})")
+        raise BadFile(
+            f"{shown} holds {header[3]} dimension{plural}, not {ndim} "
+            f"({'images x 28 x 28' if ndim == 3 else 'one label per image'})"
+        )
     if len(header) < 4 + 4 * ndim:
         raise BadFile(f"{shown} ends inside its header ({len(header)} bytes)")
     dims = struct.unpack(f">{ndim}I", header[4:])
     size, promised = os.path.getsize(path), len(header) + math.prod(dims)
     if size != promised:
-        raise BadFile(f"{shown} holds {size} bytes but its header promises {'x'.join(map(str, dims))} "
-                      f"values ({promised} bytes)")
+        raise BadFile(
+            f"{shown} holds {size} bytes but its header promises {'x'.join(map(str, dims))} "
+            f"values ({promised} bytes)"
+        )
     if ndim == 3 and dims[1:] != (28, 28):
         raise BadFile(f"{shown} holds {dims[1]}x{dims[2]} images, not 28x28")
     try:
@@ -73,14 +93,19 @@ def read_idx(path: str, ndim: int, shown: str | None = None) -> torch.Tensor:
         raise BadFile(f"{shown} cannot be read ({type(e).__name__}: {e})") from None
 
 
-def check_idx_pair(images: torch.Tensor, labels: torch.Tensor, images_name: str, labels_name: str,
-                   classes: int) -> None:
+def check_idx_pair(
+    images: torch.Tensor, labels: torch.Tensor, images_name: str, labels_name: str, classes: int
+) -> None:
     if len(images) != len(labels):
-        raise BadFile(f"{images_name} holds {len(images)} images but {labels_name} holds {len(labels)} labels")
+        raise BadFile(
+            f"{images_name} holds {len(images)} images but {labels_name} holds {len(labels)} labels"
+        )
     bad = out_of_range(labels, classes)
     if bad:
-        raise BadFile(f"{labels_name} holds label {bad[1]} (for image {bad[0]} of {images_name}), "
-                      f"outside the dataset's {classes} classes (0..{classes - 1})")
+        raise BadFile(
+            f"{labels_name} holds label {bad[1]} (for image {bad[0]} of {images_name}), "
+            f"outside the dataset's {classes} classes (0..{classes - 1})"
+        )
 
 
 def out_of_range(labels, classes: int) -> tuple[int, int] | None:
@@ -97,8 +122,10 @@ def gunzip(src: str, dest: str, limit: int) -> str:
         with gzip.open(src) as f, open(dest, "wb") as out:
             while chunk := f.read(1 << 20):
                 if out.tell() + len(chunk) > limit:
-                    raise BadFile(f"{src} unpacks to more than {limit} bytes, larger than any "
-                                  "Fashion-MNIST file")
+                    raise BadFile(
+                        f"{src} unpacks to more than {limit} bytes, larger than any "
+                        "Fashion-MNIST file"
+                    )
                 out.write(chunk)
     except (OSError, EOFError, zlib.error) as e:
         raise BadFile(f"{src} cannot be read ({type(e).__name__}: {e})") from None
@@ -129,11 +156,22 @@ def _latin1(text, encoding="latin1"):
     return text.encode("latin1")
 
 
-_ALLOWED = {("_codecs", "encode"): _latin1, ("numpy", "ndarray"): _NdarrayClass, ("numpy", "dtype"): np.dtype}
-for _module in ("numpy.core", "numpy._core"):  # Python 2 and numpy 1 wrote numpy.core; numpy 2 numpy._core
-    _ALLOWED.update({(f"{_module}.multiarray", "_reconstruct"): _reconstruct,
-                     (f"{_module}.multiarray", "scalar"): _multiarray.scalar,
-                     (f"{_module}.numeric", "_frombuffer"): _numeric._frombuffer})
+_ALLOWED = {
+    ("_codecs", "encode"): _latin1,
+    ("numpy", "ndarray"): _NdarrayClass,
+    ("numpy", "dtype"): np.dtype,
+}
+for _module in (
+    "numpy.core",
+    "numpy._core",
+):  # Python 2 and numpy 1 wrote numpy.core; numpy 2 numpy._core
+    _ALLOWED.update(
+        {
+            (f"{_module}.multiarray", "_reconstruct"): _reconstruct,
+            (f"{_module}.multiarray", "scalar"): _multiarray.scalar,
+            (f"{_module}.numeric", "_frombuffer"): _numeric._frombuffer,
+        }
+    )
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -143,8 +181,10 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
-        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR file never holds "
-                                     "(a crafted pickle runs code this way)")
+        raise pickle.UnpicklingError(
+            f"it asks for {module}.{name}, which a CIFAR file never holds "
+            "(a crafted pickle runs code this way)"
+        )
 
 
 def read_pickle(path: str) -> dict:
@@ -168,7 +208,9 @@ def read_pickle(path: str) -> dict:
 def _kind(value) -> str:
     if isinstance(value, np.ndarray):
         return f"a {value.dtype} array of shape {value.shape}"
-    return f"a {type(value).__name__}" + (f" ({value!r:.40})" if isinstance(value, (str, int, float)) else "")
+    return f"a {type(value).__name__}" + (
+        f" ({value!r:.40})" if isinstance(value, (str, int, float)) else ""
+    )
 
 
 def _entry(path: str, entry: dict, key: str):
@@ -189,10 +231,19 @@ def _rows(path: str, data) -> np.ndarray:
                     raise ValueError(f"{len(row)} values")
                 rows[i] = np.frombuffer(array.array("B", row), np.uint8)
             except (TypeError, ValueError, OverflowError) as e:
-                raise BadFile(f"{path}: image {i} of its 'data' is not {ROW} pixels 0..255 ({e})") from None
+                raise BadFile(
+                    f"{path}: image {i} of its 'data' is not {ROW} pixels 0..255 ({e})"
+                ) from None
         data = rows
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == ROW):
-        raise BadFile(f"{path}: its 'data' is {_kind(data)}, not uint8 rows of {ROW} pixels (3 x 32 x 32)")
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == 2
+        and data.shape[1] == ROW
+    ):
+        raise BadFile(
+            f"{path}: its 'data' is {_kind(data)}, not uint8 rows of {ROW} pixels (3 x 32 x 32)"
+        )
     return data
 
 
@@ -201,7 +252,9 @@ def _labels(path: str, labels, key: str) -> np.ndarray:
         return labels.astype(np.int64)
     if not isinstance(labels, (list, tuple)):
         raise BadFile(f"{path}: its {key!r} is {_kind(labels)}, not a list of class numbers")
-    odd = next((v for v in labels if isinstance(v, bool) or not isinstance(v, (int, np.integer))), None)
+    odd = next(
+        (v for v in labels if isinstance(v, bool) or not isinstance(v, (int, np.integer))), None
+    )
     if odd is not None:
         raise BadFile(f"{path}: its {key!r} holds {_kind(odd)}, not a class number")
     try:
@@ -225,8 +278,9 @@ def class_names(path: str, key: str, classes: int) -> list[str]:
     return list(names)
 
 
-def read_cifar(folder: str, batches: list[str], meta: str, label_key: str, names_key: str,
-               classes: int) -> tuple[np.ndarray, list[int], list[str]]:
+def read_cifar(
+    folder: str, batches: list[str], meta: str, label_key: str, names_key: str, classes: int
+) -> tuple[np.ndarray, list[int], list[str]]:
     """(uint8 images (N, 32, 32, 3), labels, class names) of a split's batch files, as
     torchvision's CIFAR10 gives them, each batch checked on its own and against the meta file."""
     meta_path = os.path.join(folder, meta)
@@ -235,13 +289,18 @@ def read_cifar(folder: str, batches: list[str], meta: str, label_key: str, names
     for name in batches:
         path = os.path.join(folder, name)
         entry = read_pickle(path)
-        rows, labels = _rows(path, _entry(path, entry, "data")), _labels(path, _entry(path, entry, label_key), label_key)
+        rows, labels = (
+            _rows(path, _entry(path, entry, "data")),
+            _labels(path, _entry(path, entry, label_key), label_key),
+        )
         if len(rows) != len(labels):
             raise BadFile(f"{path} holds {len(rows)} images but {len(labels)} labels")
         bad = out_of_range(labels, len(names))
         if bad:
-            raise BadFile(f"{path} holds label {bad[1]} (image {bad[0]}) but {meta_path} holds "
-                          f"{len(names)} class names (labels 0..{len(names) - 1})")
+            raise BadFile(
+                f"{path} holds label {bad[1]} (image {bad[0]}) but {meta_path} holds "
+                f"{len(names)} class names (labels 0..{len(names) - 1})"
+            )
         data.append(rows)
         targets += labels.tolist()
     images = np.concatenate(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)

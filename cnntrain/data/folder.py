@@ -1,5 +1,6 @@
 """Image folders: <root>/train/<class>/..., optional <root>/val/ and <root>/test/: which files are
 images of which class, and how one file becomes pixels (data/cache.py decodes them once)."""
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,14 @@ log = logging.getLogger("cnntrain")
 # What PIL raises on a file that is not a decodable image: garbage (UnidentifiedImageError, an
 # OSError), truncated data (OSError), broken chunks (SyntaxError, struct.error, EOFError),
 # absurd sizes (DecompressionBombError), files gone or unreadable since the scan (OSError).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
 
 
 def walk_files(top: str, wanted, loops: list[str]) -> list[tuple[str, str, str | None]]:
@@ -51,8 +59,11 @@ def walk_files(top: str, wanted, loops: list[str]) -> list[tuple[str, str, str |
                 else:
                     subdirs.append((e.path, target, e.path if e.is_symlink() else link))
             elif wanted(e.name):  # dangling links too: reported as unreadable images later
-                files.append((e.path, os.path.realpath(e.path), e.path) if e.is_symlink()
-                             else (e.path, os.path.join(real, e.name), link))
+                files.append(
+                    (e.path, os.path.realpath(e.path), e.path)
+                    if e.is_symlink()
+                    else (e.path, os.path.join(real, e.name), link)
+                )
         stack += reversed(subdirs)
     return sorted(files, key=lambda f: (os.path.dirname(f[0]), os.path.basename(f[0])))
 
@@ -73,24 +84,37 @@ def list_images(directory: str, class_to_idx: dict[str, int]) -> list[tuple[str,
     owner: dict[str, tuple[str, str]] = {}  # real file -> (class, path) that read it first
     samples, loops = [], []
     for c, folder in folders.items():
-        for path, real, link in walk_files(folder, lambda name: name.lower().endswith(IMG_EXTENSIONS), loops):
+        for path, real, link in walk_files(
+            folder, lambda name: name.lower().endswith(IMG_EXTENSIONS), loops
+        ):
             held_by = _class_holding(real, class_reals)
             if held_by not in (None, c):
                 if link:
-                    raise UserError(f"symbolic link {link} points into class folder {folders[held_by]}, so "
-                                    f"{path} would be labelled {c}; remove the link or move the images")
-                raise UserError(f"class folders {folder} and {folders[held_by]} share images ({path}) "
-                                "through symbolic links; make them separate folders")
+                    raise UserError(
+                        f"symbolic link {link} points into class folder {folders[held_by]}, so "
+                        f"{path} would be labelled {c}; remove the link or move the images"
+                    )
+                raise UserError(
+                    f"class folders {folder} and {folders[held_by]} share images ({path}) "
+                    "through symbolic links; make them separate folders"
+                )
             if real in owner:
                 if owner[real][0] != c:
-                    raise UserError(f"{path} and {owner[real][1]} are the same file ({real}) in two "
-                                    "class folders (symbolic links); keep it in one class")
+                    raise UserError(
+                        f"{path} and {owner[real][1]} are the same file ({real}) in two "
+                        "class folders (symbolic links); keep it in one class"
+                    )
                 continue  # the same file twice in one class (a link to it): read once
             owner[real] = (c, path)
             samples.append((path, class_to_idx[c]))
     if loops:
-        log.warning("%s: not following %d symbolic link(s) to a folder above them (a loop): %s%s",
-                    directory, len(loops), ", ".join(loops[:3]), ", ..." if len(loops) > 3 else "")
+        log.warning(
+            "%s: not following %d symbolic link(s) to a folder above them (a loop): %s%s",
+            directory,
+            len(loops),
+            ", ".join(loops[:3]),
+            ", ..." if len(loops) > 3 else "",
+        )
     return samples
 
 
@@ -107,10 +131,16 @@ def to_mode(img: Image.Image, mode: str = "RGB") -> Image.Image:
     under it), so: 16-bit (I;16*, and I as PNG/PGM give it) is scaled by 1/256, float F is read as
     0..1, and transparency is composited over BACKGROUND."""
     if img.mode.startswith("I"):
-        img = Image.fromarray((np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
+        img = Image.fromarray(
+            (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        )
     elif img.mode == "F":
-        img = Image.fromarray((np.clip(np.nan_to_num(np.asarray(img)), 0, 1) * 255 + 0.5).astype(np.uint8))
-    elif img.mode in ALPHA_MODES or "transparency" in img.info:  # or a transparent palette entry/colour
+        img = Image.fromarray(
+            (np.clip(np.nan_to_num(np.asarray(img)), 0, 1) * 255 + 0.5).astype(np.uint8)
+        )
+    elif (
+        img.mode in ALPHA_MODES or "transparency" in img.info
+    ):  # or a transparent palette entry/colour
         img = Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND), img.convert("RGBA"))
     return img.convert(mode)
 
@@ -120,8 +150,9 @@ def image_mode(img: Image.Image) -> str:
     return img.mode + (" with transparency" if "transparency" in img.info else "")
 
 
-def log_mixed_modes(split_root: str, counts: dict[str, int], examples: dict[str, str],
-                    target: str = "RGB") -> None:
+def log_mixed_modes(
+    split_root: str, counts: dict[str, int], examples: dict[str, str], target: str = "RGB"
+) -> None:
     """The mixed-modes warning of a split from its mode counts and the first file of each mode;
     nothing when the split has one mode. `target`: the mode all are converted to."""
     if len(counts) < 2:
@@ -129,14 +160,26 @@ def log_mixed_modes(split_root: str, counts: dict[str, int], examples: dict[str,
     order = sorted(counts, key=lambda m: -counts[m])
     top = os.path.dirname(split_root)
     shown = [os.path.relpath(examples[m], top) for m in order[1:4]]
-    notes = [note for note, hit in (
-        ("16-bit scaled to 8-bit", any(m.startswith("I") for m in counts)),
-        ("float read as 0..1", "F" in counts),
-        ("transparent pixels on white", any(m in ALPHA_MODES or "transparency" in m for m in counts)))
-        if hit]
-    log.warning("%s/ mixes image modes: %s (e.g. %s); all are converted to %s%s",
-                os.path.relpath(split_root, top), ", ".join(f"{m} {counts[m]}" for m in order),
-                ", ".join(shown), target, f" ({', '.join(notes)})" if notes else "")
+    notes = [
+        note
+        for note, hit in (
+            ("16-bit scaled to 8-bit", any(m.startswith("I") for m in counts)),
+            ("float read as 0..1", "F" in counts),
+            (
+                "transparent pixels on white",
+                any(m in ALPHA_MODES or "transparency" in m for m in counts),
+            ),
+        )
+        if hit
+    ]
+    log.warning(
+        "%s/ mixes image modes: %s (e.g. %s); all are converted to %s%s",
+        os.path.relpath(split_root, top),
+        ", ".join(f"{m} {counts[m]}" for m in order),
+        ", ".join(shown),
+        target,
+        f" ({', '.join(notes)})" if notes else "",
+    )
 
 
 @dataclass(frozen=True)
@@ -144,19 +187,26 @@ class BadImage:
     """What decoding gives in place of an image it cannot decode. A value rather than an
     exception: an exception raised in a decoding process reaches the main process as a
     multi-line traceback text, while this arrives intact, whatever num_workers is."""
+
     path: str
     reason: str
 
-    def error(self, fix: str = "remove or replace it, or set data.skip_bad_images=true") -> UserError:
+    def error(
+        self, fix: str = "remove or replace it, or set data.skip_bad_images=true"
+    ) -> UserError:
         return UserError(f"image {self.path} cannot be read ({self.reason}); {fix}")
 
 
 def class_folders(directory: str) -> list[str]:
     """The sorted class names of a split folder: its sub-folders, hidden ones left out."""
-    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(
+        e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")
+    )
     if not classes:
-        raise UserError(f"{directory}: no class folders in {directory}; expected one sub-folder of "
-                        "images per class")
+        raise UserError(
+            f"{directory}: no class folders in {directory}; expected one sub-folder of "
+            "images per class"
+        )
     return classes
 
 
@@ -166,14 +216,21 @@ def class_samples(directory: str, class_to_idx: dict[str, int]) -> list[tuple[st
     found = {target for _, target in samples}
     empty = [os.path.join(directory, name) for name, i in class_to_idx.items() if i not in found]
     if empty:
-        raise UserError(f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
-                        f"{'have' if len(empty) > 1 else 'has'} no images "
-                        f"({' '.join(IMG_EXTENSIONS)}); add images or remove the folder")
+        raise UserError(
+            f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+            f"{'have' if len(empty) > 1 else 'has'} no images "
+            f"({' '.join(IMG_EXTENSIONS)}); add images or remove the folder"
+        )
     return samples
 
 
-KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-         stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
 
 
 def open_file(path: str, follow: bool = True):
@@ -203,7 +260,8 @@ def open_image(f) -> Image.Image:
     if limit and img.width * img.height > limit:
         raise Image.DecompressionBombError(
             f"{img.width}x{img.height}: {img.width * img.height} pixels exceed PIL's decompression "
-            f"bomb limit of {limit} (Image.MAX_IMAGE_PIXELS)")
+            f"bomb limit of {limit} (Image.MAX_IMAGE_PIXELS)"
+        )
     return img
 
 
@@ -228,13 +286,17 @@ def split_folder(root: str, split: str, required: bool = False) -> str | None:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         if required:
-            raise UserError(f"image folder {path} not found: expected {root}/{split}/<class>/<image> "
-                            "(set data.root= to a folder with train/ and optional val/, test/)")
+            raise UserError(
+                f"image folder {path} not found: expected {root}/{split}/<class>/<image> "
+                "(set data.root= to a folder with train/ and optional val/, test/)"
+            )
         return None
     return path
 
 
 def check_same_classes(expected: list[str], found: list[str], where: str) -> None:
     if list(found) != list(expected):
-        raise UserError(f"class folders in {where} differ from the others: "
-                        f"expected {list(expected)}, found {list(found)}")
+        raise UserError(
+            f"class folders in {where} differ from the others: "
+            f"expected {list(expected)}, found {list(found)}"
+        )

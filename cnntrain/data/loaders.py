@@ -6,6 +6,7 @@ The storage lives on the device when it fits the memory budget (airbench's Cifar
 is then a handful of tensor ops, no per-sample Python, no host-device copy); otherwise it stays
 in host memory (an image folder's memory-mapped cache file) and a background thread gathers
 each batch into pinned memory ahead of the step, copied to the device without blocking."""
+
 from __future__ import annotations
 
 import queue
@@ -63,10 +64,24 @@ class BatchLoader:
     world times the work. An evaluation loader covers this rank's consecutive chunk of the
     split, every sample once."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform, *,
-                 device: torch.device, index: torch.Tensor | None = None, names: list[str] | None = None,
-                 streamed: bool = False, shuffle: bool = False, drop_last: bool = False, seed: int = 0,
-                 rank: int = 0, world: int = 1, prefetch: int = 8):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        transform,
+        *,
+        device: torch.device,
+        index: torch.Tensor | None = None,
+        names: list[str] | None = None,
+        streamed: bool = False,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        prefetch: int = 8,
+    ):
         self.images, self.index, self.names = images, index, names
         self.labels = labels.to(device)
         self.batch_size, self.transform, self.device = batch_size, transform, device
@@ -116,15 +131,21 @@ class BatchLoader:
         if self.shuffle:
             gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, -1))
             order = torch.randperm(hi, generator=gen)
-            return [order[i * self.step:(i + 1) * self.step] for i in range(len(self))]
-        return [torch.arange(lo + i * self.step, min(lo + (i + 1) * self.step, hi)) for i in range(len(self))]
+            return [order[i * self.step : (i + 1) * self.step] for i in range(len(self))]
+        return [
+            torch.arange(lo + i * self.step, min(lo + (i + 1) * self.step, hi))
+            for i in range(len(self))
+        ]
 
     def iter_from(self, start: int):
         batches = self._batch_indices()[start:]
         parts = [{}] * len(batches)  # the transform's arguments beyond (x, y, seed)
         if self.shuffle and self.world > 1:
             mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-            parts = [dict(positions=self.transform.positions(len(b), mine), batch=len(b)) for b in batches]
+            parts = [
+                dict(positions=self.transform.positions(len(b), mine), batch=len(b))
+                for b in batches
+            ]
             batches = [b[part["positions"]] for b, part in zip(batches, parts)]
         rows = batches if self.index is None else [self.index[b] for b in batches]
         pixels = self._resident(rows) if self.resident else self._streamed(rows)
@@ -157,10 +178,13 @@ class BatchLoader:
         def gather():
             try:
                 for i in range(0, len(rows), self.prefetch):
-                    group = rows[i:i + self.prefetch]
+                    group = rows[i : i + self.prefetch]
                     wanted = torch.cat(group)
-                    out = torch.empty((len(wanted), *self.images.shape[1:]), dtype=self.images.dtype,
-                                      pin_memory=self._pin)
+                    out = torch.empty(
+                        (len(wanted), *self.images.shape[1:]),
+                        dtype=self.images.dtype,
+                        pin_memory=self._pin,
+                    )
                     # numpy's take: one thread, GIL released; torch's index_select here would
                     # start a second OpenMP team beside the training step's, on the same cores
                     np.take(self.images.numpy(), wanted.numpy(), axis=0, out=out.numpy())

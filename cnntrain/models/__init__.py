@@ -76,13 +76,25 @@ def create_model(
     weights_name = pretrained if pretrained and not weights_file else None
     try:
         if source == "torchvision":
-            model = hub.torchvision_model(name, in_channels=in_channels, num_classes=num_classes,
-                                          weights=weights_name, **kwargs)
+            model = hub.torchvision_model(
+                name,
+                in_channels=in_channels,
+                num_classes=num_classes,
+                weights=weights_name,
+                **kwargs,
+            )
         elif source == "timm":
-            model = hub.timm_model(name, in_channels=in_channels, num_classes=num_classes,
-                                   pretrained=bool(weights_name), **kwargs)
+            model = hub.timm_model(
+                name,
+                in_channels=in_channels,
+                num_classes=num_classes,
+                pretrained=bool(weights_name),
+                **kwargs,
+            )
         elif source == "cnntrain":
-            model = _create_registered(name, in_channels, num_classes, image_size, stem, weights_name, **kwargs)
+            model = _create_registered(
+                name, in_channels, num_classes, image_size, stem, weights_name, **kwargs
+            )
         else:
             raise UserError(f"unknown model source {source!r} (cnntrain, torchvision or timm)")
     except TypeError as e:
@@ -94,7 +106,9 @@ def create_model(
             raise
         raise UserError(f"bad option for model {name!r}: {e}") from e
     if weights_file:
-        transfer.load_matching(model, transfer.load_state_dict_file(weights_file), str(weights_file))
+        transfer.load_matching(
+            model, transfer.load_state_dict_file(weights_file), str(weights_file)
+        )
     transfer.freeze(model, freeze)
     return model
 
@@ -111,7 +125,9 @@ def _create_registered(name, in_channels, num_classes, image_size, stem, weights
     if not weights_name:
         return factory(in_channels=in_channels, num_classes=num_classes, small=small, **kwargs)
     weights = transfer.torchvision_weights(transfer.TORCHVISION_NAMES.get(name, name), weights_name)
-    model = factory(in_channels=3, num_classes=len(weights.meta["categories"]), small=small, **kwargs)
+    model = factory(
+        in_channels=3, num_classes=len(weights.meta["categories"]), small=small, **kwargs
+    )
     transfer.load_matching(model, transfer.download_state_dict(weights), str(weights))
     transfer.replace_head(model, num_classes)
     transfer.adapt_first_conv(model, in_channels)

@@ -35,9 +35,15 @@ class CifarResNet(nn.Module):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
-        self.stem = (nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False),
-                                   nn.BatchNorm2d(16), nn.ReLU(inplace=True))
-                     if small else imagenet_stem(in_channels, 16))
+        self.stem = (
+            nn.Sequential(
+                nn.Conv2d(in_channels, 16, 3, padding=1, bias=False),
+                nn.BatchNorm2d(16),
+                nn.ReLU(inplace=True),
+            )
+            if small
+            else imagenet_stem(in_channels, 16)
+        )
         blocks, in_planes = [], 16
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             for i in range((depth - 2) // 6):
@@ -57,6 +63,7 @@ class CifarResNet(nn.Module):
 def _register(depth: int) -> None:
     def factory(*, in_channels: int, num_classes: int, small: bool) -> nn.Module:
         return CifarResNet(depth, in_channels, num_classes, small)
+
     register_model(factory, name=f"resnet{depth}")
 
 

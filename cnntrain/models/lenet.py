@@ -27,7 +27,9 @@ class PoolTo(nn.AdaptiveAvgPool2d):
 
 
 class LeNet5(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, batch_norm: bool = False) -> None:
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, batch_norm: bool = False
+    ) -> None:
         super().__init__()
 
         def block(layer: nn.Module, width: int, norm: type[nn.Module]) -> list[nn.Module]:

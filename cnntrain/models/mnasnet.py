@@ -17,7 +17,10 @@ from ._utils import BN_MOMENTUM, kaiming_fan_out_init, torchvision_factory
 # kaiming_fan_out_init is torchvision's MNASNet init.
 register_model(
     torchvision_factory(
-        tvm.mnasnet1_0, "layers.0", init=kaiming_fan_out_init, unstride_next=True,
+        tvm.mnasnet1_0,
+        "layers.0",
+        init=kaiming_fan_out_init,
+        unstride_next=True,
         bn_momentum=BN_MOMENTUM,
     ),
     name="mnasnet",

@@ -22,7 +22,10 @@ for _name in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"):
     # torchvision's mode="fan_out" with the default leaky_relu(0) gain is the ReLU gain, so
     # kaiming_fan_out_init is the family's own init.
     _factory = torchvision_factory(
-        getattr(tvm, _name), "features.0.0", init=kaiming_fan_out_init, unstride_next=True,
+        getattr(tvm, _name),
+        "features.0.0",
+        init=kaiming_fan_out_init,
+        unstride_next=True,
         bn_momentum=BN_MOMENTUM,
     )
     register_model(_factory, name=_name)

@@ -77,9 +77,7 @@ def _se_resnet(
 ) -> nn.Module:
     # ResNet's own init covers the convs and BNs; the SE layers keep nn.Linear's default init.
     model = ResNet(block, layers, num_classes=num_classes, **kwargs)
-    return adapt_stem(
-        model, "conv1", in_channels, small, init=kaiming_fan_out_init, pool="maxpool"
-    )
+    return adapt_stem(model, "conv1", in_channels, small, init=kaiming_fan_out_init, pool="maxpool")
 
 
 # Same depths as torchvision's resnet18 / resnet50.

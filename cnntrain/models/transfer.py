@@ -3,6 +3,7 @@ for this dataset's classes, freeze part of the network, fine-tune the rest.
 
 `pretrained` is a torchvision weights name (e.g. IMAGENET1K_V1, downloaded and cached the usual
 torchvision way) or the path of a state_dict / cnntrain checkpoint file."""
+
 from __future__ import annotations
 
 import logging
@@ -18,13 +19,21 @@ from cnntrain.errors import UserError
 log = logging.getLogger("cnntrain")
 
 # cnntrain option -> torchvision builder name, where they differ
-TORCHVISION_NAMES = {"shufflenet_v2": "shufflenet_v2_x1_0", "squeezenet": "squeezenet1_1",
-                     "mnasnet": "mnasnet1_0", "resnext50": "resnext50_32x4d"}
+TORCHVISION_NAMES = {
+    "shufflenet_v2": "shufflenet_v2_x1_0",
+    "squeezenet": "squeezenet1_1",
+    "mnasnet": "mnasnet1_0",
+    "resnext50": "resnext50_32x4d",
+}
 
 
 def is_file_spec(pretrained) -> bool:
     text = str(pretrained)
-    return os.sep in text or text.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(text).exists()
+    return (
+        os.sep in text
+        or text.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        or Path(text).exists()
+    )
 
 
 def torchvision_weights(tv_name: str, weights: str):
@@ -35,11 +44,15 @@ def torchvision_weights(tv_name: str, weights: str):
     try:
         enum = get_model_weights(tv_name)
     except (ValueError, KeyError):
-        raise UserError(f"torchvision has no pretrained weights for {tv_name}; give "
-                        "model.pretrained=/path/to/state_dict.pt instead") from None
+        raise UserError(
+            f"torchvision has no pretrained weights for {tv_name}; give "
+            "model.pretrained=/path/to/state_dict.pt instead"
+        ) from None
     names = [w.name for w in enum] + ["DEFAULT"]
     if str(weights) not in names:
-        raise UserError(f"unknown weights {weights!r} for {tv_name} (choose one of: {', '.join(names)})")
+        raise UserError(
+            f"unknown weights {weights!r} for {tv_name} (choose one of: {', '.join(names)})"
+        )
     return enum[str(weights)]
 
 
@@ -54,7 +67,11 @@ def pretrained_input_spec(model_cfg) -> dict | None:
         from cnntrain.models.hub import timm_input_spec
 
         return timm_input_spec(model_cfg.name)
-    name = model_cfg.name if source == "torchvision" else TORCHVISION_NAMES.get(model_cfg.name, model_cfg.name)
+    name = (
+        model_cfg.name
+        if source == "torchvision"
+        else TORCHVISION_NAMES.get(model_cfg.name, model_cfg.name)
+    )
     tf = torchvision_weights(name, pretrained).transforms()
     return {"image_size": int(tf.crop_size[0]), "mean": list(tf.mean), "std": list(tf.std)}
 
@@ -65,9 +82,11 @@ def download_state_dict(weights) -> dict:
     except Exception as e:  # offline, proxy, corrupt cache...
         from torch.hub import get_dir
 
-        raise UserError(f"could not get the pretrained weights {weights} ({type(e).__name__}): "
-                        f"put {Path(weights.url).name} into {Path(get_dir()) / 'checkpoints'} "
-                        "or use model.pretrained=/path/to/state_dict.pt") from None
+        raise UserError(
+            f"could not get the pretrained weights {weights} ({type(e).__name__}): "
+            f"put {Path(weights.url).name} into {Path(get_dir()) / 'checkpoints'} "
+            "or use model.pretrained=/path/to/state_dict.pt"
+        ) from None
 
 
 def load_state_dict_file(path: str) -> dict:
@@ -79,8 +98,9 @@ def load_state_dict_file(path: str) -> dict:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"pretrained weights file {p} is not a weights-only state_dict "
-                        f"({type(e).__name__})") from None
+        raise UserError(
+            f"pretrained weights file {p} is not a weights-only state_dict ({type(e).__name__})"
+        ) from None
     if isinstance(state, dict) and "model" in state and "config" in state:  # a cnntrain checkpoint
         state = load_checkpoint(p)["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -103,11 +123,17 @@ def load_matching(model: nn.Module, state: dict, source: str) -> None:
     skipped = sorted(set(state) - set(usable))
     missing = sorted(set(own) - set(usable))
     if not usable or len(usable) < len(own) // 2:
-        raise UserError(f"{source} does not fit this model: only {len(usable)} of {len(own)} tensors "
-                        f"match (e.g. missing {missing[:3]})")
+        raise UserError(
+            f"{source} does not fit this model: only {len(usable)} of {len(own)} tensors "
+            f"match (e.g. missing {missing[:3]})"
+        )
     model.load_state_dict(usable, strict=False)
-    log.info("pretrained: loaded %d tensors from %s%s", len(usable), source,
-             f"; kept fresh: {', '.join(missing)}" if missing else "")
+    log.info(
+        "pretrained: loaded %d tensors from %s%s",
+        len(usable),
+        source,
+        f"; kept fresh: {', '.join(missing)}" if missing else "",
+    )
     if skipped:
         log.info("pretrained: not used from the file: %s", ", ".join(skipped[:10]))
 
@@ -116,7 +142,9 @@ def head_name(model: nn.Module) -> str:
     """The classifier: the last Linear (or, as in SqueezeNet, the last 1x1 conv) of the model."""
     last = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)):
+        if isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+        ):
             last = name
     if last is None:
         raise UserError(f"cannot find the classifier layer of {type(model).__name__}")
@@ -146,8 +174,17 @@ def adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     else:
         repeats = -(-in_channels // weight.shape[1])
         weight = weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
+    )
     with torch.no_grad():
         new.weight.copy_(weight)
         if conv.bias is not None:
@@ -166,18 +203,26 @@ def freeze(model: nn.Module, spec) -> None:
     if spec in ("backbone", "all_but_head"):
         head = head_name(model)
         keep = head.split(".")[0] if spec == "backbone" else head
-        frozen = lambda name: not (name == keep or name.startswith(keep + "."))
+
+        def frozen(name):
+            return not (name == keep or name.startswith(keep + "."))
     elif isinstance(spec, (list, tuple)) or hasattr(spec, "__iter__") and not isinstance(spec, str):
         prefixes = [str(p) for p in spec]
         names = [n for n, _ in model.named_parameters()]
         unknown = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
         if unknown:
             tops = sorted({n.split(".")[0] for n in names})
-            raise UserError(f"model.freeze: no parameters under {unknown} (top-level names: {tops})")
-        frozen = lambda name: any(name == p or name.startswith(p + ".") for p in prefixes)
+            raise UserError(
+                f"model.freeze: no parameters under {unknown} (top-level names: {tops})"
+            )
+
+        def frozen(name):
+            return any(name == p or name.startswith(p + ".") for p in prefixes)
     else:
-        raise UserError(f"model.freeze must be none, backbone, all_but_head or a list of "
-                        f"parameter-name prefixes, got {spec!r}")
+        raise UserError(
+            f"model.freeze must be none, backbone, all_but_head or a list of "
+            f"parameter-name prefixes, got {spec!r}"
+        )
     for name, param in model.named_parameters():
         if frozen(name):
             param.requires_grad_(False)
@@ -188,8 +233,11 @@ def _freeze_batchnorm(module: nn.Module) -> None:
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and child.affine and not any(
-                p.requires_grad for p in child.parameters()):
+        if (
+            isinstance(child, nn.BatchNorm2d)
+            and child.affine
+            and not any(p.requires_grad for p in child.parameters())
+        ):
             frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
             frozen.weight.copy_(child.weight.detach())
             frozen.bias.copy_(child.bias.detach())

@@ -51,7 +51,6 @@ def _vgg(
     return model
 
 
-
 # One registry entry per torchvision variant; each takes (in_channels=, num_classes=, small=, **kwargs).
-for _name in ('vgg11', 'vgg13', 'vgg16', 'vgg19', 'vgg11_bn', 'vgg13_bn', 'vgg16_bn', 'vgg19_bn'):
+for _name in ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"):
     register_model(partial(_vgg, getattr(tvm, _name)), name=_name)

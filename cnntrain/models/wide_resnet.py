@@ -57,8 +57,11 @@ class WideResNet(nn.Module):
         if (depth - 4) % 6:
             raise ValueError(f"Wide ResNet depth must be 6n + 4, got {depth}")
         blocks_per_group = (depth - 4) // 6
-        self.stem: nn.Module = (nn.Conv2d(in_channels, 16, 3, padding=1, bias=False) if small
-                                else imagenet_stem(in_channels, 16))
+        self.stem: nn.Module = (
+            nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+            if small
+            else imagenet_stem(in_channels, 16)
+        )
         layers: list[nn.Module] = []
         in_planes = 16
         for planes, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):
@@ -85,7 +88,5 @@ class WideResNet(nn.Module):
 
 
 @register_model
-def wrn28_10(
-    *, in_channels: int, num_classes: int, small: bool, dropout: float = 0.0
-) -> nn.Module:
+def wrn28_10(*, in_channels: int, num_classes: int, small: bool, dropout: float = 0.0) -> nn.Module:
     return WideResNet(28, 10, in_channels, num_classes, dropout=dropout, small=small)
