@@ -595,7 +595,8 @@ def _resume_point(resumed: dict, epochs: int, steps: int) -> str:
 
 
 def _every_8th_batch(requested):
-    """Whether any rank was asked to stop, asked of all ranks at every 8th call (a collective)."""
+    """A stop test for several ranks: every 8th call asks all ranks (a collective) whether any
+    was asked to stop; the other calls answer no without communicating."""
     count = itertools.count(1)
     return lambda: next(count) % 8 == 0 and distributed.any_rank(requested())
 

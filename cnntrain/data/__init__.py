@@ -365,23 +365,11 @@ def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _S
         where = f"{root}/{split}"
         if split == "train" and split_val:
             train_idx, val_idx = stratified_split(labels, data.val_split, seed)
-            parts["train"] = _Split(
-                images,
-                labels[train_idx],
-                train_idx,
-                [files[i] for i in train_idx],
-                where,
-                mapped=True,
-            )
-            if len(val_idx):
-                parts["val"] = _Split(
-                    images,
-                    labels[val_idx],
-                    val_idx,
-                    [files[i] for i in val_idx],
-                    where,
-                    mapped=True,
-                )
+            for name, idx in (("train", train_idx), ("val", val_idx)):
+                if len(idx) or name == "train":
+                    parts[name] = _Split(
+                        images, labels[idx], idx, [files[i] for i in idx], where, mapped=True
+                    )
         else:
             parts[split] = _Split(images, labels, None, files, where, mapped=True)
     source = _Source(classes, channels, size, parts)
