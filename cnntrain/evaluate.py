@@ -23,10 +23,9 @@ from cnntrain.report import (
     write_predictions,
     write_report,
 )
-from cnntrain.rundir import fresh_run
+from cnntrain.rundir import fresh_run, run_dir_from_hydra
 from cnntrain.runtime import amp_dtype, channels_last, select_device
 from cnntrain.schema import check
-from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
 

@@ -519,8 +519,7 @@ def export(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Every requested format of `cfg.ckpt`, verified; returns the report (export.json)."""
     from cnntrain.checkpoint import require_file
     from cnntrain.inference import find_images
-    from cnntrain.rundir import fresh_run
-    from cnntrain.train import run_dir_from_hydra
+    from cnntrain.rundir import fresh_run, run_dir_from_hydra
 
     check(cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()

@@ -110,7 +110,7 @@ def model_from_checkpoint(
     ckpt: dict, trained: DictConfig, path: Path, device: torch.device
 ) -> nn.Module:
     """The model of `trained` with the checkpoint's weights, in eval mode on `device`."""
-    from cnntrain.train import build_model  # imports the model zoo: only when a model is needed
+    from cnntrain.models import build_model  # imports the model zoo: only when a model is needed
 
     data = trained.data
     model, _ = build_model(

@@ -14,11 +14,10 @@ from omegaconf import DictConfig
 from cnntrain.errors import UserError
 from cnntrain.files import atomic_write
 from cnntrain.inference import Decode, Preprocess, find_images, load_trained_model
-from cnntrain.rundir import fresh_run
+from cnntrain.rundir import fresh_run, run_dir_from_hydra
 from cnntrain.runtime import select_device
 from cnntrain.schema import check
 from cnntrain.text import markdown_table
-from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
 

@@ -35,6 +35,13 @@ class RunFolderRefused(UserError):
     """The folder cannot be this run's: nothing may be written into it, not even a log line."""
 
 
+def run_dir_from_hydra() -> Path:
+    """The run folder Hydra chose for this job (hydra.run.dir, or a sweep job's folder)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
 def claimed() -> Path | None:
     """The folder the current job has claimed (held or released since), None before a claim."""
     return _claimed

@@ -19,22 +19,35 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from cnntrain.errors import UserError
 
+# What a resumed run may do with a training key (`resume=` of its declaration; resume.py compares
+# a checkpoint's config with the new one by these):
+FREE = "free"  # says where or how fast to compute, not what: may differ (another device, workers)
+FIXED = "fixed"  # defines the network or what it learns from: a change is always refused
+ALLOW = "allow"  # changes only on purpose, listed in resume_allow_changes
+REPLAN = "replan"  # as ALLOW, and the learning-rate schedule is re-planned for the new value
+EPOCH = "epoch"  # as REPLAN, and only between epochs: it sets the batches of an epoch
+RESUME_CLASSES = (FREE, FIXED, ALLOW, REPLAN, EPOCH)
+
 
 def key(default=None, help: str = "", *, factory=None, **rules):
     """A config key: `default` (or `factory` for lists), a one-line `help`, and its rules:
     ge/gt/le/lt (numbers, also each item of a list), choices, pattern (a regex for strings),
     length (of a list), finite (numbers; on by default), kinds (the types an Any key takes:
-    None, str, bool, int, list)."""
+    None, str, bool, int, list); a training key also says what a resume may do with it
+    (`resume=`, one of RESUME_CLASSES; tests/test_config.py requires it of every one)."""
+    if rules.get("resume", FREE) not in RESUME_CLASSES:
+        raise ValueError(f"resume={rules['resume']!r}: one of {RESUME_CLASSES}")
     meta = {"help": help, **rules}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def flag(default, help: str):
+def flag(default, help: str, **rules):
     """A true/false key. Declared as Any with strict choices rather than bool, because OmegaConf
     turns any integer into a bool (amp=2 would silently mean true)."""
-    return key(default, help, choices=(True, False) if default is not None else (None, True, False))
+    choices = (True, False) if default is not None else (None, True, False)
+    return key(default, help, choices=choices, **rules)
 
 
 # --------------------------------------------------------------------------- train groups
@@ -52,57 +65,78 @@ class ModelConfig:
     name: str = key(
         MISSING,
         "the architecture (model=<option>, or any torchvision/timm name with model=tv|timm)",
+        resume=FIXED,
     )
     stem: str = key(
         "auto",
         "first layers: auto (small up to 64 px), small or imagenet",
         choices=("auto", "small", "imagenet"),
+        resume=FIXED,
     )
     source: str = key(
-        "cnntrain", "where the architecture comes from", choices=("cnntrain", "torchvision", "timm")
+        "cnntrain",
+        "where the architecture comes from",
+        choices=("cnntrain", "torchvision", "timm"),
+        resume=FIXED,
     )
     pretrained: Any = key(
         None,
         "torchvision weights name (e.g. IMAGENET1K_V1; timm: true) or a "
         "state_dict / checkpoint file",
         kinds=(None, str, bool),
+        resume=FIXED,
     )
     freeze: Any = key(
-        "none", "none | backbone | all_but_head | [parameter-name prefixes]", kinds=(str, list)
+        "none",
+        "none | backbone | all_but_head | [parameter-name prefixes]",
+        kinds=(str, list),
+        resume=FIXED,
     )
     dropout: Optional[float] = key(
-        None, "dropout probability of models that have one (null: the model's default)", ge=0, lt=1
+        None,
+        "dropout probability of models that have one (null: the model's default)",
+        ge=0,
+        lt=1,
+        resume=FIXED,
     )
     stochastic_depth_prob: Optional[float] = key(
-        None, "EfficientNet's stochastic depth (null: its default)", ge=0, lt=1
+        None, "EfficientNet's stochastic depth (null: its default)", ge=0, lt=1, resume=FIXED
     )
     args: Dict[str, Any] = key(
         factory=dict,
         help="other keyword arguments of the model's "
         "constructor (torchvision/timm), e.g. +model.args.drop_rate=0.1",
+        resume=FIXED,
     )
 
 
 @dataclass
 class DataConfig:
     # no choices here: the datasets are those of cnntrain/data (build_data names them)
-    name: str = key(MISSING, "the dataset (data=<option>)")
+    name: str = key(MISSING, "the dataset (data=<option>)", resume=FIXED)
     kind: str = key(
-        "natural", "which aug.<kind> section aug=basic/strong apply to these images", choices=KINDS
+        "natural",
+        "which aug.<kind> section aug=basic/strong apply to these images",
+        choices=KINDS,
+        resume=ALLOW,
     )
     root: Optional[str] = key(
         "data",
         "folder handed to torchvision as root (image folders: the folder with train/, val/, test/)",
+        resume=FREE,
     )
-    download: Any = flag(True, "fetch the files with torchvision if they are missing")
-    batch_size: int = key(64, "images per batch (per process under torchrun)", ge=1)
+    download: Any = flag(True, "fetch the files with torchvision if they are missing", resume=FREE)
+    batch_size: int = key(64, "images per batch (per process under torchrun)", ge=1, resume=EPOCH)
     num_workers: Optional[int] = key(
         None,
         "image folders: processes decoding the images into the cache (null: one per CPU core)",
         ge=0,
         le=256,
+        resume=FREE,
     )
-    val_split: float = key(0.1, "fraction of train held out for validation", ge=0, lt=1)
+    val_split: float = key(
+        0.1, "fraction of train held out for validation", ge=0, lt=1, resume=FIXED
+    )
     image_size: Any = key(
         None,
         "model input size in px; null or auto: the native size (image "
@@ -112,17 +146,20 @@ class DataConfig:
         pattern="auto",
         ge=1,
         le=2048,
+        resume=FIXED,
     )
     channels: Any = key(
         "auto",
         "image folders: 1 (gray) or 3 (RGB); auto: 1 when every image is "
         "gray and data.mean has no 3 values",
         choices=("auto", 1, 3),
+        resume=FIXED,
     )
     cache_dir: Optional[str] = key(
         None,
         "where image folders are decoded to (null: $CNNTRAIN_CACHE, "
         "else $XDG_CACHE_HOME/cnntrain, else ~/.cache/cnntrain)",
+        resume=FREE,
     )
     memory_budget_gb: Optional[float] = key(
         None,
@@ -130,25 +167,27 @@ class DataConfig:
         "size, the rest streamed from host memory (null: "
         "half the device's free memory)",
         ge=0,
+        resume=FREE,
     )
     mean: Optional[List[float]] = key(
         None,
         "per-channel mean of the pixels in 0..1 (1 value for gray, 3 for RGB; null: measured)",
         length=(1, 3),
+        resume=FIXED,
     )
     std: Optional[List[float]] = key(
-        None, "per-channel std of the pixels in 0..1", gt=0, length=(1, 3)
+        None, "per-channel std of the pixels in 0..1", gt=0, length=(1, 3), resume=FIXED
     )
     skip_bad_images: Any = flag(
-        False, "image folders: leave unreadable images out instead of stopping"
+        False, "image folders: leave unreadable images out instead of stopping", resume=FREE
     )
 
 
 @dataclass
 class GeometryConfig:
-    shift: int = key(0, "random shift of up to this many px (zero fill)", ge=0, le=64)
-    degrees: float = key(0.0, "random rotation of up to +-degrees", ge=0, le=180)
-    hflip: Any = flag(False, "random horizontal flip")
+    shift: int = key(0, "random shift of up to this many px (zero fill)", ge=0, le=64, resume=ALLOW)
+    degrees: float = key(0.0, "random rotation of up to +-degrees", ge=0, le=180, resume=ALLOW)
+    hflip: Any = flag(False, "random horizontal flip", resume=ALLOW)
     crop_scale: Optional[List[float]] = key(
         None,
         "random-resized-crop area range [min, max] (e.g. "
@@ -157,34 +196,41 @@ class GeometryConfig:
         gt=0,
         le=1,
         length=(2,),
+        resume=ALLOW,
     )
     scale: Optional[List[float]] = key(
         None,
         "random zoom factor range [min, max] per image (e.g. [0.9, 1.1]; null: none)",
         gt=0,
         length=(2,),
+        resume=ALLOW,
     )
 
 
 @dataclass
 class AugConfig:
-    name: str = key("none", "the augmentation preset (aug=<option>)")
+    name: str = key("none", "the augmentation preset (aug=<option>)", resume=ALLOW)
     digits: GeometryConfig = field(default_factory=GeometryConfig)
     clothing: GeometryConfig = field(default_factory=GeometryConfig)
     natural: GeometryConfig = field(default_factory=GeometryConfig)
     policy: Optional[str] = key(
-        None, "per-image policy", choices=(None, "randaugment", "autoaugment")
+        None, "per-image policy", choices=(None, "randaugment", "autoaugment"), resume=ALLOW
     )
     color_jitter: float = key(
         0.0,
         "brightness, contrast and saturation factors drawn from [1 - x, 1 + x] per image",
         ge=0,
         le=1,
+        resume=ALLOW,
     )
-    hue: float = key(0.0, "hue shift drawn from [-x, x] per image (RGB)", ge=0, le=0.5)
-    random_erasing: float = key(0.0, "probability of erasing one random box per image", ge=0, le=1)
-    mixup_alpha: float = key(0.0, "> 0: mixup with Beta(alpha, alpha) weights", ge=0)
-    cutmix_alpha: float = key(0.0, "> 0: CutMix with Beta(alpha, alpha) areas", ge=0)
+    hue: float = key(
+        0.0, "hue shift drawn from [-x, x] per image (RGB)", ge=0, le=0.5, resume=ALLOW
+    )
+    random_erasing: float = key(
+        0.0, "probability of erasing one random box per image", ge=0, le=1, resume=ALLOW
+    )
+    mixup_alpha: float = key(0.0, "> 0: mixup with Beta(alpha, alpha) weights", ge=0, resume=ALLOW)
+    cutmix_alpha: float = key(0.0, "> 0: CutMix with Beta(alpha, alpha) areas", ge=0, resume=ALLOW)
 
 
 # The options of optim= and sched=, each built by name (optim.OPTIMIZERS, optim.SCHEDULES)
@@ -193,11 +239,14 @@ SCHEDULE_NAMES = ("cosine", "step", "multistep", "onecycle", "none")
 
 
 def _optimizer(name):
-    return key(name, "the optimizer (optim=<option>)", choices=OPTIMIZER_NAMES)
+    # another optimizer's state would not fit: momentum buffers are not Adam moments
+    return key(name, "the optimizer (optim=<option>)", choices=OPTIMIZER_NAMES, resume=FIXED)
 
 
 def _schedule(name):
-    return key(name, "the learning-rate schedule (sched=<option>)", choices=SCHEDULE_NAMES)
+    return key(
+        name, "the learning-rate schedule (sched=<option>)", choices=SCHEDULE_NAMES, resume=REPLAN
+    )
 
 
 @dataclass
@@ -205,20 +254,23 @@ class OptimConfig:
     """Keys of every optimizer; null leaves torch's default."""
 
     name: str = _optimizer(MISSING)
-    lr: float = key(MISSING, "learning rate", gt=0)
+    lr: float = key(MISSING, "learning rate", gt=0, resume=REPLAN)
     weight_decay: float = key(
-        0.0, "L2 / decoupled weight decay (not on biases and norm weights)", ge=0
+        0.0, "L2 / decoupled weight decay (not on biases and norm weights)", ge=0, resume=ALLOW
     )
     fused: Any = key(
-        "auto", "fused update kernels: auto | true | false", choices=("auto", True, False)
+        "auto",
+        "fused update kernels: auto | true | false",
+        choices=("auto", True, False),
+        resume=FREE,
     )
 
 
 @dataclass
 class SGDConfig(OptimConfig):
     name: str = _optimizer("sgd")
-    momentum: float = key(0.0, "momentum factor", ge=0, lt=1)
-    nesterov: Any = flag(False, "Nesterov momentum (needs momentum > 0)")
+    momentum: float = key(0.0, "momentum factor", ge=0, lt=1, resume=ALLOW)
+    nesterov: Any = flag(False, "Nesterov momentum (needs momentum > 0)", resume=ALLOW)
 
 
 @dataclass
@@ -230,8 +282,9 @@ class AdamConfig(OptimConfig):
         ge=0,
         lt=1,
         length=(2,),
+        resume=ALLOW,
     )
-    eps: float = key(1e-8, "term added to the denominator", gt=0)
+    eps: float = key(1e-8, "term added to the denominator", gt=0, resume=ALLOW)
 
 
 @dataclass
@@ -247,23 +300,32 @@ class SchedConfig:
 
     name: str = _schedule(MISSING)
     interval: str = key(
-        "epoch", "step the schedule after every batch (step) or epoch", choices=("step", "epoch")
+        "epoch",
+        "step the schedule after every batch (step) or epoch",
+        choices=("step", "epoch"),
+        resume=REPLAN,
     )
-    warmup_epochs: float = key(0.0, "linear warmup from lr/100 to lr over this many epochs", ge=0)
+    warmup_epochs: float = key(
+        0.0, "linear warmup from lr/100 to lr over this many epochs", ge=0, resume=REPLAN
+    )
 
 
 @dataclass
 class CosineConfig(SchedConfig):
     name: str = _schedule("cosine")
-    T_max: Optional[int] = key(None, "steps of the cosine (null: the rest of the run)", ge=1)
-    eta_min: float = key(0.0, "lr at the end", ge=0)
+    T_max: Optional[int] = key(
+        None, "steps of the cosine (null: the rest of the run)", ge=1, resume=REPLAN
+    )
+    eta_min: float = key(0.0, "lr at the end", ge=0, resume=REPLAN)
 
 
 @dataclass
 class StepConfig(SchedConfig):
     name: str = _schedule("step")
-    step_size: int = key(7, "epochs (steps with interval=step) between two decays", ge=1)
-    gamma: float = key(0.1, "factor of each decay", gt=0, le=1)
+    step_size: int = key(
+        7, "epochs (steps with interval=step) between two decays", ge=1, resume=REPLAN
+    )
+    gamma: float = key(0.1, "factor of each decay", gt=0, le=1, resume=REPLAN)
 
 
 @dataclass
@@ -273,43 +335,54 @@ class MultiStepConfig(SchedConfig):
         factory=lambda: [0.5, 0.75],
         help="where to decay: fractions of the run (< 1) or epoch numbers",
         ge=0,
+        resume=REPLAN,
     )
-    gamma: float = key(0.1, "factor of each decay", gt=0, le=1)
+    gamma: float = key(0.1, "factor of each decay", gt=0, le=1, resume=REPLAN)
 
 
 @dataclass
 class OneCycleConfig(SchedConfig):
     name: str = _schedule("onecycle")
-    max_lr: Optional[float] = key(None, "peak lr (null: optim.lr)", gt=0)
-    total_steps: Optional[int] = key(None, "length of the cycle (null: the whole run)", ge=1)
-    pct_start: float = key(0.25, "fraction of the cycle spent warming up", gt=0, lt=1)
-    anneal_strategy: str = key("cos", "shape of the annealing", choices=("cos", "linear"))
+    max_lr: Optional[float] = key(None, "peak lr (null: optim.lr)", gt=0, resume=REPLAN)
+    total_steps: Optional[int] = key(
+        None, "length of the cycle (null: the whole run)", ge=1, resume=REPLAN
+    )
+    pct_start: float = key(
+        0.25, "fraction of the cycle spent warming up", gt=0, lt=1, resume=REPLAN
+    )
+    anneal_strategy: str = key(
+        "cos", "shape of the annealing", choices=("cos", "linear"), resume=REPLAN
+    )
 
 
 @dataclass
 class ConstantConfig(SchedConfig):
     name: str = _schedule("none")
-    factor: float = key(1.0, "lr factor until total_iters", gt=0, le=1)
-    total_iters: int = key(0, "steps with the factor applied", ge=0)
+    factor: float = key(1.0, "lr factor until total_iters", gt=0, le=1, resume=REPLAN)
+    total_iters: int = key(0, "steps with the factor applied", ge=0, resume=REPLAN)
 
 
 # --------------------------------------------------------------------------- train
 @dataclass
 class CheckpointConfig:
-    keep_top_k: int = key(0, "also keep epoch_NNN.pt of the k best epochs", ge=0)
+    keep_top_k: int = key(0, "also keep epoch_NNN.pt of the k best epochs", ge=0, resume=FREE)
 
 
 @dataclass
 class EmaConfig:
     decay: Optional[float] = key(
-        None, "exponential moving average of the weights, e.g. 0.999 (null: off)", gt=0, lt=1
+        None,
+        "exponential moving average of the weights, e.g. 0.999 (null: off)",
+        gt=0,
+        lt=1,
+        resume=FIXED,
     )
 
 
 @dataclass
 class EarlyStopConfig:
     patience: Optional[int] = key(
-        None, "stop after this many epochs without a better val accuracy", ge=1
+        None, "stop after this many epochs without a better val accuracy", ge=1, resume=FREE
     )
 
 
@@ -320,49 +393,70 @@ DEVICE = r"auto|cpu|mps|cuda(:\d+)?"
 class RuntimeConfig:
     """Keys shared by every tool."""
 
-    device: str = key("auto", "auto | cpu | cuda | cuda:N | mps", pattern=DEVICE)
-    debug: Any = flag(False, "show the full traceback of an error (as HYDRA_FULL_ERROR=1)")
+    device: str = key("auto", "auto | cpu | cuda | cuda:N | mps", pattern=DEVICE, resume=FREE)
+    debug: Any = flag(
+        False, "show the full traceback of an error (as HYDRA_FULL_ERROR=1)", resume=FREE
+    )
 
 
 @dataclass
 class TrainConfig(RuntimeConfig):
     name: Optional[str] = key(
-        None, "the run's name in its folder and in TensorBoard (null: <model>_<data>)"
+        None, "the run's name in its folder and in TensorBoard (null: <model>_<data>)", resume=FREE
     )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: Any = None
     sched: Any = None
     aug: AugConfig = field(default_factory=AugConfig)
-    epochs: int = key(10, "number of training epochs", ge=1)
-    seed: int = key(42, "seed of every random generator", ge=0, lt=2**32)
+    epochs: int = key(10, "number of training epochs", ge=1, resume=REPLAN)
+    seed: int = key(42, "seed of every random generator", ge=0, lt=2**32, resume=ALLOW)
     amp: Any = flag(
-        False, "mixed precision: bf16 where the GPU has it natively, else fp16 + GradScaler"
+        False,
+        "mixed precision: bf16 where the GPU has it natively, else fp16 + GradScaler",
+        resume=FREE,
     )
-    amp_dtype: str = key("auto", "precision of amp", choices=("auto", "bf16", "fp16"))
+    amp_dtype: str = key("auto", "precision of amp", choices=("auto", "bf16", "fp16"), resume=FREE)
     channels_last: Any = key(
-        "auto", "NHWC memory format: auto | true | false", choices=("auto", True, False)
+        "auto",
+        "NHWC memory format: auto | true | false",
+        choices=("auto", True, False),
+        resume=FREE,
     )
-    compile: Any = flag(False, "wrap the model with torch.compile")
-    sync_batchnorm: Any = flag(False, "under torchrun: BatchNorm statistics over all ranks")
-    deterministic: Any = flag(False, "deterministic algorithms (and no cudnn.benchmark)")
-    label_smoothing: float = key(0.0, "label smoothing of the cross-entropy", ge=0, lt=1)
-    grad_clip: Optional[float] = key(None, "max gradient L2 norm (null: no clipping)", gt=0)
+    compile: Any = flag(False, "wrap the model with torch.compile", resume=FREE)
+    sync_batchnorm: Any = flag(
+        False, "under torchrun: BatchNorm statistics over all ranks", resume=FREE
+    )
+    deterministic: Any = flag(
+        False, "deterministic algorithms (and no cudnn.benchmark)", resume=FREE
+    )
+    label_smoothing: float = key(
+        0.0, "label smoothing of the cross-entropy", ge=0, lt=1, resume=ALLOW
+    )
+    grad_clip: Optional[float] = key(
+        None, "max gradient L2 norm (null: no clipping)", gt=0, resume=ALLOW
+    )
     resume: Optional[str] = key(
-        None, "a last.pt to continue from, or auto (the run folder's last.pt)"
+        None, "a last.pt to continue from, or auto (the run folder's last.pt)", resume=FREE
     )
     resume_allow_changes: List[str] = key(
         factory=list,
         help="settings a resumed run may change on purpose (e.g. [epochs], [optim.lr], [sched])",
+        resume=FREE,
     )
-    on_nan: str = key("stop", "non-finite loss: stop or skip_batch", choices=("stop", "skip_batch"))
-    max_steps_per_epoch: Optional[int] = key(None, "cap on training batches per epoch", ge=1)
-    max_eval_steps: Optional[int] = key(None, "cap on validation / test batches", ge=1)
-    summary: Any = flag(False, "print the model summary and exit")
+    on_nan: str = key(
+        "stop", "non-finite loss: stop or skip_batch", choices=("stop", "skip_batch"), resume=FREE
+    )
+    max_steps_per_epoch: Optional[int] = key(
+        None, "cap on training batches per epoch", ge=1, resume=EPOCH
+    )
+    max_eval_steps: Optional[int] = key(None, "cap on validation / test batches", ge=1, resume=FREE)
+    summary: Any = flag(False, "print the model summary and exit", resume=FREE)
     optimized_metric: Optional[str] = key(
         None,
         "a results.json key returned to a sweeper",
         choices=(None, "test_acc", "test_top5", "test_loss", "best_val_acc"),
+        resume=FREE,
     )
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
@@ -516,7 +610,7 @@ register()
 
 # --------------------------------------------------------------------------- checking
 def _rules(f) -> dict:
-    return {k: v for k, v in f.metadata.items() if k != "help"}
+    return {k: v for k, v in f.metadata.items() if k not in ("help", "resume")}
 
 
 def default(f):
@@ -700,9 +794,50 @@ def _check_train(cfg: DictConfig) -> None:
         raise UserError(
             "optim.nesterov=true needs optim.momentum > 0 (or set optim.nesterov=false)"
         )
-    from cnntrain.resume import check_allowed_changes
+    _check_allowed_changes(list(cfg.resume_allow_changes))
 
-    check_allowed_changes(list(cfg.resume_allow_changes))
+
+def resume_class(path: str) -> str | None:
+    """What a resume may do with the training key `path` (a leaf, or a key below one such as
+    model.args.drop_rate): its declaration's `resume=`; None for a key not declared."""
+    parts = path.split(".")
+    for n in range(1, len(parts) + 1):
+        f = declaration("train", ".".join(parts[:n]))
+        if f is None:
+            return None
+        if "resume" in f.metadata:
+            return f.metadata["resume"]
+    return None
+
+
+def resume_classes(path: str) -> set:
+    """The resume classes of every key at or below `path` (a key, or a group such as sched)."""
+    here = resume_class(path)
+    if here is not None:
+        return {here}
+    below = _fields_at("train", path.split("."))
+    return set().union(*(resume_classes(f"{path}.{name}") for name in below)) if below else set()
+
+
+def _check_allowed_changes(keys: list[str]) -> None:
+    """`resume_allow_changes`: keys or groups that a resume may change."""
+    for path in keys:
+        classes = resume_classes(path) if declaration("train", path) is not None else set()
+        if not classes:
+            raise UserError(
+                f"resume_allow_changes=[{path}]: {path} is not a key of the config "
+                "(e.g. epochs, optim.lr, data.batch_size, sched)"
+            )
+        if classes == {FIXED}:
+            raise UserError(
+                f"resume_allow_changes=[{path}]: {path} can never change when resuming (it "
+                "defines the network or its data); start a new run instead"
+            )
+        if classes == {FREE}:
+            raise UserError(
+                f"resume_allow_changes=[{path}]: {path} may change on resume anyway; "
+                "leave it out of the list"
+            )
 
 
 def _check_geometry(geo: DictConfig, prefix: str) -> None:

@@ -30,10 +30,10 @@ from cnntrain.engine import EpochState, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted, UserError
 from cnntrain.files import write_text
 from cnntrain.logs import log_outputs, shown
-from cnntrain.models import create_model, resolve_stem
+from cnntrain.models import build_model, resolve_stem
 from cnntrain.optim import OPTIMIZERS, SCHEDULES, create_optimizer, create_scheduler, fast_forward
 from cnntrain.resume import changed_keys, replans_schedule
-from cnntrain.rundir import RunFolder, in_sweep
+from cnntrain.rundir import RunFolder, in_sweep, run_dir_from_hydra
 from cnntrain.runtime import (
     StopSignals,
     amp_dtype,
@@ -44,38 +44,10 @@ from cnntrain.runtime import (
 )
 from cnntrain.schema import check
 from cnntrain.stored import refuse_code, validated
-from cnntrain.summary import format_summary, summarize
+from cnntrain.summary import format_summary
 from cnntrain.tracking import RunTracker
 
 log = logging.getLogger("cnntrain")
-
-
-def run_dir_from_hydra() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-def build_model(
-    model_cfg: DictConfig, in_channels: int, num_classes: int, image_size: int, device: torch.device
-) -> tuple[nn.Module, dict]:
-    """The model for this data and its summary; the summary's forward pass doubles as the check
-    that the model can take this input, so that a mismatch fails here, in one line."""
-    model = create_model(
-        **OmegaConf.to_container(model_cfg, resolve=True),
-        in_channels=in_channels,
-        num_classes=num_classes,
-        image_size=image_size,
-    )
-    try:
-        info = summarize(model, (in_channels, image_size, image_size))
-    except RuntimeError as e:
-        raise UserError(
-            f"model {model_cfg.name} cannot take {in_channels}x{image_size}x{image_size} "
-            f"input ({str(e).splitlines()[0]}); set data.image_size= or choose another "
-            "model"
-        ) from None
-    return model.to(device), info
 
 
 def apply_pretrained_input(cfg: DictConfig) -> None:

@@ -15,11 +15,10 @@ from torch import nn
 from cnntrain.errors import UserError
 from cnntrain.files import save_figure
 from cnntrain.inference import Preprocess, find_images, load_trained_model
-from cnntrain.rundir import fresh_run
+from cnntrain.rundir import fresh_run, run_dir_from_hydra
 from cnntrain.runtime import select_device
 from cnntrain.schema import check
 from cnntrain.text import plot_text
-from cnntrain.train import run_dir_from_hydra
 
 log = logging.getLogger("cnntrain")
 FEATURE_CHANNELS = 16

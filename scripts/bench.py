@@ -56,9 +56,9 @@ from torchvision import datasets, transforms
 from cnntrain.data import build_data
 from cnntrain.data.builtin import BUILTIN
 from cnntrain.engine import evaluate_loader, train_one_epoch
+from cnntrain.models import build_model
 from cnntrain.optim import create_optimizer, create_scheduler
 from cnntrain.runtime import amp_dtype, channels_last, seed_everything, select_device
-from cnntrain.train import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fakedata  # noqa: E402  (the tests' writers of the real on-disk formats)

@@ -229,3 +229,62 @@ def test_bad_kind_or_scale_is_one_line_naming_the_key(override, start):
 def test_every_data_option_says_what_kind_of_images_it_has():
     for option in options("data"):
         assert (CONFIGS / "data" / f"{option}.yaml").read_text().count("\nkind: ") == 1, option
+
+
+def _train_leaves(node, prefix=""):
+    """(path, field) of every leaf key a training config can have, every optim/sched option's."""
+    from dataclasses import fields, is_dataclass
+
+    from cnntrain.schema import GROUP_OPTIONS, TrainConfig
+
+    for f in fields(node):
+        path = f"{prefix}{f.name}"
+        if node is TrainConfig and f.name in GROUP_OPTIONS:
+            for option in GROUP_OPTIONS[f.name].values():
+                yield from _train_leaves(option, f"{path}.")
+        elif is_dataclass(f.type) and "resume" not in f.metadata:
+            yield from _train_leaves(f.type, f"{path}.")
+        else:
+            yield path, f
+
+
+def test_every_training_key_declares_what_a_resume_may_do_with_it():
+    """One declaration per key: its type, range, meaning and resume class together; a new key
+    without `resume=` fails here instead of silently falling to a default."""
+    from cnntrain.schema import RESUME_CLASSES, TrainConfig
+
+    leaves = list(_train_leaves(TrainConfig))
+    assert len(leaves) > 60
+    missing = [path for path, f in leaves if f.metadata.get("resume") not in RESUME_CLASSES]
+    assert not missing, f"declare resume= for: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("model", "fixed"),
+        ("model.args.drop_rate", "fixed"),
+        ("data.root", "free"),
+        ("data.batch_size", "epoch"),
+        ("optim.name", "fixed"),
+        ("optim.lr", "replan"),
+        ("optim.momentum", "allow"),
+        ("optim.fused", "free"),
+        ("sched", "replan"),
+        ("aug", "allow"),
+        ("data", "allow"),
+        ("checkpoint", "free"),
+        ("ema", "fixed"),
+        ("epochs", "replan"),
+        ("seed", "allow"),
+    ],
+)
+def test_resume_classes_of_keys_and_groups(path, expected):
+    """A group's classes are those of its keys; resume_allow_changes accepts a group when some
+    key in it may change on purpose."""
+    from cnntrain.schema import resume_classes
+
+    classes = resume_classes(path)
+    assert expected in classes
+    if path in ("model", "checkpoint", "ema", "optim.name", "data.root"):
+        assert classes == {expected}

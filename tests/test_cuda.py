@@ -164,9 +164,9 @@ def test_training_steps_never_wait_for_the_gpu(data_root, monkeypatch):
     from cnntrain import engine
     from cnntrain.data import build_data
     from cnntrain.ema import ModelEma
+    from cnntrain.models import build_model
     from cnntrain.optim import create_optimizer, create_scheduler
     from cnntrain.runtime import grad_scaler
-    from cnntrain.train import build_model
 
     cfg = make_cfg(
         data_root,

@@ -240,7 +240,7 @@ def test_fine_tune_from_a_checkpoint_on_other_classes(data_root, folder_root, tm
 def test_input_too_small_for_the_model_fails_before_training():
     from omegaconf import OmegaConf
 
-    from cnntrain.train import build_model
+    from cnntrain.models import build_model
 
     cfg = OmegaConf.create(
         {"name": "alexnet", "source": "torchvision"}

@@ -1,38 +1,22 @@
-"""Model registry and factory.
-
-Each family module registers factories ``fn(*, in_channels, num_classes, small, **kwargs)``;
-``create_model`` picks the stem from the image size and turns bad names into a ``UserError``.
-"""
+"""The model factory. Each family module registers its factories in `registry`
+(``fn(*, in_channels, num_classes, small, **kwargs)``); ``create_model`` picks the stem from the
+image size, builds torchvision/timm models by name (`hub`) and turns bad names into a
+``UserError``."""
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+from typing import Any
 
+import torch
 from torch import nn
 
 from cnntrain.errors import UserError
-
-ModelFactory = Callable[..., nn.Module]
-
-_REGISTRY: dict[str, ModelFactory] = {}
+from cnntrain.models.registry import _REGISTRY, list_models, register_model  # noqa: F401
 
 STEMS = ("auto", "small", "imagenet")
 # Largest image size that still gets the small (CIFAR-style) stem with stem=auto.
 SMALL_STEM_MAX_SIZE = 64
-
-
-def register_model(fn: ModelFactory, name: str | None = None) -> ModelFactory:
-    """Register ``fn`` under ``name`` (default: its ``__name__``); usable as a decorator."""
-    name = name or fn.__name__
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is registered twice")
-    _REGISTRY[name] = fn
-    return fn
-
-
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
 
 
 def resolve_stem(stem: str, image_size: int, pretrained=None) -> str:
@@ -134,7 +118,32 @@ def _create_registered(name, in_channels, num_classes, image_size, stem, weights
     return model
 
 
-# Imported last: the family modules use register_model from this module.
+def build_model(
+    model_cfg, in_channels: int, num_classes: int, image_size: int, device: torch.device
+) -> tuple[nn.Module, dict]:
+    """The model of a model config (a mapping: the config's `model` section) for this data, on
+    `device`, and its summary; the summary's forward pass doubles as the check that the model
+    can take this input, so that a mismatch fails here, in one line."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from cnntrain.summary import summarize
+
+    if isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    model = create_model(
+        **model_cfg, in_channels=in_channels, num_classes=num_classes, image_size=image_size
+    )
+    try:
+        info = summarize(model, (in_channels, image_size, image_size))
+    except RuntimeError as e:
+        raise UserError(
+            f"model {model_cfg['name']} cannot take {in_channels}x{image_size}x{image_size} "
+            f"input ({str(e).splitlines()[0]}); set data.image_size= or choose another model"
+        ) from None
+    return model.to(device), info
+
+
+# The family modules register themselves on import.
 from . import (  # noqa: E402,F401
     alexnet,
     cifar_resnet,

@@ -12,8 +12,8 @@ from typing import Any
 from torch import nn
 from torchvision.models import AlexNet
 
-from . import register_model
 from ._utils import replace_conv
+from .registry import register_model
 
 
 @register_model

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from . import register_model
 from ._utils import imagenet_stem, kaiming_fan_out_init
+from .registry import register_model
 
 
 class PadShortcut(nn.Module):

@@ -11,8 +11,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision import models as tvm
 
-from . import register_model
 from ._utils import torchvision_factory
+from .registry import register_model
 
 
 def _densenet_init(conv: nn.Conv2d) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torchvision import models as tvm
 
-from . import register_model
 from ._utils import kaiming_fan_out_init, torchvision_factory
+from .registry import register_model
 
 # torchvision's mode="fan_out" with the default leaky_relu(0) gain is the ReLU gain, so
 # kaiming_fan_out_init is the family's own init.

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torchvision.models import GoogLeNet
 
-from . import register_model
 from ._utils import replace_conv
+from .registry import register_model
 
 
 def _googlenet_init(conv: nn.Conv2d) -> None:

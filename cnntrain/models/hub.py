@@ -78,12 +78,3 @@ def timm_model(
         ) from None
     finally:
         hub_log.setLevel(level)
-
-
-def timm_input_spec(name: str) -> dict:
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None:
-        raise UserError(f"timm has no pretrained weights for {name}")
-    return {"image_size": int(cfg.input_size[-1]), "mean": list(cfg.mean), "std": list(cfg.std)}

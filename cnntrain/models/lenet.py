@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import register_model
+from .registry import register_model
 
 
 class PoolTo(nn.AdaptiveAvgPool2d):

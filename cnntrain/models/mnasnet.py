@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torchvision import models as tvm
 
-from . import register_model
 from ._utils import BN_MOMENTUM, kaiming_fan_out_init, torchvision_factory
+from .registry import register_model
 
 # kaiming_fan_out_init is torchvision's MNASNet init.
 register_model(

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from torchvision import models as tvm
 
-from . import register_model
 from ._utils import BN_MOMENTUM, kaiming_fan_out_init, torchvision_factory
+from .registry import register_model
 
 # One registry entry per variant; each takes (in_channels=, num_classes=, small=, **kwargs).
 for _name in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torchvision import models as tvm
 
-from . import register_model
 from ._utils import kaiming_fan_out_init, torchvision_factory
+from .registry import register_model
 
 # Registry name -> torchvision builder. ResNeXt-50 is only published as 32x4d (32 groups of
 # width 4), so the short name means that one.

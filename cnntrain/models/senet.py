@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from . import register_model
 from ._utils import adapt_stem, kaiming_fan_out_init
+from .registry import register_model
 
 
 class SqueezeExcitation(nn.Module):

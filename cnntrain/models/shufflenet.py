@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torchvision import models as tvm
 
-from . import register_model
 from ._utils import torchvision_factory
+from .registry import register_model
 
 # No init: torchvision's ShuffleNetV2 keeps PyTorch's default conv init, as a fresh conv has.
 register_model(

@@ -64,8 +64,6 @@ def pretrained_input_spec(model_cfg) -> dict | None:
         return None
     source = model_cfg.get("source", "cnntrain")
     if source == "timm":
-        from cnntrain.models.hub import timm_input_spec
-
         return timm_input_spec(model_cfg.name)
     name = (
         model_cfg.name
@@ -74,6 +72,15 @@ def pretrained_input_spec(model_cfg) -> dict | None:
     )
     tf = torchvision_weights(name, pretrained).transforms()
     return {"image_size": int(tf.crop_size[0]), "mean": list(tf.mean), "std": list(tf.std)}
+
+
+def timm_input_spec(name: str) -> dict:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise UserError(f"timm has no pretrained weights for {name}")
+    return {"image_size": int(cfg.input_size[-1]), "mean": list(cfg.mean), "std": list(cfg.std)}
 
 
 def download_state_dict(weights) -> dict:

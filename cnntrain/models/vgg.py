@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from . import register_model
 from ._utils import kaiming_fan_out_init, replace_conv
+from .registry import register_model
 
 
 def _vgg(

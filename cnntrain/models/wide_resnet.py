@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import register_model
 from ._utils import imagenet_stem, kaiming_fan_out_init
+from .registry import register_model
 
 
 class PreActBlock(nn.Module):
