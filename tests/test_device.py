@@ -83,7 +83,7 @@ def test_amp_picks_bf16_only_where_the_gpu_has_it(monkeypatch):
 def test_a_resume_under_a_grad_scaler_uses_the_configured_fused_flag():
     """Saved with optim.fused=false, resumed with fused=auto (fused SGD exists on the CPU): the
     optimizer's state loads with the saved flag, which GradScaler would not match."""
-    from cnntrain.train import _restore_training
+    from cnntrain.resume import restore_optimizer, restore_schedule
 
     def cfg(fused):
         with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
@@ -114,7 +114,8 @@ def test_a_resume_under_a_grad_scaler_uses_the_configured_fused_flag():
     optimizer = create_optimizer(new.optim, model)
     assert optimizer.param_groups[0]["fused"]
     scheduler, interval = create_scheduler(new.sched, optimizer, epochs=1, steps_per_epoch=1)
-    _restore_training(
+    restore_optimizer(optimizer, resumed["optimizer"])
+    restore_schedule(
         new, {**resumed, "scheduler": scheduler.state_dict()}, [], optimizer, scheduler, 1, interval
     )
     step(optimizer, torch.amp.GradScaler("cpu"))  # with the saved fused=False: RuntimeError

@@ -118,19 +118,18 @@ def run_one_step(cfg: DictConfig) -> None:
 
     from cnntrain.data import build_data
     from cnntrain.engine import train_one_epoch
+    from cnntrain.models import build_model
     from cnntrain.optim import create_optimizer, create_scheduler
+    from cnntrain.plan import input_config
+    from cnntrain.resume import load_resumed, resume_path
     from cnntrain.runtime import amp_dtype, select_device
-    from cnntrain.train import _load_resumed, _resume_path, apply_pretrained_input, build_model
 
     device = select_device(cfg.device)
     amp_dtype(cfg.amp, device, cfg.amp_dtype)
-    path = _resume_path(
-        cfg, Path("/nonexistent/checkpoints")
-    )  # resume=auto: nothing to resume there
+    path = resume_path(cfg, Path("/nonexistent/checkpoints"))  # resume=auto: nothing there
     if path is not None:
-        _load_resumed(path)
-    apply_pretrained_input(cfg)
-    data = build_data(cfg.data, cfg.aug, device=device, seed=cfg.seed)
+        load_resumed(path)
+    data = build_data(input_config(cfg), cfg.aug, device=device, seed=cfg.seed)
     model, _ = build_model(cfg.model, data.in_channels, len(data.classes), data.image_size, device)
     optimizer = create_optimizer(cfg.optim, model)
     loader = data.loaders["train"]

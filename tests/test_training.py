@@ -236,7 +236,7 @@ def test_val_accuracy_at_chance_is_flagged(data_root, tmp_path, monkeypatch, cap
     from omegaconf import OmegaConf
 
     from cnntrain import callbacks
-    from cnntrain import train as train_module
+    from cnntrain import trainer as train_module
     from cnntrain.tracking import at_chance
 
     assert (

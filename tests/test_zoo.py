@@ -15,8 +15,9 @@ from cnntrain.checkpoint import load_checkpoint, save_checkpoint
 from cnntrain.data import build_data
 from cnntrain.engine import evaluate_loader, train_one_epoch
 from cnntrain.inference import model_from_checkpoint, trained_config
+from cnntrain.models import build_model
 from cnntrain.optim import create_optimizer
-from cnntrain.train import build_model, stored_config
+from cnntrain.plan import input_config, make_plan
 
 CPU = torch.device("cpu")
 MODELS = sorted(
@@ -95,7 +96,7 @@ def test_one_epoch_then_rebuilt_from_its_checkpoint(model, dataset, tmp_path):
     save_checkpoint(
         {
             "model": net.state_dict(),
-            "config": stored_config(cfg, data),
+            "config": make_plan(cfg, input_config(cfg), data).config,
             "classes": data.classes,
             "epoch": 1,
             "metrics": {"val_acc": val["acc"]},
