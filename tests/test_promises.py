@@ -1,7 +1,8 @@
-"""The promises of docs/training.md (a run folder belongs to one run, resuming, faults) under attack, as a careless user or script would attack them: two runs
-into one folder at once, a resume aimed at another run's folder, folders holding only some of a
-run's files, a full disk, bad values of every kind. Every case: one `error:` line on stderr,
-a non-zero exit code, no traceback, and every file of an earlier run byte for byte intact."""
+"""The promises of docs/training.md (a run folder belongs to one run, resuming, faults) under
+attack, as a careless user or script would attack them: two runs into one folder at once, a
+resume aimed at another run's folder, folders holding only some of a run's files, a full disk,
+bad values of every kind. Every case: one `error:` line on stderr, a non-zero exit code, no
+traceback, and every file of an earlier run byte for byte intact."""
 
 import json
 import os
