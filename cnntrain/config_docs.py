@@ -116,11 +116,11 @@ def _cell(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _composed(app: str, overrides: tuple = ()) -> dict:
+def _composed(app: str, overrides: tuple = (), hydra: bool = False) -> dict:
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
-        cfg = compose(config_name=app, overrides=list(overrides))
+        cfg = compose(config_name=app, overrides=list(overrides), return_hydra_config=hydra)
     return OmegaConf.to_container(cfg, resolve=False)  # interpolations as written, not as resolved
 
 
@@ -174,9 +174,25 @@ def _tool_rows(app: str) -> list[tuple]:
     ]
 
 
+def _group_options() -> list[str]:
+    """Each config group of cnntrain's configs/ with its options and the default's."""
+    from importlib.resources import files
+
+    configs = files("cnntrain.configs")
+    chosen = _composed("train", (), hydra=True)["hydra"]["runtime"]["choices"]
+    lines = ["| group | options (default in bold) |", "|---|---|"]
+    for group in sorted(
+        p.name for p in configs.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")
+    ):
+        names = sorted(p.name[:-5] for p in (configs / group).iterdir() if p.name.endswith(".yaml"))
+        shown = [f"**`{n}`**" if n == chosen.get(group) else f"`{n}`" for n in names]
+        lines.append(f"| `{group}` | {', '.join(shown)} |")
+    return lines
+
+
 def render() -> str:
     """The Markdown between the markers (without them)."""
-    out = []
+    out = ["### Groups and their options", ""] + _group_options() + [""]
     titles = {None: "top-level keys", **{g: f"`{g}.*`" for g in TRAIN_GROUPS}}
     for group in (None, *TRAIN_GROUPS):
         out += [f"### cnntrain: {titles[group]}", ""]
