@@ -76,11 +76,12 @@ def test_key_tables_are_those_the_schema_gives():
 
 # --------------------------------------------------------------------------- commands
 def _bash_blocks(page: Path):
-    """(line number, logical line) of every line in a ```bash block, continuations joined."""
+    """(line number, logical line) of every line in a ```bash (sh, shell) block, continuations
+    joined."""
     lines, inside, pending, start = page.read_text().splitlines(), False, "", 0
     for n, line in enumerate(lines, 1):
         if line.startswith("```"):
-            inside = line.strip() == "```bash" if not inside else False
+            inside = line.strip() in ("```bash", "```sh", "```shell") if not inside else False
             continue
         if not inside:
             continue
