@@ -105,9 +105,8 @@ def test_a_gpu_checkpoint_loads_and_evaluates_without_a_gpu(data_root, tmp_path)
         make_cfg(data_root, "model=lenet5", "epochs=1", "ema.decay=0.9", "amp=true"),
         run_dir=tmp_path / "run",
     )
-    last = torch.load(
-        tmp_path / "run/checkpoints/last.pt", weights_only=True
-    )  # the one-liner of docs/training.md (Outputs)
+    # the one-liner of docs/training.md (Outputs)
+    last = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
     assert {t.device.type for t in tensors(last)} == {"cpu"}
     env_before = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the subprocess sees no GPU
