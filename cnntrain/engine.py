@@ -44,6 +44,16 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a loop runs and in what precision: the device, the autocast dtype (None: fp32)
+    and whether the images go in channels_last layout."""
+
+    device: torch.device = CPU
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+
 @dataclass
 class EpochState:
     """The running sums of a training epoch (on the device) and how far it got. A mid-epoch
@@ -69,9 +79,9 @@ class _Progress:
     Where the bar is not shown (stderr is not a terminal), rank 0 logs a progress line at one of
     those once-a-second reads, every PROGRESS_EVERY_S seconds (see there): step, running loss and
     accuracy (its own batches), img/s (all ranks), and the ETA of the epoch and of the run. The
-    run's ETA assumes that each of the `epochs_after` epochs after this one takes the median of
-    `epoch_times` (the seconds of the epochs done, validation included), or as long as this
-    epoch's training before any is done."""
+    run's ETA assumes that each of the epochs after this one (`eta`: their number, and the
+    seconds of the epochs done, validation included) takes the median of those seconds, or as
+    long as this epoch's training before any is done."""
 
     CHECK_EVERY = 32
 
@@ -80,13 +90,11 @@ class _Progress:
         loader,
         desc: str,
         enabled: bool,
-        channels_last: bool,
+        on: Placement,
         max_steps=None,
         start: int = 0,
-        device: torch.device = CPU,
         first_n: int = 0,
-        epochs_after: int | None = None,
-        epoch_times=(),
+        eta: tuple[int | None, list] = (None, []),
     ):
         total = min(len(loader), max_steps or len(loader))
         # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
@@ -99,13 +107,13 @@ class _Progress:
             disable=None if enabled else True,
             dynamic_ncols=True,
         )
-        self.total, self.desc, self.channels_last = total, desc, channels_last
-        self.every_step = device.type == "cpu"
+        self.total, self.desc, self.channels_last = total, desc, on.channels_last
+        self.every_step = on.device.type == "cpu"
         self.ranks = distributed.world_size() > 1
         self.last = self.t0 = self.last_line = time.monotonic()
         self.start, self.first_n, self.lines = start, first_n, 0
         self.log_lines = enabled and self.bar.disable and distributed.is_main()
-        self.epochs_after = epochs_after
+        self.epochs_after, epoch_times = eta
         self.epoch_s = statistics.median(epoch_times) if epoch_times else None
 
     def __iter__(self):
@@ -187,92 +195,93 @@ class _Progress:
         self.bar.close()
 
 
+@dataclass
+class Update:
+    """What a batch's loss does to the weights: backward (scaled under fp16 by `scaler`, a
+    GradScaler), gradient-norm clipping, the optimizer step and the weight average (`ema`, a
+    ModelEma); `scheduler`, if given, steps after every batch, skipped ones included, so that the
+    schedule follows the steps."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object = None
+    scaler: object = None
+    grad_clip: float | None = None
+    ema: object = None
+
+    def __call__(self, model: nn.Module, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # fp16: scale the loss so small gradients do not underflow
+            self.scaler.scale(loss).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(model)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
     criterion,
-    optimizer,
+    update: Update,
+    on: Placement = Placement(),
     *,
-    device: torch.device,
-    scheduler=None,
-    scaler=None,
-    amp_dtype=None,
-    channels_last: bool = False,
-    grad_clip: float | None = None,
     max_steps: int | None = None,
     desc: str = "train",
     progress: bool = True,
     on_nan: str = "stop",
     state: EpochState | None = None,
     stop=None,
-    ema=None,
-    epochs_after: int | None = None,
-    epoch_times=(),
+    eta: tuple[int | None, list] = (None, []),
 ) -> dict:
     """One pass over `loader` (or its first `max_steps` batches), continuing `state` (a resumed
-    epoch) if given; `scheduler`, if given, is stepped after every batch. `stop()` is asked after
-    every batch whether to end the epoch early (a signal). A non-finite loss stops training
-    (UserError) or, with on_nan="skip_batch", skips that batch's update. A batch mixed by MixUp /
-    CutMix comes with soft targets; its accuracy counts each image's larger share.
-    `ema` (a ModelEma) is updated after every optimizer step. `epochs_after` (the epochs left
-    after this one) and `epoch_times` (the seconds of the epochs done) give the run's ETA to the
-    progress bar or line (_Progress).
+    epoch) if given. `stop()` is asked after every batch whether to end the epoch early (a
+    signal). A non-finite loss stops training (UserError) or, with on_nan="skip_batch", skips
+    that batch's update. A batch mixed by MixUp / CutMix comes with soft targets; its accuracy
+    counts each image's larger share. `eta` (the epochs left after this one, the seconds of
+    the epochs done) gives the run's ETA to the progress bar or line (_Progress).
     Under torchrun the ranks decide about a non-finite loss together, at the same step: one rank
     skipping (or stopping) alone would pair its next gradient all-reduce with another's current one.
     Returns {"loss", "acc"} averaged over the samples seen, the throughput "img_per_s", and
     "state" (its step < "total" if stopped early)."""
     model.train()
     state = state or EpochState()
-    state.loss_sum = torch.as_tensor(state.loss_sum, dtype=torch.float32, device=device)
-    state.correct = torch.as_tensor(state.correct, dtype=torch.long, device=device)
+    state.loss_sum = torch.as_tensor(state.loss_sum, dtype=torch.float32, device=on.device)
+    state.correct = torch.as_tensor(state.correct, dtype=torch.long, device=on.device)
     first, start = state.n, time.perf_counter()
-    bar = _Progress(
-        loader,
-        desc,
-        progress,
-        channels_last,
-        max_steps,
-        state.step,
-        device,
-        first_n=state.n,
-        epochs_after=epochs_after,
-        epoch_times=epoch_times,
-    )
+    bar = _Progress(loader, desc, progress, on, max_steps, state.step, first, eta)
     for x, target in bar:
         y = target if target.ndim == 1 else target.argmax(1)
-        with autocast(device, amp_dtype):
+        with autocast(on.device, on.amp_dtype):
             out = model(x)
             loss = criterion(out, target)
         # skip_batch reads the loss every step (a device sync on a GPU): only when asked for
         if on_nan == "skip_batch" and distributed.any_rank(not torch.isfinite(loss)):
             state.skipped += 1
         else:
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
-                scaler.scale(loss).backward()
-                if grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-            if ema is not None:
-                ema.update(model)
+            update(model, loss)
             state.loss_sum += loss.detach() * len(y)
             state.correct += (out.argmax(1) == y).sum()
             state.n += len(y)
-        if scheduler is not None:  # stepped for skipped batches too: the schedule follows the steps
-            scheduler.step()
+        if update.scheduler is not None:
+            update.scheduler.step()
         state.step += 1
-        bar.check(state, on_nan, lr=optimizer.param_groups[0]["lr"])
+        bar.check(state, on_nan, lr=update.lr)
         if stop is not None and stop():
             break
     bar.close()
-    bar.check(state, on_nan, final=True, lr=optimizer.param_groups[0]["lr"])  # waits for the device
+    bar.check(state, on_nan, final=True, lr=update.lr)  # waits for the device
     loss_sum, correct, n, new = distributed.summed(
         state.loss_sum, state.correct, state.n, state.n - first
     )
@@ -292,11 +301,9 @@ def train_one_epoch(
 def evaluate_loader(
     model: nn.Module,
     loader,
+    on: Placement = Placement(),
     *,
-    device: torch.device,
     num_classes: int,
-    amp_dtype=None,
-    channels_last: bool = False,
     max_steps: int | None = None,
     keep_predictions: bool = False,
     desc: str = "eval",
@@ -312,25 +319,22 @@ def evaluate_loader(
     model.eval()
     k = min(5, num_classes)
     kept = []
-    bar = _Progress(loader, desc, progress, channels_last, max_steps)
+    bar = _Progress(loader, desc, progress, on, max_steps)
     for x, y in bar:
-        with autocast(device, amp_dtype):
+        with autocast(on.device, on.amp_dtype):
             out = model(x) if tta is None else (model(x) + model(x.flip(-1))) / 2
         out = out.float()
         top, lse = out.topk(k, 1), out.logsumexp(1)
         kept.append((top.indices, top.values[:, 0] - lse, lse - out.gather(1, y[:, None])[:, 0], y))
     bar.close()
-    parts = (
-        [torch.cat(p) for p in zip(*kept)]
-        if kept
-        # a rank's chunk may be empty
-        else [
-            torch.empty(0, k, dtype=torch.long, device=device),
-            torch.empty(0, device=device),
-            torch.empty(0, device=device),
-            torch.empty(0, dtype=torch.long, device=device),
-        ]
-    )
+    # a rank's chunk may be empty
+    empty = [
+        torch.empty(0, k, dtype=torch.long),
+        torch.empty(0),
+        torch.empty(0),
+        torch.empty(0).long(),
+    ]
+    parts = [torch.cat(p) for p in zip(*kept)] if kept else [e.to(on.device) for e in empty]
     top, log_confidence, loss, target = distributed.gather_cat(parts)
     if not len(target):
         raise UserError(f"{desc}: no images to evaluate")

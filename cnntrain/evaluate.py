@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from cnntrain import distributed
 from cnntrain.checkpoint import load_checkpoint, require_file
-from cnntrain.engine import evaluate_loader
+from cnntrain.engine import Placement, evaluate_loader
 from cnntrain.errors import UserError
 from cnntrain.inference import checkpoint_split, model_from_checkpoint, trained_config
 from cnntrain.logs import log_outputs
@@ -103,11 +103,9 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
     result = evaluate_loader(
         model,
         loader,
-        device=device,
+        Placement(device, dtype, nhwc),
         num_classes=len(data.classes),
         desc=cfg.split,
-        amp_dtype=dtype,
-        channels_last=nhwc,
         keep_predictions=True,
         tta=cfg.get("tta"),
     )

@@ -19,7 +19,7 @@ from cnntrain import distributed, resume
 from cnntrain.checkpoint import CheckpointSaver, load_checkpoint, rng_state
 from cnntrain.data import Data
 from cnntrain.ema import ModelEma
-from cnntrain.engine import evaluate_loader, train_one_epoch
+from cnntrain.engine import Placement, Update, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted
 from cnntrain.logs import shown
 from cnntrain.models import build_model
@@ -49,13 +49,8 @@ class Trainer:
         self.scaler = grad_scaler(self.dtype, device)
         self.ema = ModelEma(self.model, cfg.ema.decay) if cfg.ema.decay else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        # the loops' placement and precision; max_steps caps validation and test batches
-        self.common = dict(
-            device=device,
-            amp_dtype=self.dtype,
-            channels_last=self.nhwc,
-            max_steps=cfg.max_eval_steps,
-        )
+        self.on = Placement(device, self.dtype, self.nhwc)
+        self.max_eval_steps = cfg.max_eval_steps
         self.run_dir, self.main = run_dir, distributed.is_main()  # the one process writing files
         self.start, self.since_best, self.partial = 1, 0, None
         self.tracker = self.saver = None  # made by begin(), after a restore
@@ -94,6 +89,9 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_model = DistributedDataParallel(self.step_model, device_ids=ids)
         self.step_model = torch.compile(self.step_model) if cfg.compile else self.step_model
+        # after a restore, which may replace the schedule
+        per_step = self.scheduler if self.interval == "step" else None
+        self.update = Update(self.optimizer, per_step, self.scaler, cfg.grad_clip, self.ema)
         # EMA weights, when kept, are the ones validated, tested and saved as a checkpoint's model
         self.eval_model = self.ema.module if self.ema is not None else self.step_model
         self.tracker = RunTracker(
@@ -174,21 +172,14 @@ class Trainer:
             self.step_model,
             loader,
             self.criterion,
-            self.optimizer,
-            grad_clip=cfg.grad_clip,
-            scheduler=self.scheduler if self.interval == "step" else None,
-            scaler=self.scaler,
+            self.update,
+            self.on,
             desc=f"epoch {epoch}/{cfg.epochs}",
-            device=self.device,
-            amp_dtype=self.dtype,
-            channels_last=self.nhwc,
             max_steps=cfg.max_steps_per_epoch,
             on_nan=cfg.on_nan,
             state=resume.epoch_state(self.partial),
             stop=stop,
-            ema=self.ema,
-            epochs_after=cfg.epochs - epoch,
-            epoch_times=[r["time"] for r in self.tracker.history],
+            eta=(cfg.epochs - epoch, [r["time"] for r in self.tracker.history]),
         )
         self.partial = None
         if tr["state"].skipped:
@@ -224,10 +215,11 @@ class Trainer:
         return evaluate_loader(
             self.eval_model,
             val,
+            self.on,
             num_classes=self.plan.num_classes,
+            max_steps=self.max_eval_steps,
             keep_predictions=True,
             desc="val",
-            **self.common,
         )
 
     def stop_in_epoch(self, epoch: int, lr: float, tr: dict, signals: StopSignals):
@@ -258,7 +250,12 @@ class Trainer:
             return out, None
         self.model.load_state_dict(best["model"])
         te = evaluate_loader(
-            self.model, loader, num_classes=self.plan.num_classes, desc="test", **self.common
+            self.model,
+            loader,
+            self.on,
+            num_classes=self.plan.num_classes,
+            max_steps=self.max_eval_steps,
+            desc="test",
         )
         out.update(
             test_acc=te["acc"],
@@ -267,7 +264,7 @@ class Trainer:
             test_images=te["num_samples"],
             test_capped=te["num_samples"] < loader.num_samples,
         )
-        _log_test(best["epoch"], te, loader.num_samples, self.common["max_steps"], self.saver.best)
+        _log_test(best["epoch"], te, loader.num_samples, self.max_eval_steps, self.saver.best)
         return out, te["confusion"]
 
 

@@ -55,7 +55,7 @@ from torchvision import datasets, transforms
 
 from cnntrain.data import build_data
 from cnntrain.data.builtin import BUILTIN
-from cnntrain.engine import evaluate_loader, train_one_epoch
+from cnntrain.engine import Placement, Update, evaluate_loader, train_one_epoch
 from cnntrain.models import build_model
 from cnntrain.optim import create_optimizer, create_scheduler
 from cnntrain.runtime import amp_dtype, channels_last, seed_everything, select_device
@@ -158,12 +158,8 @@ class Case:
                 model,
                 loader,
                 criterion,
-                optimizer,
-                device=self.device,
-                scheduler=scheduler,
-                scaler=scaler,
-                amp_dtype=dtype,
-                channels_last=nhwc,
+                Update(optimizer, scheduler, scaler),
+                Placement(self.device, dtype, nhwc),
                 max_steps=steps,
                 progress=True,
             )
@@ -248,8 +244,7 @@ class Case:
             r = evaluate_loader(
                 model,
                 loader,
-                device=self.device,
-                channels_last=nhwc,
+                Placement(self.device, channels_last=nhwc),
                 num_classes=classes,
                 keep_predictions=True,
                 progress=True,

@@ -185,19 +185,13 @@ def test_training_steps_never_wait_for_the_gpu(data_root, monkeypatch):
     model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(cfg.optim, model)
     scheduler, _ = create_scheduler(cfg.sched, optimizer, epochs=1, steps_per_epoch=22)
-    kwargs = dict(
-        device=device,
-        scheduler=scheduler,
-        scaler=grad_scaler(torch.float16, device),
-        amp_dtype=torch.float16,
-        channels_last=True,
-        grad_clip=1.0,
-        progress=False,
-        ema=ModelEma(model, 0.99),
+    update = engine.Update(
+        optimizer, scheduler, grad_scaler(torch.float16, device), 1.0, ModelEma(model, 0.99)
     )
+    args = (update, engine.Placement(device, torch.float16, channels_last=True))
     loader = data.loaders["train"]
     engine.train_one_epoch(
-        model, loader, torch.nn.CrossEntropyLoss(), optimizer, max_steps=2, **kwargs
+        model, loader, torch.nn.CrossEntropyLoss(), *args, max_steps=2, progress=False
     )  # warm-up
     torch.cuda.synchronize(device)
     monkeypatch.setattr(engine._Progress, "check", lambda *args, **kw: None)
@@ -208,7 +202,7 @@ def test_training_steps_never_wait_for_the_gpu(data_root, monkeypatch):
         try:
             loader.set_epoch(2)
             engine.train_one_epoch(
-                model, loader, torch.nn.CrossEntropyLoss(), optimizer, max_steps=20, **kwargs
+                model, loader, torch.nn.CrossEntropyLoss(), *args, max_steps=20, progress=False
             )
         finally:
             torch.cuda.set_sync_debug_mode(0)

@@ -101,7 +101,7 @@ def test_flip_tta_averages_the_logits_of_both_views():
     )
     loader = plain_loader(images, labels, 8)
     model = create_model("resnet20", in_channels=3, num_classes=10, image_size=32).eval()
-    r = evaluate_loader(model, loader, device=torch.device("cpu"), num_classes=10, tta="flip")
+    r = evaluate_loader(model, loader, num_classes=10, tta="flip")
     x = (images.float() / 255 - 0.5) / 0.25
     with torch.no_grad():
         out = (model(x) + model(x.flip(-1))) / 2
@@ -142,14 +142,14 @@ def test_every_experiment_composes_and_states_its_target(name):
     assert cfg.epochs > 0 and cfg.model.name and cfg.data.name
 
 
-def one_batch_epoch(model, criterion, lr, **kwargs):
-    from cnntrain.engine import train_one_epoch
+def one_batch_epoch(model, criterion, lr, grad_clip=None):
+    from cnntrain.engine import Update, train_one_epoch
 
     x, y = batch(8)
     loader = plain_loader((x * 255).to(torch.uint8), y, 8)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     return train_one_epoch(
-        model, loader, criterion, opt, device=torch.device("cpu"), progress=False, **kwargs
+        model, loader, criterion, Update(opt, grad_clip=grad_clip), progress=False
     )
 
 

@@ -117,7 +117,7 @@ def run_one_step(cfg: DictConfig) -> None:
     from torch import nn
 
     from cnntrain.data import build_data
-    from cnntrain.engine import train_one_epoch
+    from cnntrain.engine import Placement, Update, train_one_epoch
     from cnntrain.models import build_model
     from cnntrain.optim import create_optimizer, create_scheduler
     from cnntrain.plan import input_config
@@ -143,12 +143,10 @@ def run_one_step(cfg: DictConfig) -> None:
         model,
         loader,
         nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-        optimizer,
-        device=device,
-        grad_clip=cfg.grad_clip,
+        Update(optimizer, scheduler if interval == "step" else None, grad_clip=cfg.grad_clip),
+        Placement(device),
         max_steps=1,
         progress=False,
-        scheduler=scheduler if interval == "step" else None,
         on_nan=cfg.on_nan,
     )
     assert out["state"].step == 1

@@ -160,9 +160,7 @@ def test_evaluate_loader_matches_the_textbook_metrics():
         images, labels, 16, BatchTransform([0.5], [0.25], cpu, size=28), device=cpu
     )
     model = create_model("lenet5", in_channels=1, num_classes=7, image_size=28).eval()
-    r = evaluate_loader(
-        model, loader, device=torch.device("cpu"), num_classes=7, keep_predictions=True
-    )
+    r = evaluate_loader(model, loader, num_classes=7, keep_predictions=True)
     with torch.no_grad():
         out = model((images.float() / 255 - 0.5) / 0.25)
     assert r["loss"] == pytest.approx(

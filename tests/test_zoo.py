@@ -13,7 +13,7 @@ from torch import nn
 
 from cnntrain.checkpoint import load_checkpoint, save_checkpoint
 from cnntrain.data import build_data
-from cnntrain.engine import evaluate_loader, train_one_epoch
+from cnntrain.engine import Update, evaluate_loader, train_one_epoch
 from cnntrain.inference import model_from_checkpoint, trained_config
 from cnntrain.models import build_model
 from cnntrain.optim import create_optimizer
@@ -80,16 +80,13 @@ def test_one_epoch_then_rebuilt_from_its_checkpoint(model, dataset, tmp_path):
         net,
         data.loaders["train"],
         nn.CrossEntropyLoss(),
-        optimizer,
-        device=CPU,
+        Update(optimizer),
         max_steps=1,
         progress=False,
     )
     assert trained["n"] == 2 and all(p.grad is not None for p in params)
     assert any(not torch.equal(b, p) for b, p in zip(before, params))
-    val = evaluate_loader(
-        net, data.loaders["val"], device=CPU, num_classes=10, max_steps=1, progress=False
-    )
+    val = evaluate_loader(net, data.loaders["val"], num_classes=10, max_steps=1, progress=False)
     assert val["num_samples"] == 2
 
     best = tmp_path / "best.pt"
