@@ -12,6 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from cnntrain.data import augment
 from cnntrain.data.augment import BatchTransform, _grid_nearest, _policy_theta
+from cnntrain.errors import UserError
 
 RGB = dict(mean=[0.0] * 3, std=[1.0] * 3, device="cpu")  # normalized = pixels / 255
 
@@ -529,3 +530,32 @@ def test_cuda_matches_cpu_and_never_syncs():
         else:
             assert diff.max() < 1e-3
         torch.testing.assert_close(target.cpu(), want_target)
+
+
+def test_ops_run_in_the_order_given():
+    """aug.order: the default order spelled out is the default; another order is another
+    pipeline (here the policy after the jitter), drawing in that order too."""
+    kw = dict(size=24, policy="randaugment", color_jitter=0.4, hue=0.1, random_erasing=0.5)
+    x, y = images(16, s=28), torch.zeros(16, dtype=torch.long)
+    default = BatchTransform(**RGB, **kw)(x, y, 3)[0]
+    spelled = BatchTransform(**RGB, **kw, order=list(augment.OPS))
+    assert torch.equal(spelled(x, y, 3)[0], default)
+    swapped = BatchTransform(**RGB, **kw, order=["color_jitter", "policy", "hue", "random_erasing"])
+    assert [type(o) for o in swapped.ops] == [
+        augment.CenterCrop,
+        augment.ColorJitter,
+        augment.Policy,
+        augment.Hue,
+        augment.RandomErasing,
+    ]
+    assert not torch.equal(swapped(x, y, 3)[0], default)
+
+
+@pytest.mark.parametrize(
+    "order",
+    [["policy", "hue", "brightness"], ["hue"], ["random_erasing", "color_jitter"]],
+    ids=["unknown", "an_op_on_left_out", "pixels_after_normalized"],
+)
+def test_refuses_a_bad_order(order):
+    with pytest.raises(UserError, match="aug.order"):
+        BatchTransform(**RGB, size=8, color_jitter=0.4, random_erasing=0.5, order=order)
