@@ -139,11 +139,9 @@ class CenterCrop(Op):
         return _center_crop(x, self.size)
 
 
-class ShiftFlip(CenterCrop):
+class ShiftFlip(Op):
     """= RandomCrop(padding=shift) + flip of the centre crop. Integer shifts and flips are pure
     re-indexing: two gathers on the uint8 pixels, several times cheaper than grid_sample."""
-
-    random = True
 
     def __init__(self, size: int, shift: int, hflip: bool):
         self.size, self.shift, self.hflip = size, shift, hflip
@@ -158,7 +156,7 @@ class ShiftFlip(CenterCrop):
         return {k: batch.rows(v) for k, v in host.items()}, None
 
     def apply(self, x, p, plan):
-        x = super().apply(x, p, plan)
+        x = _center_crop(x, self.size)
         b, c, h, w = x.shape
         dev, pad = x.device, self.shift
         if pad:
@@ -172,11 +170,9 @@ class ShiftFlip(CenterCrop):
         return x.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
 
 
-class Affine(CenterCrop):
+class Affine(Op):
     """Shift, rotation, zoom and flip of the centre crop as one bilinear grid_sample, in float
     before normalizing, so the zero fill is black as in RandomCrop."""
-
-    random = True
 
     def __init__(self, size: int, shift: int, degrees: float, scale, hflip: bool):
         self.size, self.shift, self.degrees = size, shift, degrees
@@ -201,7 +197,7 @@ class Affine(CenterCrop):
         return shift, angle, zoom, flip
 
     def apply(self, x, p, plan):
-        x = super().apply(x, p, plan).float()
+        x = _center_crop(x, self.size).float()
         grid = F.affine_grid(p["theta"], list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -632,7 +628,7 @@ def _ordered(order, made: dict) -> list[str]:
             f"op that is on ({', '.join(n for n, op in made.items() if op is not None)})"
         )
     stages = [made[name].normalized for name in order if made[name] is not None]
-    if stages != sorted(stages):
+    if stages != sorted(stages):  # False (on pixels) sorts before True (on normalized images)
         normalized = [name for name, op in made.items() if op is not None and op.normalized]
         raise UserError(
             f"aug.order={order}: {', '.join(normalized)} run on normalized images, after "
