@@ -233,8 +233,8 @@ class AugConfig:
     cutmix_alpha: float = key(0.0, "> 0: CutMix with Beta(alpha, alpha) areas", ge=0, resume=ALLOW)
     order: Optional[List[str]] = key(
         None,
-        "the ops after the geometry, in the order they run (null: policy, color_jitter, hue, "
-        "random_erasing, mix); those on normalized images (random_erasing, mix) go last",
+        "the ops after the geometry, in the order they run (null: their default order); "
+        "those on normalized images (random_erasing, mix) go last",
         resume=ALLOW,
     )
 
