@@ -263,8 +263,11 @@ class ResizedCrop(Op):
         return x
 
 
-GEOMETRY = dict(shift=0, degrees=0.0, scale=None, hflip=False, crop_scale=None)
-GEOMETRY["crop_ratio"] = (3 / 4, 4 / 3)  # not an aug key: torchvision's default, for the tests
+# the keys of an aug.<kind> section, with their defaults; crop_ratio is no aug key (always
+# torchvision's default range), given only by the tests
+GEOMETRY = dict(
+    shift=0, degrees=0.0, scale=None, hflip=False, crop_scale=None, crop_ratio=(3 / 4, 4 / 3)
+)
 
 
 def create_geometry(at: Spec, shift, degrees, scale, hflip, crop_scale, crop_ratio) -> Op:
