@@ -231,6 +231,12 @@ class AugConfig:
     )
     mixup_alpha: float = key(0.0, "> 0: mixup with Beta(alpha, alpha) weights", ge=0, resume=ALLOW)
     cutmix_alpha: float = key(0.0, "> 0: CutMix with Beta(alpha, alpha) areas", ge=0, resume=ALLOW)
+    order: Optional[List[str]] = key(
+        None,
+        "the ops after the geometry, in the order they run (null: their default order); "
+        "those on normalized images (random_erasing, mix) go last",
+        resume=ALLOW,
+    )
 
 
 # The options of optim= and sched=, each built by name (optim.OPTIMIZERS, optim.SCHEDULES)

@@ -12,6 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from cnntrain.data import augment
 from cnntrain.data.augment import BatchTransform, _grid_nearest, _policy_theta
+from cnntrain.errors import UserError
 
 RGB = dict(mean=[0.0] * 3, std=[1.0] * 3, device="cpu")  # normalized = pixels / 255
 
@@ -24,6 +25,11 @@ def images(b=8, c=3, s=32, seed=0):
 
 def copies(b=32, c=3, s=32):
     return images(1, c, s).expand(b, -1, -1, -1).contiguous()
+
+
+def op(t, kind):
+    """The op of this kind in the transform's pipeline."""
+    return next(o for o in t.ops if isinstance(o, kind))
 
 
 def pixels(out):
@@ -147,7 +153,7 @@ def test_affine_per_image_equals_functional_affine(kw):
     x = TF.resize(images(b, s=8), [24, 24], interpolation=InterpolationMode.BICUBIC)  # smooth
     t = BatchTransform(**RGB, size=24, **kw)
     out = t(x, torch.zeros(b, dtype=torch.long), seed)[0] * 255
-    _, angle, zoom, _ = t._draw_affine(torch.Generator().manual_seed(seed), b)
+    _, angle, zoom, _ = op(t, augment.Affine).params(torch.Generator().manual_seed(seed), b)
     lo, hi = kw["scale"]
     assert lo <= zoom.min() and zoom.max() <= hi and zoom.std() > 0
     for i in range(b):
@@ -195,7 +201,7 @@ def test_rrc_box_of_output_size_is_an_exact_crop():
 def test_rrc_boxes_stay_inside_the_image():
     h, w = 40, 30
     t = BatchTransform(**RGB, size=16, crop_scale=(0.08, 1.0))
-    box = t._draw_boxes(torch.Generator().manual_seed(0), 2000, h, w)
+    box = op(t, augment.ResizedCrop).boxes(torch.Generator().manual_seed(0), 2000, h, w)
     _, x1, y1, x2, y2 = box.T
     assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= w).all() and (y2 <= h).all()
     assert (x2 > x1).all() and (y2 > y1).all()
@@ -214,7 +220,8 @@ def test_policy_batched_equals_torchvision_per_image(policy):
     x = images(b, s=32)
     t = BatchTransform(**RGB, size=32, policy=policy)
     out = pixels(t(x, torch.zeros(b, dtype=torch.long), seed)[0])
-    stages = t._draw_policy(torch.Generator().manual_seed(seed), b)  # the policy draws first
+    # the policy draws first
+    stages = op(t, augment.Policy).stages(torch.Generator().manual_seed(seed), b)
     ref = v2.RandAugment() if policy == "randaugment" else v2.AutoAugment()
     drawn = set()
     for i in range(b):
@@ -260,7 +267,9 @@ def test_group_op_equals_functional_per_image(name, mag):
         "AutoContrast": TF.autocontrast,
         "Solarize": lambda img: TF.solarize(img, 127.5),
     }[name]
-    assert torch.equal(t._op(x, name, mag, None), torch.stack([fn(img) for img in x]))
+    assert torch.equal(
+        op(t, augment.Policy).op(x, name, mag, None), torch.stack([fn(img) for img in x])
+    )
 
 
 @pytest.mark.parametrize("component", ["brightness", "contrast", "saturation", "hue"])
@@ -276,7 +285,8 @@ def test_jitter_component_per_image_equals_functional(component):
         "hue": torch.zeros(b),
         component: factors,
     }
-    out = t._color(x * 255, p) / 255
+    jitter, hue = op(t, augment.ColorJitter), op(t, augment.Hue)
+    out = hue.apply(jitter.apply(x * 255, p, None), p, None) / 255
     fn = {
         "brightness": TF.adjust_brightness,
         "contrast": TF.adjust_contrast,
@@ -479,7 +489,7 @@ def test_a_part_of_a_batch_is_that_part_of_the_batch_transformed_whole(setting, 
         for rank in range(world):
             part = slice(rank * b // world, (rank + 1) * b // world)
             pos = t.positions(b, part)
-            assert len(pos) == b // world + bool(t.mix_alphas)
+            assert len(pos) == b // world + t.mixes
             out, out_target = t(x[pos], y[pos], seed, positions=pos, batch=b)
             assert torch.equal(out, whole[part]), (seed, rank)
             assert torch.equal(out_target, target[part])
@@ -520,3 +530,32 @@ def test_cuda_matches_cpu_and_never_syncs():
         else:
             assert diff.max() < 1e-3
         torch.testing.assert_close(target.cpu(), want_target)
+
+
+def test_ops_run_in_the_order_given():
+    """aug.order: the default order spelled out is the default; another order is another
+    pipeline (here the policy after the jitter), drawing in that order too."""
+    kw = dict(size=24, policy="randaugment", color_jitter=0.4, hue=0.1, random_erasing=0.5)
+    x, y = images(16, s=28), torch.zeros(16, dtype=torch.long)
+    default = BatchTransform(**RGB, **kw)(x, y, 3)[0]
+    spelled = BatchTransform(**RGB, **kw, order=list(augment.OPS))
+    assert torch.equal(spelled(x, y, 3)[0], default)
+    swapped = BatchTransform(**RGB, **kw, order=["color_jitter", "policy", "hue", "random_erasing"])
+    assert [type(o) for o in swapped.ops] == [
+        augment.CenterCrop,
+        augment.ColorJitter,
+        augment.Policy,
+        augment.Hue,
+        augment.RandomErasing,
+    ]
+    assert not torch.equal(swapped(x, y, 3)[0], default)
+
+
+@pytest.mark.parametrize(
+    "order",
+    [["policy", "hue", "brightness"], ["hue"], ["random_erasing", "color_jitter"]],
+    ids=["unknown", "an_op_on_left_out", "pixels_after_normalized"],
+)
+def test_refuses_a_bad_order(order):
+    with pytest.raises(UserError, match="aug.order"):
+        BatchTransform(**RGB, size=8, color_jitter=0.4, random_erasing=0.5, order=order)

@@ -2,7 +2,8 @@
 
 Every dataset becomes the same thing first: per split, uint8 pixels (N, C, S, S) with labels
 (built-in datasets: torchvision's readers; image folders: the decoded cache of data/cache.py).
-Then one BatchLoader per split, with one batched transform (augment.BatchTransform)."""
+Then one BatchLoader per split, with one batched transform (augment.BatchTransform, a list of
+ops built from the aug keys)."""
 
 from __future__ import annotations
 
@@ -234,25 +235,16 @@ def _check_channels(data: DictConfig, channels: int) -> None:
 def _train_transform(
     aug: DictConfig, data: DictConfig, source: _Source, mean, std, device
 ) -> BatchTransform:
-    geo = geometry(aug, data)
     return BatchTransform(
-        mean,
-        std,
-        device,
-        size=source.size,
-        shift=geo.shift,
-        degrees=geo.degrees,
-        scale=geo.get("scale"),
-        hflip=geo.hflip,
-        crop_scale=geo.get("crop_scale"),
-        color_jitter=aug.get("color_jitter", 0.0),
-        hue=aug.get("hue", 0.0),
-        policy=aug.policy,
-        random_erasing=aug.random_erasing,
-        mixup_alpha=aug.get("mixup_alpha", 0.0),
-        cutmix_alpha=aug.get("cutmix_alpha", 0.0),
-        num_classes=len(source.classes),
+        mean, std, device, size=source.size, num_classes=len(source.classes), **settings(aug, data)
     )
+
+
+def settings(aug: DictConfig, data: DictConfig) -> dict:
+    """The aug keys as augment.create_ops reads them: those of every op, the geometry's from
+    the aug.<kind> section of these images (the other kinds' sections are left out)."""
+    ops = {k: v for k, v in aug.items() if k != "name" and not isinstance(v, DictConfig)}
+    return {**ops, **geometry(aug, data)}
 
 
 def _downsize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
