@@ -14,6 +14,24 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 from fakedata import write_cifar, write_image_folder, write_mnist
 
 
+@pytest.fixture(autouse=True)
+def _e2e_starts_processes(request, monkeypatch):
+    """The fast tier (`-m "not e2e"`) runs in this process: a test not marked e2e that starts
+    a process (a console script, torchrun, mount, pip) fails here, naming the mark it needs,
+    so that the tier stays fast and its marks stay true. The product's own worker pools
+    (multiprocessing) stay allowed; tests of gloo ranks (ranks.py) are marked by hand."""
+    if request.node.get_closest_marker("e2e") is not None:
+        return
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process ({str(args)[:80]}): mark it "
+            "@pytest.mark.e2e (the end-to-end tier) or test it in-process"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` run where a GPU is visible (CI on a GPU machine) and are skipped here."""
     import torch

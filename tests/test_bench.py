@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# console scripts in subprocesses: the end-to-end tier
+pytestmark = pytest.mark.e2e
+
+
 SCRIPT = Path(__file__).parents[1] / "scripts" / "bench.py"
 
 

@@ -175,6 +175,7 @@ def wait_for(condition, timeout=60):
         time.sleep(0.02)
 
 
+@pytest.mark.e2e
 def test_a_killed_build_leaves_nothing_trusted(folder, tmp_path, monkeypatch):
     cache_dir = tmp_path / "c"
     proc = start_build(folder, cache_dir, 0.05)  # 36 images: ~2 s of decoding
@@ -196,6 +197,7 @@ def test_a_killed_build_leaves_nothing_trusted(folder, tmp_path, monkeypatch):
     assert entries(cache_dir) == [os.path.basename(rebuilt.path)]  # the dead build's folder removed
 
 
+@pytest.mark.e2e
 def test_two_processes_building_at_once_share_one_entry(folder, tmp_path):
     cache_dir = tmp_path / "c"
     procs = [start_build(folder, cache_dir, 0.02) for _ in range(2)]
@@ -341,6 +343,7 @@ def test_an_unwritable_cache_dir_is_one_line_naming_the_setting(folder, tmp_path
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.e2e
 def test_stale_temporary_folders_are_removed(folder, tmp_path):
     cache_dir = tmp_path / "c"
     dead = subprocess.Popen([sys.executable, "-c", ""])

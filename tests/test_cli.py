@@ -112,6 +112,7 @@ def test_checkpoints_are_plain_weights_only_dicts(trained):
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
 
+@pytest.mark.e2e
 def test_cnneval_reports_what_training_printed(trained, tmp_path):
     dataset, run_dir, _ = trained
     results = json.loads((run_dir / "results.json").read_text())
@@ -151,6 +152,7 @@ def test_cnneval_reports_what_training_printed(trained, tmp_path):
         assert [p["sample"] for p in predictions[:3]] == ["0", "1", "2"]
 
 
+@pytest.mark.e2e
 def test_cnneval_val_split_and_overrides(data_root, tmp_path):
     run_dir = tmp_path / "run"
     run_cli(*train_args("mnist", data_root, None, run_dir, "epochs=1"), cwd=tmp_path)
@@ -172,6 +174,7 @@ def test_cnneval_val_split_and_overrides(data_root, tmp_path):
     assert report["top1"] == pytest.approx(best["metrics"]["val_acc"], abs=1e-12)
 
 
+@pytest.mark.e2e
 def test_resume_continues_to_the_same_result(data_root, tmp_path):
     # sched=step does not depend on `epochs`, so a 1-epoch run resumed to 3 epochs (its schedule
     # re-planned) must match an uninterrupted 3-epoch run bit for bit on the CPU
@@ -211,6 +214,7 @@ def test_resume_continues_to_the_same_result(data_root, tmp_path):
     assert (resumed / "checkpoints/best.pt").is_file()
 
 
+@pytest.mark.e2e
 def test_rerun_into_a_run_dir_with_checkpoints_is_refused(data_root, tmp_path):
     run_dir = tmp_path / "run"
     run_cli(*train_args("mnist", data_root, None, run_dir, "epochs=1"), cwd=tmp_path)
@@ -222,6 +226,7 @@ def test_rerun_into_a_run_dir_with_checkpoints_is_refused(data_root, tmp_path):
     assert (run_dir / "checkpoints/last.pt").read_bytes() == before
 
 
+@pytest.mark.e2e
 def test_multirun_two_jobs(data_root, tmp_path):
     proc = run_cli(
         "cnntrain",
@@ -288,6 +293,7 @@ def test_multirun_two_jobs(data_root, tmp_path):
         )
 
 
+@pytest.mark.e2e
 def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
     proc = run_cli(
         "cnntrain",
@@ -317,6 +323,7 @@ def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
     assert rows[1]["error"].startswith("optim.lr=-1.0 is not allowed")
 
 
+@pytest.mark.e2e
 def test_a_capped_test_says_it_is_capped_and_how_to_get_the_full_one(data_root, tmp_path):
     proc = run_cli(
         *train_args("mnist", data_root, None, tmp_path / "run", "epochs=1", "max_eval_steps=1"),
@@ -330,6 +337,7 @@ def test_a_capped_test_says_it_is_capped_and_how_to_get_the_full_one(data_root, 
     ) in proc.stdout
 
 
+@pytest.mark.e2e
 def test_an_experiment_run_says_what_the_recipe_turned_on(data_root, tmp_path):
     proc = run_cli(
         "cnntrain",
@@ -351,6 +359,7 @@ def test_an_experiment_run_says_what_the_recipe_turned_on(data_root, tmp_path):
     )  # the section its data uses
 
 
+@pytest.mark.e2e
 def test_help_lists_groups_and_every_key_with_its_meaning(tmp_path):
     out = run_cli("cnntrain", "optim=adam", "--help", cwd=tmp_path).stdout
     assert "optim=adam: adam, adamw, sgd" in out and "schema/" not in out
@@ -363,6 +372,7 @@ def test_help_lists_groups_and_every_key_with_its_meaning(tmp_path):
     assert "ckpt=???" in out and "a checkpoint, a run or multirun folder" in out
 
 
+@pytest.mark.e2e
 def test_sweep_lines_share_one_time_format(data_root, tmp_path):
     import re
 

@@ -18,6 +18,10 @@ import torch
 
 from cnntrain.checkpoint import load_checkpoint
 
+# gloo ranks and torchrun, each a process: the end-to-end tier
+pytestmark = pytest.mark.e2e
+
+
 BIN = Path(sys.executable).parent
 # fake MNIST: 360 training images, 40 held out; 2 ranks x 32 = 64 a step: 5 steps an epoch.
 # SqueezeNet has dropout (0.5): each rank's dropout stream is part of the result.

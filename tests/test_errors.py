@@ -64,6 +64,7 @@ def assert_one_line_error(proc, *needles):
         ("aug.mixup_alpha=-1", "aug.mixup_alpha=-1.0 is not allowed: it must be >= 0"),
     ],
 )
+@pytest.mark.e2e
 def test_bad_values(existing_run, data_root, override, needle):
     before = snapshot(existing_run)
     proc = run_cli(
@@ -81,6 +82,7 @@ def test_bad_values(existing_run, data_root, override, needle):
     assert snapshot(existing_run) == before
 
 
+@pytest.mark.e2e
 def test_unknown_group_option_lists_the_options(tmp_path):
     proc = run_cli("cnntrain", "model=resnet81", cwd=tmp_path, check=False)
     assert proc.returncode != 0
@@ -91,6 +93,7 @@ def test_unknown_group_option_lists_the_options(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
 def test_missing_dataset_files(tmp_path):
     proc = run_cli(
         "cnntrain",
@@ -105,6 +108,7 @@ def test_missing_dataset_files(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_imagefolder_without_class_folders(tmp_path):
     (tmp_path / "imgs" / "train").mkdir(parents=True)
     proc = run_cli(
@@ -118,6 +122,7 @@ def test_imagefolder_without_class_folders(tmp_path):
     assert_one_line_error(proc, "class")
 
 
+@pytest.mark.e2e
 def test_imagefolder_without_root(tmp_path):
     proc = run_cli(
         "cnntrain",
@@ -152,6 +157,7 @@ def bad_checkpoints(existing_run, tmp_path):
         ("unsafe.pt", "unsafe loading and was refused"),
     ],
 )
+@pytest.mark.e2e
 def test_bad_checkpoint_for_cnneval(bad_checkpoints, name, needle):
     path = bad_checkpoints / name
     proc = run_cli(
@@ -165,6 +171,7 @@ def test_bad_checkpoint_for_cnneval(bad_checkpoints, name, needle):
     assert not (bad_checkpoints / "ev" / "report.json").exists()
 
 
+@pytest.mark.e2e
 def test_bad_checkpoint_for_resume(bad_checkpoints, data_root):
     proc = run_cli(
         "cnntrain",
@@ -179,6 +186,7 @@ def test_bad_checkpoint_for_resume(bad_checkpoints, data_root):
     assert_one_line_error(proc, "truncated")
 
 
+@pytest.mark.e2e
 def test_resume_with_another_model_is_refused(existing_run, data_root, tmp_path):
     proc = run_cli(
         "cnntrain",
@@ -194,6 +202,7 @@ def test_resume_with_another_model_is_refused(existing_run, data_root, tmp_path)
     assert_one_line_error(proc, "model.name=lenet5")
 
 
+@pytest.mark.e2e
 def test_cnneval_with_other_classes_shows_both_lists(existing_run, data_root, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(data_root / "MNIST", other / "MNIST")

@@ -118,6 +118,7 @@ def test_lenet_every_format_matches_cnntrain(lenet_export):
 @pytest.mark.parametrize(
     "model", ["resnet20", pytest.param("mobilenet_v2", marks=pytest.mark.slow)]
 )
+@pytest.mark.e2e
 def test_resnet20_and_mobilenet_v2_every_format_match_cnntrain(model, request, tmp_path):
     ckpt = request.getfixturevalue(model)
     proc = export(ckpt, tmp_path / "out", ALL)
@@ -136,6 +137,7 @@ def onnx_predictions(path: Path, images: np.ndarray, layout: str, dtype: str):
     )
 
 
+@pytest.mark.e2e
 def test_uint8_in_both_layouts_gives_cnneval_top1(lenet, tmp_path):
     """The 1,000 bundled test images as uint8 arrays straight from the dataset file (NCHW, and
     NHWC as a decoder gives them; float 0..1 with softmax too): the exported graph's top-1 is the
@@ -200,6 +202,7 @@ def test_metadata_reads_back_from_every_format_and_the_sidecar(lenet, lenet_expo
     assert report["metadata"]["config_sha256"] == digest and len(report["samples"]) == 64
 
 
+@pytest.mark.e2e
 def test_cnnpredict_runs_the_onnx_file_as_the_checkpoint(lenet, lenet_export, tmp_path):
     """The same PNG files (RGB, 40x40: converted and resized as for the checkpoint) through
     cnnpredict ckpt= and cnnpredict model=FILE.onnx: the same classes in the same order, the same
@@ -238,6 +241,7 @@ def test_cnnpredict_runs_the_onnx_file_as_the_checkpoint(lenet, lenet_export, tm
     assert table == [line for line in by_onnx.stdout.splitlines() if line.startswith("|")]
 
 
+@pytest.mark.e2e
 def test_an_image_folder_model_stored_for_crops_exports_and_predicts_alike(folder_root, tmp_path):
     """RGB folder images stored at 1.14 x the model's size (random-resized-crop training): the
     check reads the test split's central crop, the metadata says to resize to 36 px before the
@@ -326,6 +330,7 @@ def test_bad_values_are_refused_by_the_schema(override, needle):
     assert needle in refusal("ckpt=x.pt", override, config="export")
 
 
+@pytest.mark.e2e
 def test_bad_inputs_are_one_line_and_leave_nothing(lenet, tmp_path):
     cases = [
         ((f"ckpt={tmp_path}/missing.pt",), ("missing.pt", "not found")),
@@ -342,6 +347,7 @@ def test_bad_inputs_are_one_line_and_leave_nothing(lenet, tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"], args  # no outputs/
 
 
+@pytest.mark.e2e
 def test_cnnpredict_wants_exactly_one_of_ckpt_and_model(lenet, lenet_export, tmp_path):
     onnx_file = lenet_export[0] / "model.onnx"
     image = tmp_path / "x.png"
@@ -373,6 +379,7 @@ def without(module: str, tmp_path: Path) -> dict:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
 
 
+@pytest.mark.e2e
 def test_without_the_export_extra_one_line_says_how_to_install(lenet, lenet_export, tmp_path):
     env = without("onnxruntime", tmp_path)
     proc = export(lenet, tmp_path / "out", env=env, check=False)
@@ -491,6 +498,7 @@ def test_compare_counts_ties_at_the_tolerance():
     assert (result["top1_agree"], result["ties"], result["passed"]) == (0, 1, True)
 
 
+@pytest.mark.e2e
 def test_benchmark_reports_every_runtime(lenet, tmp_path):
     proc = export(
         lenet, tmp_path / "out", "format=[onnx,torchscript]", "benchmark=true", "verify_images=8"

@@ -207,6 +207,7 @@ def train_folder_args(root, run_dir, *extra):
     ]
 
 
+@pytest.mark.e2e
 def test_cli_corrupt_image_ends_in_one_line(tmp_path):
     bad_train, _ = write_bad_folder(tmp_path / "imgs")
     proc = run_cli(
@@ -237,6 +238,7 @@ def test_cli_skip_bad_images_trains_and_logs_the_files(skipping_run):
     assert '"test_images": 9' in (tmp / "run" / "results.json").read_text()
 
 
+@pytest.mark.e2e
 def test_cnneval_imagefolder_with_other_class_folders_shows_both_lists(skipping_run):
     tmp, _, _ = skipping_run
     other = tmp / "other"
@@ -324,6 +326,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, payload, nested):
     assert not (tmp_path / "marker").exists()
 
 
+@pytest.mark.e2e
 def test_cli_refuses_malicious_checkpoint(tmp_path):
     path = malicious(tmp_path / "evil.pt", TouchViaSystem, tmp_path / "marker", nested=False)
     proc = run_cli(
@@ -433,6 +436,7 @@ def kill_mid_write(path, epoch, save, fraction, full_size, timeout=60):
         proc.wait()
 
 
+@pytest.mark.e2e
 def test_kill_9_during_save_keeps_a_loadable_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint(core(0, 8_000_000), path)
@@ -508,6 +512,7 @@ def test_disk_full_keeps_the_old_checkpoint_and_says_so(tmp_path, monkeypatch, d
     assert os.listdir(path.parent) == ["last.pt"]
 
 
+@pytest.mark.e2e
 def test_disk_full_during_training_is_one_line(tmp_path, data_root, monkeypatch):
     """The CLI, its checkpoint fsync failing with ENOSPC (injected by a sitecustomize module)."""
     inject = tmp_path / "inject"

@@ -183,6 +183,7 @@ def test_every_tool_names_the_foreign_file(foreign, tmp_path, tool, config, key,
     assert written == [], written
 
 
+@pytest.mark.e2e
 def test_cli_a_fifo_as_checkpoint_is_one_line_without_waiting(foreign, tmp_path):
     from conftest import run_cli
 

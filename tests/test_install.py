@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+# console scripts in subprocesses: the end-to-end tier
+pytestmark = pytest.mark.e2e
+
+
 PROJECT = Path(__file__).parents[1]
 
 

@@ -53,6 +53,7 @@ def test_cnntrain_without_arguments_learns_offline(default_run):
     ), tail
 
 
+@pytest.mark.e2e
 def test_cnneval_agrees_with_the_training_run(default_run, tmp_path):
     _, run_dir, _, results = default_run
     run_cli(
@@ -79,6 +80,7 @@ def real_test_images(tmp_path_factory):
     return folder, [classes[int(t)] for t in labels[:60]]
 
 
+@pytest.mark.e2e
 def test_cnnpredict_gets_real_images_right(default_run, real_test_images, tmp_path):
     _, run_dir, _, _ = default_run
     folder, truth = real_test_images

@@ -10,6 +10,10 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
+# console scripts in subprocesses: the end-to-end tier
+pytestmark = pytest.mark.e2e
+
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -71,6 +71,7 @@ def _wait(procs):
 
 
 # ------------------------------------------------------------------------- data lost before
+@pytest.mark.e2e
 def test_two_runs_started_together_into_one_folder(data_root, tmp_path):
     run_dir = tmp_path / "shared"
     args = ["cnntrain", "data=mnist", f"data.root={data_root}", *TRAIN, f"hydra.run.dir={run_dir}"]
@@ -92,6 +93,7 @@ def test_two_runs_started_together_into_one_folder(data_root, tmp_path):
     assert "error" not in log.lower(), log  # the loser wrote nothing there, not even its error
 
 
+@pytest.mark.e2e
 def test_two_plain_runs_in_the_same_second_get_two_folders(data_root, tmp_path):
     while time.time() % 1 > 0.2:  # start both early in one second: they compute the same name
         time.sleep(0.05)
@@ -114,6 +116,7 @@ def test_two_plain_runs_in_the_same_second_get_two_folders(data_root, tmp_path):
     assert seeds == {1, 2}
 
 
+@pytest.mark.e2e
 def test_resume_into_another_runs_folder_is_refused(finished_run, data_root, tmp_path):
     other = tmp_path / "other"
     run_cli(
@@ -185,6 +188,7 @@ def test_a_folder_with_any_result_but_no_last_pt_is_refused(data_root, tmp_path,
     assert everything(run_dir) == before
 
 
+@pytest.mark.e2e
 def test_the_cli_refuses_such_a_folder_too(data_root, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -206,6 +210,7 @@ def test_the_cli_refuses_such_a_folder_too(data_root, tmp_path):
     assert everything(run_dir) == before
 
 
+@pytest.mark.e2e
 def test_refused_reruns_leave_every_file_of_the_run_untouched(finished_run, data_root, tmp_path):
     """.hydra/*.yaml and train.log included: Hydra writes nothing before the folder is claimed."""
     before = everything(finished_run)
@@ -258,6 +263,7 @@ def test_refused_reruns_leave_every_file_of_the_run_untouched(finished_run, data
         ), args
 
 
+@pytest.mark.e2e
 def test_resume_auto_of_a_finished_run_keeps_its_results(finished_run, data_root, tmp_path):
     before = everything(finished_run)
     proc = run_cli(
@@ -305,6 +311,7 @@ def _fill(disk: Path) -> None:
             pass
 
 
+@pytest.mark.e2e  # mounts a tmpfs
 def test_full_disk_while_curves_png_is_written(tiny_disk):
     from cnntrain.errors import UserError
     from cnntrain.tracking import RunTracker
@@ -346,6 +353,7 @@ def test_full_disk_while_curves_png_is_written(tiny_disk):
     tracker.close()
 
 
+@pytest.mark.e2e  # mounts a tmpfs
 def test_full_disk_during_a_run_is_one_line(tiny_disk, data_root, tmp_path):
     _fill(tiny_disk)
     os.unlink(tiny_disk / "filler")  # free, then a run far larger than 2 MB (its checkpoints)
@@ -433,6 +441,7 @@ def test_bad_values_are_one_line_naming_the_key(override, needle):
         )
     ],
 )
+@pytest.mark.e2e
 def test_bad_values_through_the_cli_leave_nothing(data_root, tmp_path, override, needle):
     """Composition errors, schema errors and Hydra's own: one line on stderr, no folder."""
     proc = run_cli(
@@ -463,6 +472,7 @@ def test_bad_values_through_the_cli_leave_nothing(data_root, tmp_path, override,
         (("cnnviz", "ckpt=x.pt", "inputs=y.png", "max_images=-3"), "max_images=-3 is not allowed"),
     ],
 )
+@pytest.mark.e2e
 def test_other_tools_bad_values(tmp_path, args, needle):
     proc = run_cli(*args, cwd=tmp_path, check=False)
     assert_refused(proc, needle)
@@ -486,6 +496,7 @@ def test_other_tools_bad_values(tmp_path, args, needle):
         ("cnnviz", "ckpt=missing.pt", "inputs=."),
     ],
 )
+@pytest.mark.e2e
 def test_starts_that_end_before_any_result_leave_no_folder(tmp_path, args):
     """A bad input found after the run claimed its default folder (a missing dataset or
     checkpoint) removes that folder again, with its .hydra/ and log: the error is on stderr."""
@@ -525,6 +536,7 @@ def test_run_names():
     assert name(ckpt="multirun/2026-11-22/10-00-00") == "" and name(ckpt=["a.pt", "b.pt"]) == ""
 
 
+@pytest.mark.e2e
 def test_a_validation_split_that_leaves_no_training_image(data_root, tmp_path):
     proc = run_cli(
         "cnntrain",
@@ -538,6 +550,7 @@ def test_a_validation_split_that_leaves_no_training_image(data_root, tmp_path):
     assert_refused(proc, "data.val_split=0.9999 holds out all")
 
 
+@pytest.mark.e2e
 def test_cnneval_batch_size_zero(finished_run, tmp_path):
     proc = run_cli(
         "cnneval",
@@ -549,6 +562,7 @@ def test_cnneval_batch_size_zero(finished_run, tmp_path):
     assert_refused(proc, "data.batch_size=0 is not allowed: it must be >= 1")
 
 
+@pytest.mark.e2e
 def test_run_dir_that_is_a_file_or_read_only(data_root, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
@@ -581,6 +595,7 @@ def test_run_dir_that_is_a_file_or_read_only(data_root, tmp_path):
         subprocess.run(["umount", "-l", str(read_only)], capture_output=True)
 
 
+@pytest.mark.e2e
 def test_ctrl_c_during_start_up(data_root, tmp_path):
     """A real SIGINT while the data is being loaded: exit 130, one line, no folder left."""
     hook = tmp_path / "hook"
@@ -619,6 +634,7 @@ def nan_checkpoint(finished_run, tmp_path):
     return tmp_path / "nan.pt", name
 
 
+@pytest.mark.e2e
 def test_non_finite_weights_are_refused_by_every_tool(
     nan_checkpoint, finished_run, data_root, tmp_path
 ):
@@ -638,6 +654,7 @@ def test_non_finite_weights_are_refused_by_every_tool(
     "launcher",
     [[], ["launcher=joblib"], ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]],
 )
+@pytest.mark.e2e
 def test_sweep_exit_code_counts_failed_jobs(data_root, tmp_path, launcher):
     sweep = tmp_path / "sweep"
     proc = run_cli(
@@ -660,6 +677,7 @@ def test_sweep_exit_code_counts_failed_jobs(data_root, tmp_path, launcher):
     assert "| ok |" in summary and "| failed |" in summary
 
 
+@pytest.mark.e2e
 def test_an_interrupted_sweep_resumes_as_a_whole(data_root, tmp_path):
     """The second job is stopped by a real SIGTERM; the hint names the sweep folder, and
     following it keeps the first job's results and continues the second."""

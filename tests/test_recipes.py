@@ -64,6 +64,7 @@ def test_training_with_mixup_and_cutmix(data_root, tmp_path):
     assert results["test_acc"] is not None and (tmp_path / "checkpoints/best.pt").is_file()
 
 
+@pytest.mark.e2e
 def test_ema_weights_are_the_ones_validated_and_saved(data_root, tmp_path):
     train(make_cfg(data_root, "epochs=2", "ema.decay=0.9"), run_dir=tmp_path)
     last = load_checkpoint(tmp_path / "checkpoints/last.pt")
@@ -111,6 +112,7 @@ def test_flip_tta_averages_the_logits_of_both_views():
     assert r["acc"] == (out.argmax(1) == labels).sum().item() / 20
 
 
+@pytest.mark.e2e
 def test_cnneval_tta_flip_and_a_bad_tta(data_root, tmp_path):
     train(make_cfg(data_root, "epochs=1"), run_dir=tmp_path / "run")
     ckpt = f"ckpt={tmp_path}/run/checkpoints/best.pt"

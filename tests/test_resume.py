@@ -118,6 +118,7 @@ def test_mid_epoch_resume_on_an_augmented_image_folder_is_exact(
     assert rows(full) == rows(part)
 
 
+@pytest.mark.e2e
 def test_sigterm_from_outside_saves_and_resume_auto_continues(data_root, tmp_path):
     run_dir = tmp_path / "run"
     args = [

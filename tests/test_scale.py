@@ -20,6 +20,7 @@ def rows(run_dir):
     return list(csv.DictReader(open(run_dir / "metrics.csv")))
 
 
+@pytest.mark.e2e
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(data_root, tmp_path):
     # LeNet-5 has no BatchNorm, and each rank trains on its half of exactly the global batch
     # one process draws (augmented with the same random numbers), so DDP's averaged gradient
@@ -90,6 +91,7 @@ def test_run_folders_of_ranks_and_sweeps(tmp_path, monkeypatch):
     assert rundir.unique_dir(base) == base and cli._run_time() == 1795000000.0
 
 
+@pytest.mark.e2e
 def test_two_sweeps_started_together_get_two_folders(data_root, tmp_path):
     args = [
         str(BIN / "cnntrain"),
@@ -114,6 +116,7 @@ def test_two_sweeps_started_together_get_two_folders(data_root, tmp_path):
     )
 
 
+@pytest.mark.e2e
 def test_joblib_launcher_runs_jobs_in_parallel_processes(data_root, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     run_cli(
@@ -138,6 +141,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(data_root, tmp_path):
     assert "summary.csv" in {p.name for p in (tmp_path / "sweep").iterdir()}
 
 
+@pytest.mark.e2e
 def test_optuna_sweep_maximizes_the_validation_accuracy(data_root, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     run_cli(
@@ -165,6 +169,7 @@ def test_optuna_sweep_maximizes_the_validation_accuracy(data_root, tmp_path):
     assert set(best["best_params"]) == {"optim.lr", "optim.weight_decay", "data.batch_size"}
 
 
+@pytest.mark.e2e
 def test_submitit_slurm_preset_composes_and_its_jobs_run_with_the_local_executor(
     data_root, tmp_path
 ):

@@ -111,6 +111,7 @@ def test_a_target_in_the_stored_config_runs_nothing_in_any_tool(run, data_root, 
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_the_refusal_is_one_line_on_stderr(run, tmp_path):
     marker = tmp_path / "PWNED"
     ckpt = crafted(run, tmp_path, lambda c: c["optim"].update(_target_="builtins.exec"), "best.pt")

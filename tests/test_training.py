@@ -61,6 +61,7 @@ def test_amp_dtype_choices():
         amp_dtype(True, torch.device("cpu"), "fp16")
 
 
+@pytest.mark.e2e
 def test_torch_compile_on_cpu(data_root, tmp_path):
     pytest.importorskip("torch._dynamo")
     results = run(data_root, tmp_path, "compile=true", "data.val_split=0")

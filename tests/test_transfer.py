@@ -180,6 +180,7 @@ def test_summary_counts_params_macs_and_stage_shapes():
     assert "512x7x7" in text and "11,689,512" in text
 
 
+@pytest.mark.e2e
 def test_summary_cli_prints_and_does_not_train(tmp_path):
     proc = run_cli(
         "cnntrain",
@@ -194,6 +195,7 @@ def test_summary_cli_prints_and_does_not_train(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_fine_tune_from_a_checkpoint_on_other_classes(data_root, folder_root, tmp_path):
     """Train on CIFAR-10-format data, then fine-tune that checkpoint on a 3-class image folder
     with a frozen backbone: the backbone weights in the result equal the source checkpoint's."""
