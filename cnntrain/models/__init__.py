@@ -14,7 +14,6 @@ from torch import nn
 from cnntrain.errors import UserError
 from cnntrain.models.registry import _REGISTRY, list_models, register_model  # noqa: F401
 
-STEMS = ("auto", "small", "imagenet")
 # Largest image size that still gets the small (CIFAR-style) stem with stem=auto.
 SMALL_STEM_MAX_SIZE = 64
 
