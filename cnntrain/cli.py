@@ -301,20 +301,13 @@ def _keys_help(app: str, _root_) -> str:
 def _groups_help(_root_) -> str:
     """--help's groups: each group's options and the one chosen, without the schema/ groups
     (declarations, not choices)."""
-    from importlib.resources import files
+    from cnntrain.options import config_groups, config_options
 
     chosen = OmegaConf.select(_root_, "hydra.runtime.choices", default={}) or {}
-    configs = files("cnntrain.configs")
-    lines = []
-    for group in sorted(
-        p.name for p in configs.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")
-    ):
-        options = sorted(
-            p.name[:-5] for p in (configs / group).iterdir() if p.name.endswith(".yaml")
-        )
-        now = chosen.get(group)
-        lines.append(f"  {group}={now or '...'}: {', '.join(options)}")
-    return "\n".join(lines)
+    return "\n".join(
+        f"  {group}={chosen.get(group) or '...'}: {', '.join(config_options(group))}"
+        for group in config_groups()
+    )
 
 
 OmegaConf.register_new_resolver("cnntrain.keys_help", _keys_help, replace=True)

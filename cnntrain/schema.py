@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from cnntrain.errors import UserError
+from cnntrain.options import config_options
 
 # What a resumed run may do with a training key (`resume=` of its declaration; resume.py compares
 # a checkpoint's config with the new one by these):
@@ -239,9 +240,10 @@ class AugConfig:
     )
 
 
-# The options of optim= and sched=, each built by name (optim.OPTIMIZERS, optim.SCHEDULES)
-OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
-SCHEDULE_NAMES = ("cosine", "step", "multistep", "onecycle", "none")
+# The options of optim= and sched= (their YAML files), each built by name (optim.OPTIMIZERS,
+# optim.SCHEDULES) and declared below (GROUP_OPTIONS); tests/test_config.py holds the four equal
+OPTIMIZER_NAMES = tuple(config_options("optim"))
+SCHEDULE_NAMES = tuple(config_options("sched"))
 
 
 def _optimizer(name):
@@ -588,15 +590,15 @@ APPS = {
     "viz": VizConfig,
     "export": ExportConfig,
 }
+
+
+def _by_name(*options: type) -> dict[str, type]:
+    return {option.name: option for option in options}  # the declared default of its `name`
+
+
 GROUP_OPTIONS = {
-    "optim": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamWConfig},
-    "sched": {
-        "cosine": CosineConfig,
-        "step": StepConfig,
-        "multistep": MultiStepConfig,
-        "onecycle": OneCycleConfig,
-        "none": ConstantConfig,
-    },
+    "optim": _by_name(SGDConfig, AdamConfig, AdamWConfig),
+    "sched": _by_name(CosineConfig, StepConfig, MultiStepConfig, OneCycleConfig, ConstantConfig),
 }
 
 

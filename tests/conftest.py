@@ -130,3 +130,25 @@ def refusal(*overrides, config="train") -> str:
         assert "\n" not in message, message
         return message
     raise AssertionError(f"{overrides} accepted")
+
+
+def model_yaml(option: str) -> Path:
+    """configs/model/<option>.yaml as installed."""
+    from cnntrain.options import config_dir
+
+    return config_dir() / "model" / f"{option}.yaml"
+
+
+def _by_name() -> frozenset[str]:
+    from omegaconf import OmegaConf
+
+    from cnntrain.options import config_options
+
+    return frozenset(
+        o for o in config_options("model") if "source" in OmegaConf.load(model_yaml(o))
+    )
+
+
+# model=tv / model=timm: any torchvision / timm model by name (their YAML names the `source`;
+# tests/test_transfer.py); every other model= option is one of cnntrain's registered models
+BY_NAME = _by_name()

@@ -10,8 +10,12 @@ import pytest
 import torch
 from conftest import run_cli
 
+from cnntrain.data.builtin import BUILTIN
+from cnntrain.options import config_options
+
 PNG = b"\x89PNG\r\n\x1a\n"
-DATASETS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"]
+# every data= option read from data.root (the bundled one has none: tests/test_learning.py)
+DATASETS = [d for d in config_options("data") if not getattr(BUILTIN.get(d), "bundled", False)]
 
 
 def train_args(dataset, data_root, folder_root, run_dir, *extra):

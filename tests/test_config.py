@@ -1,21 +1,17 @@
 """Config composition: every option of every group composes, and bad values are refused."""
 
-from pathlib import Path
-
 import pytest
-from conftest import refusal
+from conftest import BY_NAME, refusal
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from cnntrain.errors import UserError
+from cnntrain.options import config_dir
+from cnntrain.options import config_options as options
 from cnntrain.schema import check as validate_train
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = config_dir()
 GROUPS = ("model", "data", "optim", "sched", "aug")
-
-
-def options(group):
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
 def make_cfg(*overrides):
@@ -68,7 +64,7 @@ def test_every_option_composes(group, option):
     overrides = [f"{group}={option}"]
     if (group, option) == ("data", "imagefolder"):
         overrides.append("data.root=/somewhere")
-    by_name = group == "model" and option in ("tv", "timm")  # any torchvision/timm model by name
+    by_name = group == "model" and option in BY_NAME  # any torchvision/timm model by name
     if by_name:
         overrides.append("model.name=resnet18")
     cfg = make_cfg(*overrides)
@@ -226,6 +222,41 @@ def test_strong_is_basic_with_larger_distortions_and_the_policy():
 )
 def test_bad_kind_or_scale_is_one_line_naming_the_key(override, start):
     assert refusal(override).startswith(start), refusal(override)
+
+
+def test_every_option_name_is_one_the_code_builds():
+    """The YAML files list each group's options; the schema's declarations and name choices, the
+    torch classes and the datasets cnntrain reads name the same ones."""
+    from cnntrain.data import DATASETS
+    from cnntrain.optim import OPTIMIZERS, SCHEDULES
+    from cnntrain.schema import GROUP_OPTIONS, OPTIMIZER_NAMES, SCHEDULE_NAMES
+
+    for group, names, classes in (
+        ("optim", OPTIMIZER_NAMES, OPTIMIZERS),
+        ("sched", SCHEDULE_NAMES, SCHEDULES),
+    ):
+        assert list(names) == sorted(GROUP_OPTIONS[group]) == sorted(classes) == options(group)
+    assert sorted(DATASETS) == options("data")
+
+
+def test_option_lists_leave_out_shared_pieces_and_hydras_settings(tmp_path, monkeypatch):
+    """A `_name.yaml` (a piece options could share through their defaults list) or an editor's
+    dot file is no option; hydra/ is no group of options."""
+    import cnntrain.options
+
+    for path in (
+        "model/a.yaml",
+        "model/_base.yaml",
+        "model/.#a.yaml",
+        "model/a.txt",
+        "hydra/x.yaml",
+    ):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text("name: a\n")
+    (tmp_path / "__pycache__").mkdir()
+    monkeypatch.setattr(cnntrain.options, "config_dir", lambda: tmp_path)
+    assert cnntrain.options.config_groups() == ["model"]
+    assert options("model") == ["a"]
 
 
 def test_every_data_option_says_what_kind_of_images_it_has():

@@ -63,6 +63,12 @@ def test_wheel_contains_the_configs(wheel):
         ),
     ):
         assert name in names, name
+    # and every other config: pyproject's package-data globs reach every folder of configs/
+    shipped = {
+        f"cnntrain/configs/{p.relative_to(PROJECT / 'configs')}"
+        for p in (PROJECT / "configs").rglob("*.yaml")
+    }
+    assert shipped <= set(names), sorted(shipped - set(names))
 
 
 def test_wheel_in_a_fresh_venv_runs_from_another_directory(wheel, tmp_path):

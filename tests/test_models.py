@@ -1,20 +1,13 @@
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import refusal
+from conftest import BY_NAME, model_yaml, refusal
 from omegaconf import OmegaConf
 
 from cnntrain.errors import UserError
 from cnntrain.models import create_model, list_models
+from cnntrain.options import config_options
 
-# model=tv / model=timm build any torchvision / timm model by name (tests/test_transfer.py)
-BY_NAME = {"tv", "timm"}
-MODEL_CONFIGS = sorted(
-    p
-    for p in (Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml")
-    if p.stem not in BY_NAME
-)
+MODEL_CONFIGS = [model_yaml(o) for o in config_options("model") if o not in BY_NAME]
 
 
 # 1x28 and 3x32 with 10 classes: every model= option through the training loop, best.pt and back
@@ -78,6 +71,30 @@ def test_config_names_its_model(path):  # and builds it: every option composed i
         "dropout",
         "stochastic_depth_prob",
     }
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+def test_config_is_its_name_and_at_most_one_more_key(path):
+    """What every model shares is in train.yaml's `model:` and what tells it apart in its
+    module's docstring: the YAML only makes it a `model=` option."""
+    lines = path.read_text().splitlines()
+    assert lines[0] == f"name: {path.stem}" and len(lines) <= 2, lines
+    assert not any(line.lstrip().startswith("#") for line in lines)
+
+
+def test_every_registered_model_builds_from_model_name_alone():
+    """`model.name=<registered name>` over the default model= option composes what
+    `model=<name>` does: a registered model needs no YAML to be trained."""
+    from hydra import compose, initialize_config_module
+
+    from cnntrain.schema import check
+
+    with initialize_config_module(config_module="cnntrain.configs", version_base="1.3"):
+        for name in list_models():
+            by_name = compose(config_name="train", overrides=[f"model.name={name}"])
+            check(by_name)
+            option = compose(config_name="train", overrides=[f"model={name}"])
+            assert by_name.model == option.model, name
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,9 @@ epoch (capped at one batch) through the training loop's own functions on 28 px g
 cnnpredict and cnnviz rebuild it. Forward passes alone did not catch MNASNet failing to read its
 own checkpoint (module versions lost on the way to the file)."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import BY_NAME
 from hydra import compose, initialize_config_module
 from torch import nn
 
@@ -17,14 +16,11 @@ from cnntrain.engine import Update, evaluate_loader, train_one_epoch
 from cnntrain.inference import model_from_checkpoint, trained_config
 from cnntrain.models import build_model
 from cnntrain.optim import create_optimizer
+from cnntrain.options import config_options
 from cnntrain.plan import input_config, make_plan
 
 CPU = torch.device("cpu")
-MODELS = sorted(
-    p.stem
-    for p in (Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml")
-    if p.stem not in ("tv", "timm")
-)  # any torchvision/timm model by name: test_transfer.py
+MODELS = [o for o in config_options("model") if o not in BY_NAME]
 # the largest networks (20-140 M parameters: seconds per case on 2 cores) sweep with -m slow; the
 # default run still takes each through a training step at these sizes (test_models.py)
 HEAVY = (

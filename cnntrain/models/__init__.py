@@ -14,7 +14,6 @@ from torch import nn
 from cnntrain.errors import UserError
 from cnntrain.models.registry import _REGISTRY, list_models, register_model  # noqa: F401
 
-STEMS = ("auto", "small", "imagenet")
 # Largest image size that still gets the small (CIFAR-style) stem with stem=auto.
 SMALL_STEM_MAX_SIZE = 64
 
@@ -143,21 +142,15 @@ def build_model(
     return model.to(device), info
 
 
-# The family modules register themselves on import.
-from . import (  # noqa: E402,F401
-    alexnet,
-    cifar_resnet,
-    convnext,
-    densenet,
-    efficientnet,
-    googlenet,
-    lenet,
-    mnasnet,
-    mobilenet,
-    resnet,
-    senet,
-    shufflenet,
-    squeezenet,
-    vgg,
-    wide_resnet,
-)
+def _import_families() -> None:
+    """Every module of this package, so that a new architecture is one file: its factories
+    register themselves on import (`register_model`)."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_families()

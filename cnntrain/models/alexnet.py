@@ -3,6 +3,9 @@
 Adapted: the first conv takes any number of input channels. For small inputs (28-64 px) the
 11x11 stride-4 stem would shrink the image below the three 3x3/2 max-pools, so it becomes a
 3x3 stride-1 conv and the classifier reads a 2x2 instead of a 6x6 feature map.
+
+Input: >= 15 px with the small stem, >= 63 px with the ImageNet 11x11/4 one (224 px:
+61.1 M parameters).
 """
 
 from __future__ import annotations

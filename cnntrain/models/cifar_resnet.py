@@ -6,6 +6,10 @@ CIFAR networks are a 3x3 conv to 16 channels, then three groups of n basic block
 0.27 M parameters for ResNet-20, 91.25 % on CIFAR-10 in the paper. Where a group halves the
 size, the shortcut is the paper's option A: the identity, subsampled, with zero channels
 appended, so it adds no parameters. The blocks are torchvision's BasicBlock.
+
+Input: any size >= 4 px. Above 64 px (stem=imagenet) a ResNet 7x7/2 + max-pool stem
+goes in front of the paper's 3x3 conv. Parameters at 10 classes: resnet20 0.27 M, resnet32
+0.46 M, resnet44 0.66 M, resnet56 0.85 M, resnet110 1.73 M.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ conv with padding 1, so the stages see 32 -> 16 -> 8 -> 4 px like the CIFAR ResN
 rather than 2x2/1: an unpadded 2x2 gives odd sizes (31 px) that the 2x2/2 downsamplers floor
 (15, 7, 3), and a 1-pixel "patch" stem cannot mix neighbouring pixels before the first
 LayerNorm. Options such as ``stochastic_depth_prob`` (0.1) go to torchvision.
+
+Input: >= 8 px with the small stem (32 px -> 4x4 final map), >= 32 px with the ImageNet
+one (224 px -> 7x7, 28.59 M parameters). Trained with AdamW in the paper, not SGD.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Adapted: the first conv takes any number of input channels. For small inputs the
 stride of 32 would leave 1 px of a 32 px image, so the 3x3/2 stem conv and the first block
 that halves the resolution (the first 24-channel MBConv) become stride 1: stride 8, 32 -> 4 px.
 Options such as ``dropout`` (0.2) and ``stochastic_depth_prob`` (0.2) go to torchvision.
+
+Input: any size >= 8 px with the small stem (32 px -> 4x4 final map); the ImageNet
+one keeps torchvision's strides (overall 32, >= 32 px; 224 px -> 7x7, 5.29 M parameters).
 """
 
 from __future__ import annotations

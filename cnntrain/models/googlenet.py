@@ -4,6 +4,8 @@ Adapted: the first conv takes any number of input channels, and the auxiliary cl
 off so training mode returns a plain logits tensor. For small inputs the 7x7/2 stem and the
 first two max-pools are replaced by a single 3x3 stride-1 conv (as in kuangliu/pytorch-cifar),
 so 32 px reaches the inception blocks at 32 -> 16 -> 8 px instead of 4 -> 2 -> 1.
+
+Input: any size >= 8 px.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ lets other input sizes reach the 16x5x5 = 400 features the fully connected layer
 `lenet5_bn` adds batch normalization (Ioffe & Szegedy, 2015) after every convolution and hidden
 fully connected layer, as d2l.ai's "LeNet with batch normalization": the same 62 k weights, but
 it tolerates learning rates several times larger and converges in fewer epochs.
+
+Input: any size >= 12 px; designed for 28/32 px. ``stem`` is ignored: one architecture
+for every size.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ stride of 32 would leave 1 px of a 32 px image, so the 3x3/2 stem conv and the f
 that halves the resolution (the first 24-channel block) become stride 1: stride 8, 32 -> 4 px.
 BatchNorm momentum 0.1 (PyTorch's default) in place of torchvision's 1 - 0.9997, from scratch
 and with pretrained weights alike: see ``_utils.BN_MOMENTUM``.
+
+Input: any size >= 8 px with the small stem (32 px -> 4x4 final map); the ImageNet
+one keeps torchvision's strides (overall 32, >= 32 px; 224 px -> 7x7, 4.38 M parameters).
+Option: ``dropout`` (0.2).
 """
 
 from __future__ import annotations

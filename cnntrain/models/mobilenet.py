@@ -8,6 +8,10 @@ V3-small) become stride 1, as in kuangliu/pytorch-cifar's MobileNetV2: stride 8,
 Option: ``dropout`` (0.2).
 BatchNorm momentum 0.1 (PyTorch's default) in place of MobileNetV3's 0.01, from scratch and
 with pretrained weights alike: see ``_utils.BN_MOMENTUM`` (MobileNetV2 has 0.1 already).
+
+Input: any size >= 8 px with the small stem (32 px -> 4x4 final map); the ImageNet
+one keeps torchvision's strides (overall 32, >= 32 px; 224 px -> 7x7). Parameters at 224 px:
+mobilenet_v2 3.50 M, mobilenet_v3_small 2.54 M, mobilenet_v3_large 5.48 M.
 """
 
 from __future__ import annotations

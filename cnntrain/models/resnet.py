@@ -3,6 +3,9 @@
 Adapted: the first conv takes any number of input channels. For small inputs the 7x7/2 stem
 and its max-pool would cut 32 px to 8 px before the first block, so the stem becomes a 3x3
 stride-1 conv without max-pool (kuangliu/pytorch-cifar): 32 -> 32 -> 16 -> 8 -> 4 px.
+
+Input: any size >= 8 px; ResNeXt-50 needs >= 32 px with the ImageNet stem (224 px ->
+7x7, 25.03 M parameters).
 """
 
 from __future__ import annotations

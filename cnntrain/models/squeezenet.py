@@ -7,6 +7,9 @@ fire modules see 32 -> 16 -> 8 -> 4 px.
 There is no linear layer: the classifier is dropout, a 1x1 conv to ``num_classes`` maps, a
 ReLU and a global average pool. The logits are therefore never negative, and the final conv
 starts at N(0, 0.01) so they start near 0. Options: ``dropout`` (0.5).
+
+Input: >= 8 px with the small stem (32 px -> 4x4 final map), >= 17 px with the
+ImageNet one (224 px -> 13x13, 1.24 M parameters).
 """
 
 from __future__ import annotations

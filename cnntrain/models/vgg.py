@@ -4,6 +4,9 @@ Adapted: the first conv takes any number of input channels. For small inputs the
 max-pools would reach 0 px from 28 px, so they round up (28 -> 14 -> 7 -> 4 -> 2 -> 1), and the
 7x7x512 -> 4096 -> 4096 head (~120 M parameters, pointless on a 1x1 map) is replaced by the
 dropout + linear head of kuangliu/pytorch-cifar.
+
+Input: any size with the small stem, >= 32 px with the ImageNet one (the torchvision
+model as it is).
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ wider 3x3 convs). This is the paper's CIFAR design, following the authors' PyTor
 3x3 conv to 16 channels, then 3 groups of (depth - 4) / 6 pre-activation basic blocks with
 16k / 32k / 64k channels (k = width) at strides 1 / 2 / 2, then BN-ReLU, global average pool
 and a linear classifier. WRN-28-10 has 36.5 M parameters at 10 classes.
+
+5.2 G multiply-adds per 32 px image. Input: any size >= 4 px (32 px -> 8x8 final
+map). Above 64 px (stem=imagenet) a ResNet-style 7x7/2 conv + 3x3/2 max-pool stem goes in
+front, not in the paper, so that 224 px costs 16 G (3x CIFAR) instead of ~50x (>= 16 px;
+224 px -> 14x14). Option: ``dropout`` between the convs of each block (0.0; the paper uses
+0.3).
 """
 
 from __future__ import annotations
