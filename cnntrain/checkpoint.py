@@ -11,6 +11,7 @@ import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -39,8 +40,8 @@ def on_cpu(obj):
         if hasattr(obj, "_metadata"):
             # a state_dict: its module versions (weights_only loading keeps them) tell a module's
             # loader which layout the tensors have; MNASNet refuses weights without them
-            out = OrderedDict(out)
-            out._metadata = obj._metadata
+            out = OrderedDict(out)  # a plain OrderedDict, with the attribute state_dict() sets
+            setattr(out, "_metadata", obj._metadata)  # noqa: B010 (mypy: not an OrderedDict field)
         return out
     if isinstance(obj, (list, tuple)):
         return type(obj)(on_cpu(v) for v in obj)
@@ -97,7 +98,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 OLD_KINDS = {"mnist": "digits", "fashion_mnist": "clothing"}
 # What checkpoints written before optim.name and sched.name stored, exactly: each string is
 # compared, never imported. Any other `_target_` stays, for stored.validated to refuse.
-OLD_TARGETS = {
+OLD_TARGETS: dict[str, dict[str, str | None]] = {
     "model": {"cnntrain.models.create_model": None},
     "optim": {"torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "torch.optim.AdamW": "adamw"},
     "sched": {
@@ -148,7 +149,7 @@ def _upgrade_kind(config: dict) -> dict:
     data = config.get("data")
     if not isinstance(data, dict) or "kind" in data:
         return config
-    kind = OLD_KINDS.get(data.get("name"), "natural")
+    kind = OLD_KINDS.get(str(data.get("name")), "natural")
     config = {**config, "data": {**data, "kind": kind}}
     aug = config.get("aug")
     if isinstance(aug, dict) and ("gray" in aug or "rgb" in aug):
@@ -190,7 +191,7 @@ def rng_state(device: torch.device) -> dict:
     """This process's RNG states (Python, NumPy, the CPU's and `device`'s generators), as
     weights-only-loadable values. Only the training device's CUDA state: a checkpoint must
     resume on a machine with another number of visible GPUs."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple, np.random.get_state())  # the legacy tuple, not the dict form
     state = {
         "python": random.getstate(),
         "numpy": [

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cnntrain.checkpoint import load_checkpoint
@@ -65,7 +65,9 @@ def trained_config(ckpt: dict, path: Path) -> DictConfig:
             f"{path}: its classes are not a list of distinct names ({str(classes)[:80]}); "
             "it was not written by cnntrain, or it was altered"
         )
-    trained.model.pretrained = None
+    # a derived config, read-only like a run's: what the tools rebuild the model from
+    trained = OmegaConf.merge(trained, {"model": {"pretrained": None}})
+    OmegaConf.set_readonly(trained, True)
     return trained
 
 
@@ -83,11 +85,11 @@ def checkpoint_split(
     whose classes differ from the checkpoint's, is a UserError; `fix` says what to do instead."""
     from cnntrain.data import build_data
 
-    for key, value in overrides.items():
-        if value is not None:
-            trained.data[key] = value
+    data_cfg = OmegaConf.merge(
+        trained.data, {key: value for key, value in overrides.items() if value is not None}
+    )
     data = build_data(
-        trained.data,
+        data_cfg,
         trained.get("aug"),
         device=device,
         seed=trained.seed,
@@ -96,7 +98,7 @@ def checkpoint_split(
     )
     loader = data.loaders.get(split)
     if loader is None or loader.num_samples == 0:
-        raise UserError(f"{trained.data.name} at {trained.data.root} has no {split} split ({fix})")
+        raise UserError(f"{data_cfg.name} at {data_cfg.root} has no {split} split ({fix})")
     if data.classes != classes:
         raise UserError(
             f"the data's classes differ from the checkpoint's: checkpoint {classes} "

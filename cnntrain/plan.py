@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cnntrain.models import resolve_stem
+from cnntrain.schema import container
 from cnntrain.stored import refuse_code
 
 log = logging.getLogger("cnntrain")
@@ -44,7 +45,7 @@ def input_config(cfg: DictConfig) -> DictConfig:
     were trained with (gray data: the mean of the three channels)."""
     from cnntrain.models.transfer import pretrained_input_spec
 
-    data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+    data = OmegaConf.create(container(cfg.data))
     spec = pretrained_input_spec(cfg.model)
     if spec is not None:
         gray = data.get("mean") is not None and len(data.mean) == 1
@@ -64,22 +65,20 @@ def input_config(cfg: DictConfig) -> DictConfig:
 
 def make_plan(cfg: DictConfig, data_cfg: DictConfig, data) -> RunPlan:
     """The plan of `cfg` for the loaded `data` (a cnntrain.data.Data) read with `data_cfg`."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = container(cfg.model)
     if "stem" in model:  # stored resolved: a checkpoint rebuilds the same network
         model["stem"] = resolve_stem(model["stem"], data.image_size, model.get("pretrained"))
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = container(cfg)
     config["model"] = model
-    config["data"] = OmegaConf.to_container(data_cfg, resolve=True)
-    config["data"].update(
-        root=str(Path(config["data"]["root"]).expanduser().resolve()),
-        image_size=data.image_size,
-        channels=data.in_channels,
-        mean=data.mean,
-        std=data.std,
-    )
-    refuse_code(
-        config, "this run"
-    )  # what every tool will refuse to read (a literal '${' in a value)
+    config["data"] = {
+        **container(data_cfg),
+        "root": str(Path(data_cfg.root).expanduser().resolve()),
+        "image_size": data.image_size,
+        "channels": data.in_channels,
+        "mean": data.mean,
+        "std": data.std,
+    }
+    refuse_code(config, "this run")  # what every tool will refuse to read (a literal '${')
     batches = len(data.loaders["train"])
     return RunPlan(
         data_cfg=data_cfg,

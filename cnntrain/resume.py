@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import overload
 
 import torch
 from omegaconf import DictConfig
@@ -206,6 +207,14 @@ def restore_rng(states, device: torch.device) -> None:
         )
     if distributed.rank() < len(states):
         set_rng_state(states[distributed.rank()], device)
+
+
+@overload
+def epoch_state(partial: dict) -> EpochState: ...
+@overload
+def epoch_state(partial: None) -> None: ...
+@overload
+def epoch_state(partial: dict | None) -> EpochState | None: ...
 
 
 def epoch_state(partial: dict | None) -> EpochState | None:

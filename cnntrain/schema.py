@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -592,7 +592,7 @@ APPS = {
 }
 
 
-def _by_name(*options: type) -> dict[str, type]:
+def _by_name(*options: Any) -> dict[str, Any]:
     return {option.name: option for option in options}  # the declared default of its `name`
 
 
@@ -724,7 +724,7 @@ def check_node(node: DictConfig, prefix: str = "") -> None:
     declared = {f.name: f for f in fields(schema)}
     for name in node:
         if name not in declared:
-            raise unknown_key(f"{prefix}{name}", *keys_of("train", f"{prefix}{name}", schema))
+            raise unknown_key(f"{prefix}{name!s}", *keys_of("train", f"{prefix}{name!s}", schema))
     for name, f in declared.items():
         path = f"{prefix}{name}"
         if OmegaConf.is_missing(node, name):
@@ -907,7 +907,12 @@ def declaration(app: str, path: str):
     return declared_keys(app, path).get(path.split(".")[-1])
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_TYPE_NAMES: dict[Any, str] = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+}
 
 
 def type_error(app: str, path: str, value: str) -> UserError:
@@ -915,7 +920,7 @@ def type_error(app: str, path: str, value: str) -> UserError:
     f = declaration(app, path)
     if f is None:
         return UserError(f"{path}={value} is not allowed: wrong type")
-    hint = getattr(f.type, "__args__", None)
+    hint = getattr(f.type, "__args__", None) or (None,)
     kind = _TYPE_NAMES.get(f.type) or (
         f"a list of {_TYPE_NAMES.get(hint[0], 'values').replace('an ', '').replace('a ', '')}s"
         if getattr(f.type, "__origin__", None) is list
@@ -927,12 +932,17 @@ def type_error(app: str, path: str, value: str) -> UserError:
     return _fail(path, value, f, kind + (f", {rules}" if rules else ""))
 
 
+def container(cfg: DictConfig, resolve: bool = True) -> dict[str, Any]:
+    """`cfg` as plain dicts and lists: OmegaConf.to_container, typed for a mapping."""
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=resolve))
+
+
 # --------------------------------------------------------------------------- --help
 def help_table(app: str, cfg: DictConfig) -> str:
     """Every key of the composed config `cfg` with its value now and its meaning (and what is
     allowed) from the declarations, the top-level keys first, then one block per group: the
     part of `--help` that Hydra would print as a bare YAML dump."""
-    values = OmegaConf.to_container(cfg, resolve=False)
+    values = container(cfg, resolve=False)
     values.pop("hydra", None)
     leaves = []
 
