@@ -35,6 +35,7 @@ NOT_COMPOSED = {
     ("python", "pytest"): ".ci/run runs the tests",
     (".venv/bin/python", "pytest"): ".ci/run runs the tests",
     (".venv/bin/ruff", None): ".ci/run lints",
+    (".venv/bin/mypy", None): ".ci/run type-checks",
     ("tensorboard", None): "TensorBoard's own command line",
 }
 SETUP_INSTALL = 'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/cnntrain'
