@@ -89,7 +89,7 @@ def _output_dir() -> str | None:
 def _train_task(cfg: DictConfig):
     from cnntrain.train import train
 
-    results = train(cfg)
+    results = train(cfg, checked=True)  # _job checked it
     if cfg.optimized_metric:  # what a sweeper (Optuna) maximizes
         return results[cfg.optimized_metric]
     return results

@@ -30,10 +30,12 @@ from cnntrain.trainer import Trainer
 log = logging.getLogger("cnntrain")
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+def train(cfg: DictConfig, run_dir: str | Path | None = None, *, checked: bool = False) -> dict:
     """Trains the run `cfg` describes in its run folder (Hydra's, or `run_dir`), which it holds
-    for its whole life; returns the results (results.json)."""
-    check(cfg)
+    for its whole life; returns the results (results.json). `checked`: the caller (the console
+    script, before importing torch) has run the schema check already."""
+    if not checked:
+        check(cfg)
     cfg = copy.deepcopy(cfg)  # a read-only copy: what the run decides lives in its plan
     OmegaConf.set_readonly(cfg, True)
     if cfg.summary:
