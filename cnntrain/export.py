@@ -600,6 +600,8 @@ class _Job:
 
 
 def _export(cfg: DictConfig, path: Path, formats: list[str], files, run_dir: Path) -> dict:
+    """export() in the claimed run folder: the checkpoint loaded, every format written and
+    verified, then the report (export.json, the table) of what was kept."""
     ckpt, trained, model, meta = _load(cfg, path, formats)
     sample = verification_pixels(cfg, trained, list(ckpt["classes"]), files)
     job = _prepared_job(cfg, model, meta, sample)
@@ -667,9 +669,8 @@ def _prepared_job(cfg: DictConfig, model: nn.Module, meta: dict, sample: dict) -
     options = dict(layout=cfg.layout, input=cfg.input)
     module = Deployable(model, meta["mean"], meta["std"], softmax=cfg.softmax, **options)
     module.requires_grad_(False)
-    example = graph_input(
-        pixels[torch.arange(2) % len(pixels)], **options
-    )  # batch 2: the batch stays dynamic
+    # batch 2: the batch stays dynamic
+    example = graph_input(pixels[torch.arange(2) % len(pixels)], **options)
     return _Job(module, example, meta, pixels, expected, cfg.atol, **options)
 
 
