@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -319,30 +320,43 @@ def checked_metadata(
     missing = [key for key in required if key not in meta]
     if missing:
         raise UserError(f"{path} lacks cnnexport's metadata ({', '.join(missing)}); {fix}")
+    # in this order: each check relies on the keys the ones before it passed
+    for problem in (_classes_problem, _sizes_problem, _normalization_problem, _names_problem):
+        found = problem(meta)
+        if found is not None:
+            key, want = found
+            value = repr(meta.get(key))
+            raise UserError(
+                f"{path}: its metadata {key}={value[:80]}{'...' if len(value) > 80 else ''} is "
+                f"not {want}; {fix}"
+            )
+    return meta
 
-    def refuse(key: str, want: str):
-        shown = repr(meta.get(key))
-        raise UserError(
-            f"{path}: its metadata {key}={shown[:80]}{'...' if len(shown) > 80 else ''} is not "
-            f"{want}; {fix}"
-        )
 
+# each -> (key, what it should be) of the first bad key it checks, or None
+def _classes_problem(meta: dict) -> tuple[str, str] | None:
     classes = meta["classes"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        refuse("classes", "a non-empty list of class names (strings)")
+        return "classes", "a non-empty list of class names (strings)"
     if len(set(classes)) < len(classes):
-        refuse(
-            "classes",
-            f"a list of distinct names ({next(c for c in classes if classes.count(c) > 1)!r} repeats)",
-        )
+        repeated = next(c for c in classes if classes.count(c) > 1)
+        return "classes", f"a list of distinct names ({repeated!r} repeats)"
+    return None
+
+
+def _sizes_problem(meta: dict) -> tuple[str, str] | None:
     for key in ("image_size", "resize"):  # resize: the shorter side before the central crop
         low = 1 if key == "image_size" else meta["image_size"]
         value = meta.get(key)
         value = low if value is None and key == "resize" else value
         if not _whole(value) or not low <= value <= MAX_IMAGE_SIZE:
-            refuse(key, f"a whole number from {low} to {MAX_IMAGE_SIZE}")
+            return key, f"a whole number from {low} to {MAX_IMAGE_SIZE}"
     if meta["channels"] not in (1, 3) or not _whole(meta["channels"]):
-        refuse("channels", "1 or 3")
+        return "channels", "1 or 3"
+    return None
+
+
+def _normalization_problem(meta: dict) -> tuple[str, str] | None:
     for key in ("mean", "std"):
         value = meta.get(key, [1.0] * meta["channels"])
         if (
@@ -352,14 +366,18 @@ def checked_metadata(
             or key == "std"
             and not all(v > 0 for v in value)
         ):
-            refuse(
+            return (
                 key,
                 f"a list of {meta['channels']} finite number(s){' > 0' if key == 'std' else ''}",
             )
+    return None
+
+
+def _names_problem(meta: dict) -> tuple[str, str] | None:
     for key, known in (("layout", LAYOUTS), ("input_dtype", INPUT_DTYPES), ("output", OUTPUTS)):
         if meta[key] not in known or not isinstance(meta[key], str):
-            refuse(key, f"one of {', '.join(known)}")
-    return meta
+            return key, f"one of {', '.join(known)}"
+    return None
 
 
 def _whole(value) -> bool:
@@ -566,70 +584,28 @@ def verification_pixels(cfg: DictConfig, trained: DictConfig, classes: list[str]
     }
 
 
-def _export(cfg: DictConfig, path: Path, formats: list[str], files, run_dir: Path) -> dict:
-    from cnntrain.checkpoint import load_checkpoint
-    from cnntrain.inference import model_from_checkpoint, trained_config
+@dataclass
+class _Job:
+    """What every format is exported from and verified against: the same for each, so it
+    travels as one value from _export to _export_one."""
 
-    ckpt = load_checkpoint(path)
-    trained = trained_config(ckpt, path)
-    classes = list(ckpt["classes"])
-    model = model_from_checkpoint(ckpt, trained, path, torch.device("cpu"))
-    options = dict(layout=cfg.layout, input=cfg.input)
-    meta = metadata(ckpt, trained, path, softmax=cfg.softmax, **options)
-    log.info(
-        "exporting %s (%s on %s, epoch %s) as %s: %s %s %s -> %s of %d classes",
-        shown(path),
-        meta["model"],
-        meta["dataset"],
-        meta["epoch"],
-        ", ".join(formats),
-        meta["input_dtype"],
-        cfg.layout.upper(),
-        "x".join(map(str, meta["input_shape"])),
-        meta["output"],
-        len(classes),
-    )
-    sample = verification_pixels(cfg, trained, classes, files)
-    pixels = sample["pixels"]
-    expected = eager_outputs(model, meta["mean"], meta["std"], pixels, cfg.softmax)
-    line = f"checking on {sample['source']}"
-    if sample["labels"] is not None:
-        line += f"; cnntrain's top-1 accuracy on them: {float((expected.argmax(1) == sample['labels']).float().mean()):.4f}"
-    log.info("%s", line)
-    module = Deployable(model, meta["mean"], meta["std"], softmax=cfg.softmax, **options)
-    module.requires_grad_(False)
-    example = graph_input(
-        pixels[torch.arange(2) % len(pixels)], **options
-    )  # batch 2: the batch stays dynamic
-    temps: dict[str, Path] = {}
-    results: dict[str, dict] = {}
-    runners: dict[str, Callable] = {}
-    try:
-        for fmt in formats:
-            temps[fmt] = _temp_path(run_dir / FILES[fmt])
-            results[fmt], runners[fmt] = _export_one(
-                fmt, module, example, temps[fmt], meta, pixels, expected, cfg.atol, **options
-            )
-        bench = None
-        if cfg.benchmark:
-            log.info("benchmark: eager PyTorch and %s, taking turns", ", ".join(formats))
-            if (
-                "onnx" in runners
-            ):  # onnxruntime's idle threads must not spin on the cores the next runtime times
-                runners["onnx"] = load_onnx(temps["onnx"], spinning=False)[0]
-            bench = benchmark({"eager": eager_runner(module), **runners}, pixels, **options)
-            bench.update(
-                torch_threads=torch.get_num_threads(),
-                cpu_count=os.cpu_count(),
-                load_average=[round(x, 2) for x in os.getloadavg()],
-            )
-        for fmt in formats:  # every format passed: now they are kept
-            _commit(temps.pop(fmt), run_dir / FILES[fmt])
-            with atomic_write(run_dir / f"{FILES[fmt]}.json") as f:
-                json.dump({"format": fmt, **meta}, f, indent=2)
-    finally:
-        for temp in temps.values():
-            temp.unlink(missing_ok=True)
+    module: nn.Module  # the Deployable
+    example: torch.Tensor  # the exporters' example input
+    meta: dict
+    pixels: torch.Tensor  # uint8 (N, C, S, S): the verification images
+    expected: torch.Tensor  # cnntrain's eager outputs on them
+    atol: float
+    layout: str
+    input: str
+
+
+def _export(cfg: DictConfig, path: Path, formats: list[str], files, run_dir: Path) -> dict:
+    """export() in the claimed run folder: the checkpoint loaded, every format written and
+    verified, then the report (export.json, the table) of what was kept."""
+    ckpt, trained, model, meta = _load(cfg, path, formats)
+    sample = verification_pixels(cfg, trained, list(ckpt["classes"]), files)
+    job = _prepared_job(cfg, model, meta, sample)
+    results, bench = _write_verified(cfg, formats, job, run_dir)
     report = {
         "checkpoint": str(path.resolve()),
         "model": meta["model"],
@@ -645,15 +621,7 @@ def _export(cfg: DictConfig, path: Path, formats: list[str], files, run_dir: Pat
         json.dump(report, f, indent=2)
     print(format_table(results, bench), flush=True)
     if bench:
-        busy = bench["load_average"][0] > bench["cpu_count"] + 0.5
-        log.info(
-            "benchmark on %d CPU core(s), %d torch thread(s), onnxruntime one per core; load "
-            "average %.1f%s",
-            bench["cpu_count"],
-            bench["torch_threads"],
-            bench["load_average"][0],
-            ": other processes shared the CPU, the timings are noisy" if busy else "",
-        )
+        _log_benchmark_machine(bench)
     commands = []
     if "onnx" in formats:
         commands.append(f"cnnpredict model={shown(run_dir / FILES['onnx'])} inputs=<your images>")
@@ -661,58 +629,175 @@ def _export(cfg: DictConfig, path: Path, formats: list[str], files, run_dir: Pat
     return report
 
 
-def _export_one(
-    fmt: str,
-    module: nn.Module,
-    example: torch.Tensor,
-    temp: Path,
-    meta: dict,
-    pixels: torch.Tensor,
-    expected: torch.Tensor,
-    atol: float,
-    *,
-    layout: str,
-    input: str,
-) -> tuple[dict, Callable]:
+def _load(
+    cfg: DictConfig, path: Path, formats: list[str]
+) -> tuple[dict, DictConfig, nn.Module, dict]:
+    """The checkpoint, its training config, its model (CPU) and the exported files' metadata,
+    announced in one line before the slow part starts."""
+    from cnntrain.checkpoint import load_checkpoint
+    from cnntrain.inference import model_from_checkpoint, trained_config
+
+    ckpt = load_checkpoint(path)
+    trained = trained_config(ckpt, path)
+    model = model_from_checkpoint(ckpt, trained, path, torch.device("cpu"))
+    meta = metadata(ckpt, trained, path, softmax=cfg.softmax, layout=cfg.layout, input=cfg.input)
+    log.info(
+        "exporting %s (%s on %s, epoch %s) as %s: %s %s %s -> %s of %d classes",
+        shown(path),
+        meta["model"],
+        meta["dataset"],
+        meta["epoch"],
+        ", ".join(formats),
+        meta["input_dtype"],
+        cfg.layout.upper(),
+        "x".join(map(str, meta["input_shape"])),
+        meta["output"],
+        len(ckpt["classes"]),
+    )
+    return ckpt, trained, model, meta
+
+
+def _prepared_job(cfg: DictConfig, model: nn.Module, meta: dict, sample: dict) -> _Job:
+    """cnntrain's eager outputs on the sample (what every format must reproduce) and the
+    Deployable the formats are exported from."""
+    pixels = sample["pixels"]
+    expected = eager_outputs(model, meta["mean"], meta["std"], pixels, cfg.softmax)
+    line = f"checking on {sample['source']}"
+    if sample["labels"] is not None:
+        line += f"; cnntrain's top-1 accuracy on them: {float((expected.argmax(1) == sample['labels']).float().mean()):.4f}"
+    log.info("%s", line)
+    options = dict(layout=cfg.layout, input=cfg.input)
+    module = Deployable(model, meta["mean"], meta["std"], softmax=cfg.softmax, **options)
+    module.requires_grad_(False)
+    # batch 2: the batch stays dynamic
+    example = graph_input(pixels[torch.arange(2) % len(pixels)], **options)
+    return _Job(module, example, meta, pixels, expected, cfg.atol, **options)
+
+
+def _write_verified(
+    cfg: DictConfig, formats: list[str], job: _Job, run_dir: Path
+) -> tuple[dict[str, dict], dict | None]:
+    """Every format exported to a temp file and verified (then benchmarked, with benchmark=);
+    only when all passed are they renamed into place with their sidecars. An export is all or
+    nothing: whatever fails, no temp file is left. -> (results per format, benchmark or None)."""
+    temps: dict[str, Path] = {}
+    results: dict[str, dict] = {}
+    runners: dict[str, Callable] = {}
+    try:
+        for fmt in formats:
+            temps[fmt] = _temp_path(run_dir / FILES[fmt])
+            results[fmt], runners[fmt] = _export_one(fmt, job, temps[fmt])
+        bench = _benchmark_formats(formats, job, runners, temps) if cfg.benchmark else None
+        for fmt in formats:  # every format passed: now they are kept
+            _commit(temps.pop(fmt), run_dir / FILES[fmt])
+            with atomic_write(run_dir / f"{FILES[fmt]}.json") as f:
+                json.dump({"format": fmt, **job.meta}, f, indent=2)
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+    return results, bench
+
+
+def _benchmark_formats(
+    formats: list[str], job: _Job, runners: dict[str, Callable], temps: dict[str, Path]
+) -> dict:
+    """benchmark() of eager PyTorch and each verified runtime, with the machine's load beside
+    it (what makes the timings comparable, or not)."""
+    log.info("benchmark: eager PyTorch and %s, taking turns", ", ".join(formats))
+    # onnxruntime's idle threads must not spin on the cores the next runtime times
+    if "onnx" in runners:
+        runners["onnx"] = load_onnx(temps["onnx"], spinning=False)[0]
+    bench = benchmark(
+        {"eager": eager_runner(job.module), **runners},
+        job.pixels,
+        layout=job.layout,
+        input=job.input,
+    )
+    bench.update(
+        torch_threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        load_average=[round(x, 2) for x in os.getloadavg()],
+    )
+    return bench
+
+
+def _log_benchmark_machine(bench: dict) -> None:
+    """The cores and load the benchmark ran with: timings on a busy machine are noise."""
+    busy = bench["load_average"][0] > bench["cpu_count"] + 0.5
+    log.info(
+        "benchmark on %d CPU core(s), %d torch thread(s), onnxruntime one per core; load "
+        "average %.1f%s",
+        bench["cpu_count"],
+        bench["torch_threads"],
+        bench["load_average"][0],
+        ": other processes shared the CPU, the timings are noisy" if busy else "",
+    )
+
+
+def _export_one(fmt: str, job: _Job, temp: Path) -> tuple[dict, Callable]:
     """One format: exported to `temp`, loaded back from it by its runtime and compared with
-    cnntrain's outputs `expected` on `pixels`. A failure is one UserError."""
+    cnntrain's outputs `job.expected` on `job.pixels`. A failure is one UserError."""
     others = " or ".join(f"format={f}" for f in EXPORT_FORMATS if f != fmt)
+    seconds = _write_format(fmt, job, temp, others)
+    run, stored, got = _run_back(fmt, job, temp, others)
+    result = {
+        "file": FILES[fmt],
+        "bytes": temp.stat().st_size,
+        "export_s": round(seconds, 3),
+        "runtime": RUNTIMES[fmt],
+        **compare(job.expected, got, job.atol),
+    }
+    written = {"format": fmt, **job.meta}
+    if {key: stored.get(key) for key in written} != written:
+        result.update(passed=False, problem="its embedded metadata does not read back")
+    _log_verified(fmt, result, seconds, job)
+    if not result["passed"]:
+        raise _mismatch(fmt, result, job, others)
+    return result, run
+
+
+def _write_format(fmt: str, job: _Job, temp: Path, others: str) -> float:
+    """`fmt`'s exporter writing `temp`; -> the seconds it took. A failure is one UserError: a
+    write error names the final file, any other the exporter's reason and the other formats."""
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             # torch's exporters warn about their own internals (deprecations, traced shapes):
             # what counts is the verification below
             warnings.simplefilter("ignore")
-            EXPORTERS[fmt](module, example, temp, {"format": fmt, **meta})
+            EXPORTERS[fmt](job.module, job.example, temp, {"format": fmt, **job.meta})
     except Exception as e:
         error = os_error(e)
         if error is not None:
             raise write_error(temp.parent / FILES[fmt], error) from None
         raise UserError(
-            f"model {meta['model']} cannot be exported to {fmt} ({export_reason(e)}); try {others}"
+            f"model {job.meta['model']} cannot be exported to {fmt} ({export_reason(e)}); try {others}"
         ) from None
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def _run_back(fmt: str, job: _Job, temp: Path, others: str) -> tuple[Callable, dict, torch.Tensor]:
+    """`temp` loaded by its own runtime, as a deployment loads it, and run on the verification
+    pixels; -> (run, its stored metadata, its outputs). One that does not load or run is one
+    UserError."""
     try:
         run, stored = LOADERS[fmt](temp)
-        got = run_batched(run, pixels, layout, input)
+        got = run_batched(run, job.pixels, job.layout, job.input)
     except UserError:
         raise
     except Exception as e:
         raise UserError(
-            f"the {fmt} export of {meta['model']} does not run under {RUNTIMES[fmt]} "
+            f"the {fmt} export of {job.meta['model']} does not run under {RUNTIMES[fmt]} "
             f"({export_reason(e)}); try {others}"
         ) from None
-    result = {
-        "file": FILES[fmt],
-        "bytes": temp.stat().st_size,
-        "export_s": round(seconds, 3),
-        "runtime": RUNTIMES[fmt],
-        **compare(expected, got, atol),
-    }
-    written = {"format": fmt, **meta}
-    if {key: stored.get(key) for key in written} != written:
-        result.update(passed=False, problem="its embedded metadata does not read back")
-    diff = "n/a" if result["max_abs_diff"] is None else f"{result['max_abs_diff']:.3g}"
+    return run, stored, got
+
+
+def _diff_text(result: dict) -> str:
+    return "n/a" if result["max_abs_diff"] is None else f"{result['max_abs_diff']:.3g}"
+
+
+def _log_verified(fmt: str, result: dict, seconds: float, job: _Job) -> None:
     log.info(
         "%s: %s exported in %.1f s (%.1f MB); %s on %d images vs cnntrain: max abs %s "
         "difference %s (atol %g), top-1 agrees on %d/%d%s",
@@ -722,26 +807,29 @@ def _export_one(
         result["bytes"] / 1e6,
         RUNTIMES[fmt],
         result["images"],
-        "logit" if meta["output"] == "logits" else "probability",
-        diff,
-        atol,
+        "logit" if job.meta["output"] == "logits" else "probability",
+        _diff_text(result),
+        job.atol,
         result["top1_agree"],
         result["images"],
         f" ({result['ties']} tie(s) within atol)" if result["ties"] else "",
     )
-    if not result["passed"]:
-        why = result.get("problem") or (
-            f"max abs difference {diff} > atol={atol:g}"
-            if result["max_abs_diff"] > atol
-            else f"top-1 differs on {result['images'] - result['top1_agree'] - result['ties']} of "
-            f"{result['images']} images"
-        )
-        raise UserError(
-            f"the {fmt} export of {meta['model']} does not match cnntrain's predictions "
-            f"on {result['images']} images ({why}); nothing was kept. Try {others}, or "
-            "atol= if the difference is acceptable"
-        )
-    return result, run
+
+
+def _mismatch(fmt: str, result: dict, job: _Job, others: str) -> UserError:
+    """The one-line error of a format whose outputs (or metadata) do not match cnntrain's."""
+    atol = job.atol
+    why = result.get("problem") or (
+        f"max abs difference {_diff_text(result)} > atol={atol:g}"
+        if result["max_abs_diff"] > atol
+        else f"top-1 differs on {result['images'] - result['top1_agree'] - result['ties']} of "
+        f"{result['images']} images"
+    )
+    return UserError(
+        f"the {fmt} export of {job.meta['model']} does not match cnntrain's predictions "
+        f"on {result['images']} images ({why}); nothing was kept. Try {others}, or "
+        "atol= if the difference is acceptable"
+    )
 
 
 def _temp_path(final: Path) -> Path:

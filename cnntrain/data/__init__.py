@@ -311,11 +311,36 @@ def _cache_dir(data: DictConfig) -> str:
 
 
 def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _Source:
-    from cnntrain.data.cache import folder_facts, load_split, scan_split
+    from cnntrain.data.cache import folder_facts, scan_split
     from cnntrain.data.folder import check_same_classes
 
     root = _folder_root(data)
     scanned = {split: scan_split(root, split) for split in SPLITS}
+    wanted, split_val = _wanted_folders(data, root, scanned, splits)
+    classes = scanned[wanted[0]].classes
+    for split in SPLITS:
+        if scanned[split] is not None:
+            check_same_classes(classes, scanned[split].classes, f"{root}/{split}")
+    # header facts are cached with the file list: cheap after the first run
+    facts = {split: folder_facts(scanned[split], _cache_dir(data)) for split in wanted}
+    channels, size = _folder_geometry(data, scanned[wanted[0]], facts[wanted[0]])
+    for split in wanted:
+        facts[split].warn_mixed_modes("L" if channels == 1 else "RGB")
+    storage = storage_size(data, size, aug)
+    cache = {split: _decoded(data, scanned[split], storage, channels) for split in wanted}
+    parts = _folder_parts(cache, root, split_val, data.val_split, seed)
+    source = _Source(classes, channels, size, parts)
+    if data.mean is None:
+        source.mean, source.std = _measure(parts["train"])
+    return source
+
+
+def _wanted_folders(data: DictConfig, root: str, scanned: dict, splits) -> tuple[list[str], bool]:
+    """The split folders to read, in SPLITS order, and whether val is held out of train/ (no
+    val/ folder): train/ is read too when it is needed for another split or for mean/std. A
+    needed folder that is missing is a UserError."""
+    from cnntrain.data.cache import scan_split
+
     # train/ is needed to train, to measure mean/std, and to hold out a val split without val/
     split_val = scanned["val"] is None and data.val_split > 0
     needs_train = "train" in splits or data.mean is None or ("val" in splits and split_val)
@@ -330,33 +355,32 @@ def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _S
         raise UserError(
             f"no {' or '.join(splits)} folder in {root} (expected {root}/<split>/<class>/<image>)"
         )
-    classes = scanned[wanted[0]].classes
-    for split in SPLITS:
-        if scanned[split] is not None:
-            check_same_classes(classes, scanned[split].classes, f"{root}/{split}")
-    # header facts are cached with the file list: cheap after the first run
-    facts = {split: folder_facts(scanned[split], _cache_dir(data)) for split in wanted}
-    channels, size = _folder_geometry(data, scanned[wanted[0]], facts[wanted[0]])
-    for split in wanted:
-        facts[split].warn_mixed_modes("L" if channels == 1 else "RGB")
-    storage = storage_size(data, size, aug)
-    cache = {}
-    for split in wanted:
-        cached = load_split(
-            scanned[split],
-            size=storage,
-            channels=channels,
-            cache_dir=_cache_dir(data),
-            workers=data.get("num_workers"),
-            skip_bad=bool(data.get("skip_bad_images", False)),
-        )
-        cache[split] = (cached.pixels(), torch.from_numpy(cached.labels), cached.files)
+    return wanted, split_val
+
+
+def _decoded(data: DictConfig, scanned, storage: int, channels: int) -> tuple:
+    """A split folder's (pixels, labels, files) from the decoded cache (load_split)."""
+    from cnntrain.data.cache import load_split
+
+    cached = load_split(
+        scanned,
+        size=storage,
+        channels=channels,
+        cache_dir=_cache_dir(data),
+        workers=data.get("num_workers"),
+        skip_bad=bool(data.get("skip_bad_images", False)),
+    )
+    return cached.pixels(), torch.from_numpy(cached.labels), cached.files
+
+
+def _folder_parts(cache: dict, root: str, split_val: bool, val_split, seed) -> dict[str, _Split]:
+    """The decoded folders as the run's splits; with `split_val`, train/ is divided (stratified)
+    into train and val, both views of the same memory-mapped pixels."""
     parts = {}
-    for split in wanted:
-        images, labels, files = cache[split]
+    for split, (images, labels, files) in cache.items():
         where = f"{root}/{split}"
         if split == "train" and split_val:
-            train_idx, val_idx = stratified_split(labels, data.val_split, seed)
+            train_idx, val_idx = stratified_split(labels, val_split, seed)
             for name, idx in (("train", train_idx), ("val", val_idx)):
                 if len(idx) or name == "train":
                     parts[name] = _Split(
@@ -364,10 +388,7 @@ def _folder_source(data: DictConfig, aug: DictConfig | None, splits, seed) -> _S
                     )
         else:
             parts[split] = _Split(images, labels, None, files, where, mapped=True)
-    source = _Source(classes, channels, size, parts)
-    if data.mean is None:
-        source.mean, source.std = _measure(parts["train"])
-    return source
+    return parts
 
 
 def _measure(part: _Split, max_images: int = 10_000):

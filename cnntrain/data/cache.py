@@ -666,6 +666,8 @@ def _build(
     skip_bad: bool,
     fix: str | None,
 ) -> CachedSplit:
+    """The split decoded into a fresh temp folder beside `entry`, proved to read back, then
+    renamed over `entry`: an entry appears whole or not at all."""
     cache_dir = os.path.dirname(entry)
     channels = 1 if mode == "L" else 3
     tmp = tempfile.mkdtemp(prefix=_temp_prefix(), dir=cache_dir)
@@ -673,38 +675,15 @@ def _build(
         start = time.perf_counter()
         bad = _decode_into(tmp, split, channels, mode, size, workers, skip_bad, fix)
         keep = [i for i in range(len(split.files)) if i not in bad]
-        np.save(os.path.join(tmp, "labels.npy"), np.asarray(split.labels, dtype=np.int64)[keep])
-        digests = {}
-        for name in ARRAYS:
-            _fsync(os.path.join(tmp, name))
-            digests[name] = file_digest(os.path.join(tmp, name))
+        digests = _write_labels(tmp, split, keep)
         # stated again now that all is decoded: a file written meanwhile may have given its new
         # pixels, or its old ones, to an entry keyed by its old stats
         changed = [now[0] for now, then in zip(_stat_rows(split), files) if now != then]
         elapsed = time.perf_counter() - start
-        _write_json(
-            os.path.join(tmp, "meta.json"),
-            {  # last: what makes the entry trusted
-                "format": FORMAT,
-                "key": key,
-                "root": split.root,
-                "classes": split.classes,
-                "files": [files[i][0] for i in keep],
-                "skipped": [[files[i][0], reason] for i, reason in sorted(bad.items())],
-                "size": size,
-                "channels": channels,
-                "mode": mode,
-                "digest": DIGEST,
-                "digests": digests,
-                "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "seconds": round(elapsed, 3),
-            },
-        )
+        meta = _entry_meta(key, split, files, keep, bad, size, mode, digests, elapsed)
+        _write_json(os.path.join(tmp, "meta.json"), meta)  # last: what makes the entry trusted
         _fsync(tmp)
-        try:  # opened before the rename: the memory map follows the file, whatever happens to the name
-            cached = _open_entry(tmp, key, split, channels, size, verify=False)
-        except Untrusted as e:
-            raise OSError(f"the entry just written in {tmp} does not read back ({e})") from None
+        cached = _read_back(tmp, key, split, channels, size)
         if changed:
             log.warning(
                 "decoded cache %s not stored: %s changed while being decoded (the next run "
@@ -713,10 +692,7 @@ def _build(
                 ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""),
             )
             return cached
-        if os.path.exists(entry):  # not trusted (checked under the lock): replace it
-            shutil.rmtree(entry)
-        os.replace(tmp, entry)
-        _fsync(cache_dir)
+        _put_in_place(tmp, entry)
         cached.path = entry
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
@@ -730,6 +706,63 @@ def _build(
         entry,
     )
     return cached
+
+
+def _put_in_place(tmp: str, entry: str) -> None:
+    """The built entry renamed to its key, over the one there, and the rename flushed."""
+    if os.path.exists(entry):  # not trusted (checked under the lock): replace it
+        shutil.rmtree(entry)
+    os.replace(tmp, entry)
+    _fsync(os.path.dirname(entry))
+
+
+def _write_labels(tmp: str, split: FolderSplit, keep: list[int]) -> dict[str, str]:
+    """The kept rows' labels beside the decoded images, both flushed to disk; -> each array's
+    digest, which meta.json records so that a later load can prove the arrays unchanged."""
+    np.save(os.path.join(tmp, "labels.npy"), np.asarray(split.labels, dtype=np.int64)[keep])
+    digests = {}
+    for name in ARRAYS:
+        _fsync(os.path.join(tmp, name))
+        digests[name] = file_digest(os.path.join(tmp, name))
+    return digests
+
+
+def _entry_meta(
+    key: str,
+    split: FolderSplit,
+    files,
+    keep: list[int],
+    bad: dict[int, str],
+    size: int,
+    mode: str,
+    digests: dict[str, str],
+    elapsed: float,
+) -> dict:
+    """An entry's meta.json: what it was built from and holds, which _open_entry checks."""
+    return {
+        "format": FORMAT,
+        "key": key,
+        "root": split.root,
+        "classes": split.classes,
+        "files": [files[i][0] for i in keep],
+        "skipped": [[files[i][0], reason] for i, reason in sorted(bad.items())],
+        "size": size,
+        "channels": 1 if mode == "L" else 3,
+        "mode": mode,
+        "digest": DIGEST,
+        "digests": digests,
+        "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(elapsed, 3),
+    }
+
+
+def _read_back(tmp: str, key: str, split: FolderSplit, channels: int, size: int) -> CachedSplit:
+    """The entry just written, opened before the rename: the memory map follows the file,
+    whatever happens to the name. One that does not read back is an OSError (unusable cache)."""
+    try:
+        return _open_entry(tmp, key, split, channels, size, verify=False)
+    except Untrusted as e:
+        raise OSError(f"the entry just written in {tmp} does not read back ({e})") from None
 
 
 def _decode_into(

@@ -52,34 +52,15 @@ def create_model(
     ``transfer.freeze``. ``kwargs`` (those not null, e.g. ``dropout``) and ``args`` go to the
     constructor.
     """
-    from cnntrain.models import hub, transfer
+    from cnntrain.models import transfer
 
     kwargs = {**{k: v for k, v in kwargs.items() if v is not None}, **(args or {})}
     weights_file = pretrained if pretrained and transfer.is_file_spec(pretrained) else None
     weights_name = pretrained if pretrained and not weights_file else None
     try:
-        if source == "torchvision":
-            model = hub.torchvision_model(
-                name,
-                in_channels=in_channels,
-                num_classes=num_classes,
-                weights=weights_name,
-                **kwargs,
-            )
-        elif source == "timm":
-            model = hub.timm_model(
-                name,
-                in_channels=in_channels,
-                num_classes=num_classes,
-                pretrained=bool(weights_name),
-                **kwargs,
-            )
-        elif source == "cnntrain":
-            model = _create_registered(
-                name, in_channels, num_classes, image_size, stem, weights_name, **kwargs
-            )
-        else:
-            raise UserError(f"unknown model source {source!r} (cnntrain, torchvision or timm)")
+        model = _from_source(
+            name, source, in_channels, num_classes, image_size, stem, weights_name, kwargs
+        )
     except TypeError as e:
         # An option the architecture does not have (e.g. model.dropout on a ResNet), or a
         # model.args value of a type the constructor cannot use (text where it wants a class, as
@@ -94,6 +75,39 @@ def create_model(
         )
     transfer.freeze(model, freeze)
     return model
+
+
+def _from_source(
+    name: str,
+    source: str,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    stem: str,
+    weights_name: str | None,
+    kwargs: dict,
+) -> nn.Module:
+    """The model built by its source's factory, with named pretrained weights (not a file's,
+    which create_model loads into any source's model)."""
+    from cnntrain.models import hub
+
+    if source == "torchvision":
+        return hub.torchvision_model(
+            name, in_channels=in_channels, num_classes=num_classes, weights=weights_name, **kwargs
+        )
+    if source == "timm":
+        return hub.timm_model(
+            name,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            pretrained=bool(weights_name),
+            **kwargs,
+        )
+    if source == "cnntrain":
+        return _create_registered(
+            name, in_channels, num_classes, image_size, stem, weights_name, **kwargs
+        )
+    raise UserError(f"unknown model source {source!r} (cnntrain, torchvision or timm)")
 
 
 def _create_registered(name, in_channels, num_classes, image_size, stem, weights_name, **kwargs):
