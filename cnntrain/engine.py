@@ -66,6 +66,12 @@ class EpochState:
     n: int = 0
     skipped: int = 0  # batches with a non-finite loss, skipped (on_nan=skip_batch)
 
+    def to(self, device: torch.device) -> EpochState:
+        """The running sums as tensors on `device`, where the steps add to them."""
+        self.loss_sum = torch.as_tensor(self.loss_sum, dtype=torch.float32, device=device)
+        self.correct = torch.as_tensor(self.correct, dtype=torch.long, device=device)
+        return self
+
     def state_dict(self) -> dict:
         return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in vars(self).items()}
 
@@ -225,6 +231,10 @@ class Update:
         if self.ema is not None:
             self.ema.update(model)
 
+    def step_schedule(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step()
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -248,25 +258,22 @@ def train_one_epoch(
     """One pass over `loader` (or its first `max_steps` batches), continuing `state` (a resumed
     epoch) if given. `stop()` is asked after every batch whether to end the epoch early (a
     signal). A non-finite loss stops training (UserError) or, with on_nan="skip_batch", skips
-    that batch's update. A batch mixed by MixUp / CutMix comes with soft targets; its accuracy
-    counts each image's larger share. `eta` (the epochs left after this one, the seconds of
-    the epochs done) gives the run's ETA to the progress bar or line (_Progress).
-    Under torchrun the ranks decide about a non-finite loss together, at the same step: one rank
-    skipping (or stopping) alone would pair its next gradient all-reduce with another's current one.
+    that batch's update. `eta` (the epochs left after this one, the seconds of the epochs
+    done) gives the run's ETA to the progress bar or line (_Progress).
     Returns {"loss", "acc"} averaged over the samples seen, the throughput "img_per_s", and
     "state" (its step < "total" if stopped early)."""
     model.train()
-    state = state or EpochState()
-    state.loss_sum = torch.as_tensor(state.loss_sum, dtype=torch.float32, device=on.device)
-    state.correct = torch.as_tensor(state.correct, dtype=torch.long, device=on.device)
+    state = (state or EpochState()).to(on.device)
     first, start = state.n, time.perf_counter()
     bar = _Progress(loader, desc, progress, on, max_steps, state.step, first, eta)
     for x, target in bar:
-        y = target if target.ndim == 1 else target.argmax(1)
+        y = target if target.ndim == 1 else target.argmax(1)  # MixUp/CutMix: the larger share
         with autocast(on.device, on.amp_dtype):
             out = model(x)
             loss = criterion(out, target)
-        # skip_batch reads the loss every step (a device sync on a GPU): only when asked for
+        # skip_batch reads the loss every step (a device sync on a GPU): only when asked for.
+        # The ranks decide together, at the same step: one rank skipping (or stopping) alone
+        # would pair its next gradient all-reduce with another's current one.
         if on_nan == "skip_batch" and distributed.any_rank(not torch.isfinite(loss)):
             state.skipped += 1
         else:
@@ -274,8 +281,7 @@ def train_one_epoch(
             state.loss_sum += loss.detach() * len(y)
             state.correct += (out.argmax(1) == y).sum()
             state.n += len(y)
-        if update.scheduler is not None:
-            update.scheduler.step()
+        update.step_schedule()
         state.step += 1
         bar.check(state, on_nan, lr=update.lr)
         if stop is not None and stop():
