@@ -1,14 +1,21 @@
-"""What a run says about itself: the settings an `experiment=` recipe turns on (for the run's
-header) and its settings as TensorBoard HParams columns."""
+"""What a run says about itself: its header (with the settings an `experiment=` recipe turns
+on), its settings as TensorBoard HParams columns, and what to run next."""
 
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cnntrain.data import describe
+from cnntrain.data.builtin import BUILTIN
+from cnntrain.logs import shown
 from cnntrain.optim import OPTIMIZERS, SCHEDULES
+from cnntrain.summary import format_summary
+
+log = logging.getLogger("cnntrain")
 
 
 def experiment_settings(cfg: DictConfig | None = None) -> str | None:
@@ -121,3 +128,48 @@ def hparams(cfg: DictConfig) -> dict:
         else:
             out[key] = _hparam_value(OmegaConf.select(cfg, key, default=None))
     return out
+
+
+def log_header(cfg: DictConfig, plan, data, trainer) -> None:
+    """The run's first lines: model, data, input, images, augmentation, device, the model
+    summary, the run folder and what its experiment= recipe turns on."""
+    val = data.loaders.get("val")
+    log.info(
+        "%s on %s: %s classes, input %dx%dx%d, %d train / %d val images, %s; device %s%s\n%s",
+        cfg.model.name,
+        cfg.data.name,
+        plan.num_classes,
+        plan.in_channels,
+        plan.image_size,
+        plan.image_size,
+        data.loaders["train"].num_samples,
+        val.num_samples if val else 0,
+        describe(cfg.aug, plan.data_cfg),
+        trainer.device,
+        f", amp {trainer.dtype}".replace("torch.", "") if trainer.dtype else "",
+        format_summary(trainer.summary),
+    )
+    log.info("run dir: %s", trainer.run_dir)
+    recipe = experiment_settings(cfg)
+    if recipe:
+        log.info("%s", recipe)
+
+
+def next_steps(data: DictConfig, run_dir: Path, best: Path) -> list[str]:
+    """What to run after a run: evaluate its best checkpoint, look at its curves, and after a run
+    on the bundled sample (the default, the first run of most users) the full datasets, which
+    are one override away."""
+    steps = [f"cnneval ckpt={shown(best)}", f"tensorboard --logdir {shown(run_dir)}"]
+    if not getattr(BUILTIN.get(data.name), "bundled", False):
+        return steps
+    log.info(
+        "this run trained on the small %s that ships with cnntrain; the full sets are one "
+        "override away (downloaded into %s/, or data.root=):",
+        BUILTIN[data.name].title,
+        shown(data.root),
+    )
+    return [
+        *steps,
+        "cnntrain data=fashion_mnist   # all 60,000 Fashion-MNIST images",
+        "cnntrain data=mnist           # handwritten digits",
+    ]

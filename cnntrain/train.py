@@ -14,14 +14,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cnntrain import distributed, resume
-from cnntrain.data import build_data, data_shape, describe
-from cnntrain.data.builtin import BUILTIN
+from cnntrain.data import build_data, data_shape
 from cnntrain.files import write_text
-from cnntrain.logs import log_outputs, shown
+from cnntrain.logs import log_outputs
 from cnntrain.models import build_model
-from cnntrain.plan import RunPlan, input_config, make_plan
+from cnntrain.plan import input_config, make_plan
 from cnntrain.rundir import RunFolder, run_dir_from_hydra
-from cnntrain.runinfo import experiment_settings, hparams
+from cnntrain.runinfo import hparams, log_header, next_steps
 from cnntrain.runtime import seed_everything, select_device
 from cnntrain.schema import check
 from cnntrain.summary import format_summary
@@ -85,7 +84,7 @@ def _run(cfg: DictConfig, folder: RunFolder, path: Path | None, in_place: bool) 
     trainer = Trainer(cfg, plan, data, folder.path, device)
     if resumed is not None:
         trainer.restore(resumed, changed)
-    _log_header(cfg, plan, data, trainer)
+    log_header(cfg, plan, data, trainer)
     trainer.begin(resumed, title=f"{cfg.model.name} on {cfg.data.name}")
     started = time.perf_counter()
     trainer.fit()
@@ -128,29 +127,6 @@ def _claim(cfg: DictConfig, folder: RunFolder, resume: Path | None) -> bool:
     return False
 
 
-def _log_header(cfg: DictConfig, plan: RunPlan, data, trainer: Trainer) -> None:
-    val = data.loaders.get("val")
-    log.info(
-        "%s on %s: %s classes, input %dx%dx%d, %d train / %d val images, %s; device %s%s\n%s",
-        cfg.model.name,
-        cfg.data.name,
-        plan.num_classes,
-        plan.in_channels,
-        plan.image_size,
-        plan.image_size,
-        data.loaders["train"].num_samples,
-        val.num_samples if val else 0,
-        describe(cfg.aug, plan.data_cfg),
-        trainer.device,
-        f", amp {trainer.dtype}".replace("torch.", "") if trainer.dtype else "",
-        format_summary(trainer.summary),
-    )
-    log.info("run dir: %s", trainer.run_dir)
-    recipe = experiment_settings(cfg)
-    if recipe:
-        log.info("%s", recipe)
-
-
 def _finish(cfg: DictConfig, run_dir: Path, trainer: Trainer, results: dict, confusion) -> None:
     """results.json, TensorBoard's HParams and final figures, and what to run next."""
     main = distributed.is_main()
@@ -159,14 +135,7 @@ def _finish(cfg: DictConfig, run_dir: Path, trainer: Trainer, results: dict, con
     trainer.tracker.log_final(hparams(cfg), results, confusion, trainer.plan.classes)
     trainer.tracker.close()
     if main:
-        log_outputs(
-            run_dir,
-            [
-                f"cnneval ckpt={shown(trainer.saver.best)}",
-                f"tensorboard --logdir {shown(run_dir)}",
-                *_full_datasets(cfg.data),
-            ],
-        )
+        log_outputs(run_dir, next_steps(cfg.data, run_dir, trainer.saver.best))
 
 
 def show_summary(cfg: DictConfig) -> dict:
@@ -178,20 +147,3 @@ def show_summary(cfg: DictConfig) -> dict:
     )
     print(format_summary(info, title), flush=True)
     return info
-
-
-def _full_datasets(data: DictConfig) -> list[str]:
-    """After a run on the bundled sample (the default, the first run of most users): the full
-    datasets are one override away."""
-    if not getattr(BUILTIN.get(data.name), "bundled", False):
-        return []
-    log.info(
-        "this run trained on the small %s that ships with cnntrain; the full sets are one "
-        "override away (downloaded into %s/, or data.root=):",
-        BUILTIN[data.name].title,
-        shown(data.root),
-    )
-    return [
-        "cnntrain data=fashion_mnist   # all 60,000 Fashion-MNIST images",
-        "cnntrain data=mnist           # handwritten digits",
-    ]
