@@ -206,6 +206,8 @@ def test_fine_tune_from_a_checkpoint_on_other_classes(data_root, folder_root, tm
         f"data.root={data_root}",
         "data.download=false",
         "epochs=1",
+        "max_steps_per_epoch=2",  # a source checkpoint is all it needs to be
+        "max_eval_steps=1",
         "model=resnet18",
         f"hydra.run.dir={src}",
         cwd=tmp_path,
