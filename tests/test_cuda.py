@@ -100,6 +100,7 @@ def test_a_stopped_fp16_run_resumes_exactly(data_root, tmp_path, signal_at_batch
     assert rows(full) == rows(part)
 
 
+@pytest.mark.e2e
 def test_a_gpu_checkpoint_loads_and_evaluates_without_a_gpu(data_root, tmp_path):
     train(
         make_cfg(data_root, "model=lenet5", "epochs=1", "ema.decay=0.9", "amp=true"),
@@ -126,6 +127,7 @@ def test_a_gpu_checkpoint_loads_and_evaluates_without_a_gpu(data_root, tmp_path)
     assert json.loads((tmp_path / "ev/report.json").read_text())["num_samples"] == 200
 
 
+@pytest.mark.e2e
 def test_the_tools_on_the_gpu(data_root, folder_root, tmp_path):
     train(make_cfg(data_root, "model=resnet20", "epochs=1", "amp=true"), run_dir=tmp_path / "run")
     best = tmp_path / "run/checkpoints/best.pt"

@@ -9,10 +9,13 @@ import pytest
 from conftest import run_cli
 
 ROOT = os.environ.get("CNNTRAIN_FASHION_MNIST", "")
-pytestmark = pytest.mark.skipif(
-    not (Path(ROOT) / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
-    reason="real Fashion-MNIST not available (set CNNTRAIN_FASHION_MNIST to a fashion_mnist.sh DEST)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (Path(ROOT) / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
+        reason="real Fashion-MNIST not available (set CNNTRAIN_FASHION_MNIST to a fashion_mnist.sh DEST)",
+    ),
+    pytest.mark.e2e,  # the console scripts in subprocesses: the end-to-end tier
+]
 
 
 def train_fashion_mnist(tmp_path, epochs):
