@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,22 +15,42 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 from fakedata import write_cifar, write_image_folder, write_mnist
 
 
-@pytest.fixture(autouse=True)
-def _e2e_starts_processes(request, monkeypatch):
+@contextlib.contextmanager
+def _no_processes(item):
     """The fast tier (`-m "not e2e"`) runs in this process: a test not marked e2e that starts
-    a process (a console script, torchrun, mount, pip) fails here, naming the mark it needs,
-    so that the tier stays fast and its marks stay true. The product's own worker pools
-    (multiprocessing) stay allowed; tests of gloo ranks (ranks.py) are marked by hand."""
-    if request.node.get_closest_marker("e2e") is not None:
+    a process (a console script, torchrun, mount, pip), in its body or in a fixture of any
+    scope, fails here, naming the mark it needs, so that the tier stays fast and its marks stay
+    true. The product's own worker pools (multiprocessing) stay allowed; tests of gloo ranks
+    (ranks.py) are marked by hand."""
+    if item.get_closest_marker("e2e") is not None:
+        yield
         return
 
     def refuse(self, *args, **kwargs):
         raise AssertionError(
-            f"{request.node.nodeid} starts a process ({str(args)[:80]}): mark it "
+            f"{item.nodeid} starts a process ({str(args)[:80]}): mark it "
             "@pytest.mark.e2e (the end-to-end tier) or test it in-process"
         )
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    real = subprocess.Popen.__init__
+    subprocess.Popen.__init__ = refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = real
+
+
+# around set-up too: a module- or session-scoped fixture is set up in its first test's set-up
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _no_processes(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _no_processes(item):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -42,6 +42,7 @@ def trained(request, data_root, folder_root, tmp_path_factory):
     return request.param, run_dir, proc
 
 
+@pytest.mark.e2e  # its fixture runs the console scripts
 def test_run_writes_every_file(trained):
     dataset, run_dir, proc = trained
     for name in (
@@ -97,6 +98,7 @@ def test_run_writes_every_file(trained):
     assert end[2].endswith(f"next: tensorboard --logdir {shown}")
 
 
+@pytest.mark.e2e  # its fixture runs the console scripts
 def test_checkpoints_are_plain_weights_only_dicts(trained):
     dataset, run_dir, _ = trained
     last = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)

@@ -110,6 +110,7 @@ def check_parity(out: Path, proc):
     return report
 
 
+@pytest.mark.e2e  # its fixture runs the console scripts
 def test_lenet_every_format_matches_cnntrain(lenet_export):
     check_parity(*lenet_export)
 
@@ -170,6 +171,7 @@ def test_uint8_in_both_layouts_gives_cnneval_top1(lenet, tmp_path):
         assert [classes[i] for i in out.argmax(1)] == expected, name
 
 
+@pytest.mark.e2e  # its fixture runs the console scripts
 def test_metadata_reads_back_from_every_format_and_the_sidecar(lenet, lenet_export):
     import onnx
 
@@ -434,6 +436,7 @@ def export_in_process(ckpt, run_dir, *overrides):
     return run_export(cfg, run_dir)
 
 
+@pytest.mark.e2e  # its fixture runs the console scripts
 def test_a_failing_exporter_names_the_operator_and_leaves_no_file(lenet, tmp_path, monkeypatch):
     import cnntrain.inference
     from cnntrain.errors import UserError
@@ -455,6 +458,7 @@ def test_a_failing_exporter_names_the_operator_and_leaves_no_file(lenet, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == [".cnntrain.lock"]
 
 
+@pytest.mark.e2e  # its fixture runs the console scripts
 def test_a_mismatch_beyond_atol_keeps_nothing(lenet, tmp_path, monkeypatch):
     import cnntrain.export
     from cnntrain.errors import UserError

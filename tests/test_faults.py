@@ -230,6 +230,7 @@ def skipping_run(tmp_path_factory):
     return tmp, proc, bad
 
 
+@pytest.mark.e2e  # its fixture runs the console scripts
 def test_cli_skip_bad_images_trains_and_logs_the_files(skipping_run):
     tmp, proc, (bad_train, bad_test) = skipping_run
     log = (tmp / "run" / "train.log").read_text()
@@ -258,6 +259,7 @@ def test_cnneval_imagefolder_with_other_class_folders_shows_both_lists(skipping_
     )
 
 
+@pytest.mark.e2e  # its fixture runs the console scripts
 def test_cnneval_takes_the_class_order_from_the_checkpoint(skipping_run, tmp_path):
     """Folders are listed sorted; a checkpoint whose classes are in another order is refused,
     never relabelled by the folder order."""

@@ -40,6 +40,7 @@ def default_run(tmp_path_factory):
     return cwd, run_dir, proc, json.loads((run_dir / "results.json").read_text())
 
 
+@pytest.mark.e2e  # its fixture runs the console scripts
 def test_cnntrain_without_arguments_learns_offline(default_run):
     cwd, run_dir, proc, results = default_run
     assert results["model"] == "lenet5" and results["dataset"] == "fashion_mnist_mini"
@@ -110,6 +111,7 @@ def test_cnnpredict_gets_real_images_right(default_run, real_test_images, tmp_pa
     assert [predicted[f"{i:03d}.png"] for i in range(60)] == [evaluated[i] for i in range(60)]
 
 
+@pytest.mark.e2e  # its fixture runs the console scripts
 def test_grad_cam_of_real_images_is_not_uniform(default_run):
     from cnntrain.inference import load_trained_model
     from cnntrain.viz import grad_cam
