@@ -176,16 +176,14 @@ def _tool_rows(app: str) -> list[tuple]:
 
 def _group_options() -> list[str]:
     """Each config group of cnntrain's configs/ with its options and the default's."""
-    from importlib.resources import files
+    from cnntrain.options import config_groups, config_options
 
-    configs = files("cnntrain.configs")
     chosen = _composed("train", (), hydra=True)["hydra"]["runtime"]["choices"]
     lines = ["| group | options (default in bold) |", "|---|---|"]
-    for group in sorted(
-        p.name for p in configs.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")
-    ):
-        names = sorted(p.name[:-5] for p in (configs / group).iterdir() if p.name.endswith(".yaml"))
-        shown = [f"**`{n}`**" if n == chosen.get(group) else f"`{n}`" for n in names]
+    for group in config_groups():
+        shown = [
+            f"**`{n}`**" if n == chosen.get(group) else f"`{n}`" for n in config_options(group)
+        ]
         lines.append(f"| `{group}` | {', '.join(shown)} |")
     return lines
 
