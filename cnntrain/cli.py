@@ -170,7 +170,10 @@ def one_line(e: BaseException, app: str) -> str:
             schema.unknown_key(key, *schema.keys_of(app, key, getattr(cause, "object_type", None)))
         )
     if isinstance(cause, ValidationError) and key:
-        value = re.search(r"Value '(.*?)'", str(cause))
+        # OmegaConf names a scalar it refused; for a list key only the override names it
+        value = re.search(r"Value '(.*?)'", str(cause)) or re.search(
+            rf"override \+*{re.escape(key)}=(.*)", str(e)
+        )
         return str(schema.type_error(app, key, value[1] if value else "?"))
     if isinstance(cause, InterpolationResolutionError):
         return f"{key or 'a key'}: {_first(cause)} (check the ${{...}} in its value)"

@@ -920,16 +920,22 @@ def type_error(app: str, path: str, value: str) -> UserError:
     f = declaration(app, path)
     if f is None:
         return UserError(f"{path}={value} is not allowed: wrong type")
-    hint = getattr(f.type, "__args__", None) or (None,)
-    kind = _TYPE_NAMES.get(f.type) or (
-        f"a list of {_TYPE_NAMES.get(hint[0], 'values').replace('an ', '').replace('a ', '')}s"
-        if getattr(f.type, "__origin__", None) is list
-        else f"null or {_TYPE_NAMES.get(hint[0], 'a value')}"
-        if hint and type(None) in hint
-        else "another value"
-    )
     rules = _allowed(_rules(f))
-    return _fail(path, value, f, kind + (f", {rules}" if rules else ""))
+    return _fail(path, value, f, _kind(f.type) + (f", {rules}" if rules else ""))
+
+
+def _kind(t, unknown: str = "another value") -> str:
+    """A declared type in words: int -> an integer, Optional[List[float]] -> null or a list of
+    numbers."""
+    args = getattr(t, "__args__", None) or ()
+    if t in _TYPE_NAMES:
+        return _TYPE_NAMES[t]
+    if getattr(t, "__origin__", None) is list:
+        item = _TYPE_NAMES.get(args[0], "a value") if args else "a value"
+        return f"a list of {item.replace('an ', '').replace('a ', '')}s"
+    if type(None) in args:
+        return "null or " + _kind(next(a for a in args if a is not type(None)), "a value")
+    return unknown
 
 
 def container(cfg: DictConfig, resolve: bool = True) -> dict[str, Any]:

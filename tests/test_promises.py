@@ -384,6 +384,9 @@ BAD_VALUES = [
     ("label_smoothing=2", "label_smoothing=2.0 is not allowed: it must be >= 0, < 1"),
     ("optim.momentum=-1", "optim.momentum=-1.0 is not allowed"),
     ("epochs=2.0", "epochs=2.0 is not allowed: it must be an integer"),
+    # a list key: OmegaConf's message has no value, the override has it
+    ("data.mean=3", "data.mean=3 is not allowed: it must be null or a list of numbers"),
+    ("aug.order=3", "aug.order=3 is not allowed: it must be null or a list of strings"),
     ("data.batch_size=64.0", "data.batch_size=64.0 is not allowed: it must be an integer"),
     ("device=cuda:abc", "device=cuda:abc is not allowed"),
     ("optim.lr=${nope}", "optim.lr: Interpolation key 'nope' not found"),
