@@ -121,8 +121,11 @@ class RunTracker:
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
 
+        from cnntrain.report import margins
+
         epochs = [r["epoch"] for r in self.history]
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4.3), layout="constrained")
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.3))
+        margins(fig, left=0.75, right=0.2, top=0.55, bottom=0.55, wspace=0.85, cols=3)
         fig.suptitle(plot_text(self.title))
         for ax, metric in zip(axes, ("loss", "acc")):
             for split in ("train", "val"):
