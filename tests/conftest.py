@@ -53,10 +53,33 @@ def pytest_runtest_call(item):
         yield
 
 
+# The files that take longest (minutes of subprocesses each), longest first. pytest-xdist's
+# loadfile hands whole files to the two workers in collection order, so a long file collected
+# late (test_scale, test_transfer) left one worker running it alone at the end; starting the
+# longest first (longest-processing-time-first scheduling) evens the two. A stale list costs
+# time, never a result.
+LONGEST_FIRST = (
+    "test_distributed.py",
+    "test_scale.py",
+    "test_bench.py",
+    "test_learning.py",
+    "test_install.py",
+    "test_schema_property.py",
+    "test_cli.py",
+    "test_export.py",
+    "test_promises.py",
+    "test_predict_viz.py",
+    "test_transfer.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` run where a GPU is visible (CI on a GPU machine) and are skipped here."""
+    """The longest files first (LONGEST_FIRST); tests marked `cuda` run where a GPU is visible
+    (CI on a GPU machine) and are skipped here."""
     import torch
 
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
