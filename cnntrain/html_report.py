@@ -235,21 +235,25 @@ class RunReport:
         self.config = _config_html(config, self.run_dir)
 
     def write(
-        self, history: list[dict], results: dict | None = None, confusion=None, classes=None
+        self,
+        history: list[dict],
+        results: dict | None = None,
+        confusion=None,
+        classes=None,
+        *,
+        stopped: str | None = None,
     ) -> None:
-        write_text(self.run_dir / REPORT, self.render(history, results, confusion, classes))
+        """The page after the epochs of `history`; `results` (and the test confusion matrix)
+        once the run has finished, or `stopped`: why it stopped before that."""
+        page = self.render(history, results, confusion, classes, stopped=stopped)
+        write_text(self.run_dir / REPORT, page)
 
-    def render(
-        self, history: list[dict], results: dict | None = None, confusion=None, classes=None
-    ) -> str:
-        done = history[-1].get("epoch") if history else 0
-        of = f" of {self.epochs}" if self.epochs else ""
-        if results is None:
-            status = f'<span class="running">running: epoch {esc(done)}{esc(of)} done</span> (this page reloads every {RELOAD_S} s)'
-        else:
-            status = f"finished: {esc(done)}{esc(of)} epochs"
-        page = Page(self.title, f"{esc('/'.join(self.run_dir.parts[-2:]))} &middot; {status}")
-        page.section("result", "Test result", _run_result(results))
+    def render(self, history, results=None, confusion=None, classes=None, *, stopped=None) -> str:
+        going = results is None and stopped is None
+        page = Page(self.title, self._status(history, results, stopped))
+        if stopped:
+            page.section("stopped", "Stopped", f'<p class="warn">{esc(stopped)}</p>')
+        page.section("result", "Test result", _run_result(results, going))
         page.section("curves", "Curves", _curves(page, history) + _lr_find(self.run_dir))
         page.section("epochs", "Epochs (metrics.csv)", _epoch_table(history) if history else "")
         if confusion is not None and classes is not None:
@@ -259,7 +263,22 @@ class RunReport:
             )
         page.section("model", "Model summary", self.summary)
         page.section("config", "Config", self.config)
-        return page.render(reload_s=None if results is not None else RELOAD_S)
+        return page.render(reload_s=RELOAD_S if going else None)
+
+    def _status(self, history: list[dict], results, stopped) -> str:
+        done = esc(history[-1].get("epoch") if history else 0)
+        of = f" of {esc(self.epochs)}" if self.epochs else ""
+        folder = esc("/".join(self.run_dir.parts[-2:]))
+        if stopped:
+            status = f'<span class="running">stopped after epoch {done}{of}</span>'
+        elif results is None:
+            status = (
+                f'<span class="running">running: epoch {done}{of} done</span> '
+                f"(this page reloads every {RELOAD_S} s)"
+            )
+        else:
+            status = f"finished: {done}{of} epochs"
+        return f"{folder} &middot; {status}"
 
 
 def _lr_find(run_dir: Path) -> str:
@@ -271,9 +290,13 @@ def _lr_find(run_dir: Path) -> str:
     return f"<h3>Learning-rate finder</h3>{numbers}{image}" if image or numbers else ""
 
 
-def _run_result(results: dict | None) -> str:
+def _run_result(results: dict | None, going: bool) -> str:
     if results is None:
-        return '<p class="note">The test accuracy of best.pt is measured when training ends.</p>'
+        return (
+            '<p class="note">The test accuracy of best.pt is measured when training ends.</p>'
+            if going
+            else ""
+        )
     notes = []
     if results.get("test_acc") is None:
         notes.append('<p class="note">No test split: no test score.</p>')
@@ -303,8 +326,11 @@ def render_eval_report(report: dict, folder: Path) -> str:
     title = (
         f"{report.get('model', '?')} on {report.get('dataset', '?')} ({report.get('split', '?')})"
     )
+    images = number(report.get("num_samples"))
+    where = f"{fmt(images, '{:,}')} images &middot; " if images is not None else ""
     page = Page(
-        f"Evaluation: {title}", f"checkpoint <code>{esc(report.get('checkpoint', ''))}</code>"
+        f"Evaluation: {title}",
+        f"{where}checkpoint <code>{esc(report.get('checkpoint', ''))}</code>",
     )
     page.section("metrics", "Metrics", metrics_table(report, EVAL_METRICS))
     page.section("classes", "Per class", _per_class(report.get("per_class")))
@@ -362,7 +388,7 @@ def render_sweep_report(sweep_dir: Path, rows: list[dict]) -> str:
     jobs = [_sweep_row(sweep_dir, r) for r in rows]
     failed = sum(r.get("status") == "failed" for r in rows)
     page = Page(
-        f"Sweep {sweep_dir.name}",
+        f"Sweep {'/'.join(sweep_dir.parts[-2:])}",
         f"{esc(sweep_dir)} &middot; {len(rows)} jobs" + (f", {failed} failed" if failed else ""),
     )
     columns = [c for c in SWEEP_COLUMNS if any(j.get(c.key) not in (None, "") for j in jobs)]

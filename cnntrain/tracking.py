@@ -120,6 +120,17 @@ class RunTracker:
             writer.writeheader()
             writer.writerows(self.history)
 
+    def stopped(self, why: BaseException) -> None:
+        """report.html of a run that stops before its end (a signal, an error): says why,
+        instead of "running". A failure to write it (the disk that stopped the run is full)
+        must not hide the error being raised, so it is only logged."""
+        if self.report is None:
+            return
+        try:
+            self.report.write(self.history, stopped=str(why) or type(why).__name__)
+        except Exception as e:
+            log.debug("report.html not updated: %s", e)
+
     def _write_report(self, *final) -> None:
         if self.report is not None:
             self.report.write(self.history, *final)

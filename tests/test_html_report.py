@@ -20,6 +20,7 @@ from test_foreign_files import ODD, odd_report
 
 from cnntrain import html_report
 from cnntrain.html_report import RunReport, write_eval_report, write_sweep_report
+from cnntrain.htmlpage import esc
 from cnntrain.text import visible
 
 
@@ -156,6 +157,22 @@ def test_a_run_rewrites_its_report_every_epoch_and_at_the_end(trained):
     matrix = [r for r in cells if len(r) == 11 and r[0] != "true \\ predicted"]
     assert sum(int(c) for r in matrix for c in r[1:]) == results["test_images"]
     assert_self_contained(final)
+
+
+def test_a_stopped_run_says_so_instead_of_running(data_root, tmp_path, signal_at_batch):
+    import signal
+
+    from cnntrain.errors import Interrupted
+    from cnntrain.train import train
+
+    signal_at_batch(3)  # the first batch of epoch 2
+    with pytest.raises(Interrupted) as stopped:
+        train(make_cfg(data_root), run_dir=tmp_path)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    text = (tmp_path / "report.html").read_text()
+    assert "stopped after epoch 1 of 2" in text and "running:" not in text
+    assert 'http-equiv="refresh"' not in text  # a stopped run's page stops reloading
+    assert esc(str(stopped.value)) in text and "stopped by SIGUSR1 in epoch 2/2" in text
 
 
 def test_cnneval_writes_its_report_beside_report_json(trained):
