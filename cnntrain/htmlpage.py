@@ -168,18 +168,16 @@ class Link:
     href: str
 
 
-def _cell(value, spec: str, cls: str = "") -> str:
+def _cell(value, spec: str, cls: str | None = None) -> str:
     if isinstance(value, Link):
         return f'<td><a href="{esc(value.href)}">{esc(value.text)}</a></td>'
     n = number(value) if not isinstance(value, str) else None
+    classes = " ".join(c for c in ("num" if n is not None else "", cls or "") if c)
+    attrs = f' class="{esc(classes)}"' if classes else ""
     if n is not None:
         sort = f' data-v="{n!r}"' if math.isfinite(n) else ""
-        return f'<td class="num{cls}"{sort}>{fmt(n, spec)}</td>'  # digits: nothing to escape
-    return (
-        f'<td class="{cls.strip()}">{esc(fmt(value, spec))}</td>'
-        if cls
-        else f"<td>{esc(fmt(value, spec))}</td>"
-    )
+        return f"<td{attrs}{sort}>{fmt(n, spec)}</td>"  # digits: nothing to escape
+    return f"<td{attrs}>{esc(fmt(value, spec))}</td>"
 
 
 def table(columns: list[Column], rows: list[dict], *, sortable: bool = True, classes=None) -> str:
@@ -187,16 +185,17 @@ def table(columns: list[Column], rows: list[dict], *, sortable: bool = True, cla
     data-v for sorting (report.js sorts a `sortable` table by the heading clicked). `classes`:
     a function of (row, column key) giving a CSS class for that cell, or None."""
     head = "".join(f"<th>{esc(c.label)}</th>" for c in columns)
-    body = []
-    for row in rows:
-        cells = []
-        for c in columns:
-            extra = classes(row, c.key) if classes else None
-            cells.append(_cell(row.get(c.key), c.spec, f" {extra}" if extra else ""))
-        body.append(f"<tr>{''.join(cells)}</tr>")
-    cls = ' class="sortable"' if sortable else ""
+    body = [
+        "<tr>"
+        + "".join(
+            _cell(row.get(c.key), c.spec, classes(row, c.key) if classes else None) for c in columns
+        )
+        + "</tr>"
+        for row in rows
+    ]
+    sort = ' class="sortable"' if sortable else ""
     return (
-        f'<div class="scroll"><table{cls}><thead><tr>{head}</tr></thead>'
+        f'<div class="scroll"><table{sort}><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></div>"
     )
 
