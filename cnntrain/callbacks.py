@@ -1,4 +1,5 @@
-"""Hydra callbacks. SweepSummary: at the end of a multirun, one table of all jobs."""
+"""Hydra callbacks. SweepSummary: at the end of a multirun, one table of all jobs (summary.csv,
+summary.md, and report.html with every job's curve and a link to its own report)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from cnntrain.files import atomic_write, write_text
+from cnntrain.html_report import write_sweep_report
 from cnntrain.text import markdown_table, md_cell
 
 # The failed jobs of the sweep that just ended, found by their folders: the exit code of the
@@ -113,7 +115,8 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
 
 
 class SweepSummary(Callback):
-    """Writes summary.csv and summary.md into the sweep folder and prints the table."""
+    """Writes summary.csv, summary.md and report.html into the sweep folder and prints the
+    table."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -126,4 +129,5 @@ class SweepSummary(Callback):
             f"job {r['job']}: error: {r['error']}" for r in rows if r["status"] == "failed"
         ]
         write_summary(sweep_dir, rows)
+        write_sweep_report(sweep_dir, rows)
         print(f"\nsweep summary ({sweep_dir / 'summary.md'}):\n{format_table(rows)}", flush=True)

@@ -13,6 +13,7 @@ from cnntrain import distributed
 from cnntrain.checkpoint import load_checkpoint, require_file
 from cnntrain.engine import Placement, evaluate_loader
 from cnntrain.errors import UserError
+from cnntrain.html_report import write_eval_report
 from cnntrain.inference import checkpoint_split, model_from_checkpoint, trained_config
 from cnntrain.logs import log_outputs
 from cnntrain.report import (
@@ -126,6 +127,7 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
     write_figures(report, result, loader, run_dir)
     if cfg.predictions:
         write_predictions(result, loader, data.classes, run_dir)
+    write_eval_report(run_dir)  # last: it shows report.json and the figures written above
     if verbose:
         log_outputs(run_dir, [])
     return report

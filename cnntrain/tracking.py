@@ -1,4 +1,5 @@
-"""Per-epoch records of a run: the log line, metrics.csv, TensorBoard scalars and curves.png."""
+"""Per-epoch records of a run: the log line, metrics.csv, TensorBoard scalars, curves.png and
+report.html (html_report.RunReport)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ class RunTracker:
     With write=False (ranks > 0 under torchrun) it only keeps the history. curves.png is headed
     by `title` (e.g. "resnet20 on cifar10") and the run folder (its last two parts, the date and
     time of outputs/<date>/<time>, since the time alone says little). Given `num_classes`, the
-    first epoch whose val accuracy is at chance (`at_chance`) logs a warning."""
+    first epoch whose val accuracy is at chance (`at_chance`) logs a warning. `report`
+    (html_report.RunReport) rewrites report.html with every epoch, and with the test result in
+    `log_final`."""
 
     def __init__(
         self,
@@ -69,11 +72,12 @@ class RunTracker:
         write: bool = True,
         title: str | None = None,
         num_classes: int | None = None,
+        report=None,
     ):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.epochs, self.write = Path(run_dir), epochs, write
-        self.num_classes, self.warned = num_classes, False
+        self.num_classes, self.warned, self.report = num_classes, False, report
         self.history = list(history or [])
         folder = "/".join(self.run_dir.parts[-2:])
         self.title = f"{title} ({folder})" if title else folder
@@ -81,6 +85,7 @@ class RunTracker:
         if self.history and write:  # resumed into a new folder: carry the earlier epochs over
             self._write_csv()
             self._plot()
+            self._write_report()
 
     def log_epoch(self, row: dict) -> None:
         self.history.append(row)
@@ -100,6 +105,7 @@ class RunTracker:
                 self.tb.add_scalar(tag, row[key], row["epoch"])
         self.tb.flush()
         self._plot()
+        self._write_report()
 
     def at_chance(self, epoch: int | None) -> bool:
         """Whether that epoch's val accuracy was at chance (`at_chance`)."""
@@ -113,6 +119,21 @@ class RunTracker:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.history)
+
+    def stopped(self, why: BaseException) -> None:
+        """report.html of a run that stops before its end (a signal, an error): says why,
+        instead of "running". A failure to write it (the disk that stopped the run is full)
+        must not hide the error being raised, so it is only logged."""
+        if self.report is None:
+            return
+        try:
+            self.report.write(self.history, stopped=str(why) or type(why).__name__)
+        except Exception as e:
+            log.debug("report.html not updated: %s", e)
+
+    def _write_report(self, *final) -> None:
+        if self.report is not None:
+            self.report.write(self.history, *final)
 
     def _plot(self) -> None:
         import matplotlib
@@ -183,6 +204,7 @@ class RunTracker:
         for tag, value in metrics.items():
             self.tb.add_scalar(tag, value)
         self.tb.flush()
+        self._write_report(results, confusion, classes)
 
     def close(self) -> None:
         if self.tb is not None:

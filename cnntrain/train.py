@@ -87,8 +87,12 @@ def _run(cfg: DictConfig, folder: RunFolder, path: Path | None, in_place: bool) 
     log_header(cfg, plan, data, trainer)
     trainer.begin(resumed, title=f"{cfg.model.name} on {cfg.data.name}")
     started = time.perf_counter()
-    trainer.fit()
-    results, confusion = trainer.test()
+    try:
+        trainer.fit()
+        results, confusion = trainer.test()
+    except BaseException as e:  # a signal's Interrupted, a NaN loss, a full disk, Ctrl-C
+        trainer.tracker.stopped(e)
+        raise
     history = trainer.tracker.history
     results.update(
         model=cfg.model.name,

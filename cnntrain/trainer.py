@@ -21,6 +21,7 @@ from cnntrain.data import Data
 from cnntrain.ema import ModelEma
 from cnntrain.engine import Placement, Update, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted
+from cnntrain.html_report import RunReport
 from cnntrain.logs import shown
 from cnntrain.models import build_model
 from cnntrain.optim import create_optimizer, create_scheduler
@@ -94,6 +95,10 @@ class Trainer:
         self.update = Update(self.optimizer, per_step, self.scaler, cfg.grad_clip, self.ema)
         # EMA weights, when kept, are the ones validated, tested and saved as a checkpoint's model
         self.eval_model = self.ema.module if self.ema is not None else self.step_model
+        report = None
+        if self.main:  # report.html, written by the tracker of the one process writing files
+            info = {"config": self.plan.config, "summary": self.summary, "epochs": cfg.epochs}
+            report = RunReport(self.run_dir, title, **info)
         self.tracker = RunTracker(
             self.run_dir,
             cfg.epochs,
@@ -101,6 +106,7 @@ class Trainer:
             write=self.main,
             title=title,
             num_classes=self.plan.num_classes,
+            report=report,
         )
         self.saver = CheckpointSaver(
             self.run_dir / "checkpoints",

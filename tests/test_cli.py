@@ -51,6 +51,7 @@ def test_run_writes_every_file(trained):
         "train.log",
         "metrics.csv",
         "curves.png",
+        "report.html",
         "results.json",
         "checkpoints/last.pt",
         "checkpoints/best.pt",
@@ -147,6 +148,7 @@ def test_cnneval_reports_what_training_printed(trained, tmp_path):
     assert f"top1 {report['top1']:.4f}" in proc.stdout and "precision" in proc.stdout
     for name in ("confusion_matrix.png", "per_class.png", "misclassified.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG, name
+    assert f"{report['top1']:.4f}" in (tmp_path / "report.html").read_text()
     predictions = list(csv.DictReader(open(tmp_path / "predictions.csv")))
     assert len(predictions) == report["num_samples"]
     correct = sum(p["true"] == p["predicted"] for p in predictions)
@@ -260,6 +262,8 @@ def test_multirun_two_jobs(data_root, tmp_path):
     accs = [float(r["test_acc"]) for r in rows]
     assert accs == sorted(accs, reverse=True)
     assert "| model=lenet5 | ok |" in proc.stdout and (tmp_path / "sweep" / "summary.md").is_file()
+    sweep_page = (tmp_path / "sweep" / "report.html").read_text()
+    assert all(f'href="{r["job"]}/report.html"' in sweep_page for r in rows)
     # TensorBoard HParams: each setting with its own type, and what the command line set
     hparams, kinds, scalars = _hparams(tmp_path / "sweep" / "1_resnet18_mnist" / "tb")
     assert hparams == {

@@ -52,6 +52,17 @@ def test_wheel_contains_the_configs(wheel):
         "cnntrain/configs/sched/onecycle.yaml",
         "cnntrain/configs/data/fashion_mnist_mini.yaml",
         *(
+            f"cnntrain/html/{f}"  # report.html's template and the vendored uPlot
+            for f in (
+                "page.html",
+                "report.css",
+                "report.js",
+                "uPlot.iife.min.js",
+                "uPlot.min.css",
+                "uPlot.LICENSE",
+            )
+        ),
+        *(
             f"cnntrain/data/fashion_mnist_mini/{f}"
             for f in (
                 "train-images-idx3-ubyte.gz",
