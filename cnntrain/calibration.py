@@ -133,8 +133,9 @@ def _panel(ax, cal: dict, title: str) -> None:
     centers = [(b["lower"] + b["upper"]) / 2 for b in table]
     accuracy = [b["accuracy"] for b in table]
     confidence = [b["confidence"] for b in table]
-    bars = ax.bar(centers, accuracy, width, edgecolor="black", linewidth=0.5, label="accuracy")
-    ax.bar_label(bars, labels=[str(b["count"]) for b in table], fontsize=6, padding=1)
+    ax.bar(centers, accuracy, width, edgecolor="black", linewidth=0.5, label="accuracy")
+    for x, a, c, b in zip(centers, accuracy, confidence, table):  # above the bar and its gap
+        ax.text(x, max(a, c) + 0.01, str(b["count"]), ha="center", va="bottom", fontsize=6)
     # the gap from each bin's accuracy to its mean confidence, over or under the bar
     ax.bar(
         centers,
