@@ -283,3 +283,14 @@ def test_calibrate_without_a_val_split_is_one_line(overconfident, tmp_path):
     message = str(e.value)
     assert "has no val split" in message and "data.val_split>0" in message and "\n" not in message
     assert not path.with_name("best.calibrated.pt").exists()
+
+
+def test_calibrate_with_tta_flip_fits_on_the_flip_averaged_logits(overconfident, tmp_path):
+    copy = tmp_path / "flip" / "best.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(overconfident.read_bytes())
+    report = evaluate_at(copy, tmp_path / "ev", "calibrate=true", "tta=flip", "predictions=false")
+    before, after = report["calibration"], report["calibration"]["calibrated"]
+    assert after["tta"] == "flip" and after["ece"] < before["ece"] and after["temperature"] > 2
+    stored = torch.load(copy.with_name("best.calibrated.pt"), weights_only=True)["calibration"]
+    assert stored["tta"] == "flip" and stored["temperature"] == after["temperature"]
