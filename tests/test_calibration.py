@@ -294,3 +294,26 @@ def test_calibrate_with_tta_flip_fits_on_the_flip_averaged_logits(overconfident,
     assert after["tta"] == "flip" and after["ece"] < before["ece"] and after["temperature"] > 2
     stored = torch.load(copy.with_name("best.calibrated.pt"), weights_only=True)["calibration"]
     assert stored["tta"] == "flip" and stored["temperature"] == after["temperature"]
+
+
+def test_reliability_figure_shows_counts_the_diagonal_and_the_ece():
+    from cnntrain.calibration import reliability_figure
+
+    cal = of_logits(PROBS.log(), TARGET)
+    after = {**of_logits(PROBS.log(), TARGET, temperature=2.0), "temperature": 2.0}
+    report = {"model": "lenet5", "dataset": "mnist", "split": "test", "num_samples": 5}
+    for calibration, panels in ((cal, 1), ({**cal, "calibrated": after}, 2)):
+        fig, plt = reliability_figure({**report, "calibration": calibration})
+        try:
+            assert len(fig.axes) == panels
+            ax = fig.axes[0]
+            assert ax.get_title() == f"T = 1: ECE {cal['ece']:.4f}"
+            assert sorted(t.get_text() for t in ax.texts) == ["1", "1", "1", "2"]  # per bin
+            assert any(list(line.get_xdata()) == [0, 1] for line in ax.lines)  # the diagonal
+            fig.canvas.draw()  # a count over a full bar stays inside the axes
+            top = max(ax.texts, key=lambda t: t.get_position()[1])
+            assert top.get_window_extent().y1 <= ax.get_window_extent().y1
+            if panels == 2:
+                assert fig.axes[1].get_title().startswith("T = 2: ECE")
+        finally:
+            plt.close(fig)
