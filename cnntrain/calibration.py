@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cnntrain.files import save_figure
-from cnntrain.text import markdown_table, plot_text
+from cnntrain.text import markdown_table, md_code, plot_text
 
 BINS = 15  # Guo et al.'s equal-width confidence bins; the common choice, so numbers compare
 
@@ -120,7 +120,7 @@ def report_lines(report: dict) -> list[str]:
         lines += [
             f"temperature scaling (fit on {after['fit_samples']} {after['fit_split']} images, "
             f"judged on {report['split']}): T = {after['temperature']:.4g}, stored in "
-            f"{after['checkpoint']}",
+            f"{md_code(after['checkpoint'])}",
             markdown_table(["", "T", "ECE", "NLL", "Brier"], rows, align="lrrrr"),
         ]
     return lines
