@@ -23,10 +23,11 @@ from cnntrain.files import atomic_write
 REQUIRED_KEYS = ("model", "config", "classes", "epoch", "metrics")
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+def save_checkpoint(state: dict, path: str | os.PathLike, setting: str = "hydra.run.dir=") -> None:
     """Writes `state` to `path` atomically; a failed write (disk full, no permission) is one
-    UserError naming the path, with the previous file intact and no temp file left."""
-    with atomic_write(path, "wb", what="checkpoint") as f:
+    UserError naming the path and the `setting` that chooses it, with the previous file intact
+    and no temp file left."""
+    with atomic_write(path, "wb", what="checkpoint", setting=setting) as f:
         torch.save(on_cpu(state), f)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cnntrain import distributed
+from cnntrain.calibration import brier_terms
 from cnntrain.errors import UserError
 
 log = logging.getLogger("cnntrain")
@@ -315,13 +316,16 @@ def evaluate_loader(
     desc: str = "eval",
     progress: bool = True,
     tta: str | None = None,
+    keep_logits: bool = False,
 ) -> dict:
     """Cross-entropy loss, top-1, top-5 (None under 5 classes) and the confusion matrix
     (rows = true class, columns = predicted) over `loader` (or its first `max_steps` batches);
-    with keep_predictions also each sample's "predicted" class, its "confidence" and "target".
-    Per batch only the top-k classes and the log-sum-exp of the logits are kept (everything
-    above follows from them); the rest is computed once at the end, in a few large ops.
-    tta="flip": the logits are the mean over each image and its mirror image."""
+    with keep_predictions also each sample's "predicted" class, its "confidence", "target",
+    "nll" (its cross-entropy) and "brier" (its Brier term, calibration.brier_terms); with
+    keep_logits also the (N, K) "logits" (temperature scaling refits on them).
+    Per batch only the top-k classes, the log-sum-exp of the logits and the Brier term are kept
+    (everything above follows from them); the rest is computed once at the end, in a few large
+    ops. tta="flip": the logits are the mean over each image and its mirror image."""
     model.eval()
     k = min(5, num_classes)
     kept = []
@@ -331,7 +335,9 @@ def evaluate_loader(
             out = model(x) if tta is None else (model(x) + model(x.flip(-1))) / 2
         out = out.float()
         top, lse = out.topk(k, 1), out.logsumexp(1)
-        kept.append((top.indices, top.values[:, 0] - lse, lse - out.gather(1, y[:, None])[:, 0], y))
+        nll = lse - out.gather(1, y[:, None])[:, 0]
+        batch = [top.indices, top.values[:, 0] - lse, nll, y, brier_terms(out, y)]
+        kept.append(batch + [out] if keep_logits else batch)
     bar.close()
     # a rank's chunk may be empty
     empty = [
@@ -339,9 +345,10 @@ def evaluate_loader(
         torch.empty(0),
         torch.empty(0),
         torch.empty(0).long(),
-    ]
+        torch.empty(0),
+    ] + ([torch.empty(0, num_classes)] if keep_logits else [])
     parts = [torch.cat(p) for p in zip(*kept)] if kept else [e.to(on.device) for e in empty]
-    top, log_confidence, loss, target = distributed.gather_cat(parts)
+    top, log_confidence, loss, target, brier, *logits = distributed.gather_cat(parts)
     if not len(target):
         raise UserError(f"{desc}: no images to evaluate")
     predicted = top[:, 0]
@@ -357,6 +364,12 @@ def evaluate_loader(
     }
     if keep_predictions:
         result.update(
-            confidence=log_confidence.exp().cpu(), predicted=predicted.cpu(), target=target.cpu()
+            confidence=log_confidence.exp().cpu(),
+            predicted=predicted.cpu(),
+            target=target.cpu(),
+            nll=loss.cpu(),
+            brier=brier.cpu(),
         )
+    if keep_logits:
+        result["logits"] = logits[0].cpu()
     return result

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from cnntrain import distributed
+from cnntrain.calibration import metrics, terms_of, write_reliability
 from cnntrain.checkpoint import load_checkpoint, require_file
 from cnntrain.engine import Placement, evaluate_loader
 from cnntrain.errors import UserError
@@ -27,6 +28,13 @@ from cnntrain.report import (
 from cnntrain.rundir import fresh_run, run_dir_from_hydra
 from cnntrain.runtime import amp_dtype, channels_last, select_device
 from cnntrain.schema import check
+from cnntrain.temperature import (
+    calibrated,
+    fit_on_val,
+    require_writable,
+    stored_temperature,
+    tempered,
+)
 
 log = logging.getLogger("cnntrain")
 
@@ -60,6 +68,9 @@ def evaluate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict | list[
     check(cfg)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra()
     paths = checkpoint_paths(cfg.ckpt)  # before the folder is claimed: a typo fails in a second
+    if cfg.calibrate:
+        for path in paths:
+            require_writable(path)
     # under torchrun each rank evaluates a chunk of the split; rank 0 alone reports and writes
     with contextlib.ExitStack() as claimed:
         distributed.on_main(lambda: claimed.enter_context(fresh_run(run_dir, cfg)))
@@ -86,7 +97,11 @@ def _evaluate(cfg: DictConfig, paths: list[Path], run_dir: Path) -> dict | list[
 def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: bool) -> dict:
     ckpt = load_checkpoint(path)
     trained = trained_config(ckpt, path)
+    stored = stored_temperature(ckpt, path)
     device = select_device(cfg.device)
+    model, on = _model(cfg, ckpt, trained, path, device)
+    # the val pass first: a checkpoint without a val split fails before the long evaluation
+    fit = fit_on_val(cfg, trained, ckpt["classes"], model, on) if cfg.calibrate else None
     data, loader = checkpoint_split(
         trained,
         ckpt["classes"],
@@ -95,20 +110,17 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
         device,
         f"try split={'val' if cfg.split == 'test' else 'test'}",
     )
-    model = model_from_checkpoint(ckpt, trained, path, device)
-    dtype = amp_dtype(cfg.amp, device)
-    # the layout training evaluated in, so that the same device gives the same numbers
-    nhwc = channels_last(trained.get("channels_last", False), device, dtype)
-    if nhwc:
-        model = model.to(memory_format=torch.channels_last)
+    # a calibrated copy is reported at its temperature; calibrate=true refits on raw logits
+    model, temperature = tempered(model, None if fit else stored, path)
     result = evaluate_loader(
         model,
         loader,
-        Placement(device, dtype, nhwc),
+        on,
         num_classes=len(data.classes),
         desc=cfg.split,
         keep_predictions=True,
         tta=cfg.get("tta"),
+        keep_logits=fit is not None,
     )
     report = build_report(
         result,
@@ -118,6 +130,9 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
         model=trained.model.name,
         checkpoint=path.resolve(),
     )
+    report["calibration"] = metrics(terms_of(result), temperature)
+    if fit is not None:
+        report["calibration"]["calibrated"] = calibrated(fit, result, ckpt, path)
     if not distributed.is_main():
         return report
     if verbose:
@@ -125,9 +140,21 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
     run_dir.mkdir(parents=True, exist_ok=True)
     write_report(report, run_dir)
     write_figures(report, result, loader, run_dir)
+    write_reliability(report, run_dir)
     if cfg.predictions:
         write_predictions(result, loader, data.classes, run_dir)
     write_eval_report(run_dir)  # last: it shows report.json and the figures written above
     if verbose:
         log_outputs(run_dir, [])
     return report
+
+
+def _model(cfg: DictConfig, ckpt: dict, trained: DictConfig, path: Path, device):
+    """(The checkpoint's model, the Placement it is evaluated under)."""
+    model = model_from_checkpoint(ckpt, trained, path, device)
+    dtype = amp_dtype(cfg.amp, device)
+    # the layout training evaluated in, so that the same device gives the same numbers
+    nhwc = channels_last(trained.get("channels_last", False), device, dtype)
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
+    return model, Placement(device, dtype, nhwc)

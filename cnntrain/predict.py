@@ -11,9 +11,16 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
+from cnntrain.checkpoint import load_checkpoint
 from cnntrain.errors import UserError
 from cnntrain.files import atomic_write
-from cnntrain.inference import Decode, Preprocess, find_images, load_trained_model
+from cnntrain.inference import (
+    Decode,
+    Preprocess,
+    find_images,
+    model_from_checkpoint,
+    trained_config,
+)
 from cnntrain.rundir import fresh_run, run_dir_from_hydra
 from cnntrain.runtime import select_device
 from cnntrain.schema import check
@@ -64,8 +71,17 @@ def _predict(cfg: DictConfig, files: list[Path], run_dir: Path) -> list[dict]:
 
 
 def _checkpoint(ckpt, device: torch.device) -> tuple[list[str], Decode, Callable]:
-    """(classes, the decoder of new images, uint8 pixels -> probabilities) of a checkpoint."""
-    model, trained, classes = load_trained_model(ckpt, device)
+    """(classes, the decoder of new images, uint8 pixels -> probabilities) of a checkpoint; a
+    calibrated copy's (cnneval calibrate=true) at its stored temperature."""
+    from cnntrain.temperature import stored_temperature, tempered
+
+    path = Path(str(ckpt)).expanduser()
+    state = load_checkpoint(path)
+    trained = trained_config(state, path)
+    temperature = stored_temperature(state, path)  # checked before the model is built
+    model = model_from_checkpoint(state, trained, path, device)
+    model, _ = tempered(model, temperature, path)
+    classes = list(state["classes"])
     prep = Preprocess(trained, device)
 
     def probabilities(pixels: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from cnntrain.calibration import report_lines
 from cnntrain.files import atomic_write, save_figure, write_text
 from cnntrain.text import markdown_table, md_cell, md_code, plot_text, visible
 
@@ -79,7 +80,7 @@ def format_report(report: dict) -> str:
     head = (
         f"{report['model']} on {report['dataset']} ({report['split']}) from {report['checkpoint']}"
     )
-    return "\n".join([visible(head), _summary(report), _table(report)])
+    return "\n".join([visible(head), _summary(report), *report_lines(report), _table(report)])
 
 
 def write_report(report: dict, folder: Path) -> None:
@@ -99,6 +100,7 @@ def write_report(report: dict, folder: Path) -> None:
         "",
         _summary(report),
         "",
+        *(line + "\n" for line in report_lines(report)),
         _table(report),
         "",
         "## Confusion matrix (rows = true, columns = predicted)",
@@ -273,8 +275,9 @@ def write_comparison(reports: list[dict], folder: Path) -> str:
     Returns the markdown table."""
     import csv
 
-    cols = ("model", "dataset", "split", "top1", "top5", "loss", "num_samples", "checkpoint")
-    rows = sorted(reports, key=lambda r: -r["top1"])
+    cols = ("model", "dataset", "split", "top1", "top5", "loss", "ece", "num_samples", "checkpoint")
+    rows = [{**r, "ece": r.get("calibration", {}).get("ece")} for r in reports]
+    rows = sorted(rows, key=lambda r: -r["top1"])
     with atomic_write(Path(folder) / "comparison.csv", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()

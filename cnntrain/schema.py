@@ -498,6 +498,11 @@ class EvalConfig(RuntimeConfig):
     amp: Any = flag(False, "mixed precision")
     predictions: Any = flag(True, "also write predictions.csv")
     tta: Optional[str] = key(None, "test-time augmentation", choices=(None, "flip"))
+    calibrate: Any = flag(
+        False,
+        "fit temperature scaling on the val split, stored in a copy beside the checkpoint "
+        "(best.pt -> best.calibrated.pt)",
+    )
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
 
 

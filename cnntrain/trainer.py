@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from cnntrain import distributed, resume
+from cnntrain import calibration, distributed, resume
 from cnntrain.checkpoint import CheckpointSaver, load_checkpoint, rng_state
 from cnntrain.data import Data
 from cnntrain.ema import ModelEma
@@ -249,6 +249,7 @@ class Trainer:
             "test_acc": None,
             "test_top5": None,
             "test_loss": None,
+            "test_ece": None,
         }
         loader = self.data.loaders.get("test")
         if loader is None:
@@ -262,11 +263,13 @@ class Trainer:
             num_classes=self.plan.num_classes,
             max_steps=self.max_eval_steps,
             desc="test",
+            keep_predictions=True,  # a few numbers an image: for the ECE
         )
         out.update(
             test_acc=te["acc"],
             test_top5=te["top5"],
             test_loss=te["loss"],
+            test_ece=calibration.metrics(calibration.terms_of(te))["ece"],
             test_images=te["num_samples"],
             test_capped=te["num_samples"] < loader.num_samples,
         )
