@@ -79,9 +79,13 @@ EVAL_METRICS = (
     Metric("macro_f1", "macro-F1"),
     Metric("balanced_acc", "balanced accuracy"),
     Metric("loss", "loss (cross-entropy)"),
-    Metric("ece", "ECE (expected calibration error, 15 bins)"),
-    Metric("nll", "NLL (negative log-likelihood)"),
-    Metric("brier", "Brier score"),
+    Metric("calibration.ece", "ECE (expected calibration error, 15 bins)"),
+    Metric("calibration.nll", "NLL (negative log-likelihood)"),
+    Metric("calibration.brier", "Brier score"),
+    Metric("calibration.temperature", "temperature (softmax(logits / T))", "{:.4g}"),
+    Metric("calibration.calibrated.temperature", "fitted temperature (calibrate=true)", "{:.4g}"),
+    Metric("calibration.calibrated.ece", "ECE after temperature scaling"),
+    Metric("calibration.calibrated.nll", "NLL after temperature scaling"),
     Metric("num_samples", "images", "{:,}"),
 )
 # metrics.csv (tracking.COLUMNS); a column not named here is shown with 4 significant digits

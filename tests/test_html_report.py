@@ -184,43 +184,43 @@ def test_cnneval_writes_its_report_beside_report_json(trained):
     per_class = [r for r in cells if len(r) == 6 and r[0] in report["classes"]]
     assert [r[0] for r in per_class] == report["classes"]
     assert [r[5] for r in per_class] == [f"{c['f1']:.4f}" for c in report["per_class"]]
-    misclassified = base64.b64encode((eval_dir / "misclassified.png").read_bytes()).decode()
-    assert misclassified in text and 'id="reliability"' not in text
+    for figure in ("misclassified.png", "reliability.png"):  # cnneval's figures, inline
+        assert base64.b64encode((eval_dir / figure).read_bytes()).decode() in text
+    ece = ["ECE (expected calibration error, 15 bins)", f"{report['calibration']['ece']:.4f}"]
+    assert ece in cells
     assert_self_contained(text)
 
 
 def test_metrics_that_land_later_show_without_a_change_here(trained, tmp_path):
-    """Calibration (ece, nll, brier, reliability.png) and the imbalance metrics (macro_f1,
-    balanced_acc): a labelled row when there is one for them, a number under its own key when
-    not yet."""
+    """Calibration (report.json's "calibration", reliability.png) and the imbalance metrics
+    (macro_f1, balanced_acc): a labelled row each; a number no row names yet shows under its
+    own dotted key."""
     _, _, _, eval_dir = trained
     folder = tmp_path / "eval"
     shutil.copytree(eval_dir, folder)
     report = json.loads((folder / "report.json").read_text())
-    report.update(ece=0.0421, nll=0.5123, brier=0.2345, macro_f1=0.61, balanced_acc=0.625)
-    report["calibration"] = {"temperature": 1.7, "ece_after": 0.0123}
+    report.update(macro_f1=0.61, balanced_acc=0.625, future={"score": 0.5})
+    report["calibration"]["calibrated"] = {"temperature": 1.7, "ece": 0.0123, "nll": 0.25}
     (folder / "report.json").write_text(json.dumps(report))
-    shutil.copy(folder / "per_class.png", folder / "reliability.png")
     write_eval_report(folder)
     text = (folder / "report.html").read_text()
     cells = Parsed(text).rows
+    cal = report["calibration"]
     for row in (
-        ["ECE (expected calibration error, 15 bins)", "0.0421"],
-        ["NLL (negative log-likelihood)", "0.5123"],
-        ["Brier score", "0.2345"],
+        ["ECE (expected calibration error, 15 bins)", f"{cal['ece']:.4f}"],
+        ["NLL (negative log-likelihood)", f"{cal['nll']:.4f}"],
+        ["Brier score", f"{cal['brier']:.4f}"],
+        ["fitted temperature (calibrate=true)", "1.7"],
+        ["ECE after temperature scaling", "0.0123"],
         ["macro-F1", "0.6100"],
         ["balanced accuracy", "0.6250"],
-        ["calibration.temperature", "1.7"],
-        ["calibration.ece_after", "0.0123"],
+        ["future.score", "0.5"],
     ):
         assert row in cells, row
     assert 'id="reliability"' in text
     assert base64.b64encode((folder / "reliability.png").read_bytes()).decode() in text
     # a row is one line in EVAL_METRICS
-    assert (
-        html_report.Metric("ece", "ECE (expected calibration error, 15 bins)")
-        in html_report.EVAL_METRICS
-    )
+    assert any(m.key == "calibration.ece" for m in html_report.EVAL_METRICS)
 
 
 def test_odd_names_are_text_everywhere(tmp_path):
