@@ -314,7 +314,7 @@ def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
         check=False,
     )
     assert proc.returncode != 0
-    assert "1 job(s) failed" in proc.stderr and "optim.lr=-1.0 is not allowed" in proc.stderr
+    assert "1 job(s) failed" in proc.stderr and "optim.lr=-1 is not allowed" in proc.stderr
     assert not (tmp_path / "sweep" / "0_lenet5_mnist" / "results.json").exists()
     assert (
         json.loads((tmp_path / "sweep" / "1_lenet5_mnist" / "results.json").read_text())["test_acc"]
@@ -326,7 +326,7 @@ def test_multirun_failed_job_is_reported_and_others_run(data_root, tmp_path):
         ("1_lenet5_mnist", "ok"),
         ("0_lenet5_mnist", "failed"),
     ]
-    assert rows[1]["error"].startswith("optim.lr=-1.0 is not allowed")
+    assert rows[1]["error"].startswith("optim.lr=-1 is not allowed")
 
 
 @pytest.mark.e2e
