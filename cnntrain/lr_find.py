@@ -146,17 +146,15 @@ def range_test(cfg: DictConfig, plan: RunPlan, data, device, run_dir: Path) -> F
     finding = Finding(settings=s)
     saved = rng_state(device)
     try:
-        probe = Trainer(with_lr(cfg, s["start_lr"]), plan, data, run_dir, device)
+        start = with_lr(cfg, s["start_lr"])
+        probe = Trainer(start, plan, data, run_dir, device)
         # a fresh optimizer: the Trainer's schedule has already changed its lr (and momentum)
-        optimizer = create_optimizer(with_lr(cfg, s["start_lr"]).optim, probe.model)
+        optimizer = create_optimizer(start.optim, probe.model)
         schedule = _ExpSchedule(optimizer, s["start_lr"], s["end_lr"], s["num_it"])
         recorder = _Recorder(probe.criterion, schedule, finding)
         update = Update(optimizer, schedule, probe.scaler, cfg.grad_clip)
-        model, loader, epoch = (
-            ranked(probe.model, cfg.sync_batchnorm, device),
-            data.loaders["train"],
-            1,
-        )
+        model, loader = ranked(probe.model, cfg.sync_batchnorm, device), data.loaders["train"]
+        epoch = 1
         while not recorder.done:
             loader.set_epoch(epoch)  # more steps than an epoch: the next epoch's batches
             train_one_epoch(
@@ -255,15 +253,17 @@ def _plot(finding: Finding, path: Path, title: str) -> None:
             ax.plot(lr, finding.losses[i], "o", color=color, label=label)
     s = finding.settings
     ax.set_xlim(s["start_lr"], s["end_lr"])
-    if finding.losses:  # the divergence would squash the rest of the curve
-        low, high = min(finding.losses), max(finding.losses[: max(1, len(finding.losses) // 10)])
-        ax.set_ylim(low - 0.1 * (high - low + 1e-3), max(high, low) * 1.25 + 1e-3)
+    if finding.losses:  # from the lowest loss to a little above the start: the climb at the
+        # end would squash the rest of the curve
+        low = min(min(finding.losses), min(finding.raw_losses))
+        high = max(finding.losses[: max(1, len(finding.losses) // 10)])
+        ax.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.15 * (high - low + 1e-3))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
     ax.set_title(f"LR range test: {title}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)  # below the flat start, left of the fall
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)

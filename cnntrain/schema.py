@@ -407,7 +407,7 @@ class LrFinderConfig:
     start_lr: float = key(1e-7, "lr of the first step", gt=0, resume=FREE)
     end_lr: float = key(10.0, "lr of the last step (> start_lr)", gt=0, resume=FREE)
     num_it: int = key(
-        100,
+        200,
         "training steps of the test (past the end of an epoch it goes on into the next)",
         ge=10,
         le=100_000,
