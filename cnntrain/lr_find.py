@@ -68,7 +68,8 @@ class _ExpSchedule:
 
     def __init__(self, optimizer, start: float, end: float, n: int):
         self.optimizer, self.step_no = optimizer, 0
-        self.lrs = [start * (end / start) ** (i / (n - 1)) for i in range(n)]
+        low, high = math.log(start), math.log(end)  # in logs: no overflow of end / start
+        self.lrs = [math.exp(low + (high - low) * i / (n - 1)) for i in range(n)]
         self._set()
 
     def _set(self) -> None:
@@ -333,7 +334,11 @@ def settle(
         lr = resumed["config"].get("optim", {}).get("lr")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)):
             raise UserError(f"optim.lr=find: the checkpoint resumed stores no number as lr ({lr})")
-        log.info("optim.lr=find: resuming with the lr found when the run started, %g", lr)
+        log.info(
+            "optim.lr=find: a resumed run keeps the lr it was started with, %g (the LR finder "
+            "does not run again)",
+            lr,
+        )
     else:
         lr = _found(cfg, plan, data, device, run_dir).valley
         log.info("optim.lr=find: training with the LR finder's suggestion, optim.lr=%g", lr)
