@@ -2,7 +2,7 @@
 Networks"; fastai's `lr_find`): train a copy of the run's model for a few hundred steps while the
 lr grows exponentially from lr_finder.start_lr to end_lr, smooth the loss, stop once it diverges,
 and suggest the lr in the middle of the longest fall of the loss (fastai's "valley" rule), with
-the lr of the steepest fall as a second opinion.
+the lr of the steepest fall as a second opinion (`lr_finder.rule=steep` makes it the one used).
 
 `lr_find=true` runs the test alone (`report`: lr_find.png, lr_find.json and the suggestion, no
 training, no checkpoint); `optim.lr=find` runs it and trains with the suggestion (`settle`).
@@ -59,7 +59,14 @@ class Finding:
 
     @property
     def suggestion(self) -> float | None:
-        return self.valley
+        """The lr of lr_finder.rule: the one printed as optim.lr= and trained with."""
+        return self.steep if self.settings.get("rule") == "steep" else self.valley
+
+    def says(self) -> str:
+        """The suggestion in words, the other rule's lr beside it."""
+        if self.settings.get("rule") == "steep":
+            return f"optim.lr={self.steep:g} (the steepest fall; the valley rule gives {self.valley:g})"
+        return f"optim.lr={self.valley:g} (valley; the steepest fall is at {self.steep:g})"
 
 
 class _ExpSchedule:
@@ -250,7 +257,7 @@ def _plot(finding: Finding, path: Path, title: str) -> None:
         if lr is not None:
             i = int(np.argmin(np.abs(np.log(finding.lrs) - math.log(lr))))
             ax.axvline(lr, color=color, ls="--", lw=1)
-            label = f"{name}: {lr:.3g}" + (" (optim.lr)" if name == "valley" else "")
+            label = f"{name}: {lr:.3g}" + (" (optim.lr)" if lr == finding.suggestion else "")
             ax.plot(lr, finding.losses[i], "o", color=color, label=label)
     s = finding.settings
     ax.set_xlim(s["start_lr"], s["end_lr"])
@@ -290,10 +297,9 @@ def _found(cfg: DictConfig, plan: RunPlan, data, device, run_dir: Path) -> Findi
     if finding.suggestion is None:
         raise UserError(f"lr_find: {finding.problem} (see {shown(run_dir / 'lr_find.png')})")
     log.info(
-        "lr_find: %s; suggested optim.lr=%s (valley; the steepest fall is at %s); %s",
+        "lr_find: %s; suggested %s; %s",
         finding.stopped,
-        f"{finding.valley:g}",
-        f"{finding.steep:g}",
+        finding.says(),
         shown(run_dir / "lr_find.png"),
     )
     return finding
@@ -303,7 +309,7 @@ def report(cfg: DictConfig, plan: RunPlan, data, device, run_dir: Path) -> dict:
     """`lr_find=true`: the test alone; prints the suggestion and what to run with it."""
     finding = _found(cfg, plan, data, device, run_dir)
     if distributed.is_main():
-        log_outputs(run_dir, [_next_command(finding.valley)])
+        log_outputs(run_dir, [_next_command(finding.suggestion)])
     return {
         "lr_find": {"valley": finding.valley, "steep": finding.steep},
         "run_dir": str(run_dir),
@@ -340,7 +346,7 @@ def settle(
             lr,
         )
     else:
-        lr = _found(cfg, plan, data, device, run_dir).valley
+        lr = _found(cfg, plan, data, device, run_dir).suggestion
         log.info("optim.lr=find: training with the LR finder's suggestion, optim.lr=%g", lr)
     config = {**plan.config, "optim": {**plan.config["optim"], "lr": lr}}
     return with_lr(cfg, lr), dataclasses.replace(plan, config=config)

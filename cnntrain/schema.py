@@ -426,6 +426,12 @@ class LrFinderConfig:
         lt=1,
         resume=FREE,
     )
+    rule: str = key(
+        "valley",
+        "the suggestion used (optim.lr=find) and printed: fastai's valley, or the steepest fall",
+        choices=("valley", "steep"),
+        resume=FREE,
+    )
 
 
 @dataclass

@@ -33,9 +33,13 @@ def _found(run_dir: Path) -> dict:
     return json.loads((run_dir / "lr_find.json").read_text())
 
 
-@pytest.mark.parametrize("sched", [("sched=onecycle",), ("sched=cosine", "sched.warmup_epochs=1")])
-def test_lr_find_writes_its_files_trains_nothing_and_ignores_the_schedule(tmp_path, sched):
-    results = train(make_cfg("lr_find=true", "epochs=3", *sched), run_dir=tmp_path)
+@pytest.mark.parametrize(
+    "sched,rule",
+    [(("sched=onecycle",), "steep"), (("sched=cosine", "sched.warmup_epochs=1"), "valley")],
+)
+def test_lr_find_writes_its_files_trains_nothing_and_ignores_the_schedule(tmp_path, sched, rule):
+    cfg = make_cfg("lr_find=true", "epochs=3", *sched, f"lr_finder.rule={rule}")
+    results = train(cfg, run_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name[0] != ".") == [
         "lr_find.json",
         "lr_find.png",
@@ -51,7 +55,9 @@ def test_lr_find_writes_its_files_trains_nothing_and_ignores_the_schedule(tmp_pa
     valley, steep = found["suggestion"]["valley"], found["suggestion"]["steep"]
     for lr in (valley, steep):
         assert math.isfinite(lr) and 1e-7 <= lr <= 10
-    assert found["optim.lr"] == valley == results["lr_find"]["valley"]
+    assert (
+        results["lr_find"] == found["suggestion"] and found["optim.lr"] == found["suggestion"][rule]
+    )
     assert (tmp_path / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -113,6 +119,10 @@ def test_a_loss_that_diverges_at_once_is_one_clear_line(tmp_path):
         (["lr_finder.num_it=5"], "lr_finder.num_it=5 is not allowed: it must be >= 10"),
         (["lr_finder.stop_factor=0.5"], "lr_finder.stop_factor=0.5 is not allowed"),
         (["lr_finder.smoothing=1"], "lr_finder.smoothing=1.0 is not allowed"),
+        (
+            ["lr_finder.rule=min"],
+            "lr_finder.rule=min is not allowed: it must be one of valley, steep",
+        ),
         (
             ["lr_finder.num_iter=50"],
             "unknown key lr_finder.num_iter; did you mean lr_finder.num_it?",
