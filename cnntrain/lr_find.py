@@ -337,9 +337,7 @@ def settle(
     together and see the same mean losses: one suggestion), or, resuming, with the lr the run
     was started with (the test does not run again)."""
     if resumed is not None:
-        lr = resumed["config"].get("optim", {}).get("lr")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-            raise UserError(f"optim.lr=find: the checkpoint resumed stores no number as lr ({lr})")
+        lr = resumed["config"]["optim"]["lr"]  # a number: stored.validated refuses `find`
         log.info(
             "optim.lr=find: a resumed run keeps the lr it was started with, %g (the LR finder "
             "does not run again)",

@@ -1057,7 +1057,7 @@ def help_table(app: str, cfg: DictConfig) -> str:
             lines.append(f"{top}:")
         f = declaration(app, path)
         meaning, rules = (f.metadata.get("help", ""), _rules(f)) if f is not None else ("", {})
-        allowed = _allowed(
+        allowed = (f.metadata.get("what") if f is not None else None) or _allowed(
             {k: v for k, v in rules.items() if k != "pattern"}
         )  # patterns: in the meaning
         if allowed:

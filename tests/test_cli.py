@@ -371,7 +371,7 @@ def test_help_lists_groups_and_every_key_with_its_meaning(tmp_path):
     assert "optim=adam: adam, adamw, sgd" in out and "schema/" not in out
     assert "optim.betas=[0.9, 0.999]" in out and "optim.momentum" not in out
     lr = next(line for line in out.splitlines() if line.strip().startswith("optim.lr="))
-    assert "learning rate [> 0]" in lr
+    assert "learning rate, or find: " in lr and lr.endswith("[a number > 0, or find]")
     assert "$CNNTRAIN_CACHE" in out  # a meaning with a $ survives Hydra's string.Template
     assert not list(tmp_path.iterdir())  # --help leaves no folder
     out = run_cli("cnneval", "--help", cwd=tmp_path).stdout
