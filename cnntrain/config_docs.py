@@ -45,7 +45,14 @@ RESUME_WORDS = {
         "as *on purpose, re-plans*, and only between epochs: it sets the batches of an epoch",
     ),
 }
-_KIND_WORDS = {None: "null", str: "string", bool: "true/false", int: "integer", list: "list"}
+_KIND_WORDS = {
+    None: "null",
+    str: "string",
+    bool: "true/false",
+    int: "integer",
+    float: "number",
+    list: "list",
+}
 _TYPE_WORDS = {int: "integer", float: "number", str: "string", bool: "true/false"}
 
 
@@ -68,7 +75,10 @@ def leaves(app: str):
 
 
 def _type(f) -> str:
-    """What the key takes: its type, then its rules (range, choices, pattern, length)."""
+    """What the key takes: its type, then its rules (range, choices, pattern, length), or the
+    words its declaration gives for them (`what=`)."""
+    if "what" in f.metadata:  # "a number > 0, or find": the table's words have no article
+        return f.metadata["what"].removeprefix("a ").removeprefix("an ")
     rules = schema._rules(f)
     t, words = f.type, []
     optional = False

@@ -34,8 +34,9 @@ def key(default=None, help: str = "", *, factory=None, **rules):
     """A config key: `default` (or `factory` for lists), a one-line `help`, and its rules:
     ge/gt/le/lt (numbers, also each item of a list), choices, pattern (a regex for strings),
     length (of a list), finite (numbers; on by default), kinds (the types an Any key takes:
-    None, str, bool, int, list); a training key also says what a resume may do with it
-    (`resume=`, one of RESUME_CLASSES; tests/test_config.py requires it of every one)."""
+    None, str, bool, int, float (any number), list), what (what is allowed, in words, where
+    the rules' own wording would not say it well); a training key also says what a resume may
+    do with it (`resume=`, one of RESUME_CLASSES; tests/test_config.py requires it of every one)."""
     if rules.get("resume", FREE) not in RESUME_CLASSES:
         raise ValueError(f"resume={rules['resume']!r}: one of {RESUME_CLASSES}")
     meta = {"help": help, **rules}
@@ -262,7 +263,17 @@ class OptimConfig:
     """Keys of every optimizer; null leaves torch's default."""
 
     name: str = _optimizer(MISSING)
-    lr: float = key(MISSING, "learning rate", gt=0, resume=REPLAN)
+    # a number, or `find`: train() replaces it with the LR finder's suggestion before anything
+    # uses it, so that every stored config (checkpoints, .hydra/) holds the number
+    lr: Any = key(
+        MISSING,
+        "learning rate, or find: the suggestion of the LR range test (lr_finder.*), run first",
+        kinds=(float, str),
+        pattern="find",
+        gt=0,
+        what="a number > 0, or find",
+        resume=REPLAN,
+    )
     weight_decay: float = key(
         0.0, "L2 / decoupled weight decay (not on biases and norm weights)", ge=0, resume=ALLOW
     )
@@ -388,6 +399,42 @@ class EmaConfig:
 
 
 @dataclass
+class LrFinderConfig:
+    """The LR range test of `lr_find=true` and `optim.lr=find` (Smith 2017, fastai's lr_find):
+    the lr grows exponentially from start_lr to end_lr over num_it steps on a copy of the
+    model, and stops early once the smoothed loss passes stop_factor times its minimum."""
+
+    start_lr: float = key(1e-7, "lr of the first step", gt=0, resume=FREE)
+    end_lr: float = key(10.0, "lr of the last step (> start_lr)", gt=0, resume=FREE)
+    num_it: int = key(
+        200,
+        "training steps of the test (past the end of an epoch it goes on into the next)",
+        ge=10,
+        le=100_000,
+        resume=FREE,
+    )
+    stop_factor: Optional[float] = key(
+        4.0,
+        "stop once the smoothed loss passes this multiple of its minimum (null: all num_it steps)",
+        gt=1,
+        resume=FREE,
+    )
+    smoothing: float = key(
+        0.98,
+        "factor of the loss's moving average (bias-corrected; 0: no smoothing)",
+        ge=0,
+        lt=1,
+        resume=FREE,
+    )
+    rule: str = key(
+        "valley",
+        "the suggestion used (optim.lr=find) and printed: fastai's valley, or the steepest fall",
+        choices=("valley", "steep"),
+        resume=FREE,
+    )
+
+
+@dataclass
 class EarlyStopConfig:
     patience: Optional[int] = key(
         None, "stop after this many epochs without a better val accuracy", ge=1, resume=FREE
@@ -460,6 +507,12 @@ class TrainConfig(RuntimeConfig):
     )
     max_eval_steps: Optional[int] = key(None, "cap on validation / test batches", ge=1, resume=FREE)
     summary: Any = flag(False, "print the model summary and exit", resume=FREE)
+    lr_find: Any = flag(
+        False,
+        "run the LR range test (lr_finder.*), write lr_find.png and lr_find.json, print the "
+        "suggested optim.lr and exit, training nothing",
+        resume=FREE,
+    )
     optimized_metric: Optional[str] = key(
         None,
         "a results.json key returned to a sweeper",
@@ -469,6 +522,7 @@ class TrainConfig(RuntimeConfig):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    lr_finder: LrFinderConfig = field(default_factory=LrFinderConfig)
 
 
 # --------------------------------------------------------------------------- eval, predict, viz
@@ -623,7 +677,7 @@ register()
 
 # --------------------------------------------------------------------------- checking
 def _rules(f) -> dict:
-    return {k: v for k, v in f.metadata.items() if k not in ("help", "resume")}
+    return {k: v for k, v in f.metadata.items() if k not in ("help", "resume", "what")}
 
 
 def default(f):
@@ -680,7 +734,14 @@ def _fail(path: str, value, f, what: str) -> UserError:
     return UserError(f"{path}={value} is not allowed: it must be {what} ({'; '.join(about)})")
 
 
-_KIND_NAMES = {None: "null", str: "a string", bool: "true/false", int: "an integer", list: "a list"}
+_KIND_NAMES = {
+    None: "null",
+    str: "a string",
+    bool: "true/false",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+}
 
 
 def _is_kind(value, kind) -> bool:
@@ -688,15 +749,18 @@ def _is_kind(value, kind) -> bool:
         return value is None
     if kind is list:
         return isinstance(value, (list, ListConfig))
+    if kind is float:  # any number: optim.lr=1 is an lr too
+        return type(value) in (int, float)
     return type(value) is kind  # bool is not an int here
 
 
 def _check_value(path: str, value, f) -> None:
-    rules = _rules(f)
+    rules, words = _rules(f), f.metadata.get("what")
     if not rules or value is None and "choices" not in rules and "kinds" not in rules:
         return
     if "kinds" in rules and not any(_is_kind(value, kind) for kind in rules["kinds"]):
-        raise _fail(path, value, f, " or ".join(_KIND_NAMES[kind] for kind in rules["kinds"]))
+        kinds = " or ".join(_KIND_NAMES[kind] for kind in rules["kinds"])
+        raise _fail(path, value, f, words or kinds)
     # a list where one is declared (format=[onnx,torchscript]): each of its items is one of the
     # choices; anywhere else a list is one value, refused by choices like any other
     listed = isinstance(value, ListConfig) and list in rules.get("kinds", ())
@@ -706,17 +770,15 @@ def _check_value(path: str, value, f) -> None:
     ):
         raise _fail(path, value, f, _allowed(rules))
     if "pattern" in rules and isinstance(value, str) and not re.fullmatch(rules["pattern"], value):
-        raise _fail(path, value, f, _allowed(rules))
+        raise _fail(path, value, f, words or _allowed(rules))
     items = list(value) if isinstance(value, ListConfig) else [value]
     if isinstance(value, ListConfig) and "length" in rules and len(items) not in rules["length"]:
         raise _fail(path, value, f, _allowed(rules))
     if any(_number_problem(v, rules) for v in items):
         finite = all(math.isfinite(v) for v in items if isinstance(v, (int, float)))
+        ranges = _allowed({k: v for k, v in rules.items() if k != "pattern"})  # the number's
         raise _fail(
-            path,
-            value,
-            f,
-            ", ".join(filter(None, [None if finite else "a finite number", _allowed(rules)])),
+            path, value, f, ", ".join(filter(None, [None if finite else "a finite number", ranges]))
         )
 
 
@@ -807,7 +869,29 @@ def _check_train(cfg: DictConfig) -> None:
         raise UserError(
             "optim.nesterov=true needs optim.momentum > 0 (or set optim.nesterov=false)"
         )
+    _check_lr_finder(cfg)
     _check_allowed_changes(list(cfg.resume_allow_changes))
+
+
+def _check_lr_finder(cfg: DictConfig) -> None:
+    finder = cfg.get("lr_finder")
+    if finder is None:  # a config not composed from the schema
+        return
+    if finder.start_lr >= finder.end_lr:
+        raise UserError(
+            f"lr_finder.start_lr={finder.start_lr} must be below lr_finder.end_lr="
+            f"{finder.end_lr} (the lr grows from the one to the other)"
+        )
+    if cfg.lr_find and cfg.resume is not None:
+        raise UserError(
+            f"lr_find=true trains nothing, so it continues no run: leave out "
+            f"resume={cfg.resume} (optim.lr=find on a new run finds the lr, then trains)"
+        )
+    if cfg.lr_find and cfg.optimized_metric is not None:
+        raise UserError(
+            f"lr_find=true trains nothing, so it has no optimized_metric={cfg.optimized_metric} "
+            "to return to a sweeper; leave out optimized_metric= (and hparams_search=)"
+        )
 
 
 def resume_class(path: str) -> str | None:
@@ -978,7 +1062,7 @@ def help_table(app: str, cfg: DictConfig) -> str:
             lines.append(f"{top}:")
         f = declaration(app, path)
         meaning, rules = (f.metadata.get("help", ""), _rules(f)) if f is not None else ("", {})
-        allowed = _allowed(
+        allowed = (f.metadata.get("what") if f is not None else None) or _allowed(
             {k: v for k, v in rules.items() if k != "pattern"}
         )  # patterns: in the meaning
         if allowed:

@@ -120,5 +120,10 @@ def validated(config, where: str | os.PathLike) -> DictConfig:
         ) from None
     except UserError as e:
         raise UserError(f"{where}: its stored config is refused: {e}") from None
+    if cfg.optim.lr == "find":  # a run stores the lr the finder found, never `find`
+        raise UserError(
+            f"{where}: its stored config is refused: it stores optim.lr=find, not the lr the "
+            "LR finder found; it was not written by cnntrain, or it was altered"
+        )
     _known_model(cfg.model, where)
     return cfg

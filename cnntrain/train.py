@@ -1,6 +1,6 @@
-"""`train(cfg)`: claim the run folder -> plan the run from the config and the data -> restore a
-checkpoint if resuming -> fit (trainer.py) -> the test score of the best checkpoint ->
-results.json."""
+"""`train(cfg)`: claim the run folder -> plan the run from the config and the data (the LR
+finder's lr with optim.lr=find; lr_find=true stops after the finder) -> restore a checkpoint if
+resuming -> fit (trainer.py) -> the test score of the best checkpoint -> results.json."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cnntrain import distributed, resume
+from cnntrain import distributed, lr_find, resume
 from cnntrain.data import build_data, data_shape
 from cnntrain.files import write_text
 from cnntrain.logs import log_outputs
@@ -61,6 +61,12 @@ def _run(cfg: DictConfig, folder: RunFolder, path: Path | None, in_place: bool) 
     data_cfg = input_config(cfg)
     data = build_data(data_cfg, cfg.aug, device=device, seed=cfg.seed)
     plan = make_plan(cfg, data_cfg, data)
+    if cfg.lr_find:
+        return lr_find.report(cfg, plan, data, device, folder.path)  # trains nothing
+    if cfg.optim.lr == "find":  # before anything compares, stores or uses the lr
+        cfg, plan = lr_find.settle(cfg, plan, data, device, resumed, folder.path)
+        if distributed.is_main() and not in_place:
+            folder.write_hydra_files(cfg)
     changed = []
     if resumed is not None:
         changed = resume.check_resumable(cfg, plan, resumed, path)

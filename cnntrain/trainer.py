@@ -81,14 +81,7 @@ class Trainer:
         """The step model (DDP, compile), the tracker and the checkpoint saver, continuing the
         history, best metric and top-k of `resumed` if given."""
         cfg = self.cfg
-        self.step_model = self.model
-        if distributed.world_size() > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            if cfg.sync_batchnorm:
-                self.step_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.step_model)
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_model = DistributedDataParallel(self.step_model, device_ids=ids)
+        self.step_model = ranked(self.model, cfg.sync_batchnorm, self.device)
         self.step_model = torch.compile(self.step_model) if cfg.compile else self.step_model
         # after a restore, which may replace the schedule
         per_step = self.scheduler if self.interval == "step" else None
@@ -298,6 +291,19 @@ def _log_test(epoch: int, te: dict, images: int, max_steps, best: Path) -> None:
             te["loss"],
             te["num_samples"],
         )
+
+
+def ranked(model: nn.Module, sync_batchnorm: bool, device: torch.device) -> nn.Module:
+    """The model as the ranks step it together: under torchrun wrapped in DDP (its BatchNorm
+    layers synchronized if asked), else `model` itself."""
+    if distributed.world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def _every_8th_batch(signals: StopSignals):

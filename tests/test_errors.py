@@ -49,7 +49,7 @@ def assert_one_line_error(proc, *needles):
         ("epochs=-2", "epochs=-2 is not allowed: it must be >= 1"),
         ("data.batch_size=0", "data.batch_size=0 is not allowed: it must be >= 1"),
         ("optim.lr=-0.1", "optim.lr=-0.1 is not allowed: it must be > 0"),
-        ("optim.lr=0", "optim.lr=0.0 is not allowed: it must be > 0"),
+        ("optim.lr=0", "optim.lr=0 is not allowed: it must be > 0"),
         ("data.val_split=1.0", "data.val_split=1.0 is not allowed: it must be >= 0, < 1"),
         ("device=cuda", "no CUDA GPU"),
         (

@@ -675,7 +675,7 @@ def test_sweep_exit_code_counts_failed_jobs(data_root, tmp_path, launcher):
         check=False,
     )
     assert proc.returncode == 1, proc.stderr
-    assert "1 job(s) failed" in proc.stderr and "optim.lr=-1.0 is not allowed" in proc.stderr
+    assert "1 job(s) failed" in proc.stderr and "optim.lr=-1 is not allowed" in proc.stderr
     summary = (sweep / "summary.md").read_text()
     assert "| ok |" in summary and "| failed |" in summary
 
