@@ -287,8 +287,9 @@ class Trainer:
 def _log_test(epoch: int, te: dict, images: int, max_steps, best: Path) -> None:
     if te["num_samples"] < images:  # max_eval_steps: a quick look, not the test score
         log.info(
-            "test accuracy of best.pt (epoch %d): %.4f (macro-F1 %.4f, balanced accuracy %.4f, loss %.4f) "
-            "on only %d of the %d test images (max_eval_steps=%d); the full test: cnneval ckpt=%s",
+            "test accuracy of best.pt (epoch %d): %.4f (macro-F1 %.4f, balanced accuracy "
+            "%.4f, loss %.4f) on only %d of the %d test images (max_eval_steps=%d); the full "
+            "test: cnneval ckpt=%s",
             epoch,
             te["acc"],
             te["macro_f1"],
@@ -301,8 +302,8 @@ def _log_test(epoch: int, te: dict, images: int, max_steps, best: Path) -> None:
         )
     else:
         log.info(
-            "test accuracy of best.pt (epoch %d): %.4f (macro-F1 %.4f, balanced accuracy %.4f, loss %.4f, "
-            "%d images)",
+            "test accuracy of best.pt (epoch %d): %.4f (macro-F1 %.4f, balanced accuracy "
+            "%.4f, loss %.4f, %d images)",
             epoch,
             te["acc"],
             te["macro_f1"],

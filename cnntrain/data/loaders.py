@@ -24,6 +24,8 @@ class Loader(Protocol):
     def num_samples(self) -> int:
         """Images in the split (this rank's share is len(self) batches)."""
 
+    labels: torch.Tensor  # the class index of every sample (unshuffled order), on the device
+
     def __len__(self) -> int:
         """Batches per pass."""
 
