@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cnntrain.imbalance import class_counts, class_weights
 from cnntrain.models import resolve_stem
 from cnntrain.schema import container
 from cnntrain.stored import refuse_code
@@ -33,6 +34,8 @@ class RunPlan:
     std: list
     steps_per_epoch: int  # training batches of an epoch (max_steps_per_epoch caps them)
     config: dict  # the resolved config with all of the above filled in: what checkpoints store
+    class_counts: tuple = ()  # training images per class (after the val hold-out)
+    class_weights: tuple | None = None  # the cross-entropy's, from loss.class_weights
 
     @property
     def num_classes(self) -> int:
@@ -79,7 +82,10 @@ def make_plan(cfg: DictConfig, data_cfg: DictConfig, data) -> RunPlan:
         "std": data.std,
     }
     refuse_code(config, "this run")  # what every tool will refuse to read (a literal '${')
-    batches = len(data.loaders["train"])
+    train = data.loaders["train"]
+    batches = len(train)
+    counts = class_counts(train.labels, len(data.classes))
+    weights = class_weights(cfg.loss.class_weights, counts, cfg.data.name)
     return RunPlan(
         data_cfg=data_cfg,
         model_cfg=model,
@@ -90,4 +96,6 @@ def make_plan(cfg: DictConfig, data_cfg: DictConfig, data) -> RunPlan:
         std=list(data.std),
         steps_per_epoch=min(batches, cfg.max_steps_per_epoch or batches),
         config=config,
+        class_counts=tuple(counts),
+        class_weights=None if weights is None else tuple(weights),
     )

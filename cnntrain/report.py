@@ -38,9 +38,28 @@ def per_class_metrics(confusion: torch.Tensor, classes: list[str]) -> list[dict]
     ]
 
 
+def class_averages(confusion: torch.Tensor) -> dict:
+    """The scores that weigh every class alike, as scikit-learn computes them from the same
+    predictions: "macro_f1", the mean F1 over the classes that occur among the true or the
+    predicted labels (f1_score(average="macro")), and "balanced_acc", the mean recall over the
+    classes that occur among the true labels (balanced_accuracy_score)."""
+    c = confusion.double()
+    tp, support, predicted = c.diag(), c.sum(1), c.sum(0)
+    # F1 = 2 TP / (true + predicted images of the class): 0 for a class predicted but absent
+    seen = (support + predicted) > 0
+    f1 = 2 * tp[seen] / (support + predicted)[seen]
+    present = support > 0
+    recall = tp[present] / support[present]
+    return {
+        "macro_f1": f1.mean().item() if len(f1) else 0.0,
+        "balanced_acc": recall.mean().item() if len(recall) else 0.0,
+    }
+
+
 def build_report(result: dict, *, classes, split, dataset, model, checkpoint) -> dict:
     return {
         "top1": result["acc"],
+        **class_averages(result["confusion"]),
         "top5": result["top5"],
         "loss": result["loss"],
         "num_samples": result["num_samples"],
@@ -70,8 +89,14 @@ def _table(report: dict) -> str:
 
 def _summary(report: dict) -> str:
     top5 = "n/a (< 5 classes)" if report["top5"] is None else f"{report['top5']:.4f}"
+    # reports written before macro-F1 and balanced accuracy have neither
+    averages = "".join(
+        f"  {name} {report[key]:.4f}"
+        for key, name in (("macro_f1", "macro-F1"), ("balanced_acc", "balanced acc"))
+        if report.get(key) is not None
+    )
     return (
-        f"top1 {report['top1']:.4f}  top5 {top5}  loss {report['loss']:.4f}  "
+        f"top1 {report['top1']:.4f}{averages}  top5 {top5}  loss {report['loss']:.4f}  "
         f"({report['num_samples']} {report['split']} images)"
     )
 
@@ -275,7 +300,19 @@ def write_comparison(reports: list[dict], folder: Path) -> str:
     Returns the markdown table."""
     import csv
 
-    cols = ("model", "dataset", "split", "top1", "top5", "loss", "ece", "num_samples", "checkpoint")
+    cols = (
+        "model",
+        "dataset",
+        "split",
+        "top1",
+        "macro_f1",
+        "balanced_acc",
+        "top5",
+        "loss",
+        "ece",
+        "num_samples",
+        "checkpoint",
+    )
     rows = [{**r, "ece": r.get("calibration", {}).get("ece")} for r in reports]
     rows = sorted(rows, key=lambda r: -r["top1"])
     with atomic_write(Path(folder) / "comparison.csv", newline="") as f:

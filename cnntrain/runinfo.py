@@ -11,6 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cnntrain.data import describe
 from cnntrain.data.builtin import BUILTIN
+from cnntrain.imbalance import log_balance
 from cnntrain.logs import shown
 from cnntrain.optim import OPTIMIZERS, SCHEDULES
 from cnntrain.summary import format_summary
@@ -132,7 +133,8 @@ def hparams(cfg: DictConfig) -> dict:
 
 def log_header(cfg: DictConfig, plan, data, trainer) -> None:
     """The run's first lines: model, data, input, images, augmentation, device, the model
-    summary, the run folder and what its experiment= recipe turns on."""
+    summary, the run folder, the training split's classes when they are imbalanced (and the
+    class weights in use) and what its experiment= recipe turns on."""
     val = data.loaders.get("val")
     log.info(
         "%s on %s: %s classes, input %dx%dx%d, %d train / %d val images, %s; device %s%s\n%s",
@@ -150,6 +152,9 @@ def log_header(cfg: DictConfig, plan, data, trainer) -> None:
         format_summary(trainer.summary),
     )
     log.info("run dir: %s", trainer.run_dir)
+    weights = list(plan.class_weights) if plan.class_weights is not None else None
+    counts = list(plan.class_counts)
+    log_balance(counts, plan.classes, weights, cfg.loss.class_weights, cfg.data.sampler)
     recipe = experiment_settings(cfg)
     if recipe:
         log.info("%s", recipe)

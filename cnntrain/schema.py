@@ -183,6 +183,13 @@ class DataConfig:
     skip_bad_images: Any = flag(
         False, "image folders: leave unreadable images out instead of stopping", resume=FREE
     )
+    sampler: str = key(
+        "random",
+        "training batches: random (each image once per epoch) or balanced (classes drawn "
+        "equally often, images with replacement; the epoch keeps its length)",
+        choices=("random", "balanced"),
+        resume=EPOCH,
+    )
 
 
 @dataclass
@@ -383,6 +390,18 @@ class ConstantConfig(SchedConfig):
 
 # --------------------------------------------------------------------------- train
 @dataclass
+class LossConfig:
+    class_weights: Any = key(
+        None,
+        "per-class weights of the cross-entropy: null (none), balanced (n_images / "
+        "(n_classes * images of the class) of the training split) or [w0, w1, ...] (one "
+        "per class)",
+        kinds=(None, str, list),  # which string and which numbers: _check_class_weights
+        resume=ALLOW,
+    )
+
+
+@dataclass
 class CheckpointConfig:
     keep_top_k: int = key(0, "also keep epoch_NNN.pt of the k best epochs", ge=0, resume=FREE)
 
@@ -488,6 +507,7 @@ class TrainConfig(RuntimeConfig):
     label_smoothing: float = key(
         0.0, "label smoothing of the cross-entropy", ge=0, lt=1, resume=ALLOW
     )
+    loss: LossConfig = field(default_factory=LossConfig)
     grad_clip: Optional[float] = key(
         None, "max gradient L2 norm (null: no clipping)", gt=0, resume=ALLOW
     )
@@ -516,7 +536,15 @@ class TrainConfig(RuntimeConfig):
     optimized_metric: Optional[str] = key(
         None,
         "a results.json key returned to a sweeper",
-        choices=(None, "test_acc", "test_top5", "test_loss", "best_val_acc"),
+        choices=(
+            None,
+            "test_acc",
+            "test_top5",
+            "test_loss",
+            "test_macro_f1",
+            "test_balanced_acc",
+            "best_val_acc",
+        ),
         resume=FREE,
     )
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -870,6 +898,7 @@ def _check_train(cfg: DictConfig) -> None:
             "optim.nesterov=true needs optim.momentum > 0 (or set optim.nesterov=false)"
         )
     _check_lr_finder(cfg)
+    _check_class_weights(cfg.loss.class_weights)
     _check_allowed_changes(list(cfg.resume_allow_changes))
 
 
@@ -892,6 +921,23 @@ def _check_lr_finder(cfg: DictConfig) -> None:
             f"lr_find=true trains nothing, so it has no optimized_metric={cfg.optimized_metric} "
             "to return to a sweeper; leave out optimized_metric= (and hparams_search=)"
         )
+
+
+def _check_class_weights(weights) -> None:
+    """loss.class_weights is null, balanced or a list of positive finite numbers; their count
+    is checked against the data's classes once the data is read (imbalance.py)."""
+    if weights is None or weights == "balanced":
+        return
+    if isinstance(weights, ListConfig) and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+        for w in weights
+    ):
+        if len(weights):
+            return
+    raise UserError(
+        f"loss.class_weights={show(weights)} is not allowed: it must be null, balanced or a "
+        "list of positive numbers, one per class (e.g. loss.class_weights=[1,1,5])"
+    )
 
 
 def resume_class(path: str) -> str | None:

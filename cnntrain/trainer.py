@@ -26,6 +26,7 @@ from cnntrain.logs import shown
 from cnntrain.models import build_model
 from cnntrain.optim import create_optimizer, create_scheduler
 from cnntrain.plan import RunPlan
+from cnntrain.report import class_averages
 from cnntrain.rundir import in_sweep
 from cnntrain.runtime import StopSignals, amp_dtype, channels_last, grad_scaler
 from cnntrain.tracking import RunTracker
@@ -49,7 +50,11 @@ class Trainer:
         )
         self.scaler = grad_scaler(self.dtype, device)
         self.ema = ModelEma(self.model, cfg.ema.decay) if cfg.ema.decay else None
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        weight = plan.class_weights  # loss.class_weights; label smoothing applies under them
+        self.criterion = nn.CrossEntropyLoss(
+            weight=None if weight is None else torch.tensor(weight, device=device),
+            label_smoothing=cfg.label_smoothing,
+        )
         self.on = Placement(device, self.dtype, self.nhwc)
         self.max_eval_steps = cfg.max_eval_steps
         self.run_dir, self.main = run_dir, distributed.is_main()  # the one process writing files
@@ -240,6 +245,8 @@ class Trainer:
             "best_val_acc": best["metrics"]["val_acc"],
             "checkpoint": str(self.saver.best),
             "test_acc": None,
+            "test_macro_f1": None,
+            "test_balanced_acc": None,
             "test_top5": None,
             "test_loss": None,
             "test_ece": None,
@@ -258,25 +265,37 @@ class Trainer:
             desc="test",
             keep_predictions=True,  # a few numbers an image: for the ECE
         )
+        averages = class_averages(te["confusion"])
         out.update(
             test_acc=te["acc"],
+            test_macro_f1=averages["macro_f1"],
+            test_balanced_acc=averages["balanced_acc"],
             test_top5=te["top5"],
             test_loss=te["loss"],
             test_ece=calibration.metrics(calibration.terms_of(te))["ece"],
             test_images=te["num_samples"],
             test_capped=te["num_samples"] < loader.num_samples,
         )
-        _log_test(best["epoch"], te, loader.num_samples, self.max_eval_steps, self.saver.best)
+        _log_test(
+            best["epoch"],
+            {**te, **averages},
+            loader.num_samples,
+            self.max_eval_steps,
+            self.saver.best,
+        )
         return out, te["confusion"]
 
 
 def _log_test(epoch: int, te: dict, images: int, max_steps, best: Path) -> None:
     if te["num_samples"] < images:  # max_eval_steps: a quick look, not the test score
         log.info(
-            "test accuracy of best.pt (epoch %d): %.4f (loss %.4f) on only %d of the %d test "
-            "images (max_eval_steps=%d); the full test: cnneval ckpt=%s",
+            "test accuracy of best.pt (epoch %d): %.4f (macro-F1 %.4f, balanced accuracy "
+            "%.4f, loss %.4f) on only %d of the %d test images (max_eval_steps=%d); the full "
+            "test: cnneval ckpt=%s",
             epoch,
             te["acc"],
+            te["macro_f1"],
+            te["balanced_acc"],
             te["loss"],
             te["num_samples"],
             images,
@@ -285,9 +304,12 @@ def _log_test(epoch: int, te: dict, images: int, max_steps, best: Path) -> None:
         )
     else:
         log.info(
-            "test accuracy of best.pt (epoch %d): %.4f (loss %.4f, %d images)",
+            "test accuracy of best.pt (epoch %d): %.4f (macro-F1 %.4f, balanced accuracy "
+            "%.4f, loss %.4f, %d images)",
             epoch,
             te["acc"],
+            te["macro_f1"],
+            te["balanced_acc"],
             te["loss"],
             te["num_samples"],
         )

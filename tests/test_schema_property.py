@@ -114,10 +114,12 @@ def tiny_data(tmp_path_factory):
 def run_one_step(cfg: DictConfig) -> None:
     """What a run does with the config, up to one training step: device, data, model,
     optimizer, schedule, augmentation, regularizers, resume file, and the step itself."""
+    import torch
     from torch import nn
 
     from cnntrain.data import build_data
     from cnntrain.engine import Placement, Update, train_one_epoch
+    from cnntrain.imbalance import class_counts, class_weights
     from cnntrain.models import build_model
     from cnntrain.optim import create_optimizer, create_scheduler
     from cnntrain.plan import input_config
@@ -139,10 +141,15 @@ def run_one_step(cfg: DictConfig) -> None:
         epochs=cfg.epochs,
         steps_per_epoch=min(len(loader), cfg.max_steps_per_epoch or len(loader)),
     )
+    counts = class_counts(loader.labels, len(data.classes))
+    weights = class_weights(cfg.loss.class_weights, counts, cfg.data.name)
     out = train_one_epoch(
         model,
         loader,
-        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        nn.CrossEntropyLoss(
+            weight=None if weights is None else torch.tensor(weights),
+            label_smoothing=cfg.label_smoothing,
+        ),
         Update(optimizer, scheduler if interval == "step" else None, grad_clip=cfg.grad_clip),
         Placement(device),
         max_steps=1,

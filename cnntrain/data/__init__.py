@@ -171,6 +171,7 @@ def build_data(
             shuffle=training,
             drop_last=training,
             seed=seed,
+            sampler=data.get("sampler", "random") if training and not evaluation else "random",
             **distributed.shard(),
         )
     return out

@@ -24,6 +24,8 @@ class Loader(Protocol):
     def num_samples(self) -> int:
         """Images in the split (this rank's share is len(self) batches)."""
 
+    labels: torch.Tensor  # the class index of every sample (unshuffled order), on the device
+
     def __len__(self) -> int:
         """Batches per pass."""
 
@@ -43,6 +45,30 @@ class Loader(Protocol):
 
     def sample_name(self, index: int) -> str:
         """How reports name sample `index`: its file, or its index in the split."""
+
+
+SAMPLERS = ("random", "balanced")
+
+
+class ClassDraw:
+    """data.sampler=balanced: an epoch's order drawn class first, each class equally likely,
+    then an image of that class uniformly, both with replacement. That is torch's
+    WeightedRandomSampler with weights 1 / (images of the class), without its limit of 2**24
+    images and without a weight per image. A class without images is never drawn."""
+
+    def __init__(self, labels: torch.Tensor):
+        labels = labels.cpu()
+        _, grouped, counts = labels.unique(return_inverse=True, return_counts=True)
+        self.by_class = grouped.argsort(stable=True)  # the split's positions, class by class
+        self.counts, self.starts = counts, counts.cumsum(0) - counts
+
+    def order(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """`n` positions in the split, drawn with `gen`."""
+        weights = torch.ones(len(self.counts), dtype=torch.float64)
+        drawn = torch.multinomial(weights, n, replacement=True, generator=gen)
+        size = self.counts[drawn]
+        within = (torch.rand(n, generator=gen, dtype=torch.float64) * size).long()
+        return self.by_class[self.starts[drawn] + torch.minimum(within, size - 1)]
 
 
 def batch_seed(seed: int, epoch: int, step: int) -> int:
@@ -81,6 +107,7 @@ class BatchLoader:
         rank: int = 0,
         world: int = 1,
         prefetch: int = 8,
+        sampler: str = "random",
     ):
         self.images, self.index, self.names = images, index, names
         self.labels = labels.to(device)
@@ -94,6 +121,11 @@ class BatchLoader:
         # A last batch of one image breaks BatchNorm in training; drop the remainder there.
         self.drop_last = drop_last and n > self.step
         self._pin = device.type == "cuda" and not self.resident
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}: one of {SAMPLERS}")
+        # balanced draws replace the shuffle: a loader that does not shuffle (evaluation)
+        # covers its split in order whatever the sampler
+        self.draw = ClassDraw(labels) if shuffle and sampler == "balanced" else None
 
     @property
     def num_samples(self) -> int:
@@ -126,11 +158,14 @@ class BatchLoader:
 
     def _batch_indices(self) -> list[torch.Tensor]:
         """Each batch's positions in the split. The order is drawn on the CPU whatever the
-        device, so the in-memory and streaming paths (and any device) see the same batches."""
+        device, so the in-memory and streaming paths (and any device) see the same batches:
+        a permutation, or with the balanced sampler as many class-balanced draws (ClassDraw)."""
         lo, hi = self.part
         if self.shuffle:
             gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, -1))
-            order = torch.randperm(hi, generator=gen)
+            order = (
+                torch.randperm(hi, generator=gen) if self.draw is None else self.draw.order(hi, gen)
+            )
             return [order[i * self.step : (i + 1) * self.step] for i in range(len(self))]
         return [
             torch.arange(lo + i * self.step, min(lo + (i + 1) * self.step, hi))
