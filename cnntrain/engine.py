@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from cnntrain import distributed
 from cnntrain.errors import UserError
+from cnntrain.tta import tta_logits
 
 log = logging.getLogger("cnntrain")
 CPU = torch.device("cpu")
@@ -321,14 +322,15 @@ def evaluate_loader(
     with keep_predictions also each sample's "predicted" class, its "confidence" and "target".
     Per batch only the top-k classes and the log-sum-exp of the logits are kept (everything
     above follows from them); the rest is computed once at the end, in a few large ops.
-    tta="flip": the logits are the mean over each image and its mirror image."""
+    tta: test-time augmentation, the logits averaged over views of each image (tta.py: flip,
+    flip_shift)."""
     model.eval()
     k = min(5, num_classes)
     kept = []
     bar = _Progress(loader, desc, progress, on, max_steps)
     for x, y in bar:
         with autocast(on.device, on.amp_dtype):
-            out = model(x) if tta is None else (model(x) + model(x.flip(-1))) / 2
+            out = tta_logits(model, x, tta)
         out = out.float()
         top, lse = out.topk(k, 1), out.logsumexp(1)
         kept.append((top.indices, top.values[:, 0] - lse, lse - out.gather(1, y[:, None])[:, 0], y))

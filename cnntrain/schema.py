@@ -395,6 +395,8 @@ class EarlyStopConfig:
 
 
 DEVICE = r"auto|cpu|mps|cuda(:\d+)?"
+# test-time augmentation of cnneval and of training's final test (cnntrain/tta.py)
+TTA_MODES = (None, "flip", "flip_shift")
 
 
 @dataclass
@@ -459,6 +461,12 @@ class TrainConfig(RuntimeConfig):
         None, "cap on training batches per epoch", ge=1, resume=EPOCH
     )
     max_eval_steps: Optional[int] = key(None, "cap on validation / test batches", ge=1, resume=FREE)
+    tta: Optional[str] = key(
+        None,
+        "test-time augmentation of the final test (results.json's test_acc): flip, flip_shift",
+        choices=TTA_MODES,
+        resume=FREE,
+    )
     summary: Any = flag(False, "print the model summary and exit", resume=FREE)
     optimized_metric: Optional[str] = key(
         None,
@@ -497,7 +505,11 @@ class EvalConfig(RuntimeConfig):
     split: str = key("test", "which split to evaluate", choices=("test", "val"))
     amp: Any = flag(False, "mixed precision")
     predictions: Any = flag(True, "also write predictions.csv")
-    tta: Optional[str] = key(None, "test-time augmentation", choices=(None, "flip"))
+    tta: Optional[str] = key(
+        None,
+        "test-time augmentation: flip (image + mirror), flip_shift (airbench's 6 views)",
+        choices=TTA_MODES,
+    )
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
 
 

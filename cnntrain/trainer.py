@@ -256,24 +256,35 @@ class Trainer:
             num_classes=self.plan.num_classes,
             max_steps=self.max_eval_steps,
             desc="test",
+            tta=self.cfg.tta,
         )
         out.update(
+            test_tta=self.cfg.tta,
             test_acc=te["acc"],
             test_top5=te["top5"],
             test_loss=te["loss"],
             test_images=te["num_samples"],
             test_capped=te["num_samples"] < loader.num_samples,
         )
-        _log_test(best["epoch"], te, loader.num_samples, self.max_eval_steps, self.saver.best)
+        _log_test(
+            best["epoch"],
+            te,
+            loader.num_samples,
+            self.max_eval_steps,
+            self.saver.best,
+            self.cfg.tta,
+        )
         return out, te["confusion"]
 
 
-def _log_test(epoch: int, te: dict, images: int, max_steps, best: Path) -> None:
+def _log_test(epoch: int, te: dict, images: int, max_steps, best: Path, tta) -> None:
+    with_tta = f" with tta={tta}" if tta else ""
     if te["num_samples"] < images:  # max_eval_steps: a quick look, not the test score
         log.info(
-            "test accuracy of best.pt (epoch %d): %.4f (loss %.4f) on only %d of the %d test "
+            "test accuracy of best.pt (epoch %d)%s: %.4f (loss %.4f) on only %d of the %d test "
             "images (max_eval_steps=%d); the full test: cnneval ckpt=%s",
             epoch,
+            with_tta,
             te["acc"],
             te["loss"],
             te["num_samples"],
@@ -283,8 +294,9 @@ def _log_test(epoch: int, te: dict, images: int, max_steps, best: Path) -> None:
         )
     else:
         log.info(
-            "test accuracy of best.pt (epoch %d): %.4f (loss %.4f, %d images)",
+            "test accuracy of best.pt (epoch %d)%s: %.4f (loss %.4f, %d images)",
             epoch,
+            with_tta,
             te["acc"],
             te["loss"],
             te["num_samples"],
