@@ -272,6 +272,13 @@ class OptimConfig:
         choices=("auto", True, False),
         resume=FREE,
     )
+    norm_lr_scale: float = key(
+        1.0,
+        "lr factor of the normalization layers' weights and biases (airbench: 64 for its "
+        "BatchNorm biases)",
+        gt=0,
+        resume=REPLAN,
+    )
 
 
 @dataclass
@@ -360,6 +367,16 @@ class OneCycleConfig(SchedConfig):
     )
     anneal_strategy: str = key(
         "cos", "shape of the annealing", choices=("cos", "linear"), resume=REPLAN
+    )
+    div_factor: float = key(25.0, "the cycle starts at max_lr / div_factor", gt=0, resume=REPLAN)
+    final_div_factor: float = key(
+        1e4, "it ends at max_lr / div_factor / final_div_factor", gt=0, resume=REPLAN
+    )
+    cycle_momentum: Any = flag(
+        True,
+        "cycle the momentum (Adam: beta1) inversely to the lr, between 0.85 and 0.95; "
+        "false: optim.momentum throughout",
+        resume=REPLAN,
     )
 
 
