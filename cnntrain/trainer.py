@@ -1,6 +1,7 @@
 """The training of one run, read top to bottom: `Trainer(...)` sets up the model, optimizer,
 schedule, precision, weight average, trackers and checkpoint saver from the run plan;
-`restore` continues a checkpoint; `fit` runs the epochs (train, validate, log, checkpoint,
+`restore` continues a checkpoint, `init_from_data` starts a new run's data-dependent
+initialization instead; `fit` runs the epochs (train, validate, log, checkpoint,
 early stop, a signal's clean stop); `test` scores the best checkpoint on the test split."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from cnntrain import distributed, resume
 from cnntrain.checkpoint import CheckpointSaver, load_checkpoint, rng_state
 from cnntrain.data import Data
+from cnntrain.datainit import init_from_data
 from cnntrain.ema import ModelEma
 from cnntrain.engine import Placement, Update, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted
@@ -75,6 +77,12 @@ class Trainer:
         resume.restore_rng(resumed["rng"], self.device)
         self.start, self.partial = resumed["epoch"] + 1, resumed.get("partial")
         self.since_best = resumed.get("since_best", 0)
+
+    def init_from_data(self) -> None:
+        """A new run's data-dependent initialization (datainit.py: a model with an
+        `init_from_data(images)` method gets training images), before the first step. Not on a
+        resume: the checkpoint's weights are the run's."""
+        init_from_data(self.model, self.data.loaders["train"], self.device)
 
     def begin(self, resumed: dict | None, title: str) -> None:
         """The step model (DDP, compile), the tracker and the checkpoint saver, continuing the
