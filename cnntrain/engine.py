@@ -20,6 +20,7 @@ from tqdm import tqdm
 from cnntrain import distributed
 from cnntrain.calibration import brier_terms
 from cnntrain.errors import UserError
+from cnntrain.tta import tta_logits
 
 log = logging.getLogger("cnntrain")
 CPU = torch.device("cpu")
@@ -325,14 +326,15 @@ def evaluate_loader(
     keep_logits also the (N, K) "logits" (temperature scaling refits on them).
     Per batch only the top-k classes, the log-sum-exp of the logits and the Brier term are kept
     (everything above follows from them); the rest is computed once at the end, in a few large
-    ops. tta="flip": the logits are the mean over each image and its mirror image."""
+    ops. tta: test-time augmentation, the logits averaged over views of each image (tta.py: flip,
+    flip_shift)."""
     model.eval()
     k = min(5, num_classes)
     kept = []
     bar = _Progress(loader, desc, progress, on, max_steps)
     for x, y in bar:
         with autocast(on.device, on.amp_dtype):
-            out = model(x) if tta is None else (model(x) + model(x.flip(-1))) / 2
+            out = tta_logits(model, x, tta)
         out = out.float()
         top, lse = out.topk(k, 1), out.logsumexp(1)
         nll = lse - out.gather(1, y[:, None])[:, 0]

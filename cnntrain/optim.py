@@ -29,17 +29,38 @@ SCHEDULES = {
 def create_optimizer(cfg: DictConfig, model: nn.Module) -> Optimizer:
     """The optimizer `cfg.name` with the other keys as its arguments. Biases and normalization
     weights (1-D tensors) get no weight decay, as in timm; frozen parameters are left out.
-    `fused: auto` picks the fused kernels where this optimizer has them for these parameters."""
+    `fused: auto` picks the fused kernels where this optimizer has them for these parameters.
+    `norm_lr_scale` != 1: the normalization layers' parameters are a group of their own with
+    lr x that factor (its `lr_scale`, which re-planned schedules keep); the first group is
+    always the plain one, whose lr the logs show."""
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     cls = OPTIMIZERS[kwargs.pop("name")]
+    scale = float(kwargs.pop("norm_lr_scale", 1.0))
     if kwargs.get("fused") == "auto":
         kwargs["fused"] = True if _fused_available(cls, params) else None
-    if kwargs.get("weight_decay", 0):
+    if kwargs.get("weight_decay", 0) or scale != 1:
+        norm = _norm_parameters(model) if scale != 1 else set()
         decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
+        no_decay = [p for p in params if p.ndim <= 1 and id(p) not in norm]
+        scaled = [p for p in params if id(p) in norm]
         params = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if scaled:
+            lr = kwargs["lr"] * scale
+            params.append({"params": scaled, "weight_decay": 0.0, "lr": lr, "lr_scale": scale})
     return _construct("optim", functools.partial(cls, **kwargs), params)
+
+
+# the layers whose parameters norm_lr_scale scales: BatchNorm, InstanceNorm (_NormBase),
+# GroupNorm and LayerNorm (torchvision's and timm's LayerNorm2d derive from it)
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _norm_parameters(model: nn.Module) -> set[int]:
+    """The ids of the normalization layers' parameters (a tensor's `in` would compare values)."""
+    return {
+        id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(False)
+    }
 
 
 def _fused_available(cls: type, params: list) -> bool:
@@ -69,7 +90,10 @@ def create_scheduler(cfg: DictConfig, optimizer: Optimizer, *, epochs: int, step
         )
     if name == "onecycle":
         kwargs["total_steps"] = kwargs.get("total_steps") or total
-        kwargs["max_lr"] = kwargs.get("max_lr") or [g["lr"] for g in optimizer.param_groups]
+        peak = kwargs.get("max_lr")  # a group with an lr_scale (norm_lr_scale) keeps its factor
+        kwargs["max_lr"] = [
+            peak * g.get("lr_scale", 1.0) if peak else g["lr"] for g in optimizer.param_groups
+        ]
     if "T_max" in kwargs and kwargs["T_max"] is None:
         kwargs["T_max"] = total - warmup
     if "milestones" in kwargs:  # fractions of the run, or epochs

@@ -173,7 +173,7 @@ def restore_schedule(
     if resumed.get("partial") and interval == "step":
         done += epoch_state(resumed["partial"]).step
     for group in optimizer.param_groups:
-        group["lr"] = cfg.optim.lr
+        group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0)  # optim.norm_lr_scale
         group.pop("initial_lr", None)
     scheduler, _ = create_scheduler(cfg.sched, optimizer, epochs=cfg.epochs, steps_per_epoch=steps)
     fast_forward(scheduler, done)

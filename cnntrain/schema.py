@@ -290,6 +290,13 @@ class OptimConfig:
         choices=("auto", True, False),
         resume=FREE,
     )
+    norm_lr_scale: float = key(
+        1.0,
+        "lr factor of the normalization layers' weights and biases (airbench: 64 for its "
+        "BatchNorm biases)",
+        gt=0,
+        resume=REPLAN,
+    )
 
 
 @dataclass
@@ -379,6 +386,16 @@ class OneCycleConfig(SchedConfig):
     anneal_strategy: str = key(
         "cos", "shape of the annealing", choices=("cos", "linear"), resume=REPLAN
     )
+    div_factor: float = key(25.0, "the cycle starts at max_lr / div_factor", gt=0, resume=REPLAN)
+    final_div_factor: float = key(
+        1e4, "it ends at max_lr / div_factor / final_div_factor", gt=0, resume=REPLAN
+    )
+    cycle_momentum: Any = flag(
+        True,
+        "cycle the momentum (Adam: beta1) inversely to the lr, between 0.85 and 0.95; "
+        "false: optim.momentum throughout",
+        resume=REPLAN,
+    )
 
 
 @dataclass
@@ -461,6 +478,8 @@ class EarlyStopConfig:
 
 
 DEVICE = r"auto|cpu|mps|cuda(:\d+)?"
+# test-time augmentation of cnneval and of training's final test (cnntrain/tta.py)
+TTA_MODES = (None, "flip", "flip_shift")
 
 
 @dataclass
@@ -526,6 +545,12 @@ class TrainConfig(RuntimeConfig):
         None, "cap on training batches per epoch", ge=1, resume=EPOCH
     )
     max_eval_steps: Optional[int] = key(None, "cap on validation / test batches", ge=1, resume=FREE)
+    tta: Optional[str] = key(
+        None,
+        "test-time augmentation of the final test (results.json's test_acc): flip, flip_shift",
+        choices=TTA_MODES,
+        resume=FREE,
+    )
     summary: Any = flag(False, "print the model summary and exit", resume=FREE)
     lr_find: Any = flag(
         False,
@@ -579,7 +604,11 @@ class EvalConfig(RuntimeConfig):
     split: str = key("test", "which split to evaluate", choices=("test", "val"))
     amp: Any = flag(False, "mixed precision")
     predictions: Any = flag(True, "also write predictions.csv")
-    tta: Optional[str] = key(None, "test-time augmentation", choices=(None, "flip"))
+    tta: Optional[str] = key(
+        None,
+        "test-time augmentation: flip (image + mirror), flip_shift (airbench's 6 views)",
+        choices=TTA_MODES,
+    )
     calibrate: Any = flag(
         False,
         "fit temperature scaling on the val split, stored in a copy beside the checkpoint "

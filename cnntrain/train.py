@@ -90,6 +90,8 @@ def _run(cfg: DictConfig, folder: RunFolder, path: Path | None, in_place: bool) 
     trainer = Trainer(cfg, plan, data, folder.path, device)
     if resumed is not None:
         trainer.restore(resumed, changed)
+    else:
+        trainer.init_from_data()
     log_header(cfg, plan, data, trainer)
     trainer.begin(resumed, title=f"{cfg.model.name} on {cfg.data.name}")
     started = time.perf_counter()

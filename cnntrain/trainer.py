@@ -1,6 +1,7 @@
 """The training of one run, read top to bottom: `Trainer(...)` sets up the model, optimizer,
 schedule, precision, weight average, trackers and checkpoint saver from the run plan;
-`restore` continues a checkpoint; `fit` runs the epochs (train, validate, log, checkpoint,
+`restore` continues a checkpoint, `init_from_data` starts a new run's data-dependent
+initialization instead; `fit` runs the epochs (train, validate, log, checkpoint,
 early stop, a signal's clean stop); `test` scores the best checkpoint on the test split."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from cnntrain import calibration, distributed, resume
 from cnntrain.checkpoint import CheckpointSaver, load_checkpoint, rng_state
 from cnntrain.data import Data
+from cnntrain.datainit import init_from_data
 from cnntrain.ema import ModelEma
 from cnntrain.engine import Placement, Update, evaluate_loader, train_one_epoch
 from cnntrain.errors import Interrupted
@@ -81,6 +83,12 @@ class Trainer:
         resume.restore_rng(resumed["rng"], self.device)
         self.start, self.partial = resumed["epoch"] + 1, resumed.get("partial")
         self.since_best = resumed.get("since_best", 0)
+
+    def init_from_data(self) -> None:
+        """A new run's data-dependent initialization (datainit.py: a model with an
+        `init_from_data(images)` method gets training images), before the first step. Not on a
+        resume: the checkpoint's weights are the run's."""
+        init_from_data(self.model, self.data.loaders["train"], self.device)
 
     def begin(self, resumed: dict | None, title: str) -> None:
         """The step model (DDP, compile), the tracker and the checkpoint saver, continuing the
@@ -264,9 +272,11 @@ class Trainer:
             max_steps=self.max_eval_steps,
             desc="test",
             keep_predictions=True,  # a few numbers an image: for the ECE
+            tta=self.cfg.tta,
         )
         averages = class_averages(te["confusion"])
         out.update(
+            test_tta=self.cfg.tta,
             test_acc=te["acc"],
             test_macro_f1=averages["macro_f1"],
             test_balanced_acc=averages["balanced_acc"],
@@ -282,17 +292,20 @@ class Trainer:
             loader.num_samples,
             self.max_eval_steps,
             self.saver.best,
+            self.cfg.tta,
         )
         return out, te["confusion"]
 
 
-def _log_test(epoch: int, te: dict, images: int, max_steps, best: Path) -> None:
+def _log_test(epoch: int, te: dict, images: int, max_steps, best: Path, tta) -> None:
+    with_tta = f" with tta={tta}" if tta else ""
     if te["num_samples"] < images:  # max_eval_steps: a quick look, not the test score
         log.info(
-            "test accuracy of best.pt (epoch %d): %.4f (macro-F1 %.4f, balanced accuracy "
+            "test accuracy of best.pt (epoch %d)%s: %.4f (macro-F1 %.4f, balanced accuracy "
             "%.4f, loss %.4f) on only %d of the %d test images (max_eval_steps=%d); the full "
             "test: cnneval ckpt=%s",
             epoch,
+            with_tta,
             te["acc"],
             te["macro_f1"],
             te["balanced_acc"],
@@ -304,9 +317,10 @@ def _log_test(epoch: int, te: dict, images: int, max_steps, best: Path) -> None:
         )
     else:
         log.info(
-            "test accuracy of best.pt (epoch %d): %.4f (macro-F1 %.4f, balanced accuracy "
+            "test accuracy of best.pt (epoch %d)%s: %.4f (macro-F1 %.4f, balanced accuracy "
             "%.4f, loss %.4f, %d images)",
             epoch,
+            with_tta,
             te["acc"],
             te["macro_f1"],
             te["balanced_acc"],

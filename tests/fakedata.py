@@ -38,6 +38,22 @@ def make_images(n: int, num_classes: int, size: int, channels: int, seed: int):
     return images, labels.astype(np.int64)
 
 
+def make_color_images(n: int, num_classes: int, size: int, channels: int, seed: int):
+    """As make_images, but each class is a colour (channels x 3 levels: 27 for RGB), painted as
+    a square at a random place: classes a translation-invariant network (global pooling, no
+    position left, as airbench94) tells apart at once."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, (n, size, size, channels), dtype=np.uint8)
+    cell = max(2, size // 4)
+    for i, c in enumerate(labels):
+        colour = [(80, 160, 240)[(int(c) // 3**k) % 3] for k in range(channels)]
+        y, x = rng.integers(0, size - cell + 1, 2)
+        images[i, y : y + cell, x : x + cell, :] = colour
+    return images, labels.astype(np.int64)
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     # IDX: zero bytes, type code 0x08 (ubyte), number of dims, big-endian dims, raw bytes
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -66,14 +82,17 @@ def write_pickle(path: Path, obj) -> None:
         pickle.dump(obj, f, protocol=2)
 
 
-def write_cifar(root: Path, num_classes: int = 10, n_train: int = 500, n_test: int = 200) -> Path:
-    """CIFAR-10 (5 data batches + test_batch + batches.meta) or CIFAR-100 (train, test, meta)."""
+def write_cifar(
+    root: Path, num_classes: int = 10, n_train: int = 500, n_test: int = 200, make=make_images
+) -> Path:
+    """CIFAR-10 (5 data batches + test_batch + batches.meta) or CIFAR-100 (train, test, meta),
+    images drawn by `make` (make_images or make_color_images)."""
 
     def rows(images):  # CIFAR stores each image as 1024 R, then 1024 G, then 1024 B bytes
         return images.transpose(0, 3, 1, 2).reshape(len(images), -1)
 
-    train = make_images(n_train, num_classes, 32, 3, 0)
-    test = make_images(n_test, num_classes, 32, 3, 1)
+    train = make(n_train, num_classes, 32, 3, 0)
+    test = make(n_test, num_classes, 32, 3, 1)
     if num_classes == 10:
         base = Path(root) / "cifar-10-batches-py"
         base.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_module
 from cnntrain.checkpoint import load_checkpoint
 from cnntrain.data.augment import BatchTransform
 from cnntrain.data.loaders import BatchLoader
-from cnntrain.engine import evaluate_loader
+from cnntrain.engine import Placement, evaluate_loader
 from cnntrain.models import create_model
 from cnntrain.train import train
 
@@ -110,6 +110,52 @@ def test_flip_tta_averages_the_logits_of_both_views():
         torch.nn.functional.cross_entropy(out, labels).item(), rel=1e-5
     )
     assert r["acc"] == (out.argmax(1) == labels).sum().item() / 20
+
+
+def test_flip_shift_tta_weighs_airbench_six_views():
+    """Half the weight on the image and its mirror, a quarter on each of the two views shifted
+    by 1 px (reflection padding), each with its mirror: airbench94's tta_level=2."""
+    torch.manual_seed(0)
+    images, labels = (
+        torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8),
+        torch.randint(0, 10, (12,)),
+    )
+    model = create_model("resnet20", in_channels=3, num_classes=10, image_size=32).eval()
+    x = (images.float() / 255 - 0.5) / 0.25
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[..., :32, :32], padded[..., 2:, 2:]
+    assert torch.equal(up_left[..., 1:, 1:], x[..., :31, :31])  # content moved down-right by 1
+
+    def pair(v):
+        return (model(v) + model(v.flip(-1))) / 2
+
+    with torch.no_grad():
+        out = 0.5 * pair(x) + 0.25 * pair(up_left) + 0.25 * pair(down_right)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        loader = plain_loader(images, labels, 5)
+        on = Placement(channels_last=layout == torch.channels_last)
+        r = evaluate_loader(model, loader, on, num_classes=10, tta="flip_shift")
+        assert r["loss"] == pytest.approx(
+            torch.nn.functional.cross_entropy(out, labels).item(), rel=1e-5
+        )
+        assert r["acc"] == (out.argmax(1) == labels).sum().item() / 12
+
+
+def test_training_final_test_uses_the_configured_tta(data_root, tmp_path, monkeypatch):
+    from cnntrain import trainer
+
+    seen = []
+    real = trainer.evaluate_loader
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["desc"], kwargs.get("tta")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate_loader", spy)
+    results = train(
+        make_cfg(data_root, "epochs=1", "max_steps_per_epoch=1", "tta=flip"), run_dir=tmp_path
+    )
+    assert seen == [("val", None), ("test", "flip")] and results["test_tta"] == "flip"
 
 
 @pytest.mark.e2e

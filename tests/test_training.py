@@ -116,6 +116,80 @@ def test_cosine_with_warmup_and_onecycle():
     assert values[0] == pytest.approx(0.01) and values[2:] == [1.0, 1.0]
 
 
+def test_onecycle_as_airbench_triangle_with_constant_momentum():
+    """airbench94's schedule: linear 0.2 -> 1 (at 23 %) -> 0.07 of the peak, momentum fixed."""
+    cfg = make_cfg(
+        "optim=sgd",
+        "optim.lr=1.0",
+        "optim.momentum=0.85",
+        "sched=onecycle",
+        "sched.pct_start=0.23",
+        "sched.anneal_strategy=linear",
+        "sched.div_factor=5",
+        "sched.final_div_factor=2.857142857",
+        "sched.cycle_momentum=false",
+    )
+    opt = create_optimizer(cfg.optim, torch.nn.Linear(2, 2))
+    sched, _ = create_scheduler(cfg.sched, opt, epochs=10, steps_per_epoch=10)
+    values, momenta = [], []
+    for _ in range(100):
+        values.append(opt.param_groups[0]["lr"])
+        momenta.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    assert values[0] == pytest.approx(0.2) and max(values) == pytest.approx(1.0)
+    assert values.index(max(values)) == 22 and values[-1] == pytest.approx(0.07)
+    assert values[:23] == sorted(values[:23]) and values[22:] == sorted(values[22:], reverse=True)
+    assert set(momenta) == {0.85}
+    assert "sched.div_factor=0.0 is not allowed: it must be > 0" in refusal(
+        "sched=onecycle", "sched.div_factor=0"
+    )
+
+
+def test_norm_lr_scale_multiplies_the_lr_of_normalization_layers_only():
+    from cnntrain.resume import restore_schedule
+
+    model = create_model("resnet20", in_channels=3, num_classes=10, image_size=32)
+    norm = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for p in m.parameters()
+    }
+    cfg = make_cfg("optim=sgd", "optim.lr=0.1", "optim.norm_lr_scale=64", "sched=onecycle")
+    opt = create_optimizer(cfg.optim, model)
+    decay, no_decay, scaled = opt.param_groups
+    assert {id(p) for p in scaled["params"]} == norm and scaled["lr"] == pytest.approx(6.4)
+    assert scaled["weight_decay"] == 0 and decay["lr"] == no_decay["lr"] == 0.1
+    assert [p.ndim for p in no_decay["params"]] == [1]  # the head's bias
+    # schedules scale every group's lr: the factor holds at the peak of one cycle (sched.max_lr
+    # given or not) and in a schedule re-planned on resume
+    for peak in (None, 0.5):
+        cfg = make_cfg(
+            "optim=sgd",
+            "optim.lr=0.1",
+            "optim.norm_lr_scale=64",
+            "sched=onecycle",
+            f"sched.max_lr={'null' if peak is None else peak}",
+        )
+        opt = create_optimizer(cfg.optim, model)
+        sched, _ = create_scheduler(cfg.sched, opt, epochs=2, steps_per_epoch=8)
+        for _ in range(3):  # the peak: step pct_start x 16 - 1
+            opt.step()
+            sched.step()
+        assert opt.param_groups[2]["lr"] == pytest.approx(64 * opt.param_groups[0]["lr"])
+        assert opt.param_groups[0]["lr"] == pytest.approx(peak or 0.1)
+    resumed = {"epoch": 1, "scheduler": sched.state_dict()}
+    sched = restore_schedule(cfg, resumed, ["epochs"], opt, sched, 8, "step")
+    assert opt.param_groups[2]["lr"] == pytest.approx(64 * opt.param_groups[0]["lr"])
+    # the default: the groups as before (no third group, no lr_scale)
+    plain = create_optimizer(make_cfg("optim=sgd").optim, model)
+    assert len(plain.param_groups) == 2 and "lr_scale" not in plain.param_groups[1]
+    assert "optim.norm_lr_scale=0.0 is not allowed: it must be > 0" in refusal(
+        "optim.norm_lr_scale=0"
+    )
+
+
 def test_step_caps_limit_training_and_evaluation(data_root, tmp_path):
     results = run(
         data_root, tmp_path, "max_steps_per_epoch=2", "max_eval_steps=1", "data.batch_size=16"
