@@ -99,9 +99,8 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
     trained = trained_config(ckpt, path)
     stored = stored_temperature(ckpt, path)
     device = select_device(cfg.device)
-    model, on = _model(cfg, ckpt, trained, path, device)
-    # the val pass first: a checkpoint without a val split fails before the long evaluation
-    fit = fit_on_val(cfg, trained, ckpt["classes"], model, on) if cfg.calibrate else None
+    # the data before the model: data whose classes differ is named as such, with both lists,
+    # rather than as weights that do not fit a head of the data's size
     data, loader = checkpoint_split(
         trained,
         ckpt["classes"],
@@ -110,6 +109,9 @@ def evaluate_checkpoint(cfg: DictConfig, path: Path, run_dir: Path, verbose: boo
         device,
         f"try split={'val' if cfg.split == 'test' else 'test'}",
     )
+    model, on = _model(cfg, ckpt, trained, path, device)
+    # the val pass before the evaluation: a checkpoint without a val split fails before the long pass
+    fit = fit_on_val(cfg, trained, ckpt["classes"], model, on) if cfg.calibrate else None
     # a calibrated copy is reported at its temperature; calibrate=true refits on raw logits
     model, temperature = tempered(model, None if fit else stored, path)
     result = evaluate_loader(

@@ -87,7 +87,7 @@ def test_unknown_group_option_lists_the_options(tmp_path):
     proc = run_cli("cnntrain", "model=resnet81", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert (
-        "error: unknown model=resnet81; did you mean model=resnet18? (options: alexnet,"
+        "error: unknown model=resnet81; did you mean model=resnet18? (options: airbench94, alexnet,"
         in proc.stderr
     )
     assert "Traceback" not in proc.stderr

@@ -114,7 +114,7 @@ def test_wheel_in_a_fresh_venv_runs_from_another_directory(wheel, tmp_path):
     elsewhere.mkdir()
     proc = run_cli(str(env_dir / "bin/cnntrain"), "--help", cwd=elsewhere)
     assert (
-        "model=lenet5: alexnet," in proc.stdout and "model.name=lenet5" in proc.stdout
+        "model=lenet5: airbench94, alexnet," in proc.stdout and "model.name=lenet5" in proc.stdout
     )  # configs in the wheel
     # the default dataset is the sample inside the wheel: nothing to download, real images
     run_cli(str(env_dir / "bin/cnntrain"), "epochs=1", cwd=elsewhere)
