@@ -8,10 +8,11 @@ import torch
 from fakedata import make_images, write_image_folder
 from omegaconf import OmegaConf
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnntrain.data import build_data
 from cnntrain.data.augment import BatchTransform
-from cnntrain.data.loaders import BatchLoader, Loader
+from cnntrain.data.loaders import BatchLoader, Loader, batch_seed, to_device
 from cnntrain.inference import Preprocess
 
 CPU = torch.device("cpu")
@@ -308,3 +309,64 @@ def test_cnnpredict_on_a_split_folder_leaves_the_training_cache_alone(tmp_path, 
     monkeypatch.setattr(cache, "decode", lambda *args: pytest.fail("decoded again"))
     build_data(data_cfg, None, device=CPU, seed=0, splits=("test",))
     prep.decoded(files[:3])
+
+
+class _Copies(TorchDispatchMode):
+    """Counts the tensor copies to another device (aten._to_copy) made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_pass_copies_its_indices_to_the_device_once(indexed):
+    # The meta device stands in for a GPU: a copy to it is dispatched as aten._to_copy, as one to
+    # CUDA is, where a pageable copy per batch (two, before) made each step wait for the host.
+    n, meta = 40, torch.device("meta")
+    images = torch.zeros(n, 1, 4, 4, dtype=torch.uint8, device=meta)
+    index = torch.arange(n).flip(0) if indexed else None
+    loader = BatchLoader(
+        images,
+        torch.arange(n) % 3,
+        4,
+        lambda x, y, seed: (x, y),
+        device=meta,
+        index=index,
+        shuffle=True,
+    )
+    with _Copies() as copies:
+        batches = list(loader.iter_from(0))
+    assert len(batches) == 10
+    assert copies.count == (2 if indexed else 1)  # positions, and the rows they name
+
+
+def test_indices_go_to_the_device_pinned_in_one_piece(monkeypatch):
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(len(t)) or t)
+    parts = [torch.arange(5), torch.arange(5, 8)]
+    with _Copies() as copies:
+        out = to_device(parts, torch.device("meta"), pin=True)
+    assert pinned == [8] and copies.count == 1
+    assert [o.shape[0] for o in out] == [5, 3] and all(o.is_meta for o in out)
+    assert to_device(parts, CPU, pin=False) is parts  # nothing to copy on the CPU
+
+
+def test_shuffled_batches_are_the_same_after_the_one_copy():
+    n = 37
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1)
+    loader = BatchLoader(
+        images, torch.arange(n), 8, lambda x, y, seed: (x, y), device=CPU, shuffle=True, seed=3
+    )
+    loader.set_epoch(2)
+    gen = torch.Generator().manual_seed(batch_seed(3, 2, -1))
+    order = torch.randperm(n, generator=gen)
+    got = torch.cat([y for _, y in loader.iter_from(0)])
+    assert torch.equal(got, order[: len(got)])
+    assert torch.equal(
+        torch.cat([x.flatten() for x, _ in loader.iter_from(1)]).long(), order[8 : len(got)]
+    )

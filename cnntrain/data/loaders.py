@@ -71,6 +71,20 @@ class ClassDraw:
         return self.by_class[self.starts[drawn] + torch.minimum(within, size - 1)]
 
 
+def to_device(parts: list[torch.Tensor], device: torch.device, *, pin: bool) -> list[torch.Tensor]:
+    """A pass's index tensors (drawn on the host) on `device`, in one copy. Why one: a
+    `non_blocking` copy from pageable memory is synchronous with the host all the same (CUDA
+    stages it through a pinned buffer and waits), and sync-debug mode does not report it; two such
+    copies per batch made each step wait for the GPU. Concatenated, pinned (`pin`: CUDA) and copied
+    once per pass, then split on the device, the copy is truly asynchronous and runs once."""
+    if not parts or all(p.device == device for p in parts):
+        return parts
+    flat = torch.cat(parts)
+    if pin:
+        flat = flat.pin_memory()
+    return list(flat.to(device, non_blocking=pin).split([len(p) for p in parts]))
+
+
 def batch_seed(seed: int, epoch: int, step: int) -> int:
     """The augmentation seed of one batch. Derived, not drawn from a running generator, so a
     resumed epoch starts at its batch without replaying (or reading) the batches before it."""
@@ -183,14 +197,15 @@ class BatchLoader:
             ]
             batches = [b[part["positions"]] for b, part in zip(batches, parts)]
         rows = batches if self.index is None else [self.index[b] for b in batches]
-        pixels = self._resident(rows) if self.resident else self._streamed(rows)
-        for i, (b, x, part) in enumerate(zip(batches, pixels, parts), start):
-            y = self.labels[b.to(self.device, non_blocking=True)]
-            yield self.transform(x, y, batch_seed(self.seed, self.epoch, i), **part)
-
-    def _resident(self, rows: list[torch.Tensor]):
-        for r in rows:
-            yield self.images[r.to(self.device, non_blocking=True)]
+        pin = self.device.type == "cuda"
+        positions = to_device(batches, self.device, pin=pin)
+        if self.resident:
+            rows = positions if self.index is None else to_device(rows, self.device, pin=pin)
+            pixels: Iterator[torch.Tensor] = (self.images[r] for r in rows)
+        else:
+            pixels = self._streamed(rows)
+        for i, (b, x, part) in enumerate(zip(positions, pixels, parts), start):
+            yield self.transform(x, self.labels[b], batch_seed(self.seed, self.epoch, i), **part)
 
     def _streamed(self, rows: list[torch.Tensor]):
         """The batches gathered from host storage by a background thread, `prefetch` batches per
