@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnntrain import distributed
 from cnntrain.ema import ModelEma
@@ -131,6 +132,54 @@ def _bn_net():
     return nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
     )
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the ops that compute (a kernel each on a GPU), not views such as detach."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def _bn_stack(layers: int) -> nn.Module:
+    net = nn.Sequential(*(nn.BatchNorm2d(2) for _ in range(layers)))
+    # integer buffers of other shapes and dtypes, which the average must handle as well
+    net.register_buffer("steps", torch.tensor([[7, 9, 100]]))
+    net.register_buffer("count32", torch.tensor([5, 1_000_003], dtype=torch.int32))
+    return net
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.999])
+def test_the_ema_of_integer_buffers_costs_the_same_ops_for_any_number_of_them(decay):
+    def update_ops(layers):
+        model = _bn_stack(layers)
+        ema = ModelEma(model, decay, n_averaged=1)
+        with _OpCount() as count:
+            ema.update(model)
+        return count.ops
+
+    # on main: 4 ops (mul, mul, add, copy) per integer buffer per step
+    assert update_ops(2) == update_ops(24)
+
+    torch.manual_seed(1)
+    model = _bn_stack(5)
+    ema = ModelEma(model, decay, n_averaged=1)
+    expected = {}
+    for name, e in ema.module.named_buffers():
+        c = dict(model.named_buffers())[name]
+        if not e.is_floating_point():
+            c.copy_(torch.randint_like(c, 0, 10_000))
+            expected[name] = e.clone().copy_(e * decay + c * (1.0 - decay))  # the loop's formula
+    ema.update(model)
+    got = dict(ema.module.named_buffers())
+    assert len(expected) == 7
+    for name, want in expected.items():
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
 
 
 def test_the_ema_is_torchs_averaged_model_without_reading_the_device(monkeypatch):
