@@ -354,6 +354,10 @@ def _console_script(hydra_main, app: str, aliases: dict[str, str] | None = None)
         debug = _debug_asked()
         # Hydra then raises what it would print as a traceback, and the boundary reports it
         os.environ["HYDRA_FULL_ERROR"] = "1"
+        # before any CUDA work (a sweep's earlier job, torchrun's set-up): cuBLAS reads it once
+        # per process, and deterministic=true needs it (runtime.CUBLAS_DETERMINISTIC; written
+        # out here, where torch is not imported yet); otherwise it is a fixed 32 MiB workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         try:
             if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # torch stays unimported for --help
                 hydra_main()

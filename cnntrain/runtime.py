@@ -78,12 +78,34 @@ def grad_scaler(dtype: torch.dtype | None, device: torch.device):
     return None
 
 
+# cuBLAS is deterministic only with one of these workspace settings (NVIDIA's cuBLAS docs,
+# "Results reproducibility"); torch reads the variable once, when the process first uses cuBLAS,
+# so the console scripts set it before any CUDA work (cli._console_script) and a run that
+# would set it too late refuses instead of training without the determinism it asked for.
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+def deterministic_cublas() -> None:
+    """The cuBLAS workspace setting of a deterministic run, or the reason it cannot have one."""
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") in CUBLAS_DETERMINISTIC:
+        return
+    if not torch.cuda.is_available():
+        return  # no cuBLAS in this process
+    if "CUBLAS_WORKSPACE_CONFIG" in os.environ or torch.cuda.is_initialized():
+        raise UserError(
+            "deterministic=true: CUBLAS_WORKSPACE_CONFIG must be :4096:8 (or :16:8) before this "
+            "process first uses CUDA; set it in the environment before starting Python, as the "
+            "console scripts do"
+        )
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS
+        deterministic_cublas()
         # warn_only: a few CUDA backward kernels (e.g. adaptive average pooling) have no
         # deterministic version; warn about those instead of refusing to train
         torch.use_deterministic_algorithms(True, warn_only=True)

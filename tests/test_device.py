@@ -3,6 +3,8 @@ when, bf16 only where the GPU has it, the configured fused flag under a GradScal
 resume, and an EMA that never reads the device. torch.cuda is stood in for where needed."""
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ from hydra import compose, initialize_config_module
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cnntrain import distributed
+from cnntrain import distributed, runtime
 from cnntrain.ema import ModelEma
+from cnntrain.errors import UserError
 from cnntrain.optim import create_optimizer, create_scheduler
 from cnntrain.runtime import amp_dtype, select_device
 
@@ -210,3 +213,39 @@ def test_the_ema_is_torchs_averaged_model_without_reading_the_device(monkeypatch
     ours.update(model)
     with pytest.raises(AssertionError, match="read on the host"):
         torchs.update_parameters(model)  # its `n_averaged == 0`, on the device, every step
+
+
+def test_the_console_scripts_set_the_cublas_workspace_before_any_job(monkeypatch):
+    from cnntrain import cli
+
+    seen = []
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["cnntrain"])
+    run = cli._console_script(lambda: seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG")), "t")
+    with pytest.raises(SystemExit) as stop:
+        run()
+    assert stop.value.code == 0 and seen == [":4096:8"]
+
+
+@pytest.mark.parametrize("before", [None, ":16:8", ":4096:8", ":0:0"])
+def test_a_deterministic_run_refuses_a_cublas_set_up_too_late(monkeypatch, before):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # CUDA used before the run
+    if before is None:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", before)
+    if before in runtime.CUBLAS_DETERMINISTIC:
+        runtime.deterministic_cublas()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == before
+        return
+    with pytest.raises(UserError, match="CUBLAS_WORKSPACE_CONFIG must be :4096:8"):
+        runtime.deterministic_cublas()
+
+
+def test_a_process_new_to_cuda_gets_the_cublas_setting(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    runtime.deterministic_cublas()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
