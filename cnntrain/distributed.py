@@ -82,6 +82,17 @@ def any_rank(flag: bool) -> bool:
     return summed(flag)[0] > 0
 
 
+def main_buffers(module: torch.nn.Module) -> None:
+    """`module`'s buffers (BatchNorm's running statistics) made rank 0's on every rank. Each rank
+    updates them from its own batches; DDP's forward broadcasts them, but evaluation runs on the
+    plain module (trainer.Trainer.begin), so the ranks would otherwise each validate with their
+    own statistics and not with those of the checkpoint rank 0 saves. One call per validation."""
+    if world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def gathered(obj) -> list:
     """Every rank's `obj` (containers of tensors and plain values), in rank order, on every rank.
     Sent as torch.save bytes: all_gather_object's plain pickle cannot carry a uint32 tensor (the

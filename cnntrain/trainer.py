@@ -99,8 +99,11 @@ class Trainer:
         # after a restore, which may replace the schedule
         per_step = self.scheduler if self.interval == "step" else None
         self.update = Update(self.optimizer, per_step, self.scaler, cfg.grad_clip, self.ema)
-        # EMA weights, when kept, are the ones validated, tested and saved as a checkpoint's model
-        self.eval_model = self.ema.module if self.ema is not None else self.step_model
+        # EMA weights, when kept, are the ones validated, tested and saved as a checkpoint's model.
+        # Evaluation runs eager by design, never through the compiled (or DDP) step model: its
+        # .eval() mode and the smaller last batch would each recompile it (2-3 compiles of tens
+        # of seconds in epoch 1), for a pass that is a small part of an epoch.
+        self.eval_model = self.ema.module if self.ema is not None else self.model
         report = None
         if self.main:  # report.html, written by the tracker of the one process writing files
             info = {"config": self.plan.config, "summary": self.summary, "epochs": cfg.epochs}
@@ -224,6 +227,7 @@ class Trainer:
         val = self.data.loaders.get("val")
         if val is None:
             return {"loss": None, "acc": None}
+        distributed.main_buffers(self.eval_model)
         return evaluate_loader(
             self.eval_model,
             val,

@@ -243,3 +243,17 @@ def test_cnneval_under_torchrun_reports_once_from_rank_0(data_root, tmp_path):
     assert proc.stdout.count("lenet5 on mnist (test) from") == 1, proc.stdout
     report = json.loads((tmp_path / "ev/report.json").read_text())
     assert report["num_samples"] == 200  # the ranks' halves, gathered: every image once
+
+
+def _buffers_after_sync(_):
+    from cnntrain import distributed
+
+    net = torch.nn.BatchNorm2d(3)
+    net.running_mean.fill_(distributed.rank() + 1.0)
+    net.num_batches_tracked.fill_(10 * distributed.rank())
+    distributed.main_buffers(net)
+    return [net.running_mean.tolist(), int(net.num_batches_tracked)]
+
+
+def test_the_ranks_validate_with_rank_0s_batchnorm_statistics():
+    assert ranks.run(_buffers_after_sync, None) == [[[1.0, 1.0, 1.0], 0]] * 2

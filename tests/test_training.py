@@ -8,6 +8,7 @@ import torch
 from conftest import refusal
 from hydra import compose, initialize_config_module
 
+from cnntrain import distributed
 from cnntrain.errors import UserError
 from cnntrain.models import create_model
 from cnntrain.optim import create_optimizer, create_scheduler
@@ -68,6 +69,33 @@ def test_torch_compile_on_cpu(data_root, tmp_path):
     assert 0 <= results["test_acc"] <= 1
     state = torch.load(tmp_path / "checkpoints/best.pt", weights_only=True)["model"]
     assert not any(k.startswith("_orig_mod") for k in state)  # plain keys, loadable without compile
+
+
+def test_validation_runs_eager_beside_a_compiled_training_model(data_root, tmp_path, monkeypatch):
+    """Evaluation through the compiled model recompiles it for .eval() and for the smaller last
+    batch (2-3 compiles of tens of seconds on a GPU): validation uses the eager module instead,
+    the same weights. torch.compile is stood in for by a wrapper that records its calls."""
+    calls = []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, x):
+            calls.append((self.training, len(x)))
+            return self._orig_mod(x)
+
+    synced = []
+    monkeypatch.setattr(torch, "compile", Compiled)
+    monkeypatch.setattr(distributed, "main_buffers", synced.append)
+    results = run(data_root, tmp_path, "compile=true", "data.batch_size=32")
+    assert results["best_val_acc"] is not None
+    # under torchrun the ranks validate with rank 0's BatchNorm statistics (DDP's forward, which
+    # broadcast them before, is not on this path)
+    assert synced and not any(isinstance(m, Compiled) for m in synced)
+    assert calls and all(training for training, _ in calls)  # only training steps compiled
+    assert {n for _, n in calls} == {32}  # one static shape: the last partial batch is dropped
 
 
 def test_training_learns_the_toy_data(data_root, tmp_path):
