@@ -71,6 +71,7 @@ RUN_METRICS = (
     Metric("params", "parameters", "{:,}"),
     Metric("trainable_params", "trainable parameters", "{:,}"),
     Metric("macs", "MACs per image", "{:,}"),
+    Metric("test_ece", "test ECE (15 bins)"),
 )
 # report.json of cnneval
 EVAL_METRICS = (
@@ -86,6 +87,11 @@ EVAL_METRICS = (
     Metric("calibration.calibrated.temperature", "fitted temperature (calibrate=true)", "{:.4g}"),
     Metric("calibration.calibrated.ece", "ECE after temperature scaling"),
     Metric("calibration.calibrated.nll", "NLL after temperature scaling"),
+    Metric("calibration.calibrated.brier", "Brier score after temperature scaling"),
+    Metric("calibration.calibrated.val_nll_before", "val NLL before the fit (the fit's split)"),
+    Metric("calibration.calibrated.val_nll_after", "val NLL after the fit"),
+    Metric("calibration.calibrated.fit_samples", "images the temperature was fit on", "{:,}"),
+    Metric("calibration.bins", "calibration bins", "{}"),
     Metric("num_samples", "images", "{:,}"),
 )
 # metrics.csv (tracking.COLUMNS); a column not named here is shown with 4 significant digits
@@ -336,7 +342,11 @@ def render_eval_report(report: dict, folder: Path) -> str:
         f"Evaluation: {title}",
         f"{where}checkpoint <code>{esc(report.get('checkpoint', ''))}</code>",
     )
-    page.section("metrics", "Metrics", metrics_table(report, EVAL_METRICS))
+    page.section(
+        "metrics",
+        "Metrics",
+        metrics_table(report, EVAL_METRICS, skip=("calibration.calibrated.bins",)),
+    )
     page.section("classes", "Per class", _per_class(report.get("per_class")))
     page.section(
         "confusion",

@@ -149,6 +149,7 @@ def test_a_run_rewrites_its_report_every_epoch_and_at_the_end(trained):
     assert ["test accuracy (best.pt)", f"{results['test_acc']:.4f}"] in cells
     assert ["parameters", f"{results['params']:,}"] in cells
     assert ["best epoch", str(results["best_epoch"])] in cells
+    assert ["test ECE (15 bins)", f"{results['test_ece']:.4f}"] in cells  # no raw key
     assert any(r[:3] == ["features.0", "Conv2d", "6x28x28"] for r in cells)  # the model summary
     assert "optim:\n  name: sgd" in final and "mean: [" in final  # the resolved config
     charts = page_data(final)["charts"]
@@ -200,7 +201,17 @@ def test_metrics_that_land_later_show_without_a_change_here(trained, tmp_path):
     shutil.copytree(eval_dir, folder)
     report = json.loads((folder / "report.json").read_text())
     report.update(macro_f1=0.61, balanced_acc=0.625, future={"score": 0.5})
-    report["calibration"]["calibrated"] = {"temperature": 1.7, "ece": 0.0123, "nll": 0.25}
+    report["calibration"]["calibrated"] = {  # as cnneval calibrate=true writes it
+        "temperature": 1.7,
+        "ece": 0.0123,
+        "nll": 0.25,
+        "brier": 0.15,
+        "bins": 15,
+        "fit_split": "val",
+        "fit_samples": 6000,
+        "val_nll_before": 0.29,
+        "val_nll_after": 0.28,
+    }
     (folder / "report.json").write_text(json.dumps(report))
     write_eval_report(folder)
     text = (folder / "report.html").read_text()
@@ -217,6 +228,10 @@ def test_metrics_that_land_later_show_without_a_change_here(trained, tmp_path):
         ["future.score", "0.5"],
     ):
         assert row in cells, row
+    assert ["images the temperature was fit on", "6,000"] in cells
+    assert ["Brier score after temperature scaling", "0.1500"] in cells
+    # every number cnneval writes has its label: the only dotted key is the one no row names
+    assert [r[0] for r in cells if len(r) == 2 and "." in r[0]] == ["future.score"]
     assert 'id="reliability"' in text
     assert base64.b64encode((folder / "reliability.png").read_bytes()).decode() in text
     # a row is one line in EVAL_METRICS
