@@ -126,7 +126,7 @@ class _Progress:
 
     def __iter__(self):
         for x, y in self.bar:
-            if self.channels_last:
+            if self.channels_last:  # a no-op for batches already NHWC (build_data's layout)
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
 

@@ -72,6 +72,12 @@ def channels_last(setting, device: torch.device, dtype: torch.dtype | None) -> b
     return device.type == "cpu" or (device.type == "cuda" and dtype is not None)
 
 
+def input_layout(cfg, device: torch.device) -> bool:
+    """Whether a run's model and batches are channels_last: the one decision, read by the
+    Trainer (the model) and by build_data (the batches, normalized straight into NHWC)."""
+    return channels_last(cfg.channels_last, device, amp_dtype(cfg.amp, device, cfg.amp_dtype))
+
+
 def grad_scaler(dtype: torch.dtype | None, device: torch.device):
     if dtype == torch.float16 and device.type == "cuda":
         return torch.amp.GradScaler("cuda")

@@ -21,7 +21,7 @@ from cnntrain.models import build_model
 from cnntrain.plan import input_config, make_plan
 from cnntrain.rundir import RunFolder, run_dir_from_hydra
 from cnntrain.runinfo import hparams, log_header, next_steps
-from cnntrain.runtime import seed_everything, select_device
+from cnntrain.runtime import input_layout, seed_everything, select_device
 from cnntrain.schema import check
 from cnntrain.summary import format_summary
 from cnntrain.trainer import Trainer
@@ -59,7 +59,8 @@ def _run(cfg: DictConfig, folder: RunFolder, path: Path | None, in_place: bool) 
     # one seed per rank for dropout & co; the data order comes from cfg.seed alone, on every rank
     seed_everything(cfg.seed + distributed.rank(), cfg.deterministic)
     data_cfg = input_config(cfg)
-    data = build_data(data_cfg, cfg.aug, device=device, seed=cfg.seed)
+    nhwc = input_layout(cfg, device)
+    data = build_data(data_cfg, cfg.aug, device=device, seed=cfg.seed, channels_last=nhwc)
     plan = make_plan(cfg, data_cfg, data)
     if cfg.lr_find:
         return lr_find.report(cfg, plan, data, device, folder.path)  # trains nothing

@@ -30,7 +30,7 @@ from cnntrain.optim import create_optimizer, create_scheduler
 from cnntrain.plan import RunPlan
 from cnntrain.report import class_averages
 from cnntrain.rundir import in_sweep
-from cnntrain.runtime import StopSignals, amp_dtype, channels_last, grad_scaler
+from cnntrain.runtime import StopSignals, amp_dtype, grad_scaler, input_layout
 from cnntrain.tracking import RunTracker
 
 log = logging.getLogger("cnntrain")
@@ -43,7 +43,7 @@ class Trainer:
         self.model, self.summary = build_model(
             plan.model_cfg, plan.in_channels, plan.num_classes, plan.image_size, device
         )
-        self.nhwc = channels_last(cfg.channels_last, device, self.dtype)
+        self.nhwc = input_layout(cfg, device)
         if self.nhwc:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = create_optimizer(cfg.optim, self.model)

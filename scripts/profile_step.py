@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_module
 from cnntrain.data import build_data
 from cnntrain.engine import autocast
 from cnntrain.plan import input_config, make_plan
-from cnntrain.runtime import seed_everything, select_device
+from cnntrain.runtime import input_layout, seed_everything, select_device
 from cnntrain.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -53,7 +53,8 @@ def make_trainer(overrides: list[str], images: int, folder: Path) -> Trainer:
     device = select_device(cfg.device)
     seed_everything(cfg.seed, cfg.deterministic)
     data_cfg = input_config(cfg)
-    data = build_data(data_cfg, cfg.aug, device=device, seed=cfg.seed)
+    nhwc = input_layout(cfg, device)
+    data = build_data(data_cfg, cfg.aug, device=device, seed=cfg.seed, channels_last=nhwc)
     trainer = Trainer(cfg, make_plan(cfg, data_cfg, data), data, folder / "run", device)
     trainer.init_from_data()
     trainer.step_model = torch.compile(trainer.model) if cfg.compile else trainer.model

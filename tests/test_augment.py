@@ -1,11 +1,13 @@
 """BatchTransform: per-image random parameters, seeded on the host, against torchvision."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -559,3 +561,88 @@ def test_ops_run_in_the_order_given():
 def test_refuses_a_bad_order(order):
     with pytest.raises(UserError, match="aug.order"):
         BatchTransform(**RGB, size=8, color_jitter=0.4, random_erasing=0.5, order=order)
+
+
+@pytest.mark.parametrize(
+    "boxes",
+    [
+        [[0, 0, 0, 32, 32]],  # the whole image: a resize
+        [[0, 3, 5, 20, 30], [1, 0, 0, 7, 9], [1, 10.5, 2.25, 31, 18]],  # down- and upscaled
+        [[2, 12, 12, 14, 14]],  # a 2 px box to 24 px
+    ],
+)
+def test_the_crop_is_torchvisions_roi_align(boxes):
+    x = images(3).float()
+    rois = torch.tensor(boxes, dtype=torch.float32)
+    from torchvision.ops import roi_align
+
+    for size in (24, 32, 7):
+        want = roi_align(x, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        assert torch.equal(augment.crop_resize(x, rois, size), want)
+
+
+def test_deterministic_crops_never_take_the_pure_python_roi_align(monkeypatch):
+    """On CUDA under deterministic algorithms torchvision's roi_align runs its Python version,
+    which samples every pixel per output bin: B*C*S*S*H*W floats, out of memory at 224 px. That
+    version is made to fail here, and the wrapper is made to want it (its other condition for
+    it, no compiled ops, stands in for the CUDA input a CPU cannot give)."""
+    tv = sys.modules["torchvision.ops.roi_align"]  # the module; the package's name is the function
+
+    def fallback(*args, **kwargs):
+        raise AssertionError("the pure-Python roi_align ran")
+
+    monkeypatch.setattr(tv, "_roi_align", fallback)
+    monkeypatch.setattr(tv, "_has_ops", lambda: False)
+    t = BatchTransform(**RGB, size=24, crop_scale=(0.08, 1.0), hflip=True)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out, _ = t(images(4), torch.zeros(4, dtype=torch.long), 3)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert out.shape == (4, 3, 24, 24)
+
+
+class _Copies(TorchDispatchMode):
+    """Counts full copies of a tensor: to another dtype/layout, clones, copies into."""
+
+    COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.clone.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.COPIES or func is torch.ops.aten.copy_.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},  # evaluation: the centre crop
+        dict(shift=3, hflip=True),  # aug=basic
+        dict(crop_scale=(0.08, 1.0), hflip=True),  # the crop recipes (float out of roi_align)
+        dict(shift=2, policy="randaugment", random_erasing=0.5, mixup_alpha=0.2, num_classes=4),
+        dict(shift=2, color_jitter=0.3, cutmix_alpha=1.0, num_classes=4),
+    ],
+)
+def test_channels_last_batches_are_normalized_straight_into_nhwc(kw):
+    """The engine makes every batch NHWC for a channels_last model (a no-op when it is); a
+    transform built for that layout writes its float output there, one full copy fewer."""
+    x, y = images(16, s=28), torch.arange(16) % 4
+
+    def batch(channels_last):
+        t = BatchTransform(**RGB, size=24, channels_last=channels_last, **kw)
+        with _Copies() as copies:
+            out, target = t(x, y, 5)
+            out = out.contiguous(memory_format=torch.channels_last)  # engine.Batches
+        return out, target, copies.count
+
+    plain, target, before = batch(False)
+    nhwc, target_nhwc, after = batch(True)
+    assert torch.equal(nhwc, plain) and torch.equal(target_nhwc, target)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert after == before - 1
+    t = BatchTransform(**RGB, size=24, **kw)  # off: NCHW, as before
+    assert t(x, y, 5)[0].is_contiguous()

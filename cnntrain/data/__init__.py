@@ -131,10 +131,12 @@ def build_data(
     seed: int,
     splits=SPLITS,
     evaluation: bool = False,
+    channels_last: bool = False,
 ) -> Data:
     """Loaders for the requested splits. The training split is augmented as `aug` says unless
     `evaluation` (cnneval) or `aug` is None; `aug` also decides how large image folders are
-    stored (CROP_STORAGE), so cnneval passes the training run's."""
+    stored (CROP_STORAGE), so cnneval passes the training run's. `channels_last`: batches come
+    out in NHWC (runtime.input_layout), normalized straight into it."""
     if data.name == "imagefolder":
         source = _folder_source(data, aug, splits, seed)
     else:
@@ -143,11 +145,12 @@ def build_data(
     mean = list(source.mean or data.mean)
     std = list(source.std or data.std)
     out = Data(source.classes, source.channels, source.size, mean, std)
-    evaluate = BatchTransform(mean, std, device, size=source.size)
+    layout = {"channels_last": channels_last}
+    evaluate = BatchTransform(mean, std, device, size=source.size, **layout)
     train = (
         evaluate
         if evaluation or aug is None
-        else _train_transform(aug, data, source, mean, std, device)
+        else _train_transform(aug, data, source, mean, std, device, layout)
     )
     budget, placed = memory_budget(data, device), {}
     for split in splits:
@@ -234,10 +237,16 @@ def _check_channels(data: DictConfig, channels: int) -> None:
 
 
 def _train_transform(
-    aug: DictConfig, data: DictConfig, source: _Source, mean, std, device
+    aug: DictConfig, data: DictConfig, source: _Source, mean, std, device, layout: dict
 ) -> BatchTransform:
     return BatchTransform(
-        mean, std, device, size=source.size, num_classes=len(source.classes), **settings(aug, data)
+        mean,
+        std,
+        device,
+        size=source.size,
+        num_classes=len(source.classes),
+        **layout,
+        **settings(aug, data),
     )
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
+import torchvision  # noqa: F401  (registers torch.ops.torchvision)
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -36,20 +36,27 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2.functional._color import _rgb_to_hsv
 from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
+from cnntrain.data.loaders import to_device
 from cnntrain.errors import UserError
 
 
 class Normalize:
-    """uint8 or float pixels (B,C,H,W) in 0..255 -> float (x/255 - mean) / std, in two in-place ops."""
+    """uint8 or float pixels (B,C,H,W) in 0..255 -> float (x/255 - mean) / std: x * scale into a
+    new float batch, then - shift in place (the arithmetic of the float conversion followed by
+    two in-place ops, bit for bit, in two passes instead of three). `channels_last`: that batch
+    is NHWC, the model's layout, so it is not copied once more to change it (the ops after
+    normalization work in place and keep the layout)."""
 
-    def __init__(self, mean, std, device):
+    def __init__(self, mean, std, device, channels_last: bool = False):
         std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.scale = 1.0 / (255.0 * std)
         self.shift = mean / std
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().mul_(self.scale).sub_(self.shift)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=self.layout)
+        return torch.mul(x, self.scale, out=out).sub_(self.shift)
 
 
 # ---------------------------------------------------------------------- the op protocol
@@ -250,17 +257,21 @@ class ResizedCrop(Op):
         # aligned=True puts pixel centres at +0.5, so a box (x1, y1, x2, y2) covers exactly those
         # pixels; sampling_ratio=-1 takes ceil(box/size) bilinear samples per output pixel and
         # dimension, i.e. averages over the footprint when downscaling (an antialias).
-        x = roi_align(
-            x.float(),
-            p["box"],
-            output_size=self.size,
-            spatial_scale=1.0,
-            sampling_ratio=-1,
-            aligned=True,
-        )
+        x = crop_resize(x.float(), p["box"], self.size)
         if self.hflip:
             x = torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(3), x)
         return x
+
+
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision.ops.roi_align(x, boxes, size, 1.0, sampling_ratio=-1, aligned=True), always
+    through its compiled kernel. torchvision's wrapper swaps in a pure-Python version on CUDA
+    under deterministic algorithms, because the kernel's *backward* adds with atomics; that
+    version with sampling_ratio=-1 samples every input pixel for every output bin, a
+    B*C*S*S*H*W tensor (out of memory at once at 224 px). A crop of augmentation has no backward,
+    and the forward kernel is deterministic (one thread writes each output from a fixed loop), so
+    the kernel is the right call whatever the setting."""
+    return torch.ops.torchvision.roi_align(x, boxes, 1.0, size, size, -1, True)
 
 
 # the keys of an aug.<kind> section, with their defaults; crop_ratio is no aug key (always
@@ -646,9 +657,11 @@ class BatchTransform:
     native size, so a 32 px set is not held at 224 px on the device), then the ops of
     create_ops(settings) in order, normalized before the first op on normalized images."""
 
-    def __init__(self, mean, std, device, *, size: int, num_classes=None, **settings):
+    def __init__(
+        self, mean, std, device, *, size: int, num_classes=None, channels_last=False, **settings
+    ):
         self.device = torch.device(device)
-        self.normalize = Normalize(mean, std, self.device)
+        self.normalize = Normalize(mean, std, self.device, channels_last)
         self.size, self.num_classes = int(size), num_classes
         self.ops = create_ops(settings, size=self.size, num_classes=num_classes)
         self.random = any(op.random for op in self.ops)
@@ -729,14 +742,11 @@ def _all_to_device(hosts: list[dict], device: torch.device) -> list[dict]:
 
 
 def _to_device(host: dict, device: torch.device) -> dict:
-    """All of a batch's parameters in one host->device copy, non-blocking from pinned memory
-    on CUDA (no wait for the device)."""
+    """All of a batch's parameters in one host->device copy (loaders.to_device: pinned on CUDA,
+    no wait for the device)."""
     if device.type == "cpu":
         return host
-    flat = _pack(host)
-    if device.type == "cuda":
-        flat = flat.pin_memory()
-    return _unpack(flat.to(device, non_blocking=True), host)
+    return _unpack(to_device([_pack(host)], device)[0], host)
 
 
 def _pack(host: dict) -> torch.Tensor:

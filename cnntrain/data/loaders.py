@@ -71,18 +71,22 @@ class ClassDraw:
         return self.by_class[self.starts[drawn] + torch.minimum(within, size - 1)]
 
 
-def to_device(parts: list[torch.Tensor], device: torch.device, *, pin: bool) -> list[torch.Tensor]:
-    """A pass's index tensors (drawn on the host) on `device`, in one copy. Why one: a
-    `non_blocking` copy from pageable memory is synchronous with the host all the same (CUDA
-    stages it through a pinned buffer and waits), and sync-debug mode does not report it; two such
-    copies per batch made each step wait for the GPU. Concatenated, pinned (`pin`: CUDA) and copied
-    once per pass, then split on the device, the copy is truly asynchronous and runs once."""
+def to_device(
+    parts: list[torch.Tensor], device: torch.device, *, pin: bool | None = None
+) -> list[torch.Tensor]:
+    """Host tensors of one dtype (a pass's indices, a batch's augmentation parameters) on
+    `device`, in one copy. Why one, and pinned: a `non_blocking` copy from pageable memory is
+    synchronous with the host all the same (CUDA stages it through a pinned buffer and waits),
+    and sync-debug mode does not report it. Concatenated, pinned (`pin`, by default on CUDA) and
+    copied once, then split on the device, the copy is asynchronous and runs once."""
     if not parts or all(p.device == device for p in parts):
         return parts
-    flat = torch.cat(parts)
+    pin = device.type == "cuda" if pin is None else pin
+    flat = torch.cat([p.reshape(-1) for p in parts])
     if pin:
         flat = flat.pin_memory()
-    return list(flat.to(device, non_blocking=pin).split([len(p) for p in parts]))
+    moved = flat.to(device, non_blocking=pin).split([p.numel() for p in parts])
+    return [m.view(p.shape) for m, p in zip(moved, parts)]
 
 
 def batch_seed(seed: int, epoch: int, step: int) -> int:
@@ -197,10 +201,9 @@ class BatchLoader:
             ]
             batches = [b[part["positions"]] for b, part in zip(batches, parts)]
         rows = batches if self.index is None else [self.index[b] for b in batches]
-        pin = self.device.type == "cuda"
-        positions = to_device(batches, self.device, pin=pin)
+        positions = to_device(batches, self.device)  # one copy a pass, not two a batch
         if self.resident:
-            rows = positions if self.index is None else to_device(rows, self.device, pin=pin)
+            rows = positions if self.index is None else to_device(rows, self.device)
             pixels: Iterator[torch.Tensor] = (self.images[r] for r in rows)
         else:
             pixels = self._streamed(rows)
