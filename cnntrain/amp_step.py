@@ -38,6 +38,7 @@ def place_steps(optimizer: torch.optim.Optimizer) -> None:
                 state["step"] = state["step"].to(*where)
 
 
+@torch.no_grad()  # the copies of the parameters are no part of the graph
 def step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
     """`scaler.step(optimizer)`, with the same result, without a host read of found_inf.
     torch's own path where it needs none (fused kernels, a disabled scaler) or where the copy
