@@ -218,8 +218,9 @@ class Update:
     ema: object = None
 
     def __post_init__(self) -> None:
-        if self.scaler is not None:
-            amp_step.prepare(self.optimizer)
+        self.scaled_step = (
+            None if self.scaler is None else amp_step.ScaledStep(self.scaler, self.optimizer)
+        )
 
     def __call__(self, model: nn.Module, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -228,7 +229,7 @@ class Update:
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-            amp_step.step(self.scaler, self.optimizer)
+            self.scaled_step()
             self.scaler.update()
         else:
             loss.backward()
