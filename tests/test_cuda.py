@@ -101,6 +101,26 @@ def test_a_stopped_fp16_run_resumes_exactly(data_root, tmp_path, signal_at_batch
     assert rows(full) == rows(part)
 
 
+def test_an_unfused_adamw_run_continues_under_fp16(data_root, tmp_path):
+    """amp is free on resume: an fp32 run's unfused AdamW counts its steps on the host; under
+    fp16 the same state steps with the count on the GPU (capturable: amp_step.prepare)."""
+    base = ("model=lenet5", "optim=adamw", "optim.fused=false", "sched=none")
+    train(make_cfg(data_root, *base, "epochs=1", "amp=false"), run_dir=tmp_path)
+    more = (
+        "epochs=2",
+        "amp=true",
+        "amp_dtype=fp16",
+        "resume=auto",
+        "resume_allow_changes=[epochs]",
+    )
+    train(make_cfg(data_root, *base, *more), run_dir=tmp_path)
+    last = load_checkpoint(tmp_path / "checkpoints/last.pt")
+    assert last["epoch"] == 2 and last["scaler"] is not None
+    assert all(g["capturable"] and not g["fused"] for g in last["optimizer"]["param_groups"])
+    steps = {float(s["step"]) for s in last["optimizer"]["state"].values()}
+    assert len(steps) == 1 and steps.pop() > 1
+
+
 @pytest.mark.e2e
 def test_a_gpu_checkpoint_loads_and_evaluates_without_a_gpu(data_root, tmp_path):
     train(
