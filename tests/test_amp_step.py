@@ -1,8 +1,8 @@
 """fp16 steps of optimizers without fused kernels (amp_step.py), proved on the CPU under
 torch.amp.GradScaler("cpu"): the same weights, optimizer state and scale, bit for bit, as
-torch's GradScaler.step over a run with inf steps, without the host ever reading found_inf.
-A read of a tensor's value (`.item()`, `bool()`, `.tolist()`: aten._local_scalar_dense) is a
-host-device sync on a GPU; the stand-in below makes it raise."""
+torch's GradScaler.step over a run with inf steps, without the host reading found_inf once the
+optimizer has its state. A read of a tensor's value (`.item()`, `bool()`, `.tolist()`:
+aten._local_scalar_dense) is a host-device sync on a GPU; the stand-in below makes it raise."""
 
 import importlib
 from contextlib import nullcontext
