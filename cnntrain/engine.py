@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cnntrain import distributed
+from cnntrain import amp_step, distributed
 from cnntrain.calibration import brier_terms
 from cnntrain.errors import UserError
 from cnntrain.tta import tta_logits
@@ -208,13 +208,19 @@ class Update:
     """What a batch's loss does to the weights: backward (scaled under fp16 by `scaler`, a
     GradScaler), gradient-norm clipping, the optimizer step and the weight average (`ema`, a
     ModelEma); `scheduler`, if given, steps after every batch, skipped ones included, so that the
-    schedule follows the steps."""
+    schedule follows the steps. Under a scaler the step never waits for the device, fused
+    optimizer or not (amp_step.py)."""
 
     optimizer: torch.optim.Optimizer
     scheduler: object = None
     scaler: object = None
     grad_clip: float | None = None
     ema: object = None
+
+    def __post_init__(self) -> None:
+        self.scaled_step = (
+            None if self.scaler is None else amp_step.ScaledStep(self.scaler, self.optimizer)
+        )
 
     def __call__(self, model: nn.Module, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -223,7 +229,7 @@ class Update:
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-            self.scaler.step(self.optimizer)
+            self.scaled_step()
             self.scaler.update()
         else:
             loss.backward()

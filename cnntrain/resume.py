@@ -19,7 +19,7 @@ from typing import overload
 import torch
 from omegaconf import DictConfig
 
-from cnntrain import distributed
+from cnntrain import amp_step, distributed
 from cnntrain.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from cnntrain.engine import EpochState
 from cnntrain.errors import UserError
@@ -158,6 +158,7 @@ def restore_optimizer(optimizer, state: dict) -> None:
         ) from None
     for group, settings in zip(optimizer.param_groups, configured):
         group.update(settings)
+    amp_step.place_steps(optimizer)  # loaded where the saved flags wanted the step counters
 
 
 def restore_schedule(

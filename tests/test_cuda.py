@@ -5,6 +5,7 @@ that never wait for the device. Marked `cuda`: skipped where no GPU is visible (
 import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,26 @@ def test_a_stopped_fp16_run_resumes_exactly(data_root, tmp_path, signal_at_batch
     assert rows(full) == rows(part)
 
 
+def test_an_unfused_adamw_run_continues_under_fp16(data_root, tmp_path):
+    """amp is free on resume: an fp32 run's unfused AdamW counts its steps on the host; under
+    fp16 the same state steps with the count on the GPU (capturable: amp_step.prepare)."""
+    base = ("model=lenet5", "optim=adamw", "optim.fused=false", "sched=none")
+    train(make_cfg(data_root, *base, "epochs=1", "amp=false"), run_dir=tmp_path)
+    more = (
+        "epochs=2",
+        "amp=true",
+        "amp_dtype=fp16",
+        "resume=auto",
+        "resume_allow_changes=[epochs]",
+    )
+    train(make_cfg(data_root, *base, *more), run_dir=tmp_path)
+    last = load_checkpoint(tmp_path / "checkpoints/last.pt")
+    assert last["epoch"] == 2 and last["scaler"] is not None
+    assert all(g["capturable"] and not g["fused"] for g in last["optimizer"]["param_groups"])
+    steps = {float(s["step"]) for s in last["optimizer"]["state"].values()}
+    assert len(steps) == 1 and steps.pop() > 1
+
+
 @pytest.mark.e2e
 def test_a_gpu_checkpoint_loads_and_evaluates_without_a_gpu(data_root, tmp_path):
     train(
@@ -160,10 +181,18 @@ def test_the_tools_on_the_gpu(data_root, folder_root, tmp_path):
     assert (tmp_path / "pr/predictions.csv").is_file()
 
 
-def test_training_steps_never_wait_for_the_gpu(data_root, monkeypatch):
-    """20 steps of fp16 + GradScaler (fused SGD), EMA, MixUp, CutMix, aug=strong, channels_last:
-    no host-device sync. The progress check's once-a-second read of the running sums and the
-    epoch's final read of them are the waits the loop has on purpose; they are switched off here."""
+AUG_PRESETS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs/aug").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("aug", AUG_PRESETS)
+@pytest.mark.parametrize("fused", ["auto", "false"])  # auto: fused kernels; false: amp_step.py
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_training_steps_never_wait_for_the_gpu(data_root, monkeypatch, optim, fused, aug):
+    """20 steps of fp16 + GradScaler (each optimizer fused and unfused), EMA, MixUp, CutMix,
+    every aug preset, channels_last: no host-device sync. The progress check's once-a-second
+    read of the running sums and the epoch's final read of them are the waits the loop has on
+    purpose; they are switched off here. So is the step that creates an unfused optimizer's
+    state (it reads found_inf: amp_step.py), in the warm-up."""
     from cnntrain import engine
     from cnntrain.data import build_data
     from cnntrain.ema import ModelEma
@@ -174,10 +203,12 @@ def test_training_steps_never_wait_for_the_gpu(data_root, monkeypatch):
     cfg = make_cfg(
         data_root,
         "model=resnet20",
-        "aug=strong",
+        f"aug={aug}",
         "aug.mixup_alpha=0.2",
         "aug.cutmix_alpha=1.0",
         "data.batch_size=16",
+        f"optim={optim}",
+        f"optim.fused={fused}",
         "sched=onecycle",
         "grad_clip=1.0",
     )
@@ -186,15 +217,20 @@ def test_training_steps_never_wait_for_the_gpu(data_root, monkeypatch):
     model, _ = build_model(cfg.model, 3, 10, 32, device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(cfg.optim, model)
-    scheduler, _ = create_scheduler(cfg.sched, optimizer, epochs=1, steps_per_epoch=22)
+    assert all(bool(g["fused"]) == (fused == "auto") for g in optimizer.param_groups)
+    scheduler, _ = create_scheduler(cfg.sched, optimizer, epochs=1, steps_per_epoch=44)
     update = engine.Update(
         optimizer, scheduler, grad_scaler(torch.float16, device), 1.0, ModelEma(model, 0.99)
     )
     args = (update, engine.Placement(device, torch.float16, channels_last=True))
     loader = data.loaders["train"]
-    engine.train_one_epoch(
-        model, loader, torch.nn.CrossEntropyLoss(), *args, max_steps=2, progress=False
-    )  # warm-up
+    for _ in range(8):  # warm-up, until a step was applied (fp16 starts with inf steps)
+        engine.train_one_epoch(
+            model, loader, torch.nn.CrossEntropyLoss(), *args, max_steps=2, progress=False
+        )
+        if optimizer.state:
+            break
+    assert optimizer.state
     torch.cuda.synchronize(device)
     monkeypatch.setattr(engine._Progress, "check", lambda *args, **kw: None)
     monkeypatch.setattr(engine.distributed, "summed", lambda *values: [0.0] * len(values))
